@@ -1,0 +1,129 @@
+"""Interrupt and exception delivery, done by the VMM as the CPU would.
+
+Unicorn never vectors through the guest IDT: every ``int n`` and exception
+arrives in a hook, and timer interrupts do not exist for it at all
+(DESIGN §8).  So the VMM reads the gate from the guest's IDT, switches to the
+kernel stack from the TSS on a ring 3 -> 0 transition, pushes the frame the
+Intel SDM prescribes (SS, ESP when the privilege changes; EFLAGS, CS, EIP;
+an error code for the vectors that have one), clears IF for interrupt gates
+and jumps to the handler.  A delivery that fails becomes #DF, and a failing
+#DF is a triple fault.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from minivmm import abi
+from minivmm.cpu import CpuState, read_cpu, write_cpu
+from minivmm.errors import TripleFault
+from minivmm.mmu import WalkFault, walk
+
+EFLAGS_TF, EFLAGS_IF, EFLAGS_NT, EFLAGS_RF, EFLAGS_VM = 1 << 8, 1 << 9, 1 << 14, 1 << 16, 1 << 17
+GATE_INTERRUPT, GATE_TRAP = 0xE, 0xF
+
+
+class DeliveryError(Exception):
+    """The gate, the TSS or the kernel stack is unusable."""
+
+
+def kernel_read(ram, cpu: CpuState, vaddr: int, length: int) -> bytes:
+    """Read linear memory as the CPU would at CPL0 (for IDT, TSS)."""
+    out = bytearray()
+    while length:
+        chunk = min(length, 0x1000 - (vaddr & 0xFFF))
+        out += ram.read(_translate(ram, cpu, vaddr, write=False), chunk)
+        vaddr, length = vaddr + chunk, length - chunk
+    return bytes(out)
+
+
+def kernel_write(ram, cpu: CpuState, vaddr: int, data: bytes) -> None:
+    """Write linear memory at CPL0; ``ram.write`` marks the pages dirty."""
+    off = 0
+    while off < len(data):
+        chunk = min(len(data) - off, 0x1000 - (vaddr & 0xFFF))
+        ram.write(_translate(ram, cpu, vaddr, write=True), data[off:off + chunk])
+        vaddr, off = vaddr + chunk, off + chunk
+
+
+def _translate(ram, cpu: CpuState, vaddr: int, write: bool) -> int:
+    vaddr &= 0xFFFFFFFF
+    if not cpu.cr0 & (1 << 31):
+        return vaddr
+    try:
+        page, _ = walk(ram, cpu.cr3, vaddr, write=write, user=False, wp=bool(cpu.cr0 & (1 << 16)))
+    except WalkFault:
+        raise DeliveryError(f"linear address {vaddr:#x} is not mapped for the kernel") from None
+    return page | (vaddr & 0xFFF)
+
+
+def deliver(uc, ram, mmu, vector: int, *, error_code: int | None = None,
+            software: bool = False, cpu: CpuState | None = None,
+            clean_context=None) -> CpuState:
+    """Deliver ``vector`` to the guest; returns the CPU state it entered with.
+
+    ``clean_context`` (a ``UcContext`` saved at boot) is restored first after
+    a real exception: Unicorn never resets QEMU's ``old_exception``, so the
+    next fault would otherwise be reported as a double fault (upstream
+    issue #1883).
+    """
+    cpu = cpu or read_cpu(uc)
+    try:
+        new = _frame(ram, cpu, vector, error_code, software)
+    except DeliveryError as first:
+        if vector == abi.VEC_DF:
+            raise TripleFault(f"cannot deliver #DF: {first}") from None
+        try:
+            new = _frame(ram, cpu, abi.VEC_DF, 0, False)
+        except DeliveryError as second:
+            raise TripleFault(f"cannot deliver vector {vector:#x} ({first}) nor #DF ({second})") from None
+    if clean_context is not None:
+        uc.context_restore(clean_context)
+    write_cpu(uc, mmu, new)
+    if mmu.bad_machine_access is not None:
+        addr, mmu.bad_machine_access = mmu.bad_machine_access, None
+        raise TripleFault(f"descriptor load for vector {vector:#x} read unmapped {addr:#x}")
+    return new
+
+
+def _frame(ram, cpu: CpuState, vector: int, error_code: int | None, software: bool) -> CpuState:
+    if vector * 8 + 7 > cpu.idt_limit:
+        raise DeliveryError(f"vector {vector:#x} is beyond the IDT limit {cpu.idt_limit:#x}")
+    lo, hi = struct.unpack("<II", kernel_read(ram, cpu, cpu.idt_base + vector * 8, 8))
+    gate_type, dpl, present = (hi >> 8) & 0xF, (hi >> 13) & 3, hi & 0x8000
+    if not present:
+        raise DeliveryError(f"IDT gate {vector:#x} is not present")
+    if gate_type not in (GATE_INTERRUPT, GATE_TRAP):
+        raise DeliveryError(f"IDT gate {vector:#x} has type {gate_type:#x}, not an interrupt/trap gate")
+    cpl = cpu.cpl
+    if software and dpl < cpl:
+        # int n through a gate the caller may not use: #GP with the IDT index.
+        return _frame(ram, cpu, abi.VEC_GP, vector * 8 + 2, False)
+    selector = (lo >> 16) & 0xFFFF
+    handler = (hi & 0xFFFF0000) | (lo & 0xFFFF)
+    if selector & ~7 == 0 or (selector & ~7) + 7 > cpu.gdt_limit:
+        raise DeliveryError(f"IDT gate {vector:#x} names bad code selector {selector:#x}")
+
+    words: list[int] = []
+    if cpl != 0:
+        # Privilege change: the handler runs on the kernel stack from the TSS.
+        if cpu.tr_limit < 9:
+            raise DeliveryError("no TSS loaded: cannot find the kernel stack")
+        esp0, ss0 = struct.unpack("<II", kernel_read(ram, cpu, cpu.tr_base + 4, 8))
+        ss0 &= 0xFFFF
+        if ss0 & ~7 == 0:
+            raise DeliveryError(f"TSS SS0 {ss0:#x} is a null selector")
+        words += [cpu.ss, cpu.esp]
+        esp, ss = esp0, ss0
+    else:
+        esp, ss = cpu.esp, cpu.ss
+    words += [cpu.eflags, cpu.cs, cpu.eip]
+    if error_code is not None and vector in abi.ERROR_CODE_VECTORS:
+        words.append(error_code)
+    esp = (esp - 4 * len(words)) & 0xFFFFFFFF
+    # Pushed in order, so the first word ends up at the highest address.
+    kernel_write(ram, cpu, esp, struct.pack(f"<{len(words)}I", *reversed(words)))
+    eflags = cpu.eflags & ~(EFLAGS_TF | EFLAGS_NT | EFLAGS_RF | EFLAGS_VM)
+    if gate_type == GATE_INTERRUPT:
+        eflags &= ~EFLAGS_IF
+    return cpu.replace(cs=selector, ss=ss, esp=esp, eip=handler, eflags=eflags)

@@ -1,0 +1,414 @@
+"""The machine: one guest CPU on Unicorn, its RAM, devices, and the run loop.
+
+The run loop executes the guest in bounded slices (``emu_start`` with an
+instruction count in deterministic mode, a host timeout in fast mode) and,
+between slices, does what hardware would do asynchronously: deliver the
+timer, inject faults, notice halts.  Hooks never deliver anything themselves:
+they record what happened and stop the slice, because changing privilege
+inside a hook needs ``reg_write`` of segment registers (see ``cpu.py``).
+Exceptions raised inside a Unicorn callback are caught there and re-raised
+from :meth:`Machine.step`, never left to unwind through QEMU.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Callable
+
+from unicorn import (UC_ARCH_X86, UC_ERR_EXCEPTION, UC_HOOK_INSN, UC_HOOK_INSN_INVALID,
+                     UC_HOOK_INTR, UC_HOOK_TLB_FILL, UC_MODE_32, UC_PROT_ALL, UC_TLB_VIRTUAL,
+                     Uc, UcError)
+from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
+from unicorn.x86_const import UC_X86_INS_IN, UC_X86_INS_OUT, UC_X86_REG_EAX, UC_X86_REG_EBX, \
+    UC_X86_REG_ECX, UC_X86_REG_EDX, UC_X86_REG_EFLAGS, UC_X86_REG_EIP, UC_X86_REG_SS, UC_X86_REG_CR2, \
+    UC_X86_REG_CR3
+
+from minivmm import abi, events as ev
+from minivmm.console import Console
+from minivmm.cpu import CpuState, read_cpu, write_cpu
+from minivmm.errors import GuestError, GuestHang, KernelPanic, TripleFault, VmmError, VmmInternalError
+from minivmm.image import GuestImage
+from minivmm.interrupts import DeliveryError, deliver, kernel_read
+from minivmm.memory import GuestRAM
+from minivmm.mmu import Mmu, WalkFault, walk
+from minivmm.timer import Timer
+
+EFLAGS_IF = 1 << 9
+DETERMINISTIC, FAST = "deterministic", "fast"
+MAX_SLICE = 1_000_000
+
+
+@dataclass
+class _Trap:
+    """What a hook saw; handled by the run loop once emu_start returns."""
+    vector: int
+    software: bool
+    error_code: int | None = None
+    cr2: int | None = None
+
+
+class Machine:
+    """A bootable x86 machine running one guest image.
+
+    ``mode`` is ``"deterministic"`` (instruction-count slices, reproducible)
+    or ``"fast"`` (host-timeout slices).  ``tick_instructions`` is the timer
+    period in guest instructions (deterministic mode); ``tick_us`` in host
+    microseconds (fast mode).
+    """
+
+    def __init__(self, image: GuestImage, *, ram_size: int = 16 << 20, mode: str = DETERMINISTIC,
+                 tick_instructions: int = 100_000, tick_us: int = 2000, _boot: bool = True):
+        if mode not in (DETERMINISTIC, FAST):
+            raise VmmError(f"mode must be {DETERMINISTIC!r} or {FAST!r}, not {mode!r}")
+        image.validate()
+        if image.min_ram > ram_size:
+            raise VmmError(f"image {image.name!r} needs {image.min_ram >> 20} MiB+ of RAM, "
+                           f"machine has {ram_size >> 20} MiB")
+        self.image = image
+        self.mode = mode
+        self.tick_us = tick_us
+        self.ram = GuestRAM(ram_size)
+        self.mmu = Mmu(self.ram)
+        self.timer = Timer(tick_instructions)
+        self.console = Console()
+        self.events = ev.EventBus()
+        self.pids: dict[int, int] = {}          # cr3 -> pid, from HC_PROC_START
+        self.names: dict[int, str] = {}
+        self.exits: dict[int, int] = {}         # pid -> status
+        self.halted: str | None = None          # why the machine stopped for good
+        self.halt_detail = ""
+        self.shutdown_status: int | None = None
+        self.slices = 0
+        self._trap: _Trap | None = None
+        self._stop_reason: str | None = None
+        self._hook_error: BaseException | None = None
+        self._uc = self._make_uc()
+        self._clean = self._uc.context_save()   # pristine: see interrupts.deliver
+        if _boot:
+            self._load(image)
+
+    # ------------------------------------------------------------------ setup
+    def _make_uc(self) -> Uc:
+        uc = Uc(UC_ARCH_X86, UC_MODE_32)
+        uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
+        uc.mem_map_ptr(0, self.ram.size, UC_PROT_ALL, self.ram.host_address)
+        uc.hook_add(UC_HOOK_TLB_FILL, self._guarded(self.mmu.fill, False))
+        uc.hook_add(UC_HOOK_INTR, self._guarded(self._on_intr, None))
+        uc.hook_add(UC_HOOK_INSN, self._guarded(self._on_out, None), aux1=UC_X86_INS_OUT)
+        uc.hook_add(UC_HOOK_INSN, self._guarded(self._on_in, 0), aux1=UC_X86_INS_IN)
+        uc.hook_add(UC_HOOK_INSN_INVALID, self._guarded(self._on_invalid, False))
+        return uc
+
+    def _guarded(self, fn, fallback):
+        """Wrap a hook: a Python exception must never unwind through QEMU."""
+        def hook(uc, *args):
+            try:
+                return fn(uc, *args)
+            except BaseException as exc:        # noqa: BLE001 - re-raised by step()
+                self._hook_error = exc
+                self.mmu.machine_call = True    # the fill hook must not refuse now
+                uc.emu_stop()
+                return fallback
+        return hook
+
+    def _load(self, image: GuestImage) -> None:
+        for paddr, data in image.segments:
+            self.ram.write(paddr, data)
+        # The loader's boot GDT: null, flat code (0x08), flat data (0x10),
+        # like a multiboot loader hands over.
+        gdt = struct.pack("<6I", 0, 0, 0x0000FFFF, 0x00CF9A00, 0x0000FFFF, 0x00CF9200)
+        self.ram.write(abi.BOOT_GDT_PADDR, gdt)
+        boot = CpuState(eip=image.entry, esp=image.boot_esp, eflags=0x2, cs=0x08, ss=0x10,
+                        ds=0x10, es=0x10, fs=0x10, gs=0x10, cr0=0x11,
+                        gdt_base=abi.BOOT_GDT_PADDR, gdt_limit=len(gdt) - 1, idt_limit=0)
+        write_cpu(self._uc, self.mmu, boot)
+        self.events.emit(ev.Boot, 0, image=image.name, ram_size=self.ram.size)
+
+    # ------------------------------------------------------------------ hooks
+    def _on_intr(self, uc, intno, user_data):
+        if intno == abi.VEC_HYPERCALL:
+            self._hypercall(uc)
+            return
+        if self.mmu.fault is not None:          # a refused fill, reported as #PF
+            return
+        # Vectors the CPU raises itself have EIP at the faulting instruction;
+        # int n / int3 / into leave it after the instruction.
+        software = intno >= 32 or intno in (abi.VEC_BP, abi.VEC_OF)
+        self._trap = _Trap(intno, software, 0 if intno in abi.ERROR_CODE_VECTORS else None)
+        uc.emu_stop()
+
+    def _on_invalid(self, uc, user_data):
+        self._trap = _Trap(abi.VEC_UD, False)
+        uc.emu_stop()
+        return True
+
+    def _on_out(self, uc, port, size, value, user_data):
+        if uc.reg_read(UC_X86_REG_SS) & 3:
+            # Unicorn checks neither IOPL nor the I/O bitmap; the toy kernel
+            # runs user mode at IOPL 0, so user port I/O is a #GP.
+            self._trap = _Trap(abi.VEC_GP, False, 0)
+            uc.emu_stop()
+            return
+        if port == abi.PORT_CONSOLE:
+            self.console.put(value & 0xFF)
+        elif port == abi.PORT_CONSOLE_CHANNEL:
+            self.console.select(value & 0xFF)
+
+    def _on_in(self, uc, port, size, user_data):
+        if uc.reg_read(UC_X86_REG_SS) & 3:
+            self._trap = _Trap(abi.VEC_GP, False, 0)
+            uc.emu_stop()
+        return 0xFFFFFFFF >> (32 - 8 * size)    # no device answers: all ones
+
+    def _hypercall(self, uc) -> None:
+        nr = uc.reg_read(UC_X86_REG_EAX)
+        a = (uc.reg_read(UC_X86_REG_EBX), uc.reg_read(UC_X86_REG_ECX), uc.reg_read(UC_X86_REG_EDX))
+        kernel = (uc.reg_read(UC_X86_REG_SS) & 3) == 0
+        pid = self.pids.get(uc.reg_read(UC_X86_REG_CR3) & 0xFFFFF000, 0)
+        self._flush_console()               # keep console and process events in order
+        result = self._dispatch_hypercall(uc, nr, a, kernel)
+        uc.reg_write(UC_X86_REG_EAX, result & 0xFFFFFFFF)
+        self.events.emit(ev.Hypercall, self.timer.vclock, pid=0 if kernel else pid,
+                         number=nr, args=a, result=result)
+
+    def _dispatch_hypercall(self, uc, nr: int, a: tuple[int, int, int], kernel: bool) -> int:
+        if nr == abi.HC_VERSION:
+            return abi.ABI_VERSION
+        if nr in (abi.HC_SHUTDOWN, abi.HC_PANIC, abi.HC_PROC_START, abi.HC_PROC_EXIT) and not kernel:
+            return -abi.EPERM
+        if nr == abi.HC_SHUTDOWN:
+            self.shutdown_status = a[0]
+            self._stop_reason = "shutdown"
+            uc.emu_stop()
+            return 0
+        if nr == abi.HC_PANIC:
+            self._stop_reason = "panic"
+            self.halt_detail = f"vector {a[0]:#x} at eip {a[1]:#x}"
+            uc.emu_stop()
+            return 0
+        if nr == abi.HC_PROC_START:
+            name = self._kernel_string(a[2])
+            self.pids[a[1] & 0xFFFFF000] = a[0]
+            self.names[a[0]] = name
+            self.events.emit(ev.ProcessStart, self.timer.vclock, pid=a[0], name=name, cr3=a[1])
+            return 0
+        if nr == abi.HC_PROC_EXIT:
+            self.exits[a[0]] = a[1]
+            self.events.emit(ev.ProcessExit, self.timer.vclock, pid=a[0], status=a[1])
+            return 0
+        return -abi.ENOSYS
+
+    def _kernel_string(self, vaddr: int, limit: int = 16) -> str:
+        try:
+            raw = kernel_read(self.ram, read_cpu(self._uc), vaddr, limit)
+        except (DeliveryError, VmmError):
+            return "?"
+        return raw.split(b"\0", 1)[0].decode("ascii", "replace")
+
+    # --------------------------------------------------------------- run loop
+    @property
+    def vclock(self) -> int:
+        """Virtual time: guest instructions (deterministic mode's clock)."""
+        return self.timer.vclock
+
+    @property
+    def ticks(self) -> int:
+        return self.timer.delivered
+
+    def current_pid(self) -> int:
+        if self._uc.reg_read(UC_X86_REG_SS) & 3 == 0:
+            return 0
+        return self.pids.get(self._uc.reg_read(UC_X86_REG_CR3) & 0xFFFFF000, 0)
+
+    def step(self) -> None:
+        """Run one slice and handle whatever ended it."""
+        if self.halted:
+            raise VmmError(f"machine has halted ({self.halted}); it cannot run")
+        uc = self._uc
+        eflags = uc.reg_read(UC_X86_REG_EFLAGS)
+        if self.timer.pending and eflags & EFLAGS_IF:
+            self._deliver(abi.VEC_TIMER, None, software=False)
+            self.timer.acknowledge()
+            self.events.emit(ev.Interrupt, self.timer.vclock, vector=abi.VEC_TIMER,
+                             cpl=self._last_cpl)
+        eip = uc.reg_read(UC_X86_REG_EIP)
+        self._trap = None
+        self._stop_reason = None
+        self.mmu.fault = None
+        budget = min(self.timer.budget(), MAX_SLICE)
+        error: UcError | None = None
+        try:
+            if self.mode == DETERMINISTIC:
+                uc.emu_start(eip, 0, count=budget)
+            else:
+                uc.emu_start(eip, 0, timeout=self.tick_us)
+        except UcError as exc:
+            error = exc
+        self.slices += 1
+        self._flush_console()
+        if self._hook_error is not None:
+            exc, self._hook_error = self._hook_error, None
+            self.mmu.machine_call = False
+            self._halt("vmm-error", f"{type(exc).__name__}: {exc}")
+            raise VmmInternalError(f"VMM callback failed: {type(exc).__name__}: {exc}") from exc
+
+        early = error is not None or self._trap is not None or self._stop_reason is not None
+        if self.mode == FAST:
+            self.timer.advance(self.timer.exit_cost if early else budget)
+            if not early:
+                self.timer.fire_now()
+        else:
+            self.timer.advance(self.timer.exit_cost if early else budget)
+
+        if error is not None:
+            if error.errno == UC_ERR_EXCEPTION and self.mmu.fault is not None:
+                cr2, code = self.mmu.fault
+                self.mmu.fault = None
+                self._fault(abi.VEC_PF, code, cr2)
+                return
+            self._halt("crash", f"emulation error at eip {uc.reg_read(UC_X86_REG_EIP):#x}: {error}")
+            raise GuestError(f"guest crashed: emulation error at eip "
+                             f"{uc.reg_read(UC_X86_REG_EIP):#x}: {error}")
+        if self._stop_reason == "shutdown":
+            self._halt("shutdown", f"status {self.shutdown_status}")
+            return
+        if self._stop_reason == "panic":
+            self._halt("panic", self.halt_detail)
+            raise KernelPanic(f"guest kernel panic: {self.halt_detail}")
+        if self._trap is not None:
+            trap = self._trap
+            if trap.software:
+                self._software_interrupt(trap.vector)
+            else:
+                self._fault(trap.vector, trap.error_code, None)
+            return
+        if early:
+            return
+        self._check_halt()
+
+    @property
+    def _last_cpl(self) -> int:
+        return self._uc.reg_read(UC_X86_REG_SS) & 3
+
+    def _software_interrupt(self, vector: int) -> None:
+        cpu = read_cpu(self._uc)
+        if vector == abi.VEC_SYSCALL and cpu.cpl == 3:
+            self.events.emit(ev.Syscall, self.timer.vclock, pid=self.pids.get(cpu.cr3 & 0xFFFFF000, 0),
+                             number=cpu.eax, args=(cpu.ebx, cpu.ecx, cpu.edx))
+        self._deliver(vector, None, software=True, cpu=cpu)
+
+    def _fault(self, vector: int, error_code: int | None, cr2: int | None) -> None:
+        cpu = read_cpu(self._uc)
+        if cr2 is not None:
+            cpu = cpu.replace(cr2=cr2)
+        self.events.emit(ev.Fault, self.timer.vclock, pid=self.pids.get(cpu.cr3 & 0xFFFFF000, 0)
+                         if cpu.cpl else 0, vector=vector, eip=cpu.eip,
+                         error_code=error_code or 0, address=cr2 or 0)
+        # A real exception: reset QEMU's exception state (upstream #1883).
+        self._deliver(vector, error_code, software=False, cpu=cpu, clean=True)
+
+    def _deliver(self, vector, error_code, *, software, cpu=None, clean=False) -> None:
+        try:
+            deliver(self._uc, self.ram, self.mmu, vector, error_code=error_code, software=software,
+                    cpu=cpu, clean_context=self._clean if clean else None)
+        except TripleFault as exc:
+            self._halt("triple-fault", str(exc))
+            raise
+
+    def _check_halt(self) -> None:
+        """A slice that ran its whole budget, or stopped at hlt (CPL0)."""
+        uc = self._uc
+        eip = uc.reg_read(UC_X86_REG_EIP)
+        if uc.reg_read(UC_X86_REG_SS) & 3 or not self._after_hlt(eip):
+            return
+        if uc.reg_read(UC_X86_REG_EFLAGS) & EFLAGS_IF:
+            self.timer.skip_to_next_tick()      # idle: nothing happens until the tick
+            return
+        # hlt with IF=0 never wakes up.  Unicorn cannot tell us it halted, so
+        # confirm: a halted loop comes straight back to the same hlt.
+        for _ in range(3):
+            self.timer.advance(self.timer.exit_cost)
+            uc.emu_start(eip, 0, count=4)
+            if uc.reg_read(UC_X86_REG_EIP) != eip:
+                return
+        self._halt("hang", f"hlt with interrupts disabled at eip {eip - 1:#x}")
+        raise GuestHang(f"guest hangs: hlt with interrupts disabled at eip {eip - 1:#x}")
+
+    def _after_hlt(self, eip: int) -> bool:
+        try:
+            cpu = read_cpu(self._uc)
+            return kernel_read(self.ram, cpu, eip - 1, 1) == b"\xf4"
+        except (DeliveryError, VmmError):
+            return False
+
+    def _halt(self, reason: str, detail: str) -> None:
+        self.halted = reason
+        self.halt_detail = detail
+        self.events.emit(ev.Halted, self.timer.vclock, reason=reason, detail=detail)
+
+    def _flush_console(self) -> None:
+        for pid, data in self.console.take_unflushed():
+            self.events.emit(ev.ConsoleOutput, self.timer.vclock, pid=pid,
+                             text=data.decode("utf-8", "replace"))
+
+    # ------------------------------------------------------------ run helpers
+    def run(self, *, until: Callable[["Machine"], bool] | None = None,
+            max_ticks: int | None = None, max_instructions: int | None = None) -> str:
+        """Run until the guest shuts down, ``until(machine)`` is true, or a bound.
+
+        Returns ``"shutdown"``, ``"condition"``, ``"ticks"`` or
+        ``"instructions"``; raises :class:`GuestError` if the guest crashes.
+        """
+        tick0, clock0 = self.timer.delivered, self.timer.vclock
+        while True:
+            if self.halted == "shutdown":
+                return "shutdown"
+            if until is not None and until(self):
+                return "condition"
+            if max_ticks is not None and self.timer.delivered - tick0 >= max_ticks:
+                return "ticks"
+            if max_instructions is not None and self.timer.vclock - clock0 >= max_instructions:
+                return "instructions"
+            self.step()
+
+    def run_until_console(self, text: str, *, pid: int | None = None, max_ticks: int = 100_000) -> str:
+        return self.run(until=lambda m: text in m.console.text(pid), max_ticks=max_ticks)
+
+    def run_until_exit(self, pid: int, *, max_ticks: int = 100_000) -> str:
+        return self.run(until=lambda m: pid in m.exits, max_ticks=max_ticks)
+
+    # ------------------------------------------------------------ inspection
+    def cpu(self) -> CpuState:
+        return read_cpu(self._uc)
+
+    def read_virtual(self, cr3: int, vaddr: int, length: int, *, user: bool = True) -> bytes:
+        """Read guest memory through address space ``cr3`` (as CPL3 if ``user``)."""
+        out = bytearray()
+        while length > 0:
+            chunk = min(length, 0x1000 - (vaddr & 0xFFF))
+            try:
+                page, _ = walk(self.ram, cr3, vaddr, write=False, user=user)
+            except WalkFault:
+                raise VmmError(f"virtual address {vaddr:#x} is not mapped in address space {cr3:#x}") from None
+            out += self.ram.read(page | (vaddr & 0xFFF), chunk)
+            vaddr, length = vaddr + chunk, length - chunk
+        return bytes(out)
+
+    def flush_tlb(self) -> None:
+        self._uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+
+    # ----------------------------------------------------------- dirty logging
+    def dirty_log_start(self) -> None:
+        self.ram.dirty.start()
+        self.flush_tlb()
+
+    def dirty_log_stop(self) -> None:
+        self.ram.dirty.stop()
+        self.flush_tlb()
+
+    def dirty_log_fetch(self):
+        """Frames written since the last fetch (or start); clears and re-arms."""
+        pfns = self.ram.dirty.fetch_and_clear()
+        self.flush_tlb()
+        return pfns

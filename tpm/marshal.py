@@ -1,0 +1,132 @@
+"""Deterministic big-endian marshalling, TPM 2.0 style (TPM 2.0 Part 2, clause 5).
+
+TPM structures are packed with no padding, integers in network (big-endian) byte
+order, and variable-length byte strings as TPM2B: a UINT16 size followed by that
+many bytes.  Parsing is *bounded*: every length field is checked against both a
+structure-specific maximum and the bytes actually remaining, before anything is
+sliced, so a hostile length can neither read past the buffer nor allocate much.
+
+Every parse failure raises :class:`tpm.errors.FormatError`; the public entry points
+re-raise it as the specific subclass for their input (``QuoteFormatError``,
+``CorruptStateError`` ...).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from .errors import FormatError
+
+
+class Writer:
+    """Append-only builder for a marshalled structure."""
+
+    __slots__ = ("_parts",)
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+
+    def u8(self, value: int) -> "Writer":
+        self._parts.append(struct.pack(">B", value))
+        return self
+
+    def u16(self, value: int) -> "Writer":
+        self._parts.append(struct.pack(">H", value))
+        return self
+
+    def u32(self, value: int) -> "Writer":
+        self._parts.append(struct.pack(">I", value))
+        return self
+
+    def u64(self, value: int) -> "Writer":
+        self._parts.append(struct.pack(">Q", value))
+        return self
+
+    def raw(self, data: bytes) -> "Writer":
+        self._parts.append(bytes(data))
+        return self
+
+    def tpm2b(self, data: bytes, max_size: int = 0xFFFF) -> "Writer":
+        """TPM2B: UINT16 size then the bytes."""
+        if len(data) > max_size:
+            raise ValueError(f"TPM2B of {len(data)} bytes exceeds its bound {max_size}")
+        self.u16(len(data))
+        self._parts.append(bytes(data))
+        return self
+
+    def blob32(self, data: bytes, max_size: int) -> "Writer":
+        """Like TPM2B but with a UINT32 size, for containers larger than 64 KiB."""
+        if len(data) > max_size:
+            raise ValueError(f"blob of {len(data)} bytes exceeds its bound {max_size}")
+        self.u32(len(data))
+        self._parts.append(bytes(data))
+        return self
+
+    def bytes(self) -> bytes:
+        return b"".join(self._parts)
+
+
+class Reader:
+    """Bounded cursor over a byte string.  Every read checks what remains."""
+
+    __slots__ = ("_data", "_pos", "_what")
+
+    def __init__(self, data: bytes, what: str = "structure") -> None:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise FormatError(f"{what}: expected bytes, got {type(data).__name__}")
+        self._data = bytes(data)
+        self._pos = 0
+        self._what = what
+
+    @property
+    def remaining(self) -> int:
+        return len(self._data) - self._pos
+
+    def _take(self, n: int, field: str) -> bytes:
+        if n < 0 or n > self.remaining:
+            raise FormatError(
+                f"{self._what}: truncated at {field} (need {n} bytes at offset "
+                f"{self._pos}, have {self.remaining})"
+            )
+        out = self._data[self._pos : self._pos + n]
+        self._pos += n
+        return out
+
+    def u8(self, field: str = "u8") -> int:
+        return self._take(1, field)[0]
+
+    def u16(self, field: str = "u16") -> int:
+        return struct.unpack(">H", self._take(2, field))[0]
+
+    def u32(self, field: str = "u32") -> int:
+        return struct.unpack(">I", self._take(4, field))[0]
+
+    def u64(self, field: str = "u64") -> int:
+        return struct.unpack(">Q", self._take(8, field))[0]
+
+    def raw(self, n: int, field: str = "bytes") -> bytes:
+        return self._take(n, field)
+
+    def tpm2b(self, max_size: int, field: str = "TPM2B", exact: int | None = None) -> bytes:
+        """Read a TPM2B, refusing a size above ``max_size`` (or other than ``exact``)."""
+        size = self.u16(field + ".size")
+        if size > max_size:
+            raise FormatError(f"{self._what}: {field} size {size} exceeds bound {max_size}")
+        if exact is not None and size != exact:
+            raise FormatError(f"{self._what}: {field} size {size}, expected {exact}")
+        return self._take(size, field)
+
+    def blob32(self, max_size: int, field: str = "blob") -> bytes:
+        size = self.u32(field + ".size")
+        if size > max_size:
+            raise FormatError(f"{self._what}: {field} size {size} exceeds bound {max_size}")
+        return self._take(size, field)
+
+    def expect(self, value: int, got: int, field: str) -> None:
+        if value != got:
+            raise FormatError(f"{self._what}: {field} is 0x{got:X}, expected 0x{value:X}")
+
+    def end(self) -> None:
+        """Refuse trailing bytes: a structure has exactly one encoding."""
+        if self.remaining:
+            raise FormatError(f"{self._what}: {self.remaining} trailing bytes")

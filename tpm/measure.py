@@ -1,0 +1,149 @@
+"""Measuring a VMM at start: its code, its configuration, its protection policy.
+
+Measured boot means "hash it and extend a PCR *before* it runs": once the VMM is
+running it could lie about itself, but it cannot undo an extend.  Three PCRs, one
+per concern, so a verifier (and a student reading ``minivmm-tpm pcrs``) can see
+*which* of them changed:
+
+    PCR 8   VMM_CODE    SHA-256 of the code manifest (below)
+    PCR 9   VMM_CONFIG  SHA-256 of the canonical JSON of the VMM configuration
+    PCR 10  VMM_POLICY  SHA-256 of the canonical JSON of the protection policy
+
+(PCRs 0-7 belong to firmware on a PC-Client TPM; 8 and up are for the OS/loader.)
+
+Each extend is logged with the measured bytes as the event data, so the verifier
+can check that digest = SHA-256(data) and show what was measured.
+
+Code manifest (deterministic: sorted relative names, content hashes)::
+
+    minivmm-code-manifest v1\\n
+    <sha256 hex of file content>  <relative/posix/name>\\n     (one per file, sorted by name)
+
+Directories are expanded recursively (``__pycache__`` and ``*.pyc`` skipped).
+Relative names are taken from ``root`` (default: the common parent of the given
+paths), so the measurement does not depend on where the VMM is installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import MeasurementError
+from .eventlog import MAX_EVENT_DATA, Event, EventType
+from .pcr import PcrSelection
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .softtpm import SoftTpm
+
+VMM_CODE_PCR = 8
+VMM_CONFIG_PCR = 9
+VMM_POLICY_PCR = 10
+VMM_PCRS = PcrSelection([VMM_CODE_PCR, VMM_CONFIG_PCR, VMM_POLICY_PCR])
+MANIFEST_HEADER = b"minivmm-code-manifest v1\n"
+
+
+def _expand(paths: list[Path]) -> list[Path]:
+    files: dict[Path, None] = {}
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+                for f in sorted(filenames):
+                    if not f.endswith(".pyc"):
+                        files[Path(dirpath) / f] = None
+        elif p.is_file():
+            files[p] = None
+        else:
+            raise MeasurementError(f"cannot measure {p}: no such file or directory")
+    return list(files)
+
+
+def code_manifest(code_paths: list[Path | str], root: Path | str | None = None) -> bytes:
+    """The canonical manifest of the VMM's code files (what PCR 8 measures)."""
+    paths = [Path(p).absolute() for p in code_paths]
+    if not paths:
+        raise MeasurementError("no code paths to measure")
+    files = _expand(paths)
+    if root is None:
+        anchors = [p.parent for p in paths]
+        root = Path(os.path.commonpath(anchors)) if anchors else Path("/")
+    root = Path(root).absolute()
+    entries: dict[str, str] = {}
+    for f in files:
+        try:
+            rel = f.relative_to(root).as_posix()
+        except ValueError:
+            raise MeasurementError(f"{f} is not under the measurement root {root}") from None
+        if "\n" in rel or "\r" in rel:
+            raise MeasurementError(f"cannot measure a file name containing a newline: {rel!r}")
+        try:
+            content = f.read_bytes()
+        except OSError as e:
+            raise MeasurementError(f"cannot read {f}: {e.strerror}") from None
+        entries[rel] = hashlib.sha256(content).hexdigest()
+    lines = [f"{digest}  {name}\n" for name, digest in sorted(entries.items())]
+    manifest = MANIFEST_HEADER + "".join(lines).encode("utf-8")
+    if len(manifest) > MAX_EVENT_DATA:
+        raise MeasurementError(
+            f"code manifest of {len(manifest)} bytes exceeds the event bound {MAX_EVENT_DATA}"
+        )
+    return manifest
+
+
+def canonical_json(obj: object, what: str = "document") -> bytes:
+    """Deterministic JSON: sorted keys, no whitespace, UTF-8, no NaN."""
+    try:
+        data = json.dumps(
+            obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode("utf-8")
+    except (TypeError, ValueError) as e:
+        raise MeasurementError(f"cannot measure {what}: not plain JSON ({e})") from None
+    if len(data) > MAX_EVENT_DATA:
+        raise MeasurementError(f"{what} of {len(data)} bytes exceeds the event bound {MAX_EVENT_DATA}")
+    return data
+
+
+def vmm_events(
+    code_paths: list[Path | str],
+    config: dict,
+    policy: dict,
+    *,
+    root: Path | str | None = None,
+) -> list[Event]:
+    """The events a measured start of this VMM produces, without touching a TPM.
+
+    Useful to build an approval policy on a machine other than the host
+    (see :func:`tpm.policy.AttestationPolicy.from_events`).
+    """
+    if not isinstance(config, dict) or not isinstance(policy, dict):
+        raise MeasurementError("config and policy must be dicts")
+    items = [
+        (VMM_CODE_PCR, EventType.VMM_CODE, code_manifest(code_paths, root)),
+        (VMM_CONFIG_PCR, EventType.VMM_CONFIG, canonical_json(config, "VMM config")),
+        (VMM_POLICY_PCR, EventType.VMM_POLICY, canonical_json(policy, "protection policy")),
+    ]
+    return [Event(pcr, etype, hashlib.sha256(data).digest(), data) for pcr, etype, data in items]
+
+
+def measure_vmm(
+    tpm: "SoftTpm",
+    code_paths: list[Path | str],
+    config: dict,
+    policy: dict,
+    *,
+    root: Path | str | None = None,
+) -> list[Event]:
+    """Measure a VMM into ``tpm``: extend PCRs 8, 9, 10 and log the events.
+
+    Everything is hashed *before* the first extend, so a measurement that fails
+    (unreadable file, non-JSON config) extends nothing.
+    """
+    events = vmm_events(code_paths, config, policy, root=root)
+    for e in events:
+        tpm.extend(e.pcr, e.digest, event_type=e.type, data=e.data)
+    return events
