@@ -67,6 +67,13 @@ INFO_NARGS = 12
 INFO_ARGS = 16               # up to MAX_ARGS u32 arguments
 INFO_NAME = 64               # NUL-terminated, up to 15 chars
 MAX_ARGS = 8
+# The same fields as absolute addresses (keystone mis-assembles [A + B]).
+INFO_PID_ADDR = INFO_VADDR + INFO_PID
+INFO_DATA_BASE_ADDR = INFO_VADDR + INFO_DATA_BASE
+INFO_DATA_PAGES_ADDR = INFO_VADDR + INFO_DATA_PAGES
+INFO_NARGS_ADDR = INFO_VADDR + INFO_NARGS
+INFO_ARGS_ADDR = INFO_VADDR + INFO_ARGS
+INFO_NAME_ADDR = INFO_VADDR + INFO_NAME
 
 # Kernel process table (guest-visible; read by minivmm.guestview).
 NPROC = 16

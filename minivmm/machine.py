@@ -27,11 +27,13 @@ from unicorn.x86_const import UC_X86_INS_IN, UC_X86_INS_OUT, UC_X86_REG_EAX, UC_
 from minivmm import abi, events as ev
 from minivmm.console import Console
 from minivmm.cpu import CpuState, read_cpu, write_cpu
-from minivmm.errors import GuestError, GuestHang, KernelPanic, TripleFault, VmmError, VmmInternalError
-from minivmm.image import GuestImage
+from minivmm.errors import (GuestError, GuestHang, KernelPanic, StateError, TripleFault, VmmError,
+                            VmmInternalError)
+from minivmm.image import GuestImage, ImageProcess
 from minivmm.interrupts import DeliveryError, deliver, kernel_read
 from minivmm.memory import GuestRAM
 from minivmm.mmu import Mmu, WalkFault, walk
+from minivmm.state import MachineState, VmmState
 from minivmm.timer import Timer
 
 EFLAGS_IF = 1 << 9
@@ -61,7 +63,8 @@ class Machine:
                  tick_instructions: int = 100_000, tick_us: int = 2000, _boot: bool = True):
         if mode not in (DETERMINISTIC, FAST):
             raise VmmError(f"mode must be {DETERMINISTIC!r} or {FAST!r}, not {mode!r}")
-        image.validate()
+        if _boot:
+            image.validate()
         if image.min_ram > ram_size:
             raise VmmError(f"image {image.name!r} needs {image.min_ram >> 20} MiB+ of RAM, "
                            f"machine has {ram_size >> 20} MiB")
@@ -398,6 +401,74 @@ class Machine:
     def flush_tlb(self) -> None:
         self._uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
 
+    # ------------------------------------------------------------ save/restore
+    def save_state(self) -> MachineState:
+        """Everything needed to continue this machine elsewhere (between slices)."""
+        img = self.image
+        return MachineState(
+            ram_size=self.ram.size, ram=bytes(self.ram.view), cpu=read_cpu(self._uc),
+            timer=self.timer.save(), console=self.console.save(), dirty=self.ram.dirty.save(),
+            vmm=VmmState(mode=self.mode, tick_us=self.tick_us, pids=dict(self.pids),
+                         names=dict(self.names), exits=dict(self.exits), event_seq=self.events.seq,
+                         slices=self.slices, halted=self.halted, halt_detail=self.halt_detail,
+                         shutdown_status=self.shutdown_status),
+            image={"name": img.name, "description": img.description, "min_ram": img.min_ram,
+                   "entry": img.entry, "boot_esp": img.boot_esp,
+                   "kernel_symbols": dict(img.kernel_symbols),
+                   "processes": [{"pid": p.pid, "name": p.name, "cr3": p.cr3, "entry": p.entry,
+                                  "data_pages": p.data_pages, "args": list(p.args),
+                                  "symbols": dict(p.symbols)} for p in img.processes]})
+
+    @classmethod
+    def restore(cls, st: MachineState) -> "Machine":
+        """A fresh machine (new Unicorn instance) that continues exactly where ``st`` was."""
+        meta = st.image
+        try:
+            image = GuestImage(
+                name=str(meta["name"]), entry=int(meta["entry"]), boot_esp=int(meta["boot_esp"]),
+                min_ram=int(meta["min_ram"]), segments=[], description=str(meta.get("description", "")),
+                kernel_symbols={str(k): int(v) for k, v in meta["kernel_symbols"].items()},
+                processes=[ImageProcess(pid=int(p["pid"]), name=str(p["name"]), cr3=int(p["cr3"]),
+                                        entry=int(p["entry"]), data_pages=int(p["data_pages"]),
+                                        args=tuple(int(a) for a in p["args"]),
+                                        symbols={str(k): int(v) for k, v in p["symbols"].items()})
+                           for p in meta["processes"]])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateError(f"state: bad image metadata: {exc}") from None
+        if st.vmm.mode not in (DETERMINISTIC, FAST):
+            raise StateError(f"state: unknown run mode {st.vmm.mode!r}")
+        try:
+            timer = Timer.restore(st.timer)
+        except ValueError as exc:
+            raise StateError(f"state: timer: {exc}") from None
+        m = cls(image, ram_size=st.ram_size, mode=st.vmm.mode, tick_instructions=timer.period,
+                tick_us=st.vmm.tick_us, _boot=False)
+        m.ram.view[:] = st.ram
+        m.timer = timer
+        m.console = Console.restore(st.console)
+        try:
+            m.ram.dirty.restore(st.dirty)
+        except ValueError as exc:
+            raise StateError(f"state: dirty log: {exc}") from None
+        v = st.vmm
+        m.pids, m.names, m.exits = dict(v.pids), dict(v.names), dict(v.exits)
+        m.events.seq, m.slices = v.event_seq, v.slices
+        m.halted, m.halt_detail, m.shutdown_status = v.halted, v.halt_detail, v.shutdown_status
+        write_cpu(m._uc, m.mmu, st.cpu)
+        if m.mmu.bad_machine_access is not None:
+            raise StateError(f"state: CPU descriptor tables point at unmapped {m.mmu.bad_machine_access:#x}")
+        return m
+
+    def save(self, path) -> None:
+        with open(path, "wb") as f:
+            f.write(self.save_state().to_bytes())
+
+    @classmethod
+    def load(cls, path) -> "Machine":
+        with open(path, "rb") as f:
+            data = f.read()
+        return cls.restore(MachineState.from_bytes(data, str(path)))
+
     # ----------------------------------------------------------- dirty logging
     def dirty_log_start(self) -> None:
         self.ram.dirty.start()
@@ -412,3 +483,16 @@ class Machine:
         pfns = self.ram.dirty.fetch_and_clear()
         self.flush_tlb()
         return pfns
+
+    # ------------------------------------------------------- guest-visible view
+    def processes(self):
+        """The guest kernel's process table (see ``minivmm.guestview``)."""
+        from minivmm.guestview import process_table
+        return process_table(self)
+
+    def read_process(self, pid: int, vaddr: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``vaddr`` as process ``pid`` sees them."""
+        for proc in self.processes():
+            if proc.pid == pid:
+                return self.read_virtual(proc.cr3, vaddr, length)
+        raise VmmError(f"no process with pid {pid}")

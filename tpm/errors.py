@@ -8,7 +8,8 @@ completely or raises one of these.
     TpmError
     ├── FormatError                 bytes that do not parse (bounded parser)
     │   ├── CorruptStateError       a state file in a TPM/issuer directory
-    │   ├── QuoteFormatError        a quote / evidence bundle (truncated, oversized, garbage)
+    │   ├── QuoteFormatError        a quote / evidence bundle (truncated, oversized, garbage);
+    │   │                           also a VerificationError
     │   └── PolicyFormatError       an attestation-policy JSON document
     ├── NoTpmStateError             no TPM has been initialised in that directory
     ├── MeasurementError            measure_vmm() was given something it cannot hash
@@ -16,6 +17,7 @@ completely or raises one of these.
     ├── UnsealError                 PCR policy not satisfied, or the sealed blob is not ours
     ├── CounterError                NV counter missing, invalid, or rolled back
     └── VerificationError           the verifier rejected evidence (never partially accepted)
+        ├── QuoteFormatError        (see above)
         ├── UnknownIssuerError      AK certificate from an issuer the verifier does not trust
         ├── CertificateError        AK certificate forged, or certifies a non-restricted key
         ├── SignatureError          quote signature invalid, or signer differs from the certified AK
@@ -51,10 +53,6 @@ class CorruptStateError(FormatError):
         super().__init__(f"corrupt TPM state file {self.path}: {reason}")
 
 
-class QuoteFormatError(FormatError):
-    """A quote or evidence bundle is malformed (truncated, oversized, wrong tags)."""
-
-
 class PolicyFormatError(FormatError):
     """An attestation policy document is malformed."""
 
@@ -81,6 +79,13 @@ class CounterError(TpmError):
 
 class VerificationError(TpmError):
     """The verifier rejected a quote.  Subclasses say why."""
+
+
+class QuoteFormatError(FormatError, VerificationError):
+    """A quote or evidence bundle is malformed (truncated, oversized, wrong tags).
+
+    Both a FormatError and a VerificationError: a verifier rejects it like any other.
+    """
 
 
 class UnknownIssuerError(VerificationError):

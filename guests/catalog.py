@@ -1,0 +1,53 @@
+"""The built-in guest images: what ``minivmm guests`` lists and ``minivmm run NAME`` boots."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from guests.build import Program, build_image
+from minivmm.image import GuestImage
+
+
+@dataclass(frozen=True)
+class Guest:
+    name: str
+    description: str
+    programs: Callable[[], list[Program]]
+
+    def build(self, ram_size: int = 16 << 20) -> GuestImage:
+        return build_image(self.programs(), name=self.name, ram_size=ram_size,
+                           description=self.description)
+
+
+P = Program.builtin
+GUESTS = {g.name: g for g in [
+    Guest("demo", "the default demo: a counter, a memory checker, a page dirtier and hello",
+          lambda: [P("counter", args=(40, 150_000)), P("memcheck", args=(40,)),
+                   P("dirtier", data_pages=32, args=(32, 96, 1)), P("hello")]),
+    Guest("hello", "one process that prints a greeting and exits",
+          lambda: [P("hello")]),
+    Guest("counter", "one counter printing 1..100 (continuity is guest-visible)",
+          lambda: [P("counter", args=(100, 100_000))]),
+    Guest("multi", "three counters that the timer interleaves",
+          lambda: [P("counter", args=(20, 300_000), as_name="counter-a"),
+                   P("counter", args=(20, 300_000), as_name="counter-b"),
+                   P("counter", args=(20, 300_000), as_name="counter-c")]),
+    Guest("memcheck", "a memory checker over 64 pages, 50 generations",
+          lambda: [P("memcheck", args=(50,))]),
+    Guest("dirtier", "a page dirtier: 64 pages, 200 passes, one tick apart",
+          lambda: [P("dirtier", args=(64, 200, 1))]),
+    Guest("crashers", "processes that fault in every way, and a counter that survives them",
+          lambda: [P("crasher", args=(i,), as_name=f"crasher{i}") for i in range(7)]
+          + [P("counter", args=(10, 50_000))]),
+    Guest("compute", "two compute loops (the benchmark's workload)",
+          lambda: [P("compute", args=(2_000_000,), as_name="compute-a"),
+                   P("compute", args=(2_000_000,), as_name="compute-b")]),
+]}
+
+
+def get_guest(name: str) -> Guest:
+    try:
+        return GUESTS[name]
+    except KeyError:
+        raise KeyError(f"no built-in guest {name!r}; try one of: {', '.join(GUESTS)}") from None

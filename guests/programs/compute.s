@@ -1,0 +1,38 @@
+; compute: a compute loop over a 4 KiB buffer (the benchmark's workload:
+; a load, an add and a store per iteration, like ordinary code; the same
+; bytes run on bare Unicorn in minivmm/bench.py).
+;   args[0] = iterations (0 = 1000000); each iteration is 7 instructions.
+; Prints "compute: done <checksum>" and exits 0.
+_start:
+    xor eax, eax
+    call ulib_arg
+    test eax, eax
+    jnz have_n
+    mov eax, 1000000
+have_n:
+    mov edx, eax
+    xor eax, eax
+    xor edi, edi
+    mov ebp, buf
+spin:
+    mov ebx, [ebp+edi]
+    add eax, ebx
+    mov [ebp+edi], eax
+    add edi, 4
+    and edi, 0xffc
+    dec edx
+    jnz spin
+    mov [sum], eax
+    mov esi, msg
+    call ulib_puts
+    mov eax, [sum]
+    call ulib_putdec
+    mov esi, newline
+    call ulib_puts
+    xor eax, eax
+    call ulib_exit
+msg:     .asciz "compute: done "
+newline: .asciz "\n"
+sum:     .long 0
+buf:     .space 4096, 0
+.include "_ulib.s"

@@ -1,0 +1,5 @@
+import sys
+
+from minivmm.cli import main
+
+sys.exit(main())
