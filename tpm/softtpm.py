@@ -202,7 +202,9 @@ class SoftTpm:
                 if not (state_dir / STATE_FILE).exists():  # re-check under the lock
                     tpm._create(host or state_dir.resolve().name or "host")
                     startup = "created"
-        with tpm._txn():
+        # A TPM Reset discards the volatile state, so it is not even read (this is also
+        # how an operator recovers from a damaged volatile.bin: reset the TPM).
+        with tpm._txn(volatile=startup != "clear"):
             if startup == "clear":
                 tpm._startup_clear()
             elif startup == "state":
@@ -251,12 +253,12 @@ class SoftTpm:
 
     def reset(self) -> None:
         """Power-cycle the TPM in place (TPM Reset): PCRs and event log cleared."""
-        with self._txn():
+        with self._txn(volatile=False):
             self._startup_clear()
 
     # ------------------------------------------------------- state handling
     @contextlib.contextmanager
-    def _txn(self, load: bool = True):
+    def _txn(self, load: bool = True, volatile: bool = True):
         """Lock the directory, reload the state from disk, run, release."""
         with self._mutex:
             if self._depth:
@@ -270,7 +272,7 @@ class SoftTpm:
                 self._depth = 1
                 try:
                     if load:
-                        self._load()
+                        self._load(volatile)
                     yield
                 finally:
                     self._depth = 0
@@ -278,9 +280,9 @@ class SoftTpm:
     def _mac_key(self, label: bytes) -> bytes:
         return _derive(self._persist.proof, label)
 
-    def _load(self) -> None:
+    def _load(self, volatile: bool = True) -> None:
         path = self.state_dir / STATE_FILE
-        if not path.exists():
+        if self._persist is None and not path.exists():
             raise NoTpmStateError(f"no TPM state in {self.state_dir}")
         payload = statefile.read(path, STATE_MAGIC, STATE_VERSION, MAX_STATE_PAYLOAD)
         try:
@@ -313,6 +315,14 @@ class SoftTpm:
             )
         self._counters = counters
 
+        if volatile:
+            self._load_volatile()
+        if counters.generation == persist.nv_generation + 1:
+            # An increment was interrupted after the counters were written: finish it.
+            self._write_persistent()
+
+    def _load_volatile(self) -> None:
+        persist = self._persist
         vpath = self.state_dir / VOLATILE_FILE
         vpayload = statefile.read(
             vpath, VOLATILE_MAGIC, STATE_VERSION, MAX_EVENTLOG_BYTES + 8, self._mac_key(b"volatile")
@@ -324,10 +334,6 @@ class SoftTpm:
         if volatile.reset_count != persist.reset_count:
             raise CorruptStateError(vpath, "belongs to another boot (resetCount differs)")
         self._log = volatile.event_log
-
-        if counters.generation == persist.nv_generation + 1:
-            # An increment was interrupted after the counters were written: finish it.
-            self._write_persistent()
 
     def _now_clock(self) -> int:
         return self._clock_base + int((time.monotonic() - self._t0) * 1000)

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:  # the package is used from the work tree, not installed
-    sys.path.insert(0, str(REPO))
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+for _p in (REPO, HERE):  # the package is used from the work tree, not installed
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 from tpm import AttestationPolicy, Issuer, SoftTpm, Verifier, measure_vmm  # noqa: E402
-
-CONFIG = {"memory_mb": 16, "cpus": 1, "deterministic": True}
-PROTECTION = {"cloaking": True, "aead": "AES-256-GCM", "register_scrub": True}
+from tpm_testdata import CONFIG, PROTECTION  # noqa: E402
 
 
 @pytest.fixture

@@ -167,3 +167,13 @@ def test_state_writes_are_atomic_no_temp_files_left(tmp_path):
         tpm.counter_increment("c")
     leftovers = [p.name for p in (tmp_path / "t").iterdir() if p.name.endswith(".tmp")]
     assert leftovers == []
+
+
+def test_reset_recovers_from_damaged_volatile_state(tmp_path):
+    tpm = SoftTpm.open(tmp_path / "t")
+    tpm.extend(8, D, data=b"x")
+    _flip(tmp_path / "t" / VOLATILE_FILE, 20)
+    with pytest.raises(CorruptStateError):
+        SoftTpm.open(tmp_path / "t", startup=None)
+    fresh = SoftTpm.open(tmp_path / "t")  # TPM Reset: volatile state is discarded unread
+    assert fresh.pcrs() == (bytes(32),) * 24

@@ -1,0 +1,236 @@
+"""The verifier: the happy path and every documented failure, each fail-closed."""
+
+import hashlib
+import time
+
+import pytest
+
+from tpm import AttestationPolicy, Issuer, SoftTpm, Verifier, bind_nonce, keys, measure_vmm
+from tpm.errors import (
+    CertificateError,
+    EventLogReplayError,
+    NonceMismatchError,
+    PcrDigestMismatchError,
+    PolicyViolationError,
+    QuoteFormatError,
+    ReplayError,
+    SignatureError,
+    StaleQuoteError,
+    UnknownIssuerError,
+    VerificationError,
+)
+from tpm.eventlog import Event, EventLog, EventType
+from tpm.evidence import Evidence, _marshal
+from tpm.issuer import AkCertificate
+from tpm.quote import Attest
+
+from tpm_testdata import CONFIG, PROTECTION
+
+
+def _rebuild(ev: Evidence, *, attest=None, signature=None, cert=None, log=None) -> bytes:
+    return _marshal(
+        attest if attest is not None else ev.attest_bytes,
+        signature if signature is not None else ev.signature,
+        cert if cert is not None else ev.certificate_bytes,
+        log if log is not None else ev.eventlog_bytes,
+    )
+
+
+def test_accepts_an_approved_host(measured, policy, verifier):
+    nonce = verifier.new_nonce()
+    result = verifier.verify(measured.quote(nonce).to_bytes(), policy)
+    assert result.host == "host-a"
+    assert result.nonce == nonce
+    assert result.ak_name == measured.ak_name
+    assert sorted(result.pcr_values) == [8, 9, 10]
+    assert result.pcr_values[8] == measured.read_pcr(8)
+    assert [e.type for e in result.events] == [EventType.VMM_CODE, EventType.VMM_CONFIG, EventType.VMM_POLICY]
+
+
+def test_accepts_evidence_objects_and_issuer_paths(measured, policy, issuer):
+    v = Verifier([issuer.directory])
+    nonce = v.new_nonce()
+    v.verify(measured.quote(nonce), policy)
+
+
+def test_truncated_quote(measured, policy, verifier):
+    raw = measured.quote(verifier.new_nonce()).to_bytes()
+    with pytest.raises(QuoteFormatError):
+        verifier.verify(raw[: len(raw) // 2], policy)
+
+
+def test_wrong_nonce(measured, policy, verifier):
+    raw = measured.quote(b"\x01" * 32).to_bytes()
+    with pytest.raises(NonceMismatchError):
+        verifier.verify(raw, policy, expected_nonce=b"\x02" * 32)
+
+
+def test_unknown_issuer(tmp_path, measured, policy):
+    stranger = Verifier([Issuer.create(tmp_path / "other-ca").public_key])
+    with pytest.raises(UnknownIssuerError):
+        stranger.verify(measured.quote(stranger.new_nonce()).to_bytes(), policy)
+
+
+def test_uncertified_tpm_is_unknown(tmp_path, policy, verifier, vmm_code):
+    loose = SoftTpm.open(tmp_path / "loose")
+    measure_vmm(loose, [vmm_code], CONFIG, PROTECTION)
+    with pytest.raises(UnknownIssuerError, match="no AK certificate"):
+        verifier.verify(loose.quote(verifier.new_nonce()).to_bytes(), policy)
+
+
+def test_self_made_certificate_for_a_trusted_issuer_id_is_rejected(measured, policy, verifier, issuer):
+    """An attacker copies the trusted issuer's key id but signs with its own key."""
+    ev = measured.quote(verifier.new_nonce())
+    cert = ev.certificate
+    impostor = Issuer(keys.generate_private_key(), "impostor")
+    forged = impostor.certify(cert.ak_public, cert.subject)
+    forged = AkCertificate(issuer.key_id, forged.subject, forged.ak_public, forged.signature)
+    with pytest.raises(CertificateError):
+        verifier.verify(_rebuild(ev, cert=forged.to_bytes()), policy)
+
+
+def test_replayed_old_quote(measured, policy, verifier):
+    raw = measured.quote(verifier.new_nonce()).to_bytes()
+    verifier.verify(raw, policy)
+    with pytest.raises(ReplayError, match="already used"):
+        verifier.verify(raw, policy)
+    assert StaleQuoteError is ReplayError and issubclass(ReplayError, NonceMismatchError)
+
+
+def test_nonce_never_issued(measured, policy, verifier):
+    with pytest.raises(ReplayError, match="never issued"):
+        verifier.verify(measured.quote(b"\x07" * 32).to_bytes(), policy)
+
+
+def test_expired_nonce(measured, policy, issuer):
+    v = Verifier([issuer.public_key], nonce_lifetime=0.0)
+    nonce = v.new_nonce()
+    time.sleep(0.01)
+    with pytest.raises(ReplayError, match="expired"):
+        v.verify(measured.quote(nonce).to_bytes(), policy)
+
+
+def test_expected_nonce_that_verifier_issued_is_consumed(measured, policy, verifier):
+    nonce = verifier.new_nonce()
+    raw = measured.quote(nonce).to_bytes()
+    verifier.verify(raw, policy, expected_nonce=nonce)
+    with pytest.raises(ReplayError):
+        verifier.verify(raw, policy, expected_nonce=nonce)
+
+
+def test_transcript_bound_nonce(measured, policy, verifier):
+    nonce = verifier.new_nonce()
+    transcript = hashlib.sha256(b"ecdh transcript").digest()
+    raw = measured.quote(bind_nonce(nonce, transcript)).to_bytes()
+    with pytest.raises(NonceMismatchError):  # a different transcript (MITM'd key exchange)
+        verifier.verify(raw, policy, expected_nonce=bind_nonce(nonce, b"other"))
+    verifier.verify(raw, policy, expected_nonce=bind_nonce(nonce, transcript))
+    verifier.consume_nonce(nonce)
+    with pytest.raises(ReplayError):
+        verifier.consume_nonce(nonce)
+
+
+def test_event_log_that_does_not_replay(measured, policy, verifier):
+    measured.extend(8, hashlib.sha256(b"rootkit").digest(), data=b"rootkit.ko")
+    ev = measured.quote(verifier.new_nonce())
+    # The host hides the unapproved event from the log it sends.
+    hidden = EventLog([e for e in ev.event_log if e.data != b"rootkit.ko"]).to_bytes()
+    with pytest.raises(EventLogReplayError):
+        verifier.verify(_rebuild(ev, log=hidden), policy)
+    assert issubclass(EventLogReplayError, PcrDigestMismatchError)
+
+
+def test_event_data_that_lies_about_its_digest(measured, policy, verifier):
+    ev = measured.quote(verifier.new_nonce())
+    events = list(ev.event_log)
+    events[1] = Event(events[1].pcr, events[1].type, events[1].digest, b'{"memory_mb":9999}')
+    with pytest.raises(EventLogReplayError, match="not SHA-256 of its data"):
+        verifier.verify(_rebuild(ev, log=EventLog(events).to_bytes()), policy)
+
+
+def test_modified_attest_breaks_signature(measured, policy, verifier):
+    ev = measured.quote(verifier.new_nonce())
+    a = ev.attest
+    forged = Attest(a.qualified_signer, a.extra_data, a.clock_info, a.firmware_version, a.selection, bytes(32))
+    with pytest.raises(SignatureError):
+        verifier.verify(_rebuild(ev, attest=forged.to_bytes()), policy)
+
+
+def test_quote_from_another_certified_tpm_with_swapped_cert(tmp_path, measured, policy, verifier, issuer):
+    other = SoftTpm.open(tmp_path / "host-b", issuer=issuer)
+    ev = other.quote(verifier.new_nonce())
+    mine = measured.ak_certificate.to_bytes()
+    with pytest.raises(SignatureError):
+        verifier.verify(_rebuild(ev, cert=mine), policy)
+
+
+def test_restricted_key_cannot_be_used_to_forge_a_quote(measured, policy, verifier):
+    """Without the restricted-key check, sign() would let the host forge any quote."""
+    ev = measured.quote(verifier.new_nonce())
+    a = ev.attest
+    forged = Attest(a.qualified_signer, a.extra_data, a.clock_info, a.firmware_version, a.selection, bytes(32))
+    from tpm.errors import RestrictedKeyError
+
+    with pytest.raises(RestrictedKeyError):
+        measured.sign(forged.to_bytes())
+
+
+def test_unapproved_extend_violates_policy(measured, policy, verifier):
+    measured.extend(8, hashlib.sha256(b"rootkit").digest(), data=b"rootkit.ko")
+    with pytest.raises(PolicyViolationError, match="unapproved measurement in PCR 8"):
+        verifier.verify(measured.quote(verifier.new_nonce()).to_bytes(), policy)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda code, cfg, prot: (code.joinpath("cpu.py").write_text("def run():\n    return 43\n"), cfg, prot),
+        lambda code, cfg, prot: (None, {**cfg, "memory_mb": 32}, prot),
+        lambda code, cfg, prot: (None, cfg, {**prot, "cloaking": False}),
+    ],
+    ids=["code", "config", "protection-policy"],
+)
+def test_any_change_to_the_vmm_changes_the_quote(tmp_path, issuer, verifier, vmm_code, policy, change):
+    tpm = SoftTpm.open(tmp_path / "h2", issuer=issuer)
+    _, cfg, prot = change(vmm_code, dict(CONFIG), dict(PROTECTION))
+    measure_vmm(tpm, [vmm_code], cfg, prot)
+    with pytest.raises(PolicyViolationError):
+        verifier.verify(tpm.quote(verifier.new_nonce()).to_bytes(), policy)
+
+
+def test_quote_must_cover_the_policy_pcrs(measured, policy, verifier):
+    with pytest.raises(PolicyViolationError, match="does not cover PCR 10"):
+        verifier.verify(measured.quote(verifier.new_nonce(), pcrs=[8, 9]).to_bytes(), policy)
+
+
+def test_unmeasured_pcr_fails(tpm, verifier, measured):
+    measured.reset()
+    policy = AttestationPolicy({8: [(EventType.VMM_CODE, bytes(32))]})
+    with pytest.raises(PolicyViolationError, match="never measured"):
+        verifier.verify(measured.quote(verifier.new_nonce()).to_bytes(), policy)
+
+
+def test_forged_evidence_does_not_burn_the_nonce(measured, policy, verifier):
+    """Checks before freshness are authenticity checks: garbage cannot consume a nonce."""
+    nonce = verifier.new_nonce()
+    good = measured.quote(nonce)
+    a = good.attest
+    forged = Attest(a.qualified_signer, a.extra_data, a.clock_info, a.firmware_version, a.selection, bytes(32))
+    with pytest.raises(SignatureError):
+        verifier.verify(_rebuild(good, attest=forged.to_bytes()), policy)
+    verifier.verify(good.to_bytes(), policy)  # the honest quote still verifies
+
+
+def test_every_failure_is_a_verification_error():
+    for cls in (
+        QuoteFormatError, NonceMismatchError, ReplayError, UnknownIssuerError, CertificateError,
+        SignatureError, EventLogReplayError, PolicyViolationError,
+    ):
+        assert issubclass(cls, VerificationError)
+
+
+def test_verifier_does_not_import_the_tpm():
+    import tpm.verifier as v
+
+    source = open(v.__file__).read()
+    assert "softtpm" not in source.split('"""', 2)[2]
