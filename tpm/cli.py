@@ -125,8 +125,9 @@ def cmd_init(args) -> int:
 
 
 def cmd_reset(args) -> int:
-    tpm = _attach(args)
-    tpm.reset()
+    # Opening with a TPM Reset discards the volatile state without reading it, so
+    # this also recovers a TPM whose volatile.bin was damaged.
+    tpm = SoftTpm.open(args.state, startup="clear", create=False)
     ci = tpm.clock_info()
     print(f"TPM reset: PCRs cleared, event log emptied (resetCount={ci.reset_count})")
     return 0
