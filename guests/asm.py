@@ -36,7 +36,7 @@ _REGS = {r for base in ("a", "b", "c", "d") for r in (f"e{base}x", f"{base}x")} 
 _PUSH = re.compile(r"^(\s*(?:[A-Za-z_][\w.$]*\s*:\s*)?)push\s+(.+?)\s*$", re.I)
 _DESC = re.compile(r"^(\s*(?:[A-Za-z_][\w.$]*\s*:\s*)?)(lgdt|lidt)\s+(?:dword\s+ptr\s+)?\[([^\]]+)\]\s*$", re.I)
 _MEMOPND = re.compile(r"\[([^\]]*)\]")
-_IDENT = re.compile(r"[A-Za-z_][\w.$]*")
+_IDENT = re.compile(r"(?<![\w.$])[A-Za-z_][\w.$]*")
 _IRET = re.compile(r"\biret\b", re.I)
 _MOVSD = re.compile(r"^(\s*(?:[A-Za-z_][\w.$]*\s*:\s*)?)(rep\s+)?movsd\s*$", re.I)
 
@@ -116,8 +116,8 @@ def assemble(source: str, base: int, filename: str = "<source>",
     dup = {name for name in labels if labels.count(name) > 1}
     if dup:
         name = sorted(dup)[0]
-        lineno = next(i for i, t in enumerate(lines, 1)
-                      if (mm := _LABEL.match(_strip_comment(t))) and mm.group(1) == name)
+        lineno = [i for i, t in enumerate(lines, 1)
+                  if (mm := _LABEL.match(_strip_comment(t))) and mm.group(1) == name][1]
         raise AsmError(filename, lineno, lines[lineno - 1], f"label {name!r} defined twice")
     clash = sorted(set(labels) & set(externs))
     if clash:

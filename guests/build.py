@@ -74,12 +74,21 @@ def builtin_programs() -> list[str]:
 
 def load_source(path: Path) -> str:
     """Read an assembly file, expanding ``.include "file"`` (relative to it)."""
+    return expand_includes(path.read_text(), path.parent)
+
+
+def expand_includes(source: str, directory: Path, depth: int = 0) -> str:
+    """Expand ``.include "file"`` lines; inline sources include from guests/programs/."""
+    if depth > 8:
+        raise BuildError(".include nested more than 8 deep")
     out = []
-    for line in path.read_text().splitlines():
+    for line in source.splitlines():
         stripped = line.strip()
         if stripped.startswith(".include"):
-            target = stripped.split(None, 1)[1].strip().strip('"')
-            out.append(load_source(path.parent / target))
+            target = directory / stripped.split(None, 1)[1].strip().strip('"')
+            if not target.is_file():
+                raise BuildError(f".include: no file {target}")
+            out.append(expand_includes(target.read_text(), target.parent, depth + 1))
         else:
             out.append(line)
     return "\n".join(out)
@@ -169,7 +178,7 @@ def build_image(programs: list[Program], *, name: str = "custom",
             raise BuildError(f"{prog.name}: at most {abi.MAX_ARGS} args")
         if not prog.name or len(prog.name.encode()) > 15:
             raise BuildError(f"program name {prog.name!r} must be 1..15 bytes")
-        code = assemble(prog.source, abi.IMAGE_VADDR, prog.filename)
+        code = assemble(expand_includes(prog.source, PROGRAMS_DIR), abi.IMAGE_VADDR, prog.filename)
         if not code.code:
             raise BuildError(f"{prog.filename}: program is empty")
         if len(code.code) > abi.DATA_VADDR - abi.IMAGE_VADDR:

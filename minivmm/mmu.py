@@ -99,7 +99,9 @@ class Mmu:
             elif self.ram.dirty.enabled:
                 entry.perms = UC_PROT_READ | UC_PROT_EXEC
             return True
-        user = (uc.reg_read(UC_X86_REG_SS) & 3) == 3
+        # Descriptor-table reads are supervisor accesses whatever the CPL; the
+        # VMM's own reg_write calls are all of that kind (see cpu.write_cpu).
+        user = not self.machine_call and (uc.reg_read(UC_X86_REG_SS) & 3) == 3
         try:
             page, writable = walk(self.ram, uc.reg_read(UC_X86_REG_CR3), vaddr,
                                   write=write, user=user, wp=bool(cr0 & CR0_WP))

@@ -1,0 +1,118 @@
+"""Machine state: explicit, versioned, restorable in another OS process."""
+
+import dataclasses
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from guests.build import Program
+from guests.catalog import GUESTS
+from guesthelp import boot
+from minivmm.console import Console, ConsoleState
+from minivmm.cpu import CpuState
+from minivmm.errors import StateError
+from minivmm.machine import Machine
+from minivmm.state import HEADER, MachineState
+from minivmm.timer import Timer, TimerState
+
+P = Program.builtin
+
+
+def workload():
+    return boot(P("counter", args=(12, 120_000), as_name="a"), P("memcheck", args=(6,)),
+                P("counter", args=(12, 90_000), as_name="b"))
+
+
+def test_cpu_state_round_trip():
+    m = workload()
+    m.run(max_ticks=3)
+    cpu = m.cpu()
+    assert CpuState.from_dict(cpu.to_dict()) == cpu
+    with pytest.raises(ValueError, match="missing"):
+        CpuState.from_dict({k: v for k, v in cpu.to_dict().items() if k != "eip"})
+    with pytest.raises(ValueError, match="not a u32"):
+        CpuState.from_dict({**cpu.to_dict(), "eax": -1})
+
+
+def test_timer_and_console_state_round_trip():
+    t = Timer(5000, 7)
+    t.advance(12_000)
+    t.acknowledge()
+    assert Timer.restore(t.save()).save() == t.save()
+    c = Console()
+    for ch, pid in ((b"a", 0), (b"b", 2), (b"c", 2)):
+        c.select(pid)
+        c.put(ch[0])
+    again = Console.restore(c.save())
+    assert again.save() == c.save() and again.text(2) == "bc"
+
+
+def test_machine_state_round_trip_bytes():
+    m = workload()
+    m.run(max_ticks=4)
+    st = m.save_state()
+    again = MachineState.from_bytes(st.to_bytes())
+    assert again == st
+
+
+def test_restore_continues_exactly_from_user_and_kernel_mode():
+    ref = workload()
+    ref.run(max_ticks=10_000)
+    cpls = set()
+    for steps, want_user in ((1, False), (7, False), (40, True), (97, False), (ref.slices - 3, False)):
+        m = workload()
+        for _ in range(steps):
+            m.step()
+        while want_user and m.cpu().cpl != 3:       # stop in the middle of user code
+            m.step()
+        assert not m.halted
+        cpls.add(m.cpu().cpl)
+        clone = Machine.restore(MachineState.from_bytes(m.save_state().to_bytes()))
+        assert clone.run(max_ticks=10_000) == "shutdown"
+        assert clone.console.text() == ref.console.text()
+        assert clone.vclock == ref.vclock and clone.ticks == ref.ticks
+        assert clone.exits == ref.exits
+    assert cpls == {0, 3}            # restored into both privilege levels
+
+
+def test_corrupt_state_gets_clear_errors():
+    m = boot(P("hello"))
+    blob = m.save_state().to_bytes()
+    with pytest.raises(StateError, match="truncated"):
+        MachineState.from_bytes(blob[:20])
+    with pytest.raises(StateError, match="not a minivmm machine state"):
+        MachineState.from_bytes(b"NOTSTATE" + blob[8:])
+    with pytest.raises(StateError, match="version 2"):
+        MachineState.from_bytes(blob[:8] + struct.pack("<H", 2) + blob[10:])
+    with pytest.raises(StateError, match="truncated or padded"):
+        MachineState.from_bytes(blob[:-1])
+    with pytest.raises(StateError, match="checksum"):
+        MachineState.from_bytes(blob[:HEADER.size] + bytes([blob[HEADER.size] ^ 1]) + blob[HEADER.size + 1:])
+    # A forged header with a matching checksum but nonsense inside.
+    import hashlib
+    body = b"{}" + b"x"
+    forged = HEADER.pack(b"MVMSTATE", 1, 0, 2, 1, 16 << 20, hashlib.sha256(body).digest()) + body
+    with pytest.raises(StateError, match="RAM section|malformed"):
+        MachineState.from_bytes(forged)
+    huge = HEADER.pack(b"MVMSTATE", 1, 0, 2, 1, 1 << 31, b"\0" * 32)
+    with pytest.raises(StateError, match="out of bounds"):
+        MachineState.from_bytes(huge)
+
+
+def test_save_then_restore_in_another_process_matches_uninterrupted(tmp_path):
+    cli = [sys.executable, "-m", "minivmm", "run"]
+    env = dict(os.environ)
+    full = subprocess.run(cli + ["multi"], capture_output=True, text=True, env=env, timeout=120)
+    assert full.returncode == 0, full.stderr
+    state = tmp_path / "multi.mvstate"
+    first = subprocess.run(cli + ["multi", "--ticks", "25", "--save-state", str(state)],
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert first.returncode == 3, first.stderr
+    second = subprocess.run(cli + [str(state), "--restore"], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert first.stdout and second.stdout
+    assert first.stdout + second.stdout == full.stdout
