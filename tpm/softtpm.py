@@ -222,7 +222,7 @@ class SoftTpm:
             reset_count=0,
             restart_count=0,
             nv_generation=0,
-            host=host[:MAX_LABEL],
+            host=_label(host),
             ak_certificate=b"",
         )
         self._ak = keys.private_from_bytes(self._persist.ak_private)
@@ -393,7 +393,7 @@ class SoftTpm:
 
     def _certify(self, issuer: Issuer, host: str | None) -> AkCertificate:
         ak_public = keys.public_area(self._ak.public_key())
-        subject = host or self._persist.host
+        subject = _label(host) if host else self._persist.host
         current = self._persist.ak_certificate
         if current:
             cert = AkCertificate.from_bytes(current)
@@ -548,6 +548,11 @@ class SoftTpm:
     def counters(self) -> list[tuple[str, int]]:
         with self._txn():
             return self._counters.items()
+
+
+def _label(text: str) -> str:
+    """Clip a host label to the 64-byte bound of certificates (on a UTF-8 boundary)."""
+    return text.encode("utf-8")[:MAX_LABEL].decode("utf-8", errors="ignore")
 
 
 def _selection(pcrs: PcrSelection | list[int]) -> PcrSelection:
