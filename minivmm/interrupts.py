@@ -76,7 +76,8 @@ def deliver(uc, ram, mmu, vector: int, *, error_code: int | None = None,
         try:
             new = _frame(ram, cpu, abi.VEC_DF, 0, False)
         except DeliveryError as second:
-            raise TripleFault(f"cannot deliver vector {vector:#x} ({first}) nor #DF ({second})") from None
+            raise TripleFault(f"cannot deliver vector {vector:#x} ({first}) nor #DF ({second}); "
+                              f"eip {cpu.eip:#x} cr0 {cpu.cr0:#x} cr2 {cpu.cr2:#x}") from None
     if clean_context is not None:
         uc.context_restore(clean_context)
     write_cpu(uc, mmu, new)
