@@ -15,6 +15,11 @@ It adds what keystone 0.9.2 lacks and works around what it gets wrong
   ``[rep] movsd`` is emitted by hand as ``[f3] a5``;
 * a memory operand with two symbols (``[esi+A+B]``) silently loses all
   but the last one: it is rejected with an error that says so;
+* keystone's number radix is not reliable: setting any option (a symbol
+  resolver included) switches it to 16, and a fresh instance can inherit
+  that from a freed one (seen as ``mov ebx, 42`` loading 0x42 only when
+  other assemblies ran first).  So every decimal literal outside a string
+  is rewritten to hex here, and the result no longer depends on the radix;
 * keystone has no symbol table: an export table of ``.long label`` entries is
   appended and read back to build the symbol map;
 * errors are reported with the file name and line number of the culprit.
@@ -70,8 +75,20 @@ def _strip_comment(line: str) -> str:
     return "".join(out).rstrip()
 
 
+_DECIMAL = re.compile(r"(?<![\w.$])(\d+)(?![\w.$])")
+
+
+def _hexify(line: str) -> str:
+    """Decimal literals outside string literals become 0x... (see module doc)."""
+    parts = line.split('"')
+    for i in range(0, len(parts), 2):          # even parts are outside quotes
+        parts[i] = _DECIMAL.sub(lambda m: hex(int(m.group(1))), parts[i])
+    return '"'.join(parts)
+
+
 def _rewrite(line: str) -> str:
     """Apply the keystone shims to one comment-free line."""
+    line = _hexify(line)
     line = _IRET.sub("iretd", line) if not re.search(r"\biretd\b", line, re.I) else line
     m = _MOVSD.match(line)
     if m:

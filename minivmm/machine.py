@@ -96,12 +96,7 @@ class Machine:
         uc = Uc(UC_ARCH_X86, UC_MODE_32)
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         uc.mem_map_ptr(0, self.ram.size, UC_PROT_ALL, self.ram.host_address)
-        # The RAM buffer must outlive the Unicorn instance: the Uc is freed by
-        # the garbage collector (its hooks refer back to this machine), and
-        # if the buffer were unmapped first, a new machine's RAM could land
-        # at the same address and be wiped when the old Uc finally closes
-        # (seen as a freshly booted kernel turning into zeros).
-        uc._minivmm_ram = self.ram
+        uc._minivmm_ram = self.ram      # the buffer must outlive the engine mapping it
         uc.hook_add(UC_HOOK_TLB_FILL, self._guarded(self.mmu.fill, False))
         uc.hook_add(UC_HOOK_INTR, self._guarded(self._on_intr, None))
         uc.hook_add(UC_HOOK_INSN, self._guarded(self._on_out, None), aux1=UC_X86_INS_OUT)

@@ -19,10 +19,17 @@ def insns(code, base):
     return list(CS.disasm(code, base))
 
 
-def test_decimal_numbers_stay_decimal():
-    # keystone switches to radix 16 once any option is set; the wrapper never sets one.
-    a = assemble("mov ecx, 4096\n.long 100", 0x1000)
-    assert a.code == bytes.fromhex("b900100000") + struct.pack("<I", 100)
+def test_decimal_numbers_stay_decimal_whatever_keystone_did_before():
+    # keystone switches to radix 16 once any option is set, and a new
+    # instance can inherit that; the wrapper rewrites decimals to hex.
+    from keystone import KS_ARCH_X86, KS_MODE_32, Ks
+    for _ in range(20):
+        ks = Ks(KS_ARCH_X86, KS_MODE_32)
+        ks.sym_resolver = lambda name, value: False
+        del ks
+        a = assemble('mov ecx, 4096\n.long 100\nmov ebx, 42\ns: .asciz "n 12"', 0x1000)
+        assert a.code == (bytes.fromhex("b900100000") + struct.pack("<I", 100)
+                          + bytes.fromhex("bb2a000000") + b"n 12\0")
 
 
 def test_shims_emit_the_32_bit_forms():
