@@ -169,6 +169,9 @@ def main(argv=None) -> int:
     except VmmError as exc:
         print(f"minivmm: {exc}", file=sys.stderr)
         return EXIT_BADINPUT
+    except (ValueError, OSError) as exc:        # bad numbers, unreadable files
+        print(f"minivmm: {exc}", file=sys.stderr)
+        return EXIT_BADINPUT
     except KeyboardInterrupt:
         return 130
 

@@ -232,10 +232,11 @@ class Machine:
         uc = self._uc
         eflags = uc.reg_read(UC_X86_REG_EFLAGS)
         if self.timer.pending and eflags & EFLAGS_IF:
+            interrupted_cpl = self._last_cpl        # before delivery switches to ring 0
             self._deliver(abi.VEC_TIMER, None, software=False)
             self.timer.acknowledge()
             self.events.emit(ev.Interrupt, self.timer.vclock, vector=abi.VEC_TIMER,
-                             cpl=self._last_cpl)
+                             cpl=interrupted_cpl)
         eip = uc.reg_read(UC_X86_REG_EIP)
         self._trap = None
         self._stop_reason = None

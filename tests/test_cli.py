@@ -69,6 +69,10 @@ def test_bad_input_exits_two_with_a_clear_message(tmp_path):
     state.write_bytes(b"MVMSTATE" + b"\0" * 10)
     out = cli("run", str(state), "--restore")
     assert out.returncode == 2 and "truncated" in out.stderr
+    out = cli("run", str(tmp_path / "missing.mvstate"), "--restore")
+    assert out.returncode == 2 and "No such file" in out.stderr and "Traceback" not in out.stderr
+    out = cli("run", "hello", "--tick", "5")
+    assert out.returncode == 2 and "timer period" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_build_then_run_an_image_file(tmp_path):
@@ -100,3 +104,11 @@ def test_events_are_typed_and_ordered():
     assert seen[-1] == ev.Halted(seq=seen[-1].seq, vtime=seen[-1].vtime, reason="shutdown", detail="status 0")
     with pytest.raises(Exception):
         seen[0].pid = 5                      # frozen: subscribers cannot change history
+
+
+def test_timer_interrupt_events_name_the_interrupted_privilege_level():
+    m = boot(Program.builtin("counter", args=(3, 300_000)))
+    ticks = []
+    m.events.subscribe(ticks.append, ev.Interrupt)
+    m.run(max_ticks=1000)
+    assert ticks and {e.cpl for e in ticks} == {3}     # a busy counter is always in user mode
