@@ -17,7 +17,7 @@ import struct
 from minivmm import abi
 from minivmm.cpu import CpuState, read_cpu, write_cpu
 from minivmm.errors import TripleFault
-from minivmm.mmu import WalkFault, walk
+from minivmm.mmu import WalkFault, read_linear, walk
 
 EFLAGS_TF, EFLAGS_IF, EFLAGS_NT, EFLAGS_RF, EFLAGS_VM = 1 << 8, 1 << 9, 1 << 14, 1 << 16, 1 << 17
 GATE_INTERRUPT, GATE_TRAP = 0xE, 0xF
@@ -29,12 +29,13 @@ class DeliveryError(Exception):
 
 def kernel_read(ram, cpu: CpuState, vaddr: int, length: int) -> bytes:
     """Read linear memory as the CPU would at CPL0 (for IDT, TSS)."""
-    out = bytearray()
-    while length:
-        chunk = min(length, 0x1000 - (vaddr & 0xFFF))
-        out += ram.read(_translate(ram, cpu, vaddr, write=False), chunk)
-        vaddr, length = vaddr + chunk, length - chunk
-    return bytes(out)
+    if not cpu.cr0 & (1 << 31):
+        return ram.read(vaddr & 0xFFFFFFFF, length)
+    try:
+        return read_linear(ram, cpu.cr3, vaddr & 0xFFFFFFFF, length, user=False,
+                           wp=bool(cpu.cr0 & (1 << 16)))
+    except WalkFault:
+        raise DeliveryError(f"linear address range at {vaddr:#x} is not mapped for the kernel") from None
 
 
 def kernel_write(ram, cpu: CpuState, vaddr: int, data: bytes) -> None:

@@ -21,7 +21,7 @@ from unicorn import (UC_ARCH_X86, UC_ERR_EXCEPTION, UC_HOOK_INSN, UC_HOOK_INSN_I
                      Uc, UcError)
 from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 from unicorn.x86_const import UC_X86_INS_IN, UC_X86_INS_OUT, UC_X86_REG_EAX, UC_X86_REG_EBX, \
-    UC_X86_REG_ECX, UC_X86_REG_EDX, UC_X86_REG_EFLAGS, UC_X86_REG_EIP, UC_X86_REG_SS, UC_X86_REG_CR2, \
+    UC_X86_REG_ECX, UC_X86_REG_EDX, UC_X86_REG_EFLAGS, UC_X86_REG_EIP, UC_X86_REG_SS, \
     UC_X86_REG_CR3
 
 from minivmm import abi, events as ev
@@ -32,7 +32,7 @@ from minivmm.errors import (GuestError, GuestHang, KernelPanic, StateError, Trip
 from minivmm.image import GuestImage, ImageProcess
 from minivmm.interrupts import DeliveryError, deliver, kernel_read
 from minivmm.memory import GuestRAM
-from minivmm.mmu import Mmu, WalkFault, walk
+from minivmm.mmu import Mmu, WalkFault, read_linear
 from minivmm.state import MachineState, VmmState
 from minivmm.timer import Timer
 
@@ -259,12 +259,9 @@ class Machine:
             raise VmmInternalError(f"VMM callback failed: {type(exc).__name__}: {exc}") from exc
 
         early = error is not None or self._trap is not None or self._stop_reason is not None
-        if self.mode == FAST:
-            self.timer.advance(self.timer.exit_cost if early else budget)
-            if not early:
-                self.timer.fire_now()
-        else:
-            self.timer.advance(self.timer.exit_cost if early else budget)
+        self.timer.advance(self.timer.exit_cost if early else budget)
+        if self.mode == FAST and not early:
+            self.timer.fire_now()           # the host timeout expired: a tick is due
 
         if error is not None:
             if error.errno == UC_ERR_EXCEPTION and self.mmu.fault is not None:
@@ -389,16 +386,10 @@ class Machine:
 
     def read_virtual(self, cr3: int, vaddr: int, length: int, *, user: bool = True) -> bytes:
         """Read guest memory through address space ``cr3`` (as CPL3 if ``user``)."""
-        out = bytearray()
-        while length > 0:
-            chunk = min(length, 0x1000 - (vaddr & 0xFFF))
-            try:
-                page, _ = walk(self.ram, cr3, vaddr, write=False, user=user)
-            except WalkFault:
-                raise VmmError(f"virtual address {vaddr:#x} is not mapped in address space {cr3:#x}") from None
-            out += self.ram.read(page | (vaddr & 0xFFF), chunk)
-            vaddr, length = vaddr + chunk, length - chunk
-        return bytes(out)
+        try:
+            return read_linear(self.ram, cr3, vaddr, length, user=user)
+        except WalkFault:
+            raise VmmError(f"virtual address range at {vaddr:#x} is not mapped in address space {cr3:#x}") from None
 
     def flush_tlb(self) -> None:
         self._uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)

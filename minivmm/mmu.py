@@ -73,6 +73,18 @@ def walk(ram: GuestRAM, cr3: int, vaddr: int, *, write: bool, user: bool, wp: bo
     return page, writable
 
 
+def read_linear(ram: GuestRAM, cr3: int, vaddr: int, length: int, *, user: bool, wp: bool = True) -> bytes:
+    """Read ``length`` bytes at linear ``vaddr`` through the page tables at ``cr3``,
+    page by page; raises :class:`WalkFault` at the first page that faults."""
+    out = bytearray()
+    while length > 0:
+        chunk = min(length, 0x1000 - (vaddr & 0xFFF))
+        page, _ = walk(ram, cr3, vaddr, write=False, user=user, wp=wp)
+        out += ram.read(page | (vaddr & 0xFFF), chunk)
+        vaddr, length = (vaddr + chunk) & 0xFFFFFFFF, length - chunk
+    return bytes(out)
+
+
 class Mmu:
     """State and the fill hook.  ``machine_call`` is set while the VMM itself
     calls into Unicorn (descriptor loads in ``reg_write``): then a fill is
@@ -83,10 +95,8 @@ class Mmu:
         self.machine_call = False
         self.fault: tuple[int, int] | None = None       # (cr2, error code) of a refused fill
         self.bad_machine_access: int | None = None
-        self.fills = 0
 
     def fill(self, uc, vaddr, access, entry, data) -> bool:
-        self.fills += 1
         write = access == UC_MEM_WRITE
         cr0 = uc.reg_read(UC_X86_REG_CR0)
         if not cr0 & CR0_PG:                # paging off: physical = linear
