@@ -19,27 +19,23 @@ import time
 from unicorn import UC_ARCH_X86, UC_MODE_32, UC_PROT_ALL, Uc
 from unicorn.x86_const import UC_X86_REG_ESP
 
-LOOP = """
-    mov edx, {n}
-    xor eax, eax
-    xor edi, edi
-    mov ebp, 0x4000
-spin:
-    mov ebx, [ebp+edi]
-    add eax, ebx
-    mov [ebp+edi], eax
-    add edi, 4
-    and edi, 0xffc
-    dec edx
-    jnz spin
-    hlt
-"""
+def _loop_source() -> str:
+    """The compute program's loop, verbatim (between its bench-loop markers)."""
+    from guests.build import PROGRAMS_DIR
+    lines = (PROGRAMS_DIR / "compute.s").read_text().splitlines()
+    begin = next(i for i, l in enumerate(lines) if "bench-loop-begin" in l)
+    end = next(i for i, l in enumerate(lines) if "bench-loop-end" in l)
+    return "\n".join(lines[begin:end + 1])
+
+
 PER_ITERATION = 7
 
 
 def bare_unicorn(iterations: int) -> float:
     from guests.asm import assemble
-    code = assemble(LOOP.format(n=iterations), 0x1000).code
+    # The same loop bytes, at CPL0 on a flat 64 KiB, ending in hlt.
+    source = f"mov edx, {iterations}\nxor eax, eax\nxor edi, edi\nmov ebp, 0x4000\n{_loop_source()}\nhlt"
+    code = assemble(source, 0x1000).code
     uc = Uc(UC_ARCH_X86, UC_MODE_32)
     uc.mem_map(0, 0x10000, UC_PROT_ALL)
     uc.mem_write(0x1000, code)

@@ -14,14 +14,14 @@ have_n:
     xor eax, eax
     xor edi, edi
     mov ebp, buf
-spin:
+spin:                              ; bench-loop-begin (minivmm/bench.py runs these lines bare)
     mov ebx, [ebp+edi]
     add eax, ebx
     mov [ebp+edi], eax
     add edi, 4
     and edi, 0xffc
     dec edx
-    jnz spin
+    jnz spin                        ; bench-loop-end
     mov [sum], eax
     mov esi, msg
     call ulib_puts
