@@ -60,7 +60,8 @@ class Machine:
     """
 
     def __init__(self, image: GuestImage, *, ram_size: int = 16 << 20, mode: str = DETERMINISTIC,
-                 tick_instructions: int = 100_000, tick_us: int = 2000, _boot: bool = True):
+                 tick_instructions: int = 100_000, tick_us: int = 2000, _boot: bool = True,
+                 _ram: GuestRAM | None = None):
         if mode not in (DETERMINISTIC, FAST):
             raise VmmError(f"mode must be {DETERMINISTIC!r} or {FAST!r}, not {mode!r}")
         if _boot:
@@ -71,7 +72,7 @@ class Machine:
         self.image = image
         self.mode = mode
         self.tick_us = tick_us
-        self.ram = GuestRAM(ram_size)
+        self.ram = GuestRAM(ram_size) if _ram is None else _ram
         self.mmu = Mmu(self.ram)
         self.timer = Timer(tick_instructions)
         self.console = Console()
@@ -395,11 +396,14 @@ class Machine:
         self._uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
 
     # ------------------------------------------------------------ save/restore
-    def save_state(self) -> MachineState:
-        """Everything needed to continue this machine elsewhere (between slices)."""
+    def save_state(self, *, ram: bool = True) -> MachineState:
+        """Everything needed to continue this machine elsewhere (between slices).
+
+        ``ram=False`` leaves ``MachineState.ram`` empty (no 256 MiB copy): for a
+        caller that moves guest RAM itself, as live migration does."""
         img = self.image
         return MachineState(
-            ram_size=self.ram.size, ram=bytes(self.ram.view), cpu=read_cpu(self._uc),
+            ram_size=self.ram.size, ram=bytes(self.ram.view) if ram else b"", cpu=read_cpu(self._uc),
             timer=self.timer.save(), console=self.console.save(), dirty=self.ram.dirty.save(),
             vmm=VmmState(mode=self.mode, tick_us=self.tick_us, pids=dict(self.pids),
                          names=dict(self.names), exits=dict(self.exits), event_seq=self.events.seq,
@@ -413,8 +417,15 @@ class Machine:
                                   "symbols": dict(p.symbols)} for p in img.processes]})
 
     @classmethod
-    def restore(cls, st: MachineState) -> "Machine":
-        """A fresh machine (new Unicorn instance) that continues exactly where ``st`` was."""
+    def restore(cls, st: MachineState, *, ram: GuestRAM | None = None) -> "Machine":
+        """A fresh machine (new Unicorn instance) that continues exactly where ``st`` was.
+
+        ``ram``: adopt this already-filled guest RAM instead of copying
+        ``st.ram`` (live migration receives pages straight into it)."""
+        if ram is not None and ram.size != st.ram_size:
+            raise StateError(f"state: RAM of {ram.size} bytes given for a {st.ram_size}-byte machine")
+        if ram is None and len(st.ram) != st.ram_size:
+            raise StateError(f"state: holds {len(st.ram)} bytes of RAM, not {st.ram_size}")
         meta = st.image
         try:
             image = GuestImage(
@@ -435,8 +446,9 @@ class Machine:
         except ValueError as exc:
             raise StateError(f"state: timer: {exc}") from None
         m = cls(image, ram_size=st.ram_size, mode=st.vmm.mode, tick_instructions=timer.period,
-                tick_us=st.vmm.tick_us, _boot=False)
-        m.ram.view[:] = st.ram
+                tick_us=st.vmm.tick_us, _boot=False, _ram=ram)
+        if ram is None:
+            m.ram.view[:] = st.ram
         m.timer = timer
         m.console = Console.restore(st.console)
         try:

@@ -76,8 +76,11 @@ class MachineState:
     image: dict = field(default_factory=dict)   # name, description, kernel_symbols, processes
 
     # --------------------------------------------------------------- encode
-    def to_bytes(self, level: int = 1) -> bytes:
-        doc = {
+    def to_doc(self) -> dict:
+        """Everything except RAM, as a JSON-able dict: the file's JSON section,
+        and what live migration sends at stop-and-copy (so a field added here
+        migrates with no change to the migration engine)."""
+        return {
             "cpu": self.cpu.to_dict(),
             "timer": asdict(self.timer),
             "console": {"channel": self.console.channel,
@@ -91,7 +94,9 @@ class MachineState:
                     "exits": {str(k): v for k, v in self.vmm.exits.items()}},
             "image": self.image,
         }
-        blob = json.dumps(doc, sort_keys=True).encode()
+
+    def to_bytes(self, level: int = 1) -> bytes:
+        blob = json.dumps(self.to_doc(), sort_keys=True).encode()
         ram = zlib.compress(self.ram, level)
         body = blob + ram
         return HEADER.pack(MAGIC, VERSION, 0, len(blob), len(ram), self.ram_size,
@@ -122,6 +127,17 @@ class MachineState:
             if len(ram) != ram_size or inflater.unconsumed_tail or not inflater.eof:
                 raise StateError(f"{where}: RAM section does not hold exactly {ram_size} bytes")
             doc = json.loads(bytes(body[:json_len]))
+        except StateError:
+            raise
+        except (ValueError, zlib.error) as exc:
+            raise StateError(f"{where}: malformed state: {type(exc).__name__}: {exc}") from None
+        return cls.from_doc(doc, ram_size, ram, where)
+
+    @classmethod
+    def from_doc(cls, doc: dict, ram_size: int, ram: bytes = b"", where: str = "state") -> "MachineState":
+        """The inverse of :meth:`to_doc`; ``ram`` may be empty when the caller
+        supplies guest RAM separately (``Machine.restore(st, ram=...)``)."""
+        try:
             con = doc["console"]
             vmm = doc["vmm"]
             return cls(
@@ -137,7 +153,5 @@ class MachineState:
                                 "names": {int(k): str(v) for k, v in vmm["names"].items()},
                                 "exits": {int(k): int(v) for k, v in vmm["exits"].items()}}),
                 image=dict(doc["image"]))
-        except StateError:
-            raise
-        except (ValueError, KeyError, TypeError, zlib.error) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, zlib.error) as exc:
             raise StateError(f"{where}: malformed state: {type(exc).__name__}: {exc}") from None
