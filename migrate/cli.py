@@ -1,0 +1,318 @@
+"""The migration commands, added to ``minivmm`` through the ``minivmm.commands``
+entry-point group (``minivmm`` never imports this package).
+
+* ``minivmm serve --listen HOST:PORT`` -- a destination VMM: waits for one VM
+  (``--count N``, ``--forever``), resumes it, streams its console and runs it
+  to the end (or migrates it on with ``--migrate-to``).
+* ``minivmm run GUEST --migrate-to HOST:PORT --after N|Ns`` -- a source VMM:
+  ``register`` extends minivmm's own ``run`` parser with the migration options
+  and wraps its handler; without ``--migrate-to``, ``run`` is unchanged.
+* ``minivmm demo`` -- the README's main job (``migrate/demo.py``).
+* ``minivmm bench-migrate`` -- the migration benchmark (``migrate/bench.py``).
+
+Exit status of ``run --migrate-to`` and ``serve``: 0 the guest shut down
+cleanly, or left for the destination which confirmed it resumed; 1 the guest
+crashed; 2 bad input; 3 a ``--ticks``/``--instructions`` bound was reached;
+4 the source committed but the destination never confirmed (the VM may be
+lost -- never duplicated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+from minivmm import events as ev
+from minivmm.errors import GuestError
+from migrate import events as mev
+from migrate.errors import CommitUnconfirmed, GuestStopped, MigrationError
+from migrate.measure import default_tpm_dir, measure_start
+from migrate.precopy import PrecopyPolicy
+from migrate.wire import VERSION, parse_address
+
+EXIT_OK, EXIT_CRASH, EXIT_BADINPUT, EXIT_BOUND, EXIT_UNCONFIRMED = 0, 1, 2, 3, 4
+
+
+def parse_after(text: str) -> tuple[str, float]:
+    """``N`` ticks, ``Ns`` seconds or ``Nms`` milliseconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s)?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"--after takes N (ticks), Ns or Nms, not {text!r}")
+    value, unit = float(m.group(1)), m.group(2)
+    if unit is None:
+        if not value.is_integer():
+            raise argparse.ArgumentTypeError("ticks must be a whole number")
+        return "ticks", int(value)
+    return "seconds", value / 1000 if unit == "ms" else value
+
+
+def _address(text: str) -> str:
+    try:
+        parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _positive(kind):
+    def conv(text):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
+        return value
+    return conv
+
+
+def _say(role: str, text: str) -> None:
+    print(f"minivmm {role}: {text}", file=sys.stderr, flush=True)
+
+
+def _migration_options(p: argparse.ArgumentParser, *, source: bool) -> None:
+    g = p.add_argument_group("live migration (migrate package)")
+    if source:
+        g.add_argument("--migrate-to", type=_address, metavar="HOST:PORT",
+                       help="live-migrate the running guest to a 'minivmm serve' there")
+        g.add_argument("--after", type=parse_after, default=("ticks", 10), metavar="N|Ns",
+                       help="start migrating after N timer ticks (default 10), or after N seconds "
+                            "('2s', '500ms')")
+        g.add_argument("--downtime-ms", type=_positive(float), default=30.0, metavar="MS",
+                       help="pre-copy stops when the dirty set fits this downtime target (default 30)")
+        g.add_argument("--max-rounds", type=_positive(int), default=30, metavar="N",
+                       help="pre-copy stops after N rounds at most (default 30)")
+        g.add_argument("--max-bytes-ratio", type=_positive(float), default=3.0, metavar="X",
+                       help="pre-copy stops before sending more than X times guest RAM (default 3)")
+        g.add_argument("--check-ram", action="store_true",
+                       help="at pause, hash all guest RAM and refuse to commit if it differs from what "
+                            "was sent (a dirty-log self-check; adds to the downtime)")
+    g.add_argument("--timeout", type=_positive(float), default=10.0, metavar="S",
+                   help="seconds to wait for any one record from the peer (default 10)")
+    g.add_argument("--tpm-dir", metavar="DIR",
+                   help="this VMM's software TPM state directory (default: $MINIVMM_TPM_STATE/<role> "
+                        "or .minivmm-tpm/<role>, role = source or destination)")
+
+
+def _policy(args) -> PrecopyPolicy:
+    return PrecopyPolicy(downtime_target=args.downtime_ms / 1000, max_rounds=args.max_rounds,
+                         max_bytes_ratio=args.max_bytes_ratio)
+
+
+def _config(role: str, args, machine_mode=None) -> dict:
+    """The canonical configuration measured into PCR 9: what changes the
+    VMM's behaviour, not where it listens."""
+    cfg = {"role": role, "migration_protocol": VERSION, "secure": False, "timeout": args.timeout}
+    if getattr(args, "migrate_to", None):
+        cfg["precopy"] = _policy(args).to_dict()
+        cfg["check_ram"] = bool(args.check_ram)
+    for key in ("mode", "tick"):
+        if getattr(args, key, None) is not None:
+            cfg[key] = getattr(args, key)
+    return cfg
+
+
+def _measure(role: str, args) -> None:
+    tpm_dir = Path(args.tpm_dir) if args.tpm_dir else default_tpm_dir(role)
+    m = measure_start(tpm_dir, _config(role, args))
+    _say("serve" if role == "destination" else "run", m.describe())
+    return m
+
+
+def _stream(machine, args, prefix: str = "") -> None:
+    def show(e):
+        if isinstance(e, ev.ConsoleOutput):
+            sys.stdout.write(e.text)
+            sys.stdout.flush()
+        elif getattr(args, "events", False):
+            print(f"  [event] {e}", file=sys.stderr, flush=True)
+    machine.events.subscribe(show)
+
+
+def _events_printer(args):
+    if not getattr(args, "events", False):
+        return None
+    bus = mev.EventBus()
+    bus.subscribe(lambda e: print(f"  [migration] {e}", file=sys.stderr, flush=True))
+    return bus
+
+
+def _summary(role: str, machine, result: str) -> None:
+    exits = ", ".join(f"pid {p}={s}" for p, s in sorted(machine.exits.items())) or "none"
+    _say(role, f"{result} after {machine.ticks} ticks, {machine.vclock} virtual instructions; exits: {exits}")
+
+
+def run_guest(machine, args, *, role: str) -> int:
+    """Run ``machine``; with ``args.migrate_to``, migrate it after ``args.after``.
+    On any migration failure before commit the guest simply carries on here."""
+    from migrate.source import Source
+    say = "run" if role == "source" else "serve"
+    if getattr(args, "migrate_to", None):
+        kind, n = args.after
+        tick0, t0 = machine.ticks, time.monotonic()
+        until = ((lambda m: m.ticks - tick0 >= n) if kind == "ticks"
+                 else (lambda m: time.monotonic() - t0 >= n))
+        try:
+            result = machine.run(until=until)
+        except GuestError as exc:
+            _say(say, str(exc))
+            return EXIT_CRASH
+        if result == "shutdown":
+            _say(say, "the guest shut down before --after; nothing to migrate")
+        else:
+            _say(say, f"migrating to {args.migrate_to} at tick {machine.ticks}, vclock {machine.vclock} ...")
+            src = Source(machine, policy=_policy(args), timeout=args.timeout, check_ram=args.check_ram,
+                         events=_events_printer(args))
+            try:
+                report = src.migrate(args.migrate_to)
+            except CommitUnconfirmed as exc:
+                print(exc.report.format(), file=sys.stderr, flush=True)
+                _say(say, f"{exc}")
+                return EXIT_UNCONFIRMED
+            except GuestStopped as exc:
+                _say(say, f"migration abandoned: {exc}")
+            except MigrationError as exc:
+                report = getattr(exc, "report", None)
+                if report is not None:
+                    print(report.format(), file=sys.stderr, flush=True)
+                _say(say, f"migration to {args.migrate_to} failed: {exc}; the guest continues here")
+            except GuestError as exc:
+                _say(say, f"migration abandoned, {exc}")
+                return EXIT_CRASH
+            else:
+                print(report.format(), file=sys.stderr, flush=True)
+                _say(say, f"the guest now runs at {args.migrate_to}; this VMM is done")
+                return EXIT_OK
+    try:
+        result = "shutdown" if machine.halted == "shutdown" else machine.run(
+            max_ticks=getattr(args, "ticks", None), max_instructions=getattr(args, "instructions", None))
+    except GuestError as exc:
+        _say(say, str(exc))
+        return EXIT_CRASH
+    finally:
+        if getattr(args, "save_state", None) and machine.halted != "migrated":
+            machine.save(args.save_state)
+    _summary(say, machine, result)
+    return EXIT_OK if result == "shutdown" else EXIT_BOUND
+
+
+# ----------------------------------------------------------------------- run
+def _extend_run(run_parser: argparse.ArgumentParser) -> None:
+    _migration_options(run_parser, source=True)
+    plain_run = run_parser.get_default("func")
+
+    def cmd_run(args) -> int:
+        if not args.migrate_to:
+            return plain_run(args)
+        from minivmm.cli import _load_image
+        from minivmm.machine import Machine
+        _measure("source", args)
+        if args.restore:
+            machine = Machine.load(args.guest)
+        else:
+            image = _load_image(args.guest, args.ram)
+            machine = Machine(image, ram_size=args.ram, mode=args.mode, tick_instructions=args.tick)
+        _stream(machine, args)
+        return run_guest(machine, args, role="source")
+    run_parser.set_defaults(func=cmd_run)
+
+
+# --------------------------------------------------------------------- serve
+def cmd_serve(args) -> int:
+    from migrate.destination import Destination
+    from migrate.server import Server
+    _measure("destination", args)
+    server = Server(args.listen, timeout=args.timeout)
+    _say("serve", f"listening on {server.label} (migration protocol v{VERSION}, plain mode)")
+    if args.port_file:
+        tmp = Path(str(args.port_file) + ".tmp")
+        tmp.write_text(f"{server.address[1]}\n")
+        os.replace(tmp, args.port_file)
+    status, done = EXIT_OK, 0
+    try:
+        while args.forever or done < args.count:
+            ch, peer = server.next_connection("busy: another migration is arriving")
+            _say("serve", f"incoming migration from {peer}")
+            try:
+                incoming = Destination(timeout=args.timeout, events=_events_printer(args)).receive(ch, peer)
+            except MigrationError as exc:
+                _say("serve", f"incoming migration from {peer} failed: {exc}; everything received "
+                              f"was discarded, nothing resumed")
+                continue
+            finally:
+                ch.close()
+            server.set_busy_reason("busy: running a migrated guest")
+            m = incoming.machine
+            print(incoming.report.format(), file=sys.stderr, flush=True)
+            _say("serve", f"resumed guest {m.image.name!r} at tick {m.ticks}, vclock {m.vclock}")
+            _stream(m, args)
+            rc = run_guest(m, args, role="destination")
+            status = max(status, rc)
+            done += 1
+    finally:
+        server.close()
+    return status
+
+
+def _add_serve(sub) -> None:
+    s = sub.add_parser("serve", help="wait for a live-migrated guest and run it",
+                       description="A destination VMM: listen on HOST:PORT, receive a live migration, "
+                                   "resume the guest and stream its console until it shuts down. "
+                                   "One migration at a time; a second concurrent one is refused.")
+    s.add_argument("--listen", required=True, type=_address, metavar="HOST:PORT",
+                   help="address to listen on (port 0: pick a free one and print it)")
+    n = s.add_mutually_exclusive_group()
+    n.add_argument("--count", type=_positive(int), default=1, metavar="N",
+                   help="receive N guests one after another, then exit (default 1)")
+    n.add_argument("--forever", action="store_true", help="receive guests until interrupted")
+    s.add_argument("--port-file", metavar="FILE", help="write the port number to FILE once listening")
+    s.add_argument("--save-state", metavar="FILE",
+                   help="save each received guest's final machine state to FILE (overwritten)")
+    s.add_argument("--ticks", type=int, metavar="N", help="stop each received guest after N more ticks")
+    s.add_argument("--instructions", type=int, metavar="N", help=argparse.SUPPRESS)
+    s.add_argument("--events", action="store_true", help="print VMM and migration events to stderr")
+    _migration_options(s, source=True)
+    s.set_defaults(func=cmd_serve)
+
+
+# ---------------------------------------------------------------- demo/bench
+def _add_demo(sub) -> None:
+    d = sub.add_parser("demo", help="live-migrate the demo guest between two VMM processes",
+                       description="Start 'minivmm serve' as a child process on a free loopback port, "
+                                   "boot the demo guest here, live-migrate it there after a few ticks, "
+                                   "and print both consoles and the migration report.")
+    d.add_argument("--guest", default="demo", metavar="GUEST", help="guest to migrate (default demo)")
+    d.add_argument("--after", type=parse_after, default=("ticks", 20), metavar="N|Ns",
+                   help="migrate after N ticks (default 20)")
+    d.add_argument("--ram", type=int, default=16, metavar="MIB", help="guest RAM in MiB (default 16)")
+    d.add_argument("--tpm-dir", metavar="DIR", help="base directory of the two TPMs "
+                   "(default $MINIVMM_TPM_STATE or .minivmm-tpm; source/ and destination/ below it)")
+
+    def run(args):
+        from migrate.demo import main
+        return main(args)
+    d.set_defaults(func=run)
+
+
+def _add_bench(sub) -> None:
+    b = sub.add_parser("bench-migrate", help="measure live migration: time, downtime, bytes, rounds",
+                       description="Migrate 16/64/256 MiB guests (idle, dirtier at two rates, counter) "
+                                   "to a 'minivmm serve' child process over loopback, and measure raw "
+                                   "loopback TCP throughput as the ceiling. Reports numbers; not a test.")
+    b.add_argument("--sizes", default="16,64,256", metavar="MIB,...", help="guest sizes (default 16,64,256)")
+    b.add_argument("--repeat", type=_positive(int), default=1, metavar="K",
+                   help="runs per case, best downtime kept (default 1)")
+    b.add_argument("--quick", action="store_true", help="only 16 MiB, idle and counter (smoke test)")
+
+    def run(args):
+        from migrate.bench import main
+        return main(args)
+    b.set_defaults(func=run)
+
+
+def register(sub) -> None:
+    _extend_run(sub.choices["run"])
+    _add_serve(sub)
+    _add_demo(sub)
+    _add_bench(sub)

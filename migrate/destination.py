@@ -1,0 +1,204 @@
+"""The destination side: receive, verify, rebuild, and resume exactly once.
+
+:meth:`Destination.receive` runs the destination's state machine (see the
+diagram in ``migrate/wire.py``) over one :class:`Channel`.  It enforces, in
+this order, for every record: the record layer's bounds and sequence
+numbers; that the type is allowed in the current state; the body's own
+checks (``migrate/messages.py``); and the cross-record rules -- rounds
+numbered 0, 1, 2, ... with exactly the announced number of pages, the state
+document within its bound and exactly ``state_len`` bytes, every page
+received at least once, and the final digest equal to the one computed over
+what was stored.  Only then is the machine rebuilt (``Machine.restore``
+adopting the received RAM), PREPARED sent, and COMMIT awaited.  Any failure
+before COMMIT raises :class:`MigrationError` and drops everything received:
+nothing is resumed.  On COMMIT the destination resumes (returns the machine)
+and tells the source when, so the source can measure the downtime.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from minivmm.errors import StateError, VmmError
+from minivmm.events import EventBus
+from minivmm.machine import Machine
+from minivmm.memory import GuestRAM
+from minivmm.state import MachineState
+from migrate import clock, events as mev
+from migrate.digest import PageHashes
+from migrate.errors import DigestMismatch, MigrationError, PeerAborted, ProtocolError
+from migrate.messages import (STATUS_OK, Digest, Hello, Resumed, RoundMark, Welcome, decode_pages,
+                              decode_reason, decode_zero_pages, encode_reason)
+from migrate.report import MigrationReport, RoundStats
+from migrate.wire import Channel, RecordType
+
+MAX_STATE = 128 << 20       # state document bound (console history is the big part)
+MAX_ROUNDS = 10_000
+
+WAIT_HELLO, PRECOPY, IN_ROUND, STATE, PREPARED = "wait-hello", "precopy", "in-round", "state", "prepared"
+ALLOWED = {
+    WAIT_HELLO: {RecordType.HELLO},
+    PRECOPY: {RecordType.ROUND_BEGIN, RecordType.STATE},
+    IN_ROUND: {RecordType.PAGES, RecordType.ZERO_PAGES, RecordType.ROUND_END},
+    STATE: {RecordType.STATE, RecordType.DIGEST},
+    PREPARED: {RecordType.COMMIT},
+}
+
+
+@dataclass
+class Incoming:
+    """A VM that arrived whole and was resumed (the caller runs it)."""
+    machine: Machine
+    hello: Hello
+    report: MigrationReport
+    resumed_at: float
+
+
+class Destination:
+    def __init__(self, *, timeout: float = 10.0, events: EventBus | None = None):
+        self.timeout = timeout
+        self.events = events or EventBus()
+        self._t0 = clock.now()
+        self._vclock = 0
+
+    def _emit(self, cls, **fields) -> None:
+        self.events.emit(cls, self._vclock, role="destination", t=clock.now() - self._t0, **fields)
+
+    def receive(self, ch: Channel, peer: str = "?") -> Incoming:
+        """Receive one VM over ``ch``; raises :class:`MigrationError` and
+        discards everything if it does not arrive whole and committed."""
+        self._t0 = clock.now()
+        report = MigrationReport(role="destination", peer=peer, ram_size=0)
+        try:
+            incoming = self._receive(ch, peer, report)
+        except MigrationError as exc:
+            if not isinstance(exc, PeerAborted):
+                try:                                    # best effort: tell the source why
+                    ch.timeout = min(ch.timeout, 1.0)
+                    ch.send(RecordType.ABORT, encode_reason(f"{type(exc).__name__}: {exc}"))
+                except MigrationError:
+                    pass
+            report.outcome, report.error = "aborted", f"{type(exc).__name__}: {exc}"
+            report.total_seconds = clock.now() - self._t0
+            exc.report = report
+            self._emit(mev.Aborted, reason=report.error)
+            raise
+        return incoming
+
+    # ------------------------------------------------------------------ core
+    def _receive(self, ch: Channel, peer: str, report: MigrationReport) -> Incoming:
+        state = WAIT_HELLO
+        ram: GuestRAM | None = None
+        hashes: PageHashes | None = None
+        npages = 0
+        rnd = None                   # current round mark
+        round_pages = 0
+        next_round = 0
+        doc = bytearray()
+        hello = None
+        stats = None
+        while True:
+            rec = ch.recv()
+            if rec.type is RecordType.ABORT:
+                raise PeerAborted(f"source aborted: {decode_reason(rec.body)}")
+            if rec.type not in ALLOWED[state]:
+                raise ProtocolError(f"unexpected {rec.type.name} record in state {state}")
+            t = rec.type
+            if t is RecordType.HELLO:
+                hello = Hello.decode(rec.body)
+                ram = GuestRAM(hello.ram_size)
+                npages = ram.npages
+                hashes = PageHashes(npages)
+                report.ram_size = hello.ram_size
+                ch.send(RecordType.WELCOME, Welcome(STATUS_OK).encode())
+                self._emit(mev.Handshake, peer=peer, ram_size=hello.ram_size, info=hello.info)
+                state = PRECOPY
+            elif t is RecordType.ROUND_BEGIN:
+                rnd = RoundMark.decode(rec.body, "ROUND_BEGIN")
+                if rnd.round != next_round or rnd.round >= MAX_ROUNDS:
+                    raise ProtocolError(f"ROUND_BEGIN {rnd.round}, expected round {next_round}")
+                if rnd.pages > npages:
+                    raise ProtocolError(f"round {rnd.round} announces {rnd.pages} pages, RAM has {npages}")
+                round_pages = 0
+                stats = RoundStats(rnd.round, rnd.pages)
+                t_round = clock.now()
+                self._emit(mev.RoundStarted, round=rnd.round, pages=rnd.pages)
+                state = IN_ROUND
+            elif t is RecordType.PAGES:
+                pfns, data = decode_pages(rec.body, npages)
+                round_pages += len(pfns)
+                if round_pages > rnd.pages:
+                    raise ProtocolError(f"round {rnd.round} carries more than the {rnd.pages} pages it announced")
+                ram.array.reshape(-1, 4096)[pfns] = data
+                hashes.update(pfns, data)
+                stats.data_pages += len(pfns)
+                stats.bytes += len(rec.body)
+            elif t is RecordType.ZERO_PAGES:
+                pfns = decode_zero_pages(rec.body, npages)
+                round_pages += len(pfns)
+                if round_pages > rnd.pages:
+                    raise ProtocolError(f"round {rnd.round} carries more than the {rnd.pages} pages it announced")
+                ram.array.reshape(-1, 4096)[pfns] = 0
+                hashes.update_zero(pfns)
+                stats.zero_pages += len(pfns)
+                stats.bytes += len(rec.body)
+            elif t is RecordType.ROUND_END:
+                end = RoundMark.decode(rec.body, "ROUND_END")
+                if end != rnd or round_pages != rnd.pages:
+                    raise ProtocolError(f"ROUND_END {end.round}/{end.pages} does not close round "
+                                        f"{rnd.round} ({round_pages} of {rnd.pages} pages received)")
+                stats.seconds = clock.now() - t_round
+                report.rounds.append(stats)
+                self._emit(mev.RoundFinished, round=rnd.round, pages=rnd.pages, data_pages=stats.data_pages,
+                           zero_pages=stats.zero_pages, bytes=stats.bytes, seconds=stats.seconds,
+                           dirtied=0, dirty_rate=0.0)
+                next_round += 1
+                state = PRECOPY
+            elif t is RecordType.STATE:
+                if len(doc) + len(rec.body) > MAX_STATE:
+                    raise ProtocolError(f"state document exceeds its bound of {MAX_STATE} bytes")
+                doc += rec.body
+                state = STATE
+            elif t is RecordType.DIGEST:
+                machine = self._prepare(Digest.decode(rec.body), bytes(doc), hashes, ram, hello)
+                report.state_bytes = len(doc)
+                if report.rounds:
+                    report.rounds[-1].final = True
+                ch.send(RecordType.PREPARED)
+                self._emit(mev.Prepared)
+                state = PREPARED
+            elif t is RecordType.COMMIT:
+                resumed_at = clock.now()
+                self._vclock = machine.vclock
+                report.vclock_resume = report.vclock_pause = machine.vclock
+                report.outcome = "completed"
+                report.total_seconds = resumed_at - self._t0
+                report.bytes_sent, report.bytes_received = ch.bytes_sent, ch.bytes_received
+                self._emit(mev.Committed)
+                try:            # the source has committed: we run it whatever happens to this reply
+                    ch.send(RecordType.RESUMED, Resumed(machine.vclock, resumed_at, clock.boot_id()).encode())
+                except MigrationError:
+                    pass
+                self._emit(mev.Resumed, vclock=machine.vclock)
+                return Incoming(machine, hello, report, resumed_at)
+
+    def _prepare(self, digest: Digest, doc: bytes, hashes: PageHashes, ram: GuestRAM, hello: Hello) -> Machine:
+        if digest.state_len != len(doc):
+            raise DigestMismatch(f"state document of {len(doc)} bytes, the source sent {digest.state_len}")
+        missing = hashes.missing()
+        if missing:
+            first = int(np.flatnonzero(~hashes.seen)[0])
+            raise DigestMismatch(f"{missing} pages never arrived (first: frame {first})")
+        if hashes.final(doc) != digest.digest:
+            raise DigestMismatch("final digest mismatch: the VM did not arrive whole")
+        try:
+            parsed = json.loads(doc.decode("utf-8"))
+            st = MachineState.from_doc(parsed, hello.ram_size, where="migrated state")
+            return Machine.restore(st, ram=ram)
+        except (StateError, VmmError, ValueError, UnicodeDecodeError) as exc:
+            raise ProtocolError(f"state document rejected: {exc}") from None
+        except Exception as exc:       # noqa: BLE001 - a hostile document must not crash us
+            raise ProtocolError(f"state document rejected: {type(exc).__name__}: {exc}") from None

@@ -1,0 +1,293 @@
+"""The source side: pre-copy with the guest running, stop-and-copy, commit.
+
+Threads: the guest runs on the calling thread in its ordinary slices; a
+sender thread copies, hashes and sends the current round's pages meanwhile.
+Unicorn's ``emu_start`` runs with the GIL released (ctypes), so the two use
+both cores.  The sender only *reads* guest RAM through the host buffer; every
+Unicorn call -- slices, TLB flushes, the dirty-log fetch, ``seal_for_export``
+-- happens on the guest's thread between slices, as DESIGN §8 demands.
+
+Why the copy is right although the guest writes while it is taken: each
+round fetches (and re-arms) the dirty log *before* its pages are copied, so a
+page the guest writes during the copy faults in the TLB-fill hook, lands in
+the next round's set and is sent again; the final round runs with the guest
+paused.  Each page is copied once into a private buffer, then hashed and
+sent from that buffer, so the hash always describes the bytes on the wire.
+
+Failure semantics: anything that goes wrong before COMMIT is handed to the
+kernel (a closed or silent peer, a bad record, ABORT, the guest crashing)
+stops the sender, stops the dirty log and raises a :class:`MigrationError`;
+the machine is untouched and simply keeps running.  After COMMIT the machine
+is marked ``halted = "migrated"`` and can never run here again.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+
+from minivmm.errors import GuestError
+from minivmm.events import EventBus
+from migrate import clock, events as mev
+from migrate.digest import PageHashes, hash_ram
+from migrate.errors import (CommitUnconfirmed, ConnectionLost, GuestStopped, MigrationError,
+                            PeerAborted, ProtocolError, Refused)
+from migrate.messages import (STATUS_NAMES, STATUS_OK, Digest, Hello, Resumed, RoundMark, Welcome,
+                              decode_reason, encode_pages, encode_reason, encode_zero_pages)
+from migrate.precopy import PrecopyPolicy
+from migrate.report import MigrationReport, RoundStats
+from migrate.wire import MAX_BATCH, MAX_CHUNK, MAX_ZERO_BATCH, PAGE_SIZE, Channel, RecordType, parse_address
+
+MIGRATED = "migrated"
+
+
+class _Stopped(Exception):
+    """Tells the sender thread to give up (the guest thread saw a failure)."""
+
+
+class Source:
+    def __init__(self, machine, *, policy: PrecopyPolicy | None = None, timeout: float = 10.0,
+                 connect_timeout: float = 5.0, check_ram: bool = False, events: EventBus | None = None):
+        self.machine = machine
+        self.policy = policy or PrecopyPolicy()
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.check_ram = check_ram
+        self.events = events or EventBus()
+        self.hashes = PageHashes(machine.ram.npages)
+        self._stop = threading.Event()
+        self._t0 = clock.now()
+
+    def _emit(self, cls, **fields) -> None:
+        self.events.emit(cls, self.machine.vclock, role="source", t=clock.now() - self._t0, **fields)
+
+    # ------------------------------------------------------------------- main
+    def migrate(self, address) -> MigrationReport:
+        """Migrate the machine to ``address`` (``"HOST:PORT"`` or a tuple).
+
+        Returns the report once the destination confirmed it resumed; raises
+        :class:`MigrationError` (``.report`` attached) otherwise."""
+        addr = parse_address(address) if isinstance(address, str) else tuple(address)
+        peer = f"{addr[0]}:{addr[1]}"
+        m = self.machine
+        if m.halted:
+            raise GuestStopped(f"the guest has already stopped ({m.halted}); nothing to migrate")
+        self._t0 = clock.now()
+        report = MigrationReport(role="source", peer=peer, ram_size=m.ram.size, policy=self.policy.to_dict())
+        self.report = report
+        ch = None
+        committed = False
+        try:
+            try:
+                sock = socket.create_connection(addr, timeout=self.connect_timeout)
+            except OSError as exc:
+                raise ConnectionLost(f"cannot connect to {peer}: {exc.strerror or exc}") from None
+            ch = Channel(sock, timeout=self.timeout)
+            self._emit(mev.Connected, peer=peer)
+            self._handshake(ch, peer)
+            remaining = self._precopy(ch, report)
+            self._stop_and_copy(ch, report, remaining)
+            self._expect(ch, RecordType.PREPARED)
+            self._emit(mev.Prepared)
+            ch.send(RecordType.COMMIT)
+            # The point of no return: COMMIT is in the kernel's hands, the
+            # destination may resume at any moment; this copy never runs again.
+            committed = True
+            m.halted, m.halt_detail = MIGRATED, f"migrated to {peer}"
+            self._emit(mev.Committed)
+            resumed = Resumed.decode(self._expect(ch, RecordType.RESUMED).body)
+            t_confirm = clock.now()
+            report.vclock_resume = resumed.vclock
+            if resumed.boot_id == clock.boot_id():
+                report.downtime_seconds = resumed.clock - self._t_pause
+                report.downtime_method = "both VMMs on this host: one monotonic clock"
+            else:
+                report.downtime_seconds = t_confirm - self._t_pause
+                report.downtime_method = "different hosts: upper bound, pause to RESUMED received"
+            report.outcome = "completed"
+            self._emit(mev.Resumed, vclock=resumed.vclock)
+        except MigrationError as exc:
+            if committed:
+                err = CommitUnconfirmed(f"committed, but the destination did not confirm it resumed: {exc}")
+                report.outcome, report.error = "commit-unconfirmed", str(err)
+                err.report = report
+                self._emit(mev.Aborted, reason=str(err))
+                raise err from None
+            self._abort(ch, report, exc)
+            exc.report = report
+            raise
+        except BaseException as exc:                # a crashed guest, ^C, a VMM bug
+            if not committed:
+                self._abort(ch, report, exc)
+            raise
+        finally:
+            report.total_seconds = clock.now() - self._t0
+            if ch is not None:
+                report.bytes_sent, report.bytes_received = ch.bytes_sent, ch.bytes_received
+                ch.close()
+        self._emit(mev.Completed, report=report)
+        return report
+
+    def _abort(self, ch, report, exc) -> None:
+        """Before COMMIT: tell the peer (best effort), give the guest back."""
+        reason = f"{type(exc).__name__}: {exc}"
+        if ch is not None and not isinstance(exc, (ConnectionLost, PeerAborted)):
+            try:
+                ch.timeout = min(ch.timeout, 1.0)
+                ch.send(RecordType.ABORT, encode_reason(reason))
+            except MigrationError:
+                pass
+        if self.machine.ram.dirty.enabled:
+            self.machine.dirty_log_stop()
+        report.outcome, report.error = "aborted", reason
+        self._emit(mev.Aborted, reason=reason)
+
+    def _expect(self, ch: Channel, rtype: RecordType):
+        rec = ch.recv()
+        if rec.type is RecordType.ABORT:
+            raise PeerAborted(f"destination aborted: {decode_reason(rec.body)}")
+        if rec.type is not rtype:
+            raise ProtocolError(f"expected {rtype.name}, destination sent {rec.type.name}")
+        return rec
+
+    # -------------------------------------------------------------- handshake
+    def _handshake(self, ch: Channel, peer: str) -> None:
+        m = self.machine
+        info = {"vm": m.image.name, "vclock": m.vclock, "source": socket.gethostname()}
+        ch.send(RecordType.HELLO, Hello(m.ram.size, info).encode())
+        rec = ch.recv()
+        if rec.type is not RecordType.WELCOME:
+            raise ProtocolError(f"expected WELCOME, destination sent {rec.type.name}")
+        welcome = Welcome.decode(rec.body)
+        if welcome.status != STATUS_OK:
+            raise Refused(f"destination {peer} refused the migration "
+                          f"({STATUS_NAMES[welcome.status]}): {welcome.reason}")
+        self._emit(mev.Handshake, peer=peer, ram_size=m.ram.size, info=info)
+
+    # --------------------------------------------------------------- pre-copy
+    def _precopy(self, ch: Channel, report: MigrationReport) -> np.ndarray:
+        m = self.machine
+        m.dirty_log_start()
+        pfns = np.arange(m.ram.npages, dtype=np.int64)        # round 0: everything
+        rnd = 0
+        cost = None
+        while True:
+            stats = self._round(ch, rnd, pfns, final=False)
+            if m.halted:
+                raise GuestStopped(f"the guest stopped ({m.halted}) during pre-copy; it finished on the source")
+            m.seal_for_export()
+            dirty = m.dirty_log_fetch().astype(np.int64)
+            stats.dirtied = len(dirty)
+            report.rounds.append(stats)
+            cost = stats.cost_per_page or cost
+            self._emit(mev.RoundFinished, round=rnd, pages=stats.pages, data_pages=stats.data_pages,
+                       zero_pages=stats.zero_pages, bytes=stats.bytes, seconds=stats.seconds,
+                       dirtied=stats.dirtied, dirty_rate=stats.dirty_rate)
+            decision = self.policy.decide(rounds_done=rnd + 1, remaining=len(dirty), cost_per_page=cost,
+                                          bytes_sent=ch.bytes_sent, ram_size=m.ram.size)
+            if decision.stop:
+                report.stop_reason = decision.reason
+                self._emit(mev.StopAndCopy, reason=decision.reason, remaining=len(dirty))
+                return dirty
+            pfns, rnd = dirty, rnd + 1
+
+    def _round(self, ch: Channel, rnd: int, pfns: np.ndarray, *, final: bool) -> RoundStats:
+        stats = RoundStats(rnd, len(pfns), final=final)
+        self._emit(mev.RoundStarted, round=rnd, pages=len(pfns))
+        t, b0 = clock.now(), ch.bytes_sent
+        if final:
+            self._send_pages(ch, rnd, pfns, stats)
+        else:
+            self._stop.clear()
+            failure: list[BaseException] = []
+
+            def sender():
+                try:
+                    self._send_pages(ch, rnd, pfns, stats)
+                except BaseException as exc:    # noqa: BLE001 - handed to the guest thread
+                    failure.append(exc)
+            th = threading.Thread(target=sender, name="migrate-sender", daemon=True)
+            th.start()
+            m = self.machine
+            try:
+                while th.is_alive():
+                    if m.halted:
+                        raise GuestStopped(f"the guest stopped ({m.halted}) during pre-copy; "
+                                           f"it finished on the source")
+                    m.step()                    # the guest keeps running
+                    if failure:
+                        break
+            except BaseException:
+                self._stop.set()
+                th.join()
+                raise
+            th.join()
+            if failure and not isinstance(failure[0], _Stopped):
+                raise failure[0]
+        stats.seconds = clock.now() - t
+        stats.bytes = ch.bytes_sent - b0
+        return stats
+
+    def _send_pages(self, ch: Channel, rnd: int, pfns: np.ndarray, stats: RoundStats) -> None:
+        ch.send(RecordType.ROUND_BEGIN, RoundMark(rnd, len(pfns)).encode())
+        pages = self.machine.ram.array.reshape(-1, PAGE_SIZE)
+        zeros: list[np.ndarray] = []
+        nzeros = 0
+        for start in range(0, len(pfns), MAX_BATCH):
+            if self._stop.is_set():
+                raise _Stopped()
+            idx = pfns[start:start + MAX_BATCH]
+            data = pages[idx]                               # a private copy
+            nz = data.view(np.uint64).any(axis=1)
+            if not nz.all():
+                z = idx[~nz]
+                zeros.append(z)
+                nzeros += len(z)
+                if nzeros >= MAX_ZERO_BATCH - MAX_BATCH:
+                    self._send_zeros(ch, zeros, stats)
+                    zeros, nzeros = [], 0
+            if nz.any():
+                ts = time.perf_counter()
+                sel, d = idx[nz], data[nz]
+                self.hashes.update(sel, d)
+                ch.send(RecordType.PAGES, encode_pages(sel, d))
+                stats.data_pages += len(sel)
+                stats.send_seconds += time.perf_counter() - ts
+        if zeros:
+            self._send_zeros(ch, zeros, stats)
+        ch.send(RecordType.ROUND_END, RoundMark(rnd, len(pfns)).encode())
+
+    def _send_zeros(self, ch: Channel, zeros: list[np.ndarray], stats: RoundStats) -> None:
+        z = np.concatenate(zeros)
+        self.hashes.update_zero(z)
+        ch.send(RecordType.ZERO_PAGES, encode_zero_pages(z))
+        stats.zero_pages += len(z)
+
+    # ---------------------------------------------------------- stop-and-copy
+    def _stop_and_copy(self, ch: Channel, report: MigrationReport, remaining: np.ndarray) -> None:
+        m = self.machine
+        self._t_pause = clock.now()         # the guest runs no further slice here
+        report.vclock_pause = m.vclock
+        m.seal_for_export()
+        final = np.union1d(remaining, m.dirty_log_fetch().astype(np.int64))
+        m.dirty_log_stop()
+        stats = self._round(ch, len(report.rounds), final, final=True)
+        report.rounds.append(stats)
+        if self.check_ram:
+            actual = hash_ram(m.ram.array)
+            bad = np.flatnonzero((actual != self.hashes.hashes).any(axis=1))
+            if len(bad):
+                raise MigrationError(f"{len(bad)} pages differ from what was sent (first: frame "
+                                     f"{int(bad[0])}): the dirty log missed a write")
+        doc = json.dumps(m.save_state(ram=False).to_doc(), sort_keys=True,
+                         separators=(",", ":")).encode()
+        for off in range(0, len(doc), MAX_CHUNK):
+            ch.send(RecordType.STATE, doc[off:off + MAX_CHUNK])
+        digest = self.hashes.final(doc)
+        ch.send(RecordType.DIGEST, Digest(len(doc), digest).encode())
+        report.state_bytes = len(doc)
+        self._emit(mev.StateSent, state_bytes=len(doc), digest=digest.hex())

@@ -1,0 +1,241 @@
+"""The migration record layer: typed, framed, sequenced, bounded records.
+
+Everything two VMMs say to each other during a live migration is a record::
+
+    offset  size  field
+    0       2     type      RecordType (u16, little-endian); 0 is INVALID, never sent
+    2       2     flags     bit 0 OPTIONAL: a receiver that does not know the type
+                            skips it; without it an unknown type ends the session.
+                            Other bits must be 0.
+    4       4     length    body bytes; checked against the type's bound BEFORE
+                            a single body byte is read (MAX_BODY, 1 MiB + 8 KiB)
+    8       8     seq       per-direction sequence number, 0, 1, 2, ...; a record
+                            out of order (dropped, replayed, reordered) ends the
+                            session
+    16    length  body      see ``migrate/messages.py``
+
+The first record in each direction (HELLO from the source, WELCOME from the
+destination) starts with the magic ``b"MVMIGRAT"`` and the protocol version,
+so a peer speaking anything else is rejected on its first 24 bytes.
+
+Message sequence (plain mode, protocol version 1)::
+
+    source                                        destination
+    HELLO(magic, version, ram_size, info) ───────▶
+                  ◀─────── WELCOME(magic, version, status OK | BUSY | ...)
+    ┌ pre-copy, guest running on the source ┐
+    │ ROUND_BEGIN(r, n) ────────────────────▶    round 0 = every page,
+    │ PAGES / ZERO_PAGES ...  ──────────────▶    round r>0 = pages dirtied
+    │ ROUND_END(r, n) ──────────────────────▶    during round r-1
+    └ repeated until the pre-copy policy says stop ┘
+    [source pauses the guest]
+    ROUND_BEGIN/PAGES/ZERO_PAGES/ROUND_END  ──▶    the final dirty set
+    STATE(chunk) ... ─────────────────────────▶    MachineState doc (all but RAM)
+    DIGEST(state_len, sha256) ────────────────▶    checks: every page arrived,
+                                                   digest matches, state parses
+                  ◀─────── PREPARED                (or ABORT(reason))
+    COMMIT ───────────────────────────────────▶    [source can never resume]
+                  ◀─────── RESUMED(vclock, clock)  [destination runs the guest]
+
+    ABORT(reason) may be sent by either side at any point before COMMIT; so
+    may a closed connection or a silence past the deadline: all three mean
+    "the source keeps its guest, the destination discards".
+
+Destination state diagram::
+
+    WAIT_HELLO ─HELLO─▶ PRECOPY ─ROUND_BEGIN─▶ IN_ROUND ─ROUND_END─▶ PRECOPY
+                          │                     (PAGES, ZERO_PAGES)
+                          └─STATE─▶ STATE ─DIGEST(ok)─▶ PREPARED ─COMMIT─▶ RESUMED
+    any state before RESUMED ─ABORT / error / timeout─▶ DISCARDED
+
+Source state diagram::
+
+    CONNECT ─WELCOME─▶ PRECOPY (rounds) ─policy stop─▶ PAUSED ─PREPARED─▶ COMMITTED ─RESUMED─▶ DONE
+    any state before COMMITTED ─error─▶ ABORTED (dirty log stopped, guest continues)
+    COMMITTED ─error─▶ COMMIT_UNCONFIRMED (never resumes locally)
+
+Why this shape (DESIGN §6): the secure protocol of a later issue replaces
+:class:`Channel` with one that wraps every record (header included, as
+associated data) in an AEAD with a counter nonce; ``seq`` is already the
+counter it needs.  Attestation fits between HELLO and WELCOME, and the
+PREPARED/COMMIT exchange is the commit point after which the source never
+resumes (Intel TDX migration's model).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from enum import IntEnum
+
+from migrate.errors import ConnectionLost, PeerTimeout, ProtocolError
+
+MAGIC = b"MVMIGRAT"
+VERSION = 1
+HEADER = struct.Struct("<HHIQ")
+FLAG_OPTIONAL = 0x0001
+KNOWN_FLAGS = FLAG_OPTIONAL
+
+PAGE_SIZE = 4096
+MAX_BATCH = 256                      # pages per PAGES record (1 MiB of data)
+MAX_ZERO_BATCH = 16384               # frame numbers per ZERO_PAGES record
+MAX_CHUNK = 1 << 20                  # STATE chunk
+MAX_SMALL = 4096                     # control records
+
+
+class RecordType(IntEnum):
+    INVALID = 0
+    HELLO = 1
+    WELCOME = 2
+    ROUND_BEGIN = 3
+    PAGES = 4
+    ZERO_PAGES = 5
+    ROUND_END = 6
+    STATE = 7
+    DIGEST = 8
+    PREPARED = 9
+    COMMIT = 10
+    RESUMED = 11
+    ABORT = 12
+
+
+# The bound on each type's body, checked before the body is read.
+MAX_BODY = {
+    RecordType.HELLO: MAX_SMALL,
+    RecordType.WELCOME: MAX_SMALL,
+    RecordType.ROUND_BEGIN: 8,
+    RecordType.PAGES: 4 + MAX_BATCH * (4 + PAGE_SIZE),
+    RecordType.ZERO_PAGES: 4 + MAX_ZERO_BATCH * 4,
+    RecordType.ROUND_END: 8,
+    RecordType.STATE: MAX_CHUNK,
+    RecordType.DIGEST: 40,
+    RecordType.PREPARED: 0,
+    RecordType.COMMIT: 0,
+    RecordType.RESUMED: MAX_SMALL,
+    RecordType.ABORT: MAX_SMALL,
+}
+MAX_BODY_ANY = max(MAX_BODY.values())
+MAX_SKIPPED = 64                     # unknown optional records tolerated per session
+
+
+@dataclass(frozen=True)
+class Record:
+    type: RecordType
+    body: bytes
+    seq: int
+    flags: int = 0
+
+
+class Channel:
+    """One direction-pair of records over a stream socket.
+
+    ``timeout`` bounds the time to receive one whole record (header and
+    body), not each ``recv`` call, so a peer that trickles one byte at a time
+    is cut off as surely as one that says nothing.  A secure channel (AEAD,
+    later issue) subclasses this and overrides :meth:`_seal`/:meth:`_open`.
+    """
+
+    def __init__(self, sock: socket.socket, *, timeout: float = 10.0):
+        self.sock = sock
+        self.timeout = timeout
+        self.send_seq = 0
+        self.recv_seq = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.skipped = 0
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    # ------------------------------------------------------------------ send
+    def send(self, rtype: RecordType, body: bytes | bytearray | memoryview = b"", *, flags: int = 0) -> None:
+        rtype = RecordType(rtype)
+        if rtype is RecordType.INVALID:
+            raise ValueError("record type 0 is invalid")
+        if len(body) > MAX_BODY[rtype]:
+            raise ValueError(f"{rtype.name} body of {len(body)} bytes exceeds its bound {MAX_BODY[rtype]}")
+        header = HEADER.pack(rtype, flags, len(body), self.send_seq)
+        data = header + bytes(body) if len(body) < 65536 else b"".join((header, body))
+        try:
+            self.sock.settimeout(self.timeout)
+            self.sock.sendall(data)
+        except (socket.timeout, TimeoutError):
+            raise PeerTimeout(f"peer stopped reading for {self.timeout:g} s while we sent {rtype.name}") from None
+        except OSError as exc:
+            raise ConnectionLost(f"connection lost while sending {rtype.name}: {exc.strerror or exc}") from None
+        self.send_seq += 1
+        self.bytes_sent += len(data)
+
+    # ------------------------------------------------------------------ recv
+    def recv(self, *, timeout: float | None = None) -> Record:
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            header = self._read_exact(HEADER.size, deadline, "a record header")
+            tcode, flags, length, seq = HEADER.unpack(header)
+            if tcode == RecordType.INVALID:
+                raise ProtocolError("record type 0 (INVALID)")
+            if flags & ~KNOWN_FLAGS:
+                raise ProtocolError(f"record with unknown flags {flags:#x}")
+            if seq != self.recv_seq:
+                raise ProtocolError(f"record out of order: sequence number {seq}, expected {self.recv_seq}")
+            try:
+                rtype = RecordType(tcode)
+            except ValueError:
+                if not flags & FLAG_OPTIONAL:
+                    raise ProtocolError(f"unknown mandatory record type {tcode}") from None
+                if length > MAX_BODY_ANY or self.skipped >= MAX_SKIPPED:
+                    raise ProtocolError(f"unknown optional record type {tcode} of {length} bytes refused")
+                self._read_exact(length, deadline, f"record type {tcode}")
+                self.recv_seq += 1
+                self.skipped += 1
+                continue
+            if length > MAX_BODY[rtype]:
+                raise ProtocolError(f"{rtype.name} record of {length} bytes exceeds its bound {MAX_BODY[rtype]}")
+            body = self._read_exact(length, deadline, f"a {rtype.name} body") if length else b""
+            self.recv_seq += 1
+            return Record(rtype, bytes(body), seq, flags)
+
+    def _read_exact(self, n: int, deadline: float, what: str) -> bytearray:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PeerTimeout(f"timed out waiting for {what} ({got} of {n} bytes after "
+                                  f"{self.timeout:g} s)")
+            try:
+                self.sock.settimeout(left)
+                k = self.sock.recv_into(view[got:])
+            except (socket.timeout, TimeoutError):
+                continue                    # the loop reports it with the byte count
+            except OSError as exc:
+                raise ConnectionLost(f"connection lost while reading {what}: {exc.strerror or exc}") from None
+            if k == 0:
+                raise ConnectionLost(f"peer closed the connection while we waited for {what} "
+                                     f"(after {self.recv_seq} records)")
+            got += k
+        self.bytes_received += n
+        return buf
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) to a socket address."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"address must be HOST:PORT, not {text!r}")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueError(f"bad port in {text!r}") from None
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port out of range in {text!r}")
+    return host, number
