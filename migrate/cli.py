@@ -184,9 +184,16 @@ def run_guest(machine, args, *, role: str) -> int:
                 print(report.format(), file=sys.stderr, flush=True)
                 _say(say, f"the guest now runs at {args.migrate_to}; this VMM is done")
                 return EXIT_OK
+    until_tick = getattr(args, "until_tick", None)
     try:
-        result = "shutdown" if machine.halted == "shutdown" else machine.run(
-            max_ticks=getattr(args, "ticks", None), max_instructions=getattr(args, "instructions", None))
+        if machine.halted == "shutdown":
+            result = "shutdown"
+        elif until_tick is not None:
+            result = machine.run(until=lambda m: m.ticks >= until_tick)
+            result = "ticks" if result == "condition" else result
+        else:
+            result = machine.run(max_ticks=getattr(args, "ticks", None),
+                                 max_instructions=getattr(args, "instructions", None))
     except GuestError as exc:
         _say(say, str(exc))
         return EXIT_CRASH
@@ -270,7 +277,9 @@ def _add_serve(sub) -> None:
     s.add_argument("--save-state", metavar="FILE",
                    help="save each received guest's final machine state to FILE (overwritten)")
     s.add_argument("--ticks", type=int, metavar="N", help="stop each received guest after N more ticks")
-    s.add_argument("--instructions", type=int, metavar="N", help=argparse.SUPPRESS)
+    s.add_argument("--until-tick", type=int, metavar="T",
+                   help="stop each received guest when its timer has delivered T ticks since boot "
+                        "(compare with 'minivmm run GUEST --ticks T')")
     s.add_argument("--events", action="store_true", help="print VMM and migration events to stderr")
     _migration_options(s, source=True)
     s.set_defaults(func=cmd_serve)

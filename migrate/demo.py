@@ -1,0 +1,111 @@
+"""``minivmm demo``: the README's main job -- a live migration of the demo guest
+between two VMM processes on this machine, with the report.
+
+This process is VMM A (the source); it starts VMM B (``minivmm serve``) as a
+child process on a free loopback port, boots the guest, migrates it to B after
+a few ticks while it runs, and prints both consoles (``A |`` and ``B |``
+prefixes), the migration report, and B's summary.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from minivmm import events as ev
+from migrate.cli import EXIT_CRASH, EXIT_OK, run_guest
+from migrate.measure import measure_start
+
+START_TIMEOUT = 60.0
+
+
+class _Lines:
+    """Print console output a whole line at a time, with a prefix."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.buf = ""
+        self.lock = threading.Lock()
+
+    def write(self, text: str) -> None:
+        with self.lock:
+            self.buf += text
+            *lines, self.buf = self.buf.split("\n")
+            for line in lines:
+                print(f"{self.prefix}{line}", flush=True)
+
+    def flush(self) -> None:
+        if self.buf:
+            self.write("\n")
+
+
+def _pump(stream, out: _Lines) -> None:
+    for line in iter(stream.readline, ""):
+        out.write(line)
+
+
+def main(args) -> int:
+    from minivmm.cli import _load_image
+    from minivmm.machine import Machine
+    base = Path(args.tpm_dir) if args.tpm_dir else Path(os.environ.get("MINIVMM_TPM_STATE", ".minivmm-tpm"))
+    ram = args.ram << 20
+    a, b, info = _Lines("A | "), _Lines("B | "), _Lines("   ")
+    with tempfile.TemporaryDirectory(prefix="minivmm-demo-") as tmp:
+        port_file = Path(tmp) / "port"
+        child = subprocess.Popen(
+            [sys.executable, "-m", "minivmm", "serve", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
+             "--tpm-dir", str(base / "destination")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+        pumps = [threading.Thread(target=_pump, args=(child.stdout, b), daemon=True),
+                 threading.Thread(target=_pump, args=(child.stderr, _Lines("B ! ")), daemon=True)]
+        for t in pumps:
+            t.start()
+        try:
+            deadline = time.monotonic() + START_TIMEOUT
+            while not port_file.exists():
+                if child.poll() is not None or time.monotonic() > deadline:
+                    print("minivmm demo: the destination VMM did not start", file=sys.stderr)
+                    return EXIT_CRASH
+                time.sleep(0.02)
+            port = int(port_file.read_text())
+            info.write(f"VMM B (pid {child.pid}) listens on 127.0.0.1:{port}; this process is VMM A "
+                       f"(pid {os.getpid()})\n")
+            m = measure_start(base / "source", {"role": "source", "demo": True})
+            info.write(f"VMM A {m.describe()}\n")
+            image = _load_image(args.guest, ram)
+            machine = Machine(image, ram_size=ram)
+            machine.events.subscribe(lambda e: a.write(e.text), ev.ConsoleOutput)
+            kind, n = args.after
+            info.write(f"booting {args.guest!r} on A; live migration to B after "
+                       f"{n} {'ticks' if kind == 'ticks' else 'seconds'}\n")
+            ns = _DemoArgs(f"127.0.0.1:{port}", args.after)
+            rc = run_guest(machine, ns, role="source")
+            a.flush()
+            child.wait(timeout=300)
+            for t in pumps:
+                t.join(timeout=5)
+            b.flush()
+            info.write(f"VMM B exited with status {child.returncode}\n")
+            return rc if rc != EXIT_OK else (EXIT_OK if child.returncode == 0 else EXIT_CRASH)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+
+
+class _DemoArgs:
+    """The options ``run_guest`` reads, with the defaults of ``run --migrate-to``."""
+
+    def __init__(self, to: str, after):
+        self.migrate_to = to
+        self.after = after
+        self.downtime_ms, self.max_rounds, self.max_bytes_ratio = 30.0, 30, 3.0
+        self.check_ram = True
+        self.timeout = 10.0
+        self.events = False
+        self.ticks = self.instructions = self.save_state = None
