@@ -214,12 +214,12 @@ class Source:
             th.start()
             m = self.machine
             try:
-                while th.is_alive():
+                while True:                     # at least one slice per round: the guest keeps running
                     if m.halted:
                         raise GuestStopped(f"the guest stopped ({m.halted}) during pre-copy; "
                                            f"it finished on the source")
-                    m.step()                    # the guest keeps running
-                    if failure:
+                    m.step()
+                    if failure or not th.is_alive():
                         break
             except BaseException:
                 self._stop.set()

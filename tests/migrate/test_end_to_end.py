@@ -17,7 +17,7 @@ from migrate.errors import ConnectionLost
 from migrate.messages import Hello
 from migrate.wire import Channel, RecordType
 from minivmm.machine import Machine
-from tests.migrate.vmmproc import Proxy, Vmm, reference_run, serve
+from vmmproc import Proxy, Vmm, reference_run, serve
 
 pytestmark = pytest.mark.slow
 

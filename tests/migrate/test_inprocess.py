@@ -1,0 +1,140 @@
+"""Source and destination in one process over real loopback TCP (fast cases;
+the OS-process versions are in test_end_to_end.py)."""
+
+import socket
+import threading
+
+import pytest
+
+from guests.build import Program, build_image
+from guests.catalog import get_guest
+from migrate import events as mev
+from migrate.destination import Destination
+from migrate.errors import GuestStopped, MigrationError, PeerTimeout, Refused
+from migrate.precopy import PrecopyPolicy
+from migrate.server import Server
+from migrate.source import MIGRATED, Source
+from minivmm.events import EventBus
+from minivmm.machine import Machine
+
+
+def receive_in_thread(server, result, run_ticks=100_000):
+    def body():
+        ch, peer = server.next_connection("busy: test")
+        try:
+            inc = Destination(timeout=5).receive(ch, peer)
+            result["incoming"] = inc
+            inc.machine.run(max_ticks=run_ticks)
+        except MigrationError as exc:
+            result["error"] = exc
+        finally:
+            ch.close()
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    return t
+
+
+def test_events_report_and_exactly_one_copy():
+    ref = Machine(get_guest("demo").build())
+    ref.run(max_ticks=100_000)
+    server, result = Server("127.0.0.1:0"), {}
+    t = receive_in_thread(server, result)
+    m = Machine(get_guest("demo").build())
+    m.run(max_ticks=12)
+    bus, seen = EventBus(), []
+    bus.subscribe(seen.append)
+    report = Source(m, events=bus, check_ram=True).migrate(server.label)
+    t.join(30)
+    server.close()
+    names = [type(e).__name__ for e in seen]
+    assert names[:3] == ["Connected", "Handshake", "RoundStarted"]
+    assert names[-5:] == ["StateSent", "Prepared", "Committed", "Resumed", "Completed"]
+    assert "StopAndCopy" in names and [e.seq for e in seen] == sorted(e.seq for e in seen)
+    assert report.outcome == "completed" and report.rounds[-1].final
+    assert report.vclock_pause == report.vclock_resume
+    assert report.downtime_seconds is not None and report.downtime_seconds > 0
+    # the source copy can never run again; the destination's ran to the end
+    assert m.halted == MIGRATED
+    with pytest.raises(Exception, match="halted"):
+        m.step()
+    d = result["incoming"].machine
+    assert d.console.text() == ref.console.text() and d.exits == ref.exits
+
+
+def test_refused_when_busy_and_the_guest_carries_on():
+    server = Server("127.0.0.1:0")
+    hog = socket.create_connection(server.address)       # takes the one slot
+    m = Machine(get_guest("counter").build())
+    m.run(max_ticks=5)
+    with pytest.raises(Refused, match="busy"):
+        Source(m).migrate(server.label)
+    assert not m.halted and not m.ram.dirty.enabled
+    assert m.run(max_ticks=100_000) == "shutdown"
+    assert "counter 100" in m.console.text()
+    hog.close()
+    server.close()
+
+
+def test_silent_destination_times_out():
+    listener = socket.create_server(("127.0.0.1", 0))
+    m = Machine(get_guest("counter").build())
+    with pytest.raises(PeerTimeout):
+        Source(m, timeout=0.3).migrate(listener.getsockname()[:2])
+    assert m.run(max_ticks=100_000) == "shutdown"
+    listener.close()
+
+
+def test_check_ram_catches_a_dirty_log_that_loses_a_page():
+    """The self-check is not a formality: hide one dirtied page from the
+    migration and the source refuses to commit (and keeps its guest)."""
+    server, result = Server("127.0.0.1:0"), {}
+    t = receive_in_thread(server, result)
+    m = Machine(get_guest("counter").build())
+    m.run(max_ticks=10)
+    real_fetch = m.dirty_log_fetch
+
+    def lossy_fetch():
+        pfns = real_fetch()
+        return pfns[1:] if len(pfns) else pfns
+    m.dirty_log_fetch = lossy_fetch
+    with pytest.raises(MigrationError, match="dirty log missed a write"):
+        Source(m, check_ram=True).migrate(server.label)
+    t.join(30)
+    server.close()
+    assert "error" in result and "incoming" not in result        # the destination resumed nothing
+    m.dirty_log_fetch = real_fetch
+    assert m.run(max_ticks=100_000) == "shutdown" and "counter 100" in m.console.text()
+
+
+def test_guest_that_finishes_during_precopy_stays_home():
+    server, result = Server("127.0.0.1:0"), {}
+    t = receive_in_thread(server, result)
+    m = Machine(build_image([Program.builtin("hello")]))
+    policy = PrecopyPolicy(downtime_target=1e-9, max_rounds=10_000, max_bytes_ratio=1e6)   # never converges
+    with pytest.raises(GuestStopped):
+        Source(m, policy=policy).migrate(server.label)
+    t.join(30)
+    server.close()
+    assert m.halted == "shutdown" and "incoming" not in result
+    assert "hello" in m.console.text()
+
+
+def test_many_rounds_under_a_tight_policy_still_exact():
+    """A dirtier under a downtime target that is never met: pre-copy ends at
+    the round bound, and the guest is still exactly right."""
+    img = build_image([Program.builtin("dirtier", data_pages=64, args=(64, 300, 1)),
+                       Program.builtin("counter", args=(40, 100_000))])
+    ref = Machine(img)
+    ref.run(max_ticks=100_000)
+    server, result = Server("127.0.0.1:0"), {}
+    t = receive_in_thread(server, result)
+    m = Machine(img)
+    m.run(max_ticks=10)
+    report = Source(m, policy=PrecopyPolicy(downtime_target=1e-9, max_rounds=4), check_ram=True).migrate(server.label)
+    t.join(60)
+    server.close()
+    # (a round in which the guest happened to dirty nothing ends pre-copy early)
+    assert report.precopy_rounds >= 2, report.format()
+    assert "round bound" in report.stop_reason or "no dirty pages" in report.stop_reason
+    d = result["incoming"].machine
+    assert d.console.text() == ref.console.text() and d.exits == ref.exits

@@ -1,0 +1,211 @@
+"""A hostile stream: truncated, oversized, reordered, dropped, duplicated and
+garbage records fed to a real destination over a socket.  Whatever arrives,
+the destination ends with a MigrationError in bounded time -- never another
+exception, a hang, or a resumed VM that differs from what the source had.
+"""
+
+import json
+import socket
+import struct
+import threading
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from guests.catalog import get_guest
+from migrate.destination import Destination
+from migrate.digest import PageHashes
+from migrate.errors import MigrationError
+from migrate.messages import Digest, Hello, RoundMark, encode_pages, encode_zero_pages
+from migrate.wire import FLAG_OPTIONAL, HEADER, MAX_BATCH, Channel, RecordType
+from minivmm.machine import Machine
+
+TIMEOUT = 0.5
+
+
+def _valid_records():
+    m = Machine(get_guest("hello").build())
+    m.run(max_ticks=3)
+    pages = m.ram.array.reshape(-1, 4096)
+    npages = len(pages)
+    hashes = PageHashes(npages)
+    nz = pages.view(np.uint64).any(axis=1)
+    recs = [(RecordType.HELLO, Hello(m.ram.size, {"vm": "hello"}).encode()),
+            (RecordType.ROUND_BEGIN, RoundMark(0, npages).encode())]
+    data_pfns = np.flatnonzero(nz)
+    for i in range(0, len(data_pfns), MAX_BATCH // 4):      # several small PAGES records
+        sel = data_pfns[i:i + MAX_BATCH // 4]
+        hashes.update(sel, pages[sel])
+        recs.append((RecordType.PAGES, encode_pages(sel, pages[sel])))
+    zero = np.flatnonzero(~nz)
+    hashes.update_zero(zero)
+    recs.append((RecordType.ZERO_PAGES, encode_zero_pages(zero)))
+    recs.append((RecordType.ROUND_END, RoundMark(0, npages).encode()))
+    doc = json.dumps(m.save_state(ram=False).to_doc(), sort_keys=True, separators=(",", ":")).encode()
+    half = len(doc) // 2
+    recs += [(RecordType.STATE, doc[:half]), (RecordType.STATE, doc[half:]),
+             (RecordType.DIGEST, Digest(len(doc), hashes.final(doc)).encode()),
+             (RecordType.COMMIT, b"")]
+    return m, recs
+
+
+SOURCE, RECORDS = _valid_records()
+SOURCE_RAM = bytes(SOURCE.ram.view)
+SOURCE_DOC = SOURCE.save_state(ram=False).to_doc()
+
+
+def encode(records, flags=None):
+    return b"".join(HEADER.pack(t, (flags or {}).get(i, 0), len(b), i) + b for i, (t, b) in enumerate(records))
+
+
+def feed(data: bytes):
+    """Run a destination on ``data``; return the Incoming or the MigrationError."""
+    a, b = socket.socketpair()
+    a.settimeout(5)
+
+    def writer():
+        try:
+            a.sendall(data)
+            a.shutdown(socket.SHUT_WR)
+            while a.recv(65536):        # drain the destination's replies
+                pass
+        except OSError:
+            pass
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    t0 = time.monotonic()
+    try:
+        return Destination(timeout=TIMEOUT).receive(Channel(b, timeout=TIMEOUT), "fuzz")
+    except MigrationError as exc:
+        return exc
+    finally:
+        assert time.monotonic() - t0 < 10 * TIMEOUT + 5, "the destination took unbounded time"
+        b.close()
+        t.join(5)
+        a.close()
+
+
+def check(outcome):
+    """Either a clean error, or a VM identical to the source's."""
+    if isinstance(outcome, MigrationError):
+        return False
+    m = outcome.machine
+    assert bytes(m.ram.view) == SOURCE_RAM
+    assert m.save_state(ram=False).to_doc() == SOURCE_DOC
+    return True
+
+
+def test_the_valid_stream_resumes():
+    assert check(feed(encode(RECORDS)))
+
+
+FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+STREAM = encode(RECORDS)
+
+
+@FUZZ
+@given(st.integers(0, len(STREAM) - 1))
+def test_truncated(cut):
+    assert not check(feed(STREAM[:cut]))
+
+
+@FUZZ
+@given(st.integers(0, len(STREAM) - 1), st.integers(1, 255))
+def test_flipped_byte(pos, xor):
+    data = bytearray(STREAM)
+    data[pos] ^= xor
+    check(feed(bytes(data)))        # only a harmless flip (say, in the HELLO's vm name) may succeed
+
+
+@FUZZ
+@given(st.integers(0, len(RECORDS) - 1), st.integers(0, 0xFFFFFFFF))
+def test_length_field_lies(index, length):
+    offsets = np.cumsum([0] + [HEADER.size + len(b) for _, b in RECORDS])
+    data = bytearray(STREAM)
+    if length == len(RECORDS[index][1]):
+        length += 1
+    struct.pack_into("<I", data, int(offsets[index]) + 4, length)
+    assert not check(feed(bytes(data)))
+
+
+@FUZZ
+@given(st.data())
+def test_reordered_dropped_duplicated(data):
+    recs = list(RECORDS)
+    op = data.draw(st.sampled_from(["swap", "drop", "dup"]))
+    i = data.draw(st.integers(0, len(recs) - 1))
+    j = data.draw(st.integers(0, len(recs) - 1))
+    if op == "swap":
+        if recs[i] == recs[j]:
+            return
+        recs[i], recs[j] = recs[j], recs[i]
+    elif op == "drop":
+        del recs[i]
+    else:
+        recs.insert(j, recs[i])
+    renumber = data.draw(st.booleans())      # re-sequenced (a careful attacker) or not
+    stream = encode(recs) if renumber else b"".join(
+        HEADER.pack(t, 0, len(b), RECORDS.index((t, b)) if (t, b) in RECORDS else 0) + b for t, b in recs)
+    resumed = check(feed(stream))       # identical VM or a clean error; never anything else
+    if op == "drop":
+        assert not resumed              # every record of a valid stream is needed
+    if resumed:                         # e.g. two PAGES records of one round swapped
+        assert op != "drop" and renumber
+
+
+@FUZZ
+@given(st.binary(min_size=0, max_size=4096))
+def test_garbage(junk):
+    assert not check(feed(junk))
+
+
+@FUZZ
+@given(st.integers(1, len(RECORDS) - 1), st.binary(max_size=64), st.integers(13, 0xFFFF))
+def test_unknown_records(pos, body, rtype):
+    """An unknown optional record is skipped; an unknown mandatory one ends the session."""
+    recs = list(RECORDS)
+    recs.insert(pos, (rtype, body))
+    assert check(feed(encode(recs, flags={pos: FLAG_OPTIONAL})))
+    assert not check(feed(encode(recs)))
+
+
+def test_garbage_after_hello_then_silence_times_out():
+    t0 = time.monotonic()
+    out = feed(encode(RECORDS[:3]) + b"\x04\x00")       # half a header, then nothing (writer closes)
+    assert isinstance(out, MigrationError) and time.monotonic() - t0 < 5
+
+
+def test_wrong_digest_never_resumes():
+    recs = list(RECORDS)
+    t, body = recs[-2]
+    recs[-2] = (t, body[:8] + bytes(32))
+    out = feed(encode(recs))
+    assert isinstance(out, MigrationError) and "digest" in str(out)
+
+
+def test_missing_page_never_resumes():
+    """A round that is consistent in itself but leaves pages out."""
+    recs = [r for r in RECORDS if r[0] is not RecordType.ZERO_PAGES]
+    sent = sum(len(b) // 4100 for t, b in recs if t is RecordType.PAGES)
+    recs = [(t, RoundMark(0, sent).encode()) if t in (RecordType.ROUND_BEGIN, RecordType.ROUND_END) else (t, b)
+            for t, b in recs]
+    out = feed(encode(recs))
+    assert isinstance(out, MigrationError) and "never arrived" in str(out)
+
+
+@pytest.mark.parametrize("doc", [b"[]", b"{}", b'{"cpu": {}}', b"\xff\xfe", b'{"vmm": 1}'])
+def test_hostile_state_document_with_matching_digest(doc):
+    """Even a state document that hashes correctly (the plain-mode source is
+    not authenticated) is parsed defensively: clean error, nothing resumed."""
+    recs = [r for r in RECORDS if r[0] not in (RecordType.STATE, RecordType.DIGEST, RecordType.COMMIT)]
+    hashes = PageHashes(len(SOURCE_RAM) // 4096)
+    pages = np.frombuffer(SOURCE_RAM, dtype=np.uint8).reshape(-1, 4096)
+    nz = np.flatnonzero(pages.view(np.uint64).any(axis=1))
+    hashes.update_zero(np.arange(len(pages)))
+    hashes.update(nz, pages[nz])
+    recs += [(RecordType.STATE, doc), (RecordType.DIGEST, Digest(len(doc), hashes.final(doc)).encode()),
+             (RecordType.COMMIT, b"")]
+    out = feed(encode(recs))
+    assert isinstance(out, MigrationError) and "state document rejected" in str(out)
