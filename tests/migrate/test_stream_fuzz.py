@@ -148,11 +148,11 @@ def test_reordered_dropped_duplicated(data):
     renumber = data.draw(st.booleans())      # re-sequenced (a careful attacker) or not
     stream = encode(recs) if renumber else b"".join(
         HEADER.pack(t, 0, len(b), RECORDS.index((t, b)) if (t, b) in RECORDS else 0) + b for t, b in recs)
-    resumed = check(feed(stream))       # identical VM or a clean error; never anything else
+    # an identical VM (two PAGES records of one round swapped; a copy of COMMIT
+    # after the end) or a clean error; never anything else
+    resumed = check(feed(stream))
     if op == "drop":
         assert not resumed              # every record of a valid stream is needed
-    if resumed:                         # e.g. two PAGES records of one round swapped
-        assert op != "drop" and renumber
 
 
 @FUZZ
