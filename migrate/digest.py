@@ -64,7 +64,7 @@ def hash_ram(array: np.ndarray) -> np.ndarray:
     """Per-page hashes of a whole RAM buffer (uint8, length npages*4096)."""
     pages = array.reshape(-1, PAGE_SIZE)
     out = PageHashes(len(pages))
-    nz = np.flatnonzero(pages.view(np.uint64).any(axis=1))
+    nz = np.flatnonzero(pages.view(np.uint64).max(axis=1) != 0)
     out.update_zero(np.arange(len(pages)))
     if len(nz):
         out.update(nz, pages[nz])

@@ -138,9 +138,10 @@ def _pfns(body: bytes, count: int, npages: int, what: str) -> np.ndarray:
     return pfns.astype(np.int64)
 
 
-def encode_pages(pfns: np.ndarray, data: np.ndarray) -> bytes:
-    """``data``: the pages' bytes, shape (len(pfns), 4096), uint8."""
-    return b"".join((_U32.pack(len(pfns)), pfns.astype("<u4").tobytes(), data.tobytes()))
+def encode_pages(pfns: np.ndarray, data: np.ndarray) -> tuple:
+    """The body's parts (sent scatter-gather, no joining copy); ``data``:
+    the pages' bytes, shape (len(pfns), 4096), uint8, C-contiguous."""
+    return (_U32.pack(len(pfns)), pfns.astype("<u4").tobytes(), np.ascontiguousarray(data).data.cast("B"))
 
 
 def decode_pages(body: bytes, npages: int) -> tuple[np.ndarray, np.ndarray]:

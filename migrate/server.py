@@ -29,7 +29,7 @@ class Server:
         self.address = self.sock.getsockname()[:2]
         self.busy_reason = "this destination is busy"
         self._lock = threading.Lock()
-        self._waiting = False
+        self._waiting = True        # a new server takes its first VM even before next_connection()
         self._handoff: queue.Queue = queue.Queue()
         self._closed = False
         self.refused = 0

@@ -40,9 +40,11 @@ from migrate.messages import (STATUS_NAMES, STATUS_OK, Digest, Hello, Resumed, R
                               decode_reason, encode_pages, encode_reason, encode_zero_pages)
 from migrate.precopy import PrecopyPolicy
 from migrate.report import MigrationReport, RoundStats
+from migrate.residency import untouched
 from migrate.wire import MAX_BATCH, MAX_CHUNK, MAX_ZERO_BATCH, PAGE_SIZE, Channel, RecordType, parse_address
 
 MIGRATED = "migrated"
+ZERO_SCAN = 4096            # pages tested for zero at once in contiguous runs (16 MiB)
 
 
 class _Stopped(Exception):
@@ -221,6 +223,7 @@ class Source:
                     m.step()
                     if failure or not th.is_alive():
                         break
+                    time.sleep(0)   # hand the GIL to the sender now, not after the 5 ms switch interval
             except BaseException:
                 self._stop.set()
                 th.join()
@@ -235,36 +238,66 @@ class Source:
     def _send_pages(self, ch: Channel, rnd: int, pfns: np.ndarray, stats: RoundStats) -> None:
         ch.send(RecordType.ROUND_BEGIN, RoundMark(rnd, len(pfns)).encode())
         pages = self.machine.ram.array.reshape(-1, PAGE_SIZE)
+        fresh = None
+        if len(pfns) > ZERO_SCAN:
+            fresh = untouched(self.machine.ram.host_address, self.machine.ram.npages)
         zeros: list[np.ndarray] = []
         nzeros = 0
-        for start in range(0, len(pfns), MAX_BATCH):
-            if self._stop.is_set():
-                raise _Stopped()
-            idx = pfns[start:start + MAX_BATCH]
-            data = pages[idx]                               # a private copy
-            nz = data.view(np.uint64).any(axis=1)
+        for idx, nz, data in self._chunks(pages, pfns, fresh):
             if not nz.all():
-                z = idx[~nz]
-                zeros.append(z)
-                nzeros += len(z)
-                if nzeros >= MAX_ZERO_BATCH - MAX_BATCH:
+                zeros.append(idx[~nz])
+                nzeros += len(zeros[-1])
+                if nzeros >= MAX_ZERO_BATCH:
                     self._send_zeros(ch, zeros, stats)
                     zeros, nzeros = [], 0
-            if nz.any():
-                ts = time.perf_counter()
-                sel, d = idx[nz], data[nz]
-                self.hashes.update(sel, d)
-                ch.send(RecordType.PAGES, encode_pages(sel, d))
-                stats.data_pages += len(sel)
-                stats.send_seconds += time.perf_counter() - ts
+            if not nz.any():
+                continue
+            ts = time.perf_counter()
+            sel = idx[nz]
+            copies = None if data is None else data[nz]
+            for b in range(0, len(sel), MAX_BATCH):
+                s = sel[b:b + MAX_BATCH]
+                d = pages[s] if copies is None else copies[b:b + MAX_BATCH]   # private copy:
+                self.hashes.update(s, d)                                       # hashed and sent
+                ch.send(RecordType.PAGES, *encode_pages(s, d))                 # as one
+                stats.data_pages += len(s)
+            stats.send_seconds += time.perf_counter() - ts
         if zeros:
             self._send_zeros(ch, zeros, stats)
         ch.send(RecordType.ROUND_END, RoundMark(rnd, len(pfns)).encode())
 
+    def _chunks(self, pages: np.ndarray, pfns: np.ndarray, fresh):
+        """Yield (frames, nonzero mask, private copy or None) over ``pfns``.
+
+        Long contiguous runs (round 0) are tested for zero in place, without
+        a copy, ZERO_SCAN pages at a time; frames the host never backed are
+        zero without being read.  A page found zero and written right after
+        is dirty and goes again next round.  Other sets are copied first and
+        tested on the copy."""
+        start, n = 0, len(pfns)
+        while start < n:
+            if self._stop.is_set():
+                raise _Stopped()
+            first = int(pfns[start])
+            span = min(ZERO_SCAN, n - start)
+            if span > MAX_BATCH and int(pfns[start + span - 1]) - first + 1 == span:
+                if fresh is not None and fresh[first:first + span].all():
+                    nz = np.zeros(span, dtype=bool)
+                else:
+                    nz = pages[first:first + span].view(np.uint64).max(axis=1) != 0
+                yield pfns[start:start + span], nz, None
+                start += span
+                continue
+            idx = pfns[start:start + MAX_BATCH]
+            start += len(idx)
+            data = pages[idx]
+            yield idx, data.view(np.uint64).max(axis=1) != 0, data
+
     def _send_zeros(self, ch: Channel, zeros: list[np.ndarray], stats: RoundStats) -> None:
         z = np.concatenate(zeros)
         self.hashes.update_zero(z)
-        ch.send(RecordType.ZERO_PAGES, encode_zero_pages(z))
+        for b in range(0, len(z), MAX_ZERO_BATCH):
+            ch.send(RecordType.ZERO_PAGES, encode_zero_pages(z[b:b + MAX_ZERO_BATCH]))
         stats.zero_pages += len(z)
 
     # ---------------------------------------------------------- stop-and-copy

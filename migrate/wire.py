@@ -123,7 +123,7 @@ MAX_SKIPPED = 64                     # unknown optional records tolerated per se
 @dataclass(frozen=True)
 class Record:
     type: RecordType
-    body: bytes
+    body: bytes | bytearray
     seq: int
     flags: int = 0
 
@@ -151,23 +151,36 @@ class Channel:
             pass    # not TCP (a socketpair in tests)
 
     # ------------------------------------------------------------------ send
-    def send(self, rtype: RecordType, body: bytes | bytearray | memoryview = b"", *, flags: int = 0) -> None:
+    def send(self, rtype: RecordType, *parts) -> None:
+        """Send one record whose body is the concatenation of ``parts``
+        (bytes-like; sent scatter-gather, never joined into one copy)."""
         rtype = RecordType(rtype)
         if rtype is RecordType.INVALID:
             raise ValueError("record type 0 is invalid")
-        if len(body) > MAX_BODY[rtype]:
-            raise ValueError(f"{rtype.name} body of {len(body)} bytes exceeds its bound {MAX_BODY[rtype]}")
-        header = HEADER.pack(rtype, flags, len(body), self.send_seq)
-        data = header + bytes(body) if len(body) < 65536 else b"".join((header, body))
+        views = [memoryview(p).cast("B") for p in parts]
+        length = sum(len(v) for v in views)
+        if length > MAX_BODY[rtype]:
+            raise ValueError(f"{rtype.name} body of {length} bytes exceeds its bound {MAX_BODY[rtype]}")
+        header = HEADER.pack(rtype, 0, length, self.send_seq)
         try:
             self.sock.settimeout(self.timeout)
-            self.sock.sendall(data)
+            self._sendall([memoryview(header), *views])
         except (socket.timeout, TimeoutError):
             raise PeerTimeout(f"peer stopped reading for {self.timeout:g} s while we sent {rtype.name}") from None
         except OSError as exc:
             raise ConnectionLost(f"connection lost while sending {rtype.name}: {exc.strerror or exc}") from None
         self.send_seq += 1
-        self.bytes_sent += len(data)
+        self.bytes_sent += HEADER.size + length
+
+    def _sendall(self, views: list) -> None:
+        views = [v for v in views if len(v)]
+        while views:
+            sent = self.sock.sendmsg(views)
+            while views and sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            if views and sent:
+                views[0] = views[0][sent:]
 
     # ------------------------------------------------------------------ recv
     def recv(self, *, timeout: float | None = None) -> Record:
@@ -196,7 +209,7 @@ class Channel:
                 raise ProtocolError(f"{rtype.name} record of {length} bytes exceeds its bound {MAX_BODY[rtype]}")
             body = self._read_exact(length, deadline, f"a {rtype.name} body") if length else b""
             self.recv_seq += 1
-            return Record(rtype, bytes(body), seq, flags)
+            return Record(rtype, body, seq, flags)
 
     def _read_exact(self, n: int, deadline: float, what: str) -> bytearray:
         buf = bytearray(n)

@@ -38,7 +38,7 @@ def _valid_records():
     for i in range(0, len(data_pfns), MAX_BATCH // 4):      # several small PAGES records
         sel = data_pfns[i:i + MAX_BATCH // 4]
         hashes.update(sel, pages[sel])
-        recs.append((RecordType.PAGES, encode_pages(sel, pages[sel])))
+        recs.append((RecordType.PAGES, b"".join(encode_pages(sel, pages[sel]))))
     zero = np.flatnonzero(~nz)
     hashes.update_zero(zero)
     recs.append((RecordType.ZERO_PAGES, encode_zero_pages(zero)))

@@ -136,14 +136,14 @@ def test_hello_and_welcome():
 def test_pages_bodies():
     pfns = np.array([1, 5, 9])
     data = np.arange(3 * 4096, dtype=np.uint32).astype(np.uint8).reshape(3, 4096)
-    got_pfns, got = decode_pages(encode_pages(pfns, data), 16)
+    got_pfns, got = decode_pages(b"".join(encode_pages(pfns, data)), 16)
     assert list(got_pfns) == [1, 5, 9] and np.array_equal(got, data)
     with pytest.raises(ProtocolError, match="outside RAM"):
-        decode_pages(encode_pages(pfns, data), 9)
+        decode_pages(b"".join(encode_pages(pfns, data)), 9)
     with pytest.raises(ProtocolError, match="strictly increasing"):
-        decode_pages(encode_pages(np.array([5, 1, 9]), data), 16)
+        decode_pages(b"".join(encode_pages(np.array([5, 1, 9]), data)), 16)
     with pytest.raises(ProtocolError, match="need"):
-        decode_pages(encode_pages(pfns, data)[:-1], 16)
+        decode_pages(b"".join(encode_pages(pfns, data))[:-1], 16)
     with pytest.raises(ProtocolError, match="count 0"):
         decode_pages(struct.pack("<I", 0), 16)
     assert list(decode_zero_pages(encode_zero_pages(np.array([0, 2, 3])), 4)) == [0, 2, 3]
