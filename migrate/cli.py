@@ -20,6 +20,7 @@ lost -- never duplicated).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import re
 import sys
@@ -221,6 +222,7 @@ def _extend_run(run_parser: argparse.ArgumentParser) -> None:
             image = _load_image(args.guest, args.ram)
             machine = Machine(image, ram_size=args.ram, mode=args.mode, tick_instructions=args.tick)
         _stream(machine, args)
+        gc.freeze()
         return run_guest(machine, args, role="source")
     run_parser.set_defaults(func=cmd_run)
 
@@ -230,6 +232,7 @@ def cmd_serve(args) -> int:
     from migrate.destination import Destination
     from migrate.server import Server
     _measure("destination", args)
+    gc.freeze()             # start-up objects never need collecting: cheap collections later
     server = Server(args.listen, timeout=args.timeout)
     _say("serve", f"listening on {server.label} (migration protocol v{VERSION}, plain mode)")
     if args.port_file:

@@ -17,7 +17,10 @@ and tells the source when, so the source can measure the downtime.
 
 from __future__ import annotations
 
+import gc
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +36,7 @@ from migrate.errors import DigestMismatch, MigrationError, PeerAborted, Protocol
 from migrate.messages import (STATUS_OK, Digest, Hello, Resumed, RoundMark, Welcome, decode_pages,
                               decode_reason, decode_zero_pages, encode_reason)
 from migrate.report import MigrationReport, RoundStats
+from migrate.residency import populate_in_background
 from migrate.wire import Channel, RecordType
 
 MAX_STATE = 128 << 20       # state document bound (console history is the big part)
@@ -90,6 +94,19 @@ class Destination:
 
     # ------------------------------------------------------------------ core
     def _receive(self, ch: Channel, peer: str, report: MigrationReport) -> Incoming:
+        # Pages are hashed on one worker thread (hashlib releases the GIL), in
+        # arrival order, while this thread reads the next record.
+        hasher = ThreadPoolExecutor(1, thread_name_prefix="migrate-hash")
+        gc_was_on = gc.isenabled()
+        gc.disable()        # receiving makes no cycles; keep collector pauses out of the downtime
+        try:
+            return self._receive_records(ch, peer, report, hasher)
+        finally:
+            hasher.shutdown(wait=True, cancel_futures=True)
+            if gc_was_on:
+                gc.enable()
+
+    def _receive_records(self, ch: Channel, peer: str, report: MigrationReport, hasher) -> Incoming:
         state = WAIT_HELLO
         ram: GuestRAM | None = None
         hashes: PageHashes | None = None
@@ -100,6 +117,7 @@ class Destination:
         doc = bytearray()
         hello = None
         stats = None
+        populating = threading.Event()
         while True:
             rec = ch.recv()
             if rec.type is RecordType.ABORT:
@@ -110,6 +128,7 @@ class Destination:
             if t is RecordType.HELLO:
                 hello = Hello.decode(rec.body)
                 ram = GuestRAM(hello.ram_size)
+                populating = populate_in_background(ram.host_address, ram.size)
                 npages = ram.npages
                 hashes = PageHashes(npages)
                 written = np.zeros(npages, dtype=bool)      # pages holding received data
@@ -135,7 +154,7 @@ class Destination:
                     raise ProtocolError(f"round {rnd.round} carries more than the {rnd.pages} pages it announced")
                 ram.array.reshape(-1, 4096)[pfns] = data
                 written[pfns] = True
-                hashes.update(pfns, data)
+                hasher.submit(hashes.update, pfns, data)
                 stats.data_pages += len(pfns)
                 stats.bytes += len(rec.body)
             elif t is RecordType.ZERO_PAGES:
@@ -150,7 +169,7 @@ class Destination:
                 if len(stale):
                     ram.array.reshape(-1, 4096)[stale] = 0
                     written[stale] = False
-                hashes.update_zero(pfns)
+                hasher.submit(hashes.update_zero, pfns)
                 stats.zero_pages += len(pfns)
                 stats.bytes += len(rec.body)
             elif t is RecordType.ROUND_END:
@@ -158,6 +177,8 @@ class Destination:
                 if end != rnd or round_pages != rnd.pages:
                     raise ProtocolError(f"ROUND_END {end.round}/{end.pages} does not close round "
                                         f"{rnd.round} ({round_pages} of {rnd.pages} pages received)")
+                hasher.submit(lambda: None).result()       # stored and hashed
+                ch.send(RecordType.ROUND_ACK, end.encode())
                 stats.seconds = clock.now() - t_round
                 report.rounds.append(stats)
                 self._emit(mev.RoundFinished, round=rnd.round, pages=rnd.pages, data_pages=stats.data_pages,
@@ -171,6 +192,8 @@ class Destination:
                 doc += rec.body
                 state = STATE
             elif t is RecordType.DIGEST:
+                populating.set()
+                hasher.submit(lambda: None).result()       # every page hashed, in order
                 machine = self._prepare(Digest.decode(rec.body), bytes(doc), hashes, ram, hello)
                 report.state_bytes = len(doc)
                 if report.rounds:

@@ -13,6 +13,7 @@ with the reason; none of them trusts a count to size an allocation.
                  count 1..256, pfns strictly increasing and < ram_size/4096
     ZERO_PAGES   count:u32 pfn:u32[count]     pages that are all zero
     ROUND_END    round:u32 pages:u32          must equal ROUND_BEGIN's count
+    ROUND_ACK    round:u32 pages:u32          destination -> source: round stored
     STATE        a chunk of the state document (canonical JSON of
                  MachineState.to_doc(): CPU, timer, console, dirty log, VMM
                  bookkeeping, image metadata, and whatever later layers add)

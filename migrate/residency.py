@@ -41,3 +41,32 @@ def untouched(host_address: int, npages: int) -> np.ndarray | None:
         return None
     entries = np.frombuffer(raw, dtype=np.uint64)
     return (entries & np.uint64(_PRESENT | _SWAPPED)) == 0
+
+
+MADV_POPULATE_WRITE = 23        # Linux 5.14+: fault pages in writable without writing them
+
+
+def populate_in_background(host_address: int, size: int, chunk: int = 2 << 20):
+    """Ask the kernel to back ``size`` bytes at ``host_address`` now, on
+    another thread (ctypes releases the GIL), so the destination's receive
+    loop does not pay one page fault per page it stores (~0.25 s per 256
+    MiB).  The content is not changed, so it is safe while pages arrive.
+    Done in small chunks, and stopped (``.set()`` on the returned event)
+    before the machine is rebuilt: each call holds the process's mmap lock,
+    which Unicorn's own allocations then wait for -- inside the downtime.
+    Best effort: nothing happens where the call does not exist."""
+    import ctypes
+    import threading
+    stop = threading.Event()
+
+    def run():
+        try:
+            madvise = ctypes.CDLL(None, use_errno=True).madvise
+        except (OSError, AttributeError):
+            return
+        for off in range(0, size, chunk):
+            if stop.is_set() or madvise(ctypes.c_void_p(host_address + off),
+                                        ctypes.c_size_t(min(chunk, size - off)), MADV_POPULATE_WRITE):
+                return
+    threading.Thread(target=run, name="populate-ram", daemon=True).start()
+    return stop

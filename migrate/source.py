@@ -23,6 +23,7 @@ is marked ``halted = "migrated"`` and can never run here again.
 
 from __future__ import annotations
 
+import gc
 import json
 import socket
 import threading
@@ -83,6 +84,7 @@ class Source:
         self.report = report
         ch = None
         committed = False
+        gc_was_on = False
         try:
             try:
                 sock = socket.create_connection(addr, timeout=self.connect_timeout)
@@ -92,6 +94,8 @@ class Source:
             self._emit(mev.Connected, peer=peer)
             self._handshake(ch, peer)
             remaining = self._precopy(ch, report)
+            gc_was_on = gc.isenabled()
+            gc.disable()        # no collector pause inside the downtime
             self._stop_and_copy(ch, report, remaining)
             self._expect(ch, RecordType.PREPARED)
             self._emit(mev.Prepared)
@@ -127,6 +131,8 @@ class Source:
                 self._abort(ch, report, exc)
             raise
         finally:
+            if gc_was_on:
+                gc.enable()
             report.total_seconds = clock.now() - self._t0
             if ch is not None:
                 report.bytes_sent, report.bytes_received = ch.bytes_sent, ch.bytes_received
@@ -265,6 +271,14 @@ class Source:
         if zeros:
             self._send_zeros(ch, zeros, stats)
         ch.send(RecordType.ROUND_END, RoundMark(rnd, len(pfns)).encode())
+        # Wait until the destination has stored and hashed the round: what is
+        # still in flight (up to the socket buffers, megabytes) is work the
+        # stop-and-copy would otherwise inherit, so it counts in the cost.
+        ts = time.perf_counter()
+        ack = RoundMark.decode(self._expect(ch, RecordType.ROUND_ACK).body, "ROUND_ACK")
+        if ack != RoundMark(rnd, len(pfns)):
+            raise ProtocolError(f"ROUND_ACK {ack} does not match round {rnd} of {len(pfns)} pages")
+        stats.send_seconds += time.perf_counter() - ts
 
     def _chunks(self, pages: np.ndarray, pfns: np.ndarray, fresh):
         """Yield (frames, nonzero mask, private copy or None) over ``pfns``.
@@ -306,7 +320,10 @@ class Source:
         self._t_pause = clock.now()         # the guest runs no further slice here
         report.vclock_pause = m.vclock
         m.seal_for_export()
-        final = np.union1d(remaining, m.dirty_log_fetch().astype(np.int64))
+        mask = np.zeros(m.ram.npages, dtype=bool)
+        mask[remaining] = True
+        mask[m.dirty_log_fetch()] = True
+        final = np.flatnonzero(mask)
         m.dirty_log_stop()
         stats = self._round(ch, len(report.rounds), final, final=True)
         report.rounds.append(stats)

@@ -27,9 +27,12 @@ Message sequence (plain mode, protocol version 1)::
     │ ROUND_BEGIN(r, n) ────────────────────▶    round 0 = every page,
     │ PAGES / ZERO_PAGES ...  ──────────────▶    round r>0 = pages dirtied
     │ ROUND_END(r, n) ──────────────────────▶    during round r-1
+    │               ◀─────── ROUND_ACK(r, n)     stored and hashed: the source
+    │                                            measures end-to-end cost and
+    │                                            never pauses with a backlog
     └ repeated until the pre-copy policy says stop ┘
     [source pauses the guest]
-    ROUND_BEGIN/PAGES/ZERO_PAGES/ROUND_END  ──▶    the final dirty set
+    ROUND_BEGIN/PAGES/ZERO_PAGES/ROUND_END  ──▶    the final dirty set (+ ROUND_ACK)
     STATE(chunk) ... ─────────────────────────▶    MachineState doc (all but RAM)
     DIGEST(state_len, sha256) ────────────────▶    checks: every page arrived,
                                                    digest matches, state parses
@@ -43,7 +46,7 @@ Message sequence (plain mode, protocol version 1)::
 
 Destination state diagram::
 
-    WAIT_HELLO ─HELLO─▶ PRECOPY ─ROUND_BEGIN─▶ IN_ROUND ─ROUND_END─▶ PRECOPY
+    WAIT_HELLO ─HELLO─▶ PRECOPY ─ROUND_BEGIN─▶ IN_ROUND ─ROUND_END/ROUND_ACK─▶ PRECOPY
                           │                     (PAGES, ZERO_PAGES)
                           └─STATE─▶ STATE ─DIGEST(ok)─▶ PREPARED ─COMMIT─▶ RESUMED
     any state before RESUMED ─ABORT / error / timeout─▶ DISCARDED
@@ -99,6 +102,7 @@ class RecordType(IntEnum):
     COMMIT = 10
     RESUMED = 11
     ABORT = 12
+    ROUND_ACK = 13
 
 
 # The bound on each type's body, checked before the body is read.
@@ -115,6 +119,7 @@ MAX_BODY = {
     RecordType.COMMIT: 0,
     RecordType.RESUMED: MAX_SMALL,
     RecordType.ABORT: MAX_SMALL,
+    RecordType.ROUND_ACK: 8,
 }
 MAX_BODY_ANY = max(MAX_BODY.values())
 MAX_SKIPPED = 64                     # unknown optional records tolerated per session

@@ -162,7 +162,7 @@ def test_garbage(junk):
 
 
 @FUZZ
-@given(st.integers(1, len(RECORDS) - 1), st.binary(max_size=64), st.integers(13, 0xFFFF))
+@given(st.integers(1, len(RECORDS) - 1), st.binary(max_size=64), st.integers(max(RecordType) + 1, 0xFFFF))
 def test_unknown_records(pos, body, rtype):
     """An unknown optional record is skipped; an unknown mandatory one ends the session."""
     recs = list(RECORDS)
