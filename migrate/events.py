@@ -22,15 +22,6 @@ class MigrationEvent(Event):
 
 
 @dataclass(frozen=True)
-class Measured(MigrationEvent):
-    """The VMM measured itself into its TPM at start (issue 4)."""
-    tpm_dir: str
-    pcrs: dict          # index -> hex value after the extends
-    config: dict
-    policy: dict
-
-
-@dataclass(frozen=True)
 class Connected(MigrationEvent):
     peer: str
 
