@@ -105,7 +105,7 @@ class _DemoArgs:
         self.migrate_to = to
         self.after = after
         self.downtime_ms, self.max_rounds, self.max_bytes_ratio = 30.0, 30, 3.0
-        self.check_ram = True
+        self.check_ram = False
         self.timeout = 10.0
         self.events = False
         self.ticks = self.instructions = self.save_state = None
