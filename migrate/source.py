@@ -14,6 +14,14 @@ the next round's set and is sent again; the final round runs with the guest
 paused.  Each page is copied once into a private buffer, then hashed and
 sent from that buffer, so the hash always describes the bytes on the wire.
 
+Protected pages (DESIGN §5): ``seal_for_export`` runs before round 0, before
+each round's dirty fetch and at pause, with the dirty log on, so every page
+it cloaks is sent again.  It is a no-op until process protection lands.
+Because the guest runs beside the sender, an owner can uncloak a page between
+a seal and the sender's copy; plain mode accepts that (it is insecure by
+design), the secure mode must copy only pages that are not plaintext-protected
+at copy time and leave the rest to the paused final round.
+
 Failure semantics: anything that goes wrong before COMMIT is handed to the
 kernel (a closed or silent peer, a bad record, ABORT, the guest crashing)
 stops the sender, stops the dirty log and raises a :class:`MigrationError`;
@@ -180,6 +188,7 @@ class Source:
     def _precopy(self, ch: Channel, report: MigrationReport) -> np.ndarray:
         m = self.machine
         m.dirty_log_start()
+        m.seal_for_export()         # after the log starts, so the pages it rewrites are logged
         pfns = np.arange(m.ram.npages, dtype=np.int64)        # round 0: everything
         rnd = 0
         cost = None
