@@ -25,12 +25,13 @@ import os
 import re
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from minivmm import events as ev
 from minivmm.errors import GuestError
 from migrate import events as mev
-from migrate.errors import CommitUnconfirmed, GuestStopped, MigrationError
+from migrate.errors import CommitUnconfirmed, GuestStopped, InternalError, MigrationError
 from migrate.measure import default_tpm_dir, measure_start
 from migrate.precopy import PrecopyPolicy
 from migrate.wire import VERSION, parse_address
@@ -247,6 +248,8 @@ def cmd_serve(args) -> int:
             try:
                 incoming = Destination(timeout=args.timeout, events=_events_printer(args)).receive(ch, peer)
             except MigrationError as exc:
+                if isinstance(exc, InternalError):
+                    traceback.print_exception(exc.__cause__ or exc, file=sys.stderr)
                 _say("serve", f"incoming migration from {peer} failed: {exc}; everything received "
                               f"was discarded, nothing resumed")
                 continue

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import gc
 import json
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -32,11 +31,11 @@ from minivmm.memory import GuestRAM
 from minivmm.state import MachineState
 from migrate import clock, events as mev
 from migrate.digest import PageHashes
-from migrate.errors import DigestMismatch, MigrationError, PeerAborted, ProtocolError
+from migrate.errors import DigestMismatch, InternalError, MigrationError, PeerAborted, ProtocolError
 from migrate.messages import (STATUS_OK, Digest, Hello, Resumed, RoundMark, Welcome, decode_pages,
                               decode_reason, decode_zero_pages, encode_reason)
 from migrate.report import MigrationReport, RoundStats
-from migrate.residency import populate_in_background
+from migrate.residency import Prefaulter
 from migrate.wire import Channel, RecordType
 
 MAX_STATE = 128 << 20       # state document bound (console history is the big part)
@@ -67,6 +66,7 @@ class Destination:
         self.events = events or EventBus()
         self._t0 = clock.now()
         self._vclock = 0
+        self._prefault = None
 
     def _emit(self, cls, **fields) -> None:
         self.events.emit(cls, self._vclock, role="destination", t=clock.now() - self._t0, **fields)
@@ -77,7 +77,12 @@ class Destination:
         self._t0 = clock.now()
         report = MigrationReport(role="destination", peer=peer, ram_size=0)
         try:
-            incoming = self._receive(ch, peer, report)
+            try:
+                incoming = self._receive(ch, peer, report)
+            except MigrationError:
+                raise
+            except Exception as exc:        # a VMM bug: discard the VM, keep serving
+                raise InternalError(f"internal error while receiving: {type(exc).__name__}: {exc}") from exc
         except MigrationError as exc:
             if not isinstance(exc, PeerAborted):
                 try:                                    # best effort: tell the source why
@@ -102,6 +107,8 @@ class Destination:
         try:
             return self._receive_records(ch, peer, report, hasher)
         finally:
+            if self._prefault is not None:
+                self._prefault.stop()
             hasher.shutdown(wait=True, cancel_futures=True)
             if gc_was_on:
                 gc.enable()
@@ -117,7 +124,7 @@ class Destination:
         doc = bytearray()
         hello = None
         stats = None
-        populating = threading.Event()
+        prefault = None
         while True:
             rec = ch.recv()
             if rec.type is RecordType.ABORT:
@@ -128,7 +135,7 @@ class Destination:
             if t is RecordType.HELLO:
                 hello = Hello.decode(rec.body)
                 ram = GuestRAM(hello.ram_size)
-                populating = populate_in_background(ram.host_address, ram.size)
+                prefault = self._prefault = Prefaulter(ram.host_address, ram.npages)
                 npages = ram.npages
                 hashes = PageHashes(npages)
                 written = np.zeros(npages, dtype=bool)      # pages holding received data
@@ -149,6 +156,7 @@ class Destination:
                 state = IN_ROUND
             elif t is RecordType.PAGES:
                 pfns, data = decode_pages(rec.body, npages)
+                prefault.pages_coming(pfns)
                 round_pages += len(pfns)
                 if round_pages > rnd.pages:
                     raise ProtocolError(f"round {rnd.round} carries more than the {rnd.pages} pages it announced")
@@ -192,7 +200,7 @@ class Destination:
                 doc += rec.body
                 state = STATE
             elif t is RecordType.DIGEST:
-                populating.set()
+                prefault.stop()
                 hasher.submit(lambda: None).result()       # every page hashed, in order
                 machine = self._prepare(Digest.decode(rec.body), bytes(doc), hashes, ram, hello)
                 report.state_bytes = len(doc)

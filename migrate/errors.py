@@ -42,6 +42,11 @@ class GuestStopped(MigrationError):
     """The guest shut down or crashed on the source during pre-copy."""
 
 
+class InternalError(MigrationError):
+    """A bug in this VMM while migrating (never the peer's fault): the
+    migration is abandoned as safely as any other failure, and reported."""
+
+
 class CommitUnconfirmed(MigrationError):
     """The source committed (its copy is gone for good) but the destination
     never confirmed that it resumed: the VM may be running there or lost.

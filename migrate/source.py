@@ -241,7 +241,13 @@ class Source:
                     time.sleep(0)   # hand the GIL to the sender now, not after the 5 ms switch interval
             except BaseException:
                 self._stop.set()
-                th.join()
+                th.join(0.5)
+                if th.is_alive():           # blocked on a peer that stopped reading: unblock it
+                    try:
+                        ch.sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    th.join()
                 raise
             th.join()
             if failure and not isinstance(failure[0], _Stopped):

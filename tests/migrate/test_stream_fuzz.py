@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from guests.catalog import get_guest
 from migrate.destination import Destination
 from migrate.digest import PageHashes
-from migrate.errors import MigrationError
+from migrate.errors import InternalError, MigrationError
 from migrate.messages import Digest, Hello, RoundMark, encode_pages, encode_zero_pages
 from migrate.wire import FLAG_OPTIONAL, HEADER, MAX_BATCH, Channel, RecordType
 from minivmm.machine import Machine
@@ -89,6 +89,7 @@ def feed(data: bytes):
 
 def check(outcome):
     """Either a clean error, or a VM identical to the source's."""
+    assert not isinstance(outcome, InternalError), outcome     # a VMM bug, not a clean refusal
     if isinstance(outcome, MigrationError):
         return False
     m = outcome.machine
@@ -209,3 +210,15 @@ def test_hostile_state_document_with_matching_digest(doc):
              (RecordType.COMMIT, b"")]
     out = feed(encode(recs))
     assert isinstance(out, MigrationError) and "state document rejected" in str(out)
+
+
+def test_a_vmm_bug_while_receiving_is_contained(monkeypatch):
+    """An unexpected exception inside the destination (a bug, simulated) is
+    an InternalError: nothing resumed, the serving VMM lives on."""
+    import migrate.destination as dest
+
+    def broken(body, npages):
+        raise KeyError("simulated bug")
+    monkeypatch.setattr(dest, "decode_pages", broken)
+    out = feed(encode(RECORDS))
+    assert isinstance(out, InternalError) and "simulated bug" in str(out)
