@@ -17,9 +17,11 @@ Workloads:
 * ``dirty-high`` a busy counter plus a dirtier writing 2048 pages every tick
 * ``counter``    the counter alone (the downtime goal's workload)
 
-Migration throughput is reported two ways: guest RAM migrated per second
-(zero pages count, as in QEMU's and Xen's figures) and bytes on the wire per
-second.
+Migration throughput is reported two ways, each also as a fraction of the
+ceiling: guest RAM migrated per second (zero pages count, as in QEMU's and
+Xen's figures; it can exceed the ceiling, since zero pages barely cross) and
+bytes on the wire per second.  With ``--repeat K`` each case runs K times and
+the run with the lowest downtime is shown.
 """
 
 from __future__ import annotations
@@ -121,7 +123,8 @@ def main(args) -> int:
             print(f"loopback TCP ceiling (two processes, 1 MiB sendall): {ceiling / 1e6:.0f} MB/s")
             print(f"pre-copy policy: {PrecopyPolicy().to_dict()}")
             print(f"{'RAM':>4} {'workload':10} {'total ms':>9} {'downtime ms':>11} {'bytes sent':>11} "
-                  f"{'rounds':>6} {'RAM MB/s':>8} {'wire MB/s':>9} {'% ceiling':>9}  dirty rate (pages/s)  stop")
+                  f"{'rounds':>6} {'RAM MB/s':>8} {'RAM/ceil':>8} {'wire MB/s':>9} {'wire/ceil':>9}  "
+                  f"dirty rate (pages/s)  stop")
             for mib in sizes:
                 for case in cases:
                     best = None
@@ -137,8 +140,9 @@ def main(args) -> int:
                     rate = r.rounds[0].dirty_rate
                     stop = r.stop_reason.split(" (")[0]
                     print(f"{mib:4d} {case:10} {r.total_seconds * 1e3:9.1f} {r.downtime_seconds * 1e3:11.2f} "
-                          f"{r.bytes_sent:11d} {r.precopy_rounds:6d} {ram_rate / 1e6:8.0f} {wire_rate / 1e6:9.0f} "
-                          f"{100 * max(ram_rate, wire_rate) / ceiling:8.0f}%  {rate:20.0f}  {stop}", flush=True)
+                          f"{r.bytes_sent:11d} {r.precopy_rounds:6d} {ram_rate / 1e6:8.0f} "
+                          f"{100 * ram_rate / ceiling:7.0f}% {wire_rate / 1e6:9.0f} {100 * wire_rate / ceiling:8.0f}%  "
+                          f"{rate:20.0f}  {stop}", flush=True)
         finally:
             dest.kill()
             dest.wait()
