@@ -222,3 +222,62 @@ def test_a_vmm_bug_while_receiving_is_contained(monkeypatch):
     monkeypatch.setattr(dest, "decode_pages", broken)
     out = feed(encode(RECORDS))
     assert isinstance(out, InternalError) and "simulated bug" in str(out)
+
+
+# --------------------------------------------------------- a hostile destination
+SOURCE_IMAGE = get_guest("counter").build()
+
+
+def _reply_script():
+    """What a destination says to a migration of a 16 MiB guest in one round:
+    WELCOME, ROUND_ACK(0), ROUND_ACK(1) for the final round, PREPARED."""
+    from migrate.messages import Welcome
+    npages = (16 << 20) // 4096
+    return [(RecordType.WELCOME, Welcome(0).encode()), (RecordType.ROUND_ACK, RoundMark(0, npages).encode())]
+
+
+def run_source_against(reply: bytes):
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def fake_destination():
+        conn, _ = listener.accept()
+        conn.settimeout(5)
+        try:
+            conn.sendall(reply)
+            conn.shutdown(socket.SHUT_WR)
+            while conn.recv(1 << 20):          # swallow what the source sends
+                pass
+        except OSError:
+            pass
+        finally:
+            conn.close()
+    t = threading.Thread(target=fake_destination, daemon=True)
+    t.start()
+    m = Machine(SOURCE_IMAGE)
+    m.run(max_ticks=3)
+    before = m.vclock
+    t0 = time.monotonic()
+    try:
+        from migrate.source import Source
+        Source(m, timeout=TIMEOUT).migrate(listener.getsockname()[:2])
+        outcome = None
+    except MigrationError as exc:
+        outcome = exc
+    assert time.monotonic() - t0 < 10 * TIMEOUT + 5
+    t.join(5)
+    listener.close()
+    return m, before, outcome
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(st.binary(max_size=200),
+                 st.integers(0, 200).map(lambda cut: encode(_reply_script())[:cut]),
+                 st.tuples(st.integers(0, 60), st.integers(1, 255)).map(
+                     lambda p: bytes(b ^ (p[1] if i == p[0] else 0) for i, b in enumerate(encode(_reply_script()))))))
+def test_source_survives_a_hostile_destination(reply):
+    """Garbage, truncated or corrupted replies: a clean MigrationError, the
+    guest never marked migrated, still able to run to the end."""
+    m, before, outcome = run_source_against(reply)
+    assert isinstance(outcome, MigrationError) and not isinstance(outcome, InternalError)
+    assert m.halted is None and not m.ram.dirty.enabled
+    assert m.run(max_ticks=100_000) == "shutdown" and "counter 100" in m.console.text()
