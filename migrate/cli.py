@@ -23,6 +23,7 @@ import argparse
 import gc
 import os
 import re
+import signal
 import sys
 import time
 import traceback
@@ -40,10 +41,13 @@ EXIT_OK, EXIT_CRASH, EXIT_BADINPUT, EXIT_BOUND, EXIT_UNCONFIRMED = 0, 1, 2, 3, 4
 
 
 def parse_after(text: str) -> tuple[str, float]:
-    """``N`` ticks, ``Ns`` seconds or ``Nms`` milliseconds."""
+    """``N`` ticks, ``Ns`` seconds, ``Nms`` milliseconds, or ``signal``
+    (when the running VMM receives SIGUSR1: a migrate command sent to it)."""
+    if text.strip() == "signal":
+        return "signal", 0
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s)?\s*", text)
     if not m:
-        raise argparse.ArgumentTypeError(f"--after takes N (ticks), Ns or Nms, not {text!r}")
+        raise argparse.ArgumentTypeError(f"--after takes N (ticks), Ns, Nms or 'signal', not {text!r}")
     value, unit = float(m.group(1)), m.group(2)
     if unit is None:
         if not value.is_integer():
@@ -78,9 +82,9 @@ def _migration_options(p: argparse.ArgumentParser, *, source: bool) -> None:
     if source:
         g.add_argument("--migrate-to", type=_address, metavar="HOST:PORT",
                        help="live-migrate the running guest to a 'minivmm serve' there")
-        g.add_argument("--after", type=parse_after, default=("ticks", 10), metavar="N|Ns",
-                       help="start migrating after N timer ticks (default 10), or after N seconds "
-                            "('2s', '500ms')")
+        g.add_argument("--after", type=parse_after, default=("ticks", 10), metavar="N|Ns|signal",
+                       help="start migrating after N timer ticks (default 10), after N seconds "
+                            "('2s', '500ms'), or when the VMM receives SIGUSR1 ('signal')")
         g.add_argument("--downtime-ms", type=_positive(float), default=30.0, metavar="MS",
                        help="pre-copy stops when the dirty set fits this downtime target (default 30)")
         g.add_argument("--max-rounds", type=_positive(int), default=30, metavar="N",
@@ -153,8 +157,17 @@ def run_guest(machine, args, *, role: str) -> int:
     if getattr(args, "migrate_to", None):
         kind, n = args.after
         tick0, t0 = machine.ticks, time.monotonic()
-        until = ((lambda m: m.ticks - tick0 >= n) if kind == "ticks"
-                 else (lambda m: time.monotonic() - t0 >= n))
+        if kind == "signal":
+            # The migrate command: SIGUSR1 only sets a flag; the run loop looks
+            # at it between slices, where a migration may start.
+            asked = []
+            signal.signal(signal.SIGUSR1, lambda signum, frame: asked.append(True))
+            _say(say, f"will migrate to {args.migrate_to} on SIGUSR1 (kill -USR1 {os.getpid()})")
+            until = lambda m: bool(asked)   # noqa: E731
+        elif kind == "ticks":
+            until = lambda m: m.ticks - tick0 >= n   # noqa: E731
+        else:
+            until = lambda m: time.monotonic() - t0 >= n   # noqa: E731
         try:
             result = machine.run(until=until)
         except GuestError as exc:

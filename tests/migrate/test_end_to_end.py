@@ -193,3 +193,16 @@ def test_demo_command_runs_a_live_migration(tmp_path):
     assert "counter" in a and "counter" in b
     assert sorted(counter_lines(a + b)) == list(range(1, 41))
     assert (tmp_path / "tpm-demo" / "source").is_dir() and (tmp_path / "tpm-demo" / "destination").is_dir()
+
+
+def test_migrate_command_sent_to_a_running_vmm(tmp_path, images):
+    img = images("long", [Program.builtin("counter", args=(400, 100_000))])
+    dst, port = serve(tmp_path)
+    src = Vmm("run", img, "--migrate-to", f"127.0.0.1:{port}", "--after", "signal", cwd=tmp_path, name="src")
+    line = src.wait_for("on SIGUSR1")
+    time.sleep(0.3)                                     # let it run a while first
+    src.proc.send_signal(signal.SIGUSR1)
+    assert src.finish() == 0 and dst.finish() == 0, src.stderr + dst.stderr
+    assert "kill -USR1" in line and "this VMM is done" in src.stderr
+    assert "counter" in src.stdout and "counter" in dst.stdout
+    assert counter_lines(src.stdout + dst.stdout) == list(range(1, 401))

@@ -55,6 +55,7 @@ def test_parse_after():
     assert parse_after("25") == ("ticks", 25)
     assert parse_after("2s") == ("seconds", 2.0)
     assert parse_after("500ms") == ("seconds", 0.5)
-    for bad in ("x", "-1", "1.5", "2h"):
+    assert parse_after("signal") == ("signal", 0)
+    for bad in ("x", "-1", "1.5", "2h", "sig"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_after(bad)
