@@ -32,10 +32,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from minivmm.memory import MAX_RAM, MIN_RAM          # the VMM's own bounds on guest RAM
 from migrate.errors import ProtocolError
 from migrate.wire import MAGIC, MAX_BATCH, MAX_SMALL, MAX_ZERO_BATCH, PAGE_SIZE, VERSION
 
-MIN_RAM, MAX_RAM = 16 << 20, 256 << 20
 STATUS_OK, STATUS_BUSY, STATUS_VERSION, STATUS_UNSUPPORTED = 0, 1, 2, 3
 STATUS_NAMES = {0: "ok", 1: "busy", 2: "version", 3: "unsupported"}
 

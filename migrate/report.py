@@ -64,8 +64,10 @@ class MigrationReport:
         lines.append("  round   pages    data    zero      bytes     ms  dirtied  dirty rate (pages/s)")
         for r in self.rounds:
             tag = "final" if r.final else f"{r.round:5d}"
+            dirt = (f"{r.dirtied:8d}  {r.dirty_rate:12.0f}" if self.role == "source"
+                    else f"{'-':>8}  {'-':>12}")      # only the source sees the guest write
             lines.append(f"  {tag:>5} {r.pages:7d} {r.data_pages:7d} {r.zero_pages:7d} {r.bytes:10d} "
-                         f"{r.seconds * 1e3:6.1f} {r.dirtied:8d}  {r.dirty_rate:12.0f}")
+                         f"{r.seconds * 1e3:6.1f} {dirt}")
         if self.stop_reason:
             lines.append(f"  pre-copy stopped after {self.precopy_rounds} rounds: {self.stop_reason}")
         wire = max(self.bytes_sent, self.bytes_received)
