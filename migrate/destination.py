@@ -31,8 +31,9 @@ from minivmm.memory import GuestRAM
 from minivmm.state import MachineState
 from migrate import clock, events as mev
 from migrate.digest import PageHashes
-from migrate.errors import DigestMismatch, InternalError, MigrationError, PeerAborted, ProtocolError
-from migrate.messages import (STATUS_OK, Digest, Hello, Resumed, RoundMark, Welcome, decode_pages,
+from migrate.errors import (DigestMismatch, InternalError, MigrationError, PeerAborted, ProtocolError,
+                            Unsupported, VersionMismatch)
+from migrate.messages import (STATUS_OK, STATUS_UNSUPPORTED, STATUS_VERSION, Digest, Hello, Resumed, RoundMark, Welcome, decode_pages,
                               decode_reason, decode_zero_pages, encode_reason)
 from migrate.report import MigrationReport, RoundStats
 from migrate.residency import Prefaulter
@@ -133,7 +134,12 @@ class Destination:
                 raise ProtocolError(f"unexpected {rec.type.name} record in state {state}")
             t = rec.type
             if t is RecordType.HELLO:
-                hello = Hello.decode(rec.body)
+                try:
+                    hello = Hello.decode(rec.body)
+                except (VersionMismatch, Unsupported) as exc:   # a minivmm peer: say why
+                    status = STATUS_VERSION if isinstance(exc, VersionMismatch) else STATUS_UNSUPPORTED
+                    ch.send(RecordType.WELCOME, Welcome(status, str(exc)).encode())
+                    raise
                 ram = GuestRAM(hello.ram_size)
                 prefault = self._prefault = Prefaulter(ram.host_address, ram.npages)
                 npages = ram.npages

@@ -18,6 +18,14 @@ class ProtocolError(MigrationError):
     """The peer sent something malformed, oversized, out of order or unknown."""
 
 
+class VersionMismatch(ProtocolError):
+    """The peer speaks another version of the migration protocol."""
+
+
+class Unsupported(ProtocolError):
+    """The peer asks for something this VMM cannot do (say, a RAM size)."""
+
+
 class DigestMismatch(ProtocolError):
     """The final digest does not match what arrived: the VM did not arrive whole."""
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from minivmm.memory import MAX_RAM, MIN_RAM          # the VMM's own bounds on guest RAM
-from migrate.errors import ProtocolError
+from migrate.errors import ProtocolError, Unsupported, VersionMismatch
 from migrate.wire import MAGIC, MAX_BATCH, MAX_SMALL, MAX_ZERO_BATCH, PAGE_SIZE, VERSION
 
 STATUS_OK, STATUS_BUSY, STATUS_VERSION, STATUS_UNSUPPORTED = 0, 1, 2, 3
@@ -81,11 +81,11 @@ class Hello:
         if magic != MAGIC:
             raise ProtocolError(f"not a minivmm migration stream (magic {magic!r})")
         if version != VERSION:
-            raise ProtocolError(f"peer speaks migration protocol version {version}; this VMM speaks {VERSION}")
+            raise VersionMismatch(f"peer speaks migration protocol version {version}; this VMM speaks {VERSION}")
         if flags:
-            raise ProtocolError(f"HELLO flags {flags:#x} not understood")
+            raise Unsupported(f"HELLO flags {flags:#x} not understood")
         if ram_size % PAGE_SIZE or not MIN_RAM <= ram_size <= MAX_RAM:
-            raise ProtocolError(f"HELLO: guest RAM of {ram_size} bytes is not a page multiple in "
+            raise Unsupported(f"HELLO: guest RAM of {ram_size} bytes is not a page multiple in "
                                 f"[{MIN_RAM >> 20}, {MAX_RAM >> 20}] MiB")
         return cls(ram_size, _json(body[_HELLO.size:], "HELLO info"), version)
 

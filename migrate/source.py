@@ -175,10 +175,7 @@ class Source:
         m = self.machine
         info = {"vm": m.image.name, "vclock": m.vclock, "source": socket.gethostname()}
         ch.send(RecordType.HELLO, Hello(m.ram.size, info).encode())
-        rec = ch.recv()
-        if rec.type is not RecordType.WELCOME:
-            raise ProtocolError(f"expected WELCOME, destination sent {rec.type.name}")
-        welcome = Welcome.decode(rec.body)
+        welcome = Welcome.decode(self._expect(ch, RecordType.WELCOME).body)
         if welcome.status != STATUS_OK:
             raise Refused(f"destination {peer} refused the migration "
                           f"({STATUS_NAMES[welcome.status]}): {welcome.reason}")

@@ -140,3 +140,24 @@ def test_many_rounds_under_a_tight_policy_still_exact():
     assert "round bound" in report.stop_reason or "no dirty pages" in report.stop_reason
     d = result["incoming"].machine
     assert d.console.text() == ref.console.text() and d.exits == ref.exits
+
+
+@pytest.mark.parametrize("version, ram, status", [(2, 16 << 20, 2), (1, 512 << 20, 3)])
+def test_destination_says_why_it_refuses_a_hello(version, ram, status):
+    """A minivmm peer with another protocol version or an impossible RAM size
+    gets WELCOME(VERSION / UNSUPPORTED) with the reason, not just a hang-up."""
+    import struct
+    from migrate.messages import Welcome
+    from migrate.wire import MAGIC, Channel, RecordType
+    a, b = socket.socketpair()
+    result = {}
+    t = threading.Thread(target=lambda: result.update(
+        out=pytest.raises(MigrationError, Destination(timeout=2).receive, Channel(b, timeout=2))), daemon=True)
+    t.start()
+    peer = Channel(a, timeout=5)
+    peer.send(RecordType.HELLO, MAGIC + struct.pack("<HHI", version, 0, ram) + b"{}")
+    welcome = Welcome.decode(peer.recv().body)
+    assert welcome.status == status and ("version" in welcome.reason or "RAM" in welcome.reason)
+    t.join(10)
+    a.close()
+    b.close()
