@@ -119,14 +119,14 @@ def _config(role: str, args, machine_mode=None) -> dict:
     return cfg
 
 
-def _measure(role: str, args) -> None:
+def _measure(role: str, args):
     tpm_dir = Path(args.tpm_dir) if args.tpm_dir else default_tpm_dir(role)
     m = measure_start(tpm_dir, _config(role, args))
     _say("serve" if role == "destination" else "run", m.describe())
     return m
 
 
-def _stream(machine, args, prefix: str = "") -> None:
+def _stream(machine, args) -> None:
     def show(e):
         if isinstance(e, ev.ConsoleOutput):
             sys.stdout.write(e.text)
