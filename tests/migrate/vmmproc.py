@@ -51,13 +51,14 @@ class Vmm:
                 return
             self.out_chunks.append(data)
 
-    def wait_for(self, text: str, timeout: float = 60.0) -> str:
+    def wait_for(self, text: str, timeout: float = 60.0, count: int = 1) -> str:
+        """The ``count``-th stderr line containing ``text`` (waiting for it)."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                for line in self.err_lines:
-                    if text in line:
-                        return line
+                hits = [line for line in self.err_lines if text in line]
+                if len(hits) >= count:
+                    return hits[count - 1]
                 left = deadline - time.monotonic()
                 if left <= 0 or (self.proc.poll() is not None and not self._threads[0].is_alive()):
                     raise AssertionError(f"{self.name}: {text!r} not seen; stderr:\n{self.stderr}")
