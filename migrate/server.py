@@ -21,9 +21,10 @@ REFUSE_TIMEOUT = 5.0
 
 
 class Server:
-    def __init__(self, listen: str, *, timeout: float = 10.0):
+    def __init__(self, listen: str, *, timeout: float = 10.0, channel=Channel):
         host, port = parse_address(listen)
         self.timeout = timeout
+        self.channel = channel          # Channel(sock, timeout=...): the secure mode brings its own
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.create_server((host, port), family=family, backlog=16)
         self.address = self.sock.getsockname()[:2]
@@ -48,7 +49,7 @@ class Server:
             self.busy_reason = busy_reason
             self._waiting = True
         conn, addr = self._handoff.get()
-        return Channel(conn, timeout=self.timeout), f"{addr[0]}:{addr[1]}"
+        return self.channel(conn, timeout=self.timeout), f"{addr[0]}:{addr[1]}"
 
     def set_busy_reason(self, reason: str) -> None:
         with self._lock:

@@ -62,12 +62,14 @@ class _Stopped(Exception):
 
 class Source:
     def __init__(self, machine, *, policy: PrecopyPolicy | None = None, timeout: float = 10.0,
-                 connect_timeout: float = 5.0, check_ram: bool = False, events: EventBus | None = None):
+                 connect_timeout: float = 5.0, check_ram: bool = False, events: EventBus | None = None,
+                 channel=Channel):
         self.machine = machine
         self.policy = policy or PrecopyPolicy()
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.check_ram = check_ram
+        self.channel = channel          # Channel(sock, timeout=...): the secure mode brings its own
         self.events = events or EventBus()
         self.hashes = PageHashes(machine.ram.npages)
         self._stop = threading.Event()
@@ -98,7 +100,7 @@ class Source:
                 sock = socket.create_connection(addr, timeout=self.connect_timeout)
             except OSError as exc:
                 raise ConnectionLost(f"cannot connect to {peer}: {exc.strerror or exc}") from None
-            ch = Channel(sock, timeout=self.timeout)
+            ch = self.channel(sock, timeout=self.timeout)
             self._emit(mev.Connected, peer=peer)
             self._handshake(ch, peer)
             remaining = self._precopy(ch, report)
@@ -240,10 +242,7 @@ class Source:
                 self._stop.set()
                 th.join(0.5)
                 if th.is_alive():           # blocked on a peer that stopped reading: unblock it
-                    try:
-                        ch.sock.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
+                    ch.close()
                     th.join()
                 raise
             th.join()

@@ -138,8 +138,11 @@ class Channel:
 
     ``timeout`` bounds the time to receive one whole record (header and
     body), not each ``recv`` call, so a peer that trickles one byte at a time
-    is cut off as surely as one that says nothing.  A secure channel (AEAD,
-    later issue) subclasses this and overrides :meth:`_seal`/:meth:`_open`.
+    is cut off as surely as one that says nothing.  The engine uses only
+    :meth:`send`, :meth:`recv`, :meth:`close`, ``timeout`` and the byte
+    counters, so the secure channel of a later issue (AEAD per record, the
+    header as associated data, ``seq`` as the counter nonce) can stand in for
+    this class without a change to ``source``/``destination``.
     """
 
     def __init__(self, sock: socket.socket, *, timeout: float = 10.0):
