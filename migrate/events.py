@@ -85,4 +85,4 @@ class Aborted(MigrationEvent):
 
 @dataclass(frozen=True)
 class Completed(MigrationEvent):
-    report: object      # migrate.report.MigrationReport
+    report: dict        # MigrationReport.to_dict(): a snapshot, safe to hand to another thread

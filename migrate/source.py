@@ -147,7 +147,7 @@ class Source:
             if ch is not None:
                 report.bytes_sent, report.bytes_received = ch.bytes_sent, ch.bytes_received
                 ch.close()
-        self._emit(mev.Completed, report=report)
+        self._emit(mev.Completed, report=report.to_dict())
         return report
 
     def _abort(self, ch, report, exc) -> None:
