@@ -206,3 +206,16 @@ def test_migrate_command_sent_to_a_running_vmm(tmp_path, images):
     assert "kill -USR1" in line and "this VMM is done" in src.stderr
     assert "counter" in src.stdout and "counter" in dst.stdout
     assert counter_lines(src.stdout + dst.stdout) == list(range(1, 401))
+
+
+def test_source_killed_mid_precopy_destination_discards_and_serves_on(tmp_path):
+    dst, port = serve(tmp_path)
+    victims = []
+    proxy = Proxy(port, cut_at=RecordType.PAGES, on_cut=lambda: victims[0].kill())
+    src = Vmm("run", "counter", "--migrate-to", f"127.0.0.1:{proxy.port}", "--after", "5", cwd=tmp_path, name="src")
+    victims.append(src)
+    dst.wait_for("discarded")
+    assert src.proc.returncode == -signal.SIGKILL and dst.stdout == ""     # nothing resumed
+    src2 = Vmm("run", "counter", "--migrate-to", f"127.0.0.1:{port}", "--after", "5", cwd=tmp_path, name="src2")
+    assert src2.finish() == 0 and dst.finish() == 0, src2.stderr + dst.stderr
+    assert counter_lines(src2.stdout + dst.stdout) == list(range(1, 101))
