@@ -51,8 +51,8 @@ def test_a_different_configuration_changes_pcr9_and_the_quote(tmp_path):
 
 @pytest.mark.slow
 def test_serve_process_measures_itself_at_start(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "minivmm", "serve", "--listen", "127.0.0.1:0", "--timeout", "3",
-                           "--tpm-dir", str(tmp_path / "t"), "--listen", "256.0.0.1:1"],
+    proc = subprocess.run([sys.executable, "-m", "minivmm", "serve", "--listen", "256.0.0.1:1", "--timeout", "3",
+                           "--tpm-dir", str(tmp_path / "t")],
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
     # the bad address fails after the measurement, which must already be in the TPM
     assert proc.returncode == 2 and "measured into TPM" in proc.stderr
