@@ -365,3 +365,11 @@ def test_kernel_sees_scrubbed_registers_and_tampering_is_undone(redirect):
 def test_every_hostile_kernel_is_in_the_catalog():
     for k in HOSTILE_KERNELS:
         assert get_guest(f"attack-{k}").kernel == k
+
+
+def test_protection_benchmark_runs_its_real_workloads():
+    from minivmm.bench_protection import measure, report
+    r = measure(repeat=1, syscalls=300, compute=20_000)
+    assert r["cloak_us"] > 0 and r["uncloak_us"] > 0
+    assert r["syscall_ratio"] > 0 and r["compute_ratio"] > 0
+    assert "slowdown" in report(r)
