@@ -46,11 +46,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from cryptography.exceptions import InvalidTag
+from unicorn.x86_const import UC_X86_REG_EFLAGS, UC_X86_REG_EIP
 
 from minivmm import abi
 from minivmm import events as ev
 from minivmm.cloak import KEY_BYTES, NONCE_BYTES, TAG_BYTES, PageCipher, associated_data, nonce_for
-from minivmm.cpu import CpuState
+from minivmm.cpu import GP_REGS, SEG_REGS, CpuState
 
 PLAINTEXT, CLOAKED = "plaintext", "cloaked"
 PAGE = abi.PAGE_SIZE
@@ -431,6 +432,12 @@ class Protection:
         proc = self.by_cr3.get(cpu.cr3 & 0xFFFFF000)
         if proc is None or cpu.cpl != 3:
             return cpu
+        if proc.in_kernel:
+            # The kernel returned to it, but a slice ended between that iret and
+            # its first fetch, and now an interrupt comes first: settle the
+            # return here, or the scrubbed registers would be saved as real ones.
+            self._check_return(proc, cpu.to_dict())
+            cpu = self.resume_context(proc, cpu)
         syscall = software and vector == abi.VEC_SYSCALL
         keep = SYSCALL_VISIBLE if syscall else ()
         shown = cpu.replace(**{r: 0 for r in GP if r not in keep})
@@ -438,29 +445,27 @@ class Protection:
         self._flush()       # its return will then start with a ring-3 fill (see module doc)
         return shown
 
-    def _compare(self, proc: ProtectedProcess, current: dict[str, int]) -> list[str]:
+    def _check_return(self, proc: ProtectedProcess, current: dict[str, int]) -> list[str]:
+        """Compare what the kernel hands back with what it was shown; report
+        any difference (only eax after a system call may change)."""
         shown = proc.shown
-        diffs = []
-        for name in GP + CONTROL:
-            if name == "eax" and proc.syscall:
-                continue        # the system-call result is the kernel's to set
-            if current[name] != getattr(shown, name):
-                diffs.append(name)
+        diffs = [name for name in GP + CONTROL
+                 if not (name == "eax" and proc.syscall) and current[name] != getattr(shown, name)]
+        if diffs:
+            detail = ", ".join(f"{n} {getattr(shown, n):#x} -> {current[n]:#x}" for n in diffs)
+            self._emit(ev.RegisterTamper, pid=proc.pid, name=proc.name, registers=tuple(diffs),
+                       detail=detail)
         return diffs
 
     def _resume_in_hook(self, uc, proc: ProtectedProcess) -> bool:
         """The first ring-3 fetch of ``proc`` after a kernel entry.  Restore its
         general registers here when the kernel returned to the right place;
         return False when the whole context must be restored between slices."""
-        from minivmm.cpu import GP_REGS, SEG_REGS
-        from unicorn.x86_const import UC_X86_REG_EFLAGS, UC_X86_REG_EIP
         current = {n: uc.reg_read(r) for n, r in GP_REGS.items()}
         current.update({n: uc.reg_read(r) for n, r in SEG_REGS.items()})
         current["eip"] = uc.reg_read(UC_X86_REG_EIP)
         current["eflags"] = uc.reg_read(UC_X86_REG_EFLAGS)
-        diffs = self._compare(proc, current)
-        if diffs:
-            self._report_tamper(proc, diffs, current)
+        diffs = self._check_return(proc, current)
         if any(d in CONTROL for d in diffs):
             return False
         saved = proc.saved
@@ -472,18 +477,15 @@ class Protection:
         return True
 
     def resume_context(self, proc: ProtectedProcess, current: CpuState) -> CpuState:
-        """The full context to load when the kernel returned to the wrong place."""
+        """The context to load when the kernel returned to the wrong place (or
+        when the return is settled outside the hook): its saved registers,
+        with the system-call result.  Already checked by ``_check_return``."""
         saved = proc.saved
         restore = {n: getattr(saved, n) for n in GP + CONTROL}
         if proc.syscall:
             restore["eax"] = current.eax
         proc.in_kernel = False
         return current.replace(**restore)
-
-    def _report_tamper(self, proc: ProtectedProcess, diffs: list[str], current: dict[str, int]) -> None:
-        detail = ", ".join(f"{n} {getattr(proc.shown, n):#x} -> {current[n]:#x}" for n in diffs)
-        self._emit(ev.RegisterTamper, pid=proc.pid, name=proc.name,
-                         registers=tuple(diffs), detail=detail)
 
     # ------------------------------------------------------------- views
     def view(self) -> tuple[ProcessView, ...]:

@@ -373,3 +373,19 @@ def test_protection_benchmark_runs_its_real_workloads():
     assert r["cloak_us"] > 0 and r["uncloak_us"] > 0
     assert r["syscall_ratio"] > 0 and r["compute_ratio"] > 0
     assert "slowdown" in report(r)
+
+
+def test_an_interrupt_before_the_first_fetch_settles_the_return_first():
+    # If a slice ends between the kernel's iret and the process's first fetch,
+    # the next kernel entry must not save the scrubbed registers as real ones.
+    m = Machine(build_image([prog("regs", REGS, data_pages=1)]))
+    m.run(until=lambda m: bool(m.protection.view()) and m.protection.procs[1].in_kernel)
+    proc = m.protection.procs[1]
+    real, shown = proc.saved, proc.shown
+    assert real.esi == 0x11111111 and shown.esi == 0
+    returned = shown.replace(eax=0)                  # what the kernel's iret leaves: scrubbed
+    again = m.protection.enter_kernel(returned, abi.VEC_TIMER, False)
+    assert proc.saved.esi == 0x11111111 and proc.saved.edi == 0x22222222
+    assert proc.saved.eax == 0                       # the system-call result was kept
+    assert again.esi == 0 and again.eax == 0         # and the kernel sees scrubbed ones again
+    assert not proc.syscall
