@@ -108,7 +108,7 @@ def cmd_guests(args) -> int:
     from guests.catalog import GUESTS
     print("Built-in guest images (minivmm run NAME):")
     for g in GUESTS.values():
-        print(f"  {g.name:10} {g.description}")
+        print(f"  {g.name:14} {g.description}")
     print("\nBuilt-in user programs (guests/programs/, for your own images):")
     print("  " + ", ".join(builtin_programs()))
     return EXIT_OK
