@@ -197,6 +197,9 @@ def main(argv=None) -> int:
     except VmmError as exc:
         print(f"minivmm: {exc}", file=sys.stderr)
         return EXIT_BADINPUT
+    except BrokenPipeError:                     # `minivmm guests | head`: not an error
+        sys.stdout = None
+        return EXIT_OK
     except (ValueError, OSError) as exc:        # bad numbers, unreadable files
         print(f"minivmm: {exc}", file=sys.stderr)
         return EXIT_BADINPUT
