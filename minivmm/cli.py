@@ -86,7 +86,8 @@ def cmd_run(args) -> int:
     else:
         image = _load_image(args.guest, args.ram)
         machine = Machine(image, ram_size=args.ram, mode=args.mode, tick_instructions=args.tick,
-                          protection=not args.no_protection)
+                          protection=not args.no_protection,
+                          key_seed=args.key_seed.encode() if args.key_seed else None)
     _stream(machine, args)
     try:
         result = machine.run(max_ticks=args.ticks, max_instructions=args.instructions)
@@ -153,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-protection", action="store_true",
                    help="run without process protection: HC_PROTECT fails with -ENOSYS, so the "
                         "attack-* guests show what a hostile kernel gets away with")
+    r.add_argument("--key-seed", metavar="TEXT",
+                   help="derive protection keys from TEXT, so a run is reproducible down to the "
+                        "ciphertext a snooping kernel prints (labs; never for real secrets)")
     r.add_argument("--save-state", metavar="FILE", help="save the machine state to FILE when the run ends")
     r.add_argument("--restore", action="store_true", help="GUEST is a state file from --save-state: continue it")
     r.set_defaults(func=cmd_run)

@@ -10,10 +10,13 @@ metadata.  The associated data binds the page to where it belongs:
 so a page moved to another virtual address (vpn), handed to another process
 (ident), or rolled back to an older copy (version) fails verification.
 
-Nonces are 96 bits: ``u32 0 || u64 counter`` from a per-process counter that
-only goes up (it is part of the process's metadata and migrates with it).
-Each process has its own key, so no (key, nonce) pair is ever used twice:
-GCM's one fatal misuse.
+Nonces are 96 bits: ``u32 prefix || u64 counter``.  The counter is per
+process and only goes up (it is part of the process's metadata and migrates
+with it); the prefix is drawn fresh by every VMM instance (each boot, each
+restore, each migration destination), so a state restored twice, or an old
+state restored after a newer run, still never repeats a nonce.  Each process
+has its own key, so no (key, nonce) pair is ever used twice: GCM's one fatal
+misuse.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ _AD = struct.Struct("<15sQII")
 _NONCE = struct.Struct("<IQ")
 
 
-def nonce_for(counter: int) -> bytes:
-    return _NONCE.pack(0, counter)
+def nonce_for(prefix: int, counter: int) -> bytes:
+    return _NONCE.pack(prefix, counter)
 
 
 def associated_data(ident: int, vpn: int, version: int) -> bytes:

@@ -98,7 +98,7 @@ class PageCloaked(Event):
     vaddr: int
     frame: int
     version: int
-    reason: str           # "kernel access", "pid 3 access", "vmm read", "export", ...
+    reason: str           # "kernel access", "pid 3 access", "vmm access", "export", ...
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,14 @@ class PageUncloaked(Event):
     vaddr: int
     frame: int
     version: int
+
+
+@dataclass(frozen=True)
+class PageAdopted(Event):
+    """A page mapped into a protected process after HC_PROTECT, protected at its first touch."""
+    pid: int
+    vaddr: int
+    frame: int
 
 
 @dataclass(frozen=True)

@@ -211,6 +211,7 @@ class Machine:
         if nr == abi.HC_PROC_START:
             name = self._kernel_string(a[2])
             self.pids[a[1] & 0xFFFFF000] = a[0]
+            self.protection.process_started(a[0], a[1])
             self.names[a[0]] = name
             self.events.emit(ev.ProcessStart, self.timer.vclock, pid=a[0], name=name, cr3=a[1])
             return 0
@@ -221,9 +222,15 @@ class Machine:
             return 0
         return -abi.ENOSYS
 
+    def _vmm_touch(self, frame: int) -> None:
+        """The VMM itself is about to read or write ``frame`` (bypassing the TLB):
+        to process protection it is "anyone else" (DESIGN §5)."""
+        if self.protection.active:
+            self.protection.touch_frame(frame, "vmm access")
+
     def _kernel_string(self, vaddr: int, limit: int = 16) -> str:
         try:
-            raw = kernel_read(self.ram, read_cpu(self._uc), vaddr, limit)
+            raw = kernel_read(self.ram, read_cpu(self._uc), vaddr, limit, self._vmm_touch)
         except (DeliveryError, VmmError):
             return "?"
         return raw.split(b"\0", 1)[0].decode("ascii", "replace")
@@ -343,7 +350,7 @@ class Machine:
             cpu = self.protection.enter_kernel(cpu or read_cpu(self._uc), vector, software)
         try:
             deliver(self._uc, self.ram, self.mmu, vector, error_code=error_code, software=software,
-                    cpu=cpu, clean_context=self._clean if clean else None)
+                    cpu=cpu, clean_context=self._clean if clean else None, touch=self._vmm_touch)
         except TripleFault as exc:
             self._halt("triple-fault", str(exc))
             raise
@@ -361,7 +368,16 @@ class Machine:
         # confirm: a halted loop comes straight back to the same hlt.
         for _ in range(3):
             self.timer.advance(self.timer.exit_cost)
-            uc.emu_start(eip, 0, count=4)
+            try:
+                uc.emu_start(eip, 0, count=4)
+            except UcError:
+                # It did not stay halted: whatever stopped the probe (a fault, a
+                # refused fill) happens again, and is handled, in the next step.
+                self._trap = None
+                return
+            if self._trap is not None or self._stop_reason is not None:
+                self._trap = self._stop_reason = None   # the same: the next step redoes it
+                return
             if uc.reg_read(UC_X86_REG_EIP) != eip:
                 return
         self._halt("hang", f"hlt with interrupts disabled at eip {eip - 1:#x}")
@@ -370,7 +386,7 @@ class Machine:
     def _after_hlt(self, eip: int) -> bool:
         try:
             cpu = read_cpu(self._uc)
-            return kernel_read(self.ram, cpu, eip - 1, 1) == b"\xf4"
+            return kernel_read(self.ram, cpu, eip - 1, 1, self._vmm_touch) == b"\xf4"
         except (DeliveryError, VmmError):
             return False
 
@@ -417,8 +433,7 @@ class Machine:
     def read_virtual(self, cr3: int, vaddr: int, length: int, *, user: bool = True) -> bytes:
         """Read guest memory through address space ``cr3`` (as CPL3 if ``user``)."""
         try:
-            return read_linear(self.ram, cr3, vaddr, length, user=user,
-                               touch=lambda f: self.protection.touch_frame(f, "vmm read"))
+            return read_linear(self.ram, cr3, vaddr, length, user=user, touch=self._vmm_touch)
         except WalkFault:
             raise VmmError(f"virtual address range at {vaddr:#x} is not mapped in address space {cr3:#x}") from None
 

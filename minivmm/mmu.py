@@ -124,7 +124,10 @@ class Mmu:
         except WalkFault as fault:
             return self._refuse(entry, vaddr, fault.error_code)
         prot = self.protection
-        if prot is not None and not self.machine_call and prot.active:
+        if prot is not None and self.machine_call and prot.active:
+            # The VMM's own descriptor loads are "anyone else" too (never refused here).
+            prot.touch_frame(page >> 12, "vmm descriptor load")
+        elif prot is not None and prot.active:
             verdict = prot.on_fill(uc, vaddr, page, user, write, access == UC_MEM_FETCH, cr3)
             if verdict is not None:
                 if verdict == "resume":     # not a fault: see Protection.on_fill

@@ -56,7 +56,7 @@ from minivmm.cpu import GP_REGS, SEG_REGS, CpuState
 PLAINTEXT, CLOAKED = "plaintext", "cloaked"
 PAGE = abi.PAGE_SIZE
 _U32 = struct.Struct("<I").unpack_from
-PTE_P, PTE_W, PTE_U = 1, 2, 4
+PTE_P, PTE_W, PTE_U, PTE_PS = 1, 2, 4, 0x80
 PF_P, PF_W, PF_U = 1, 2, 4
 
 GP = ("eax", "ebx", "ecx", "edx", "esi", "edi", "ebp")
@@ -64,6 +64,8 @@ SYSCALL_VISIBLE = ("eax", "ebx", "ecx", "edx")
 CONTROL = ("eip", "esp", "eflags", "cs", "ss", "ds", "es", "fs", "gs")
 
 MAX_PROTECTED = abi.NPROC
+MAX_EXITED = abi.NPROC          # exited processes kept for the view; older ones are dropped
+DETACHED = -1                   # ppn of a cloaked page whose ciphertext the kernel moved away
 MAX_PAGES = (abi.USER_END - abi.USER_BASE) // PAGE
 
 
@@ -153,10 +155,10 @@ class ProtectionState:
         if d.get("version") != cls.VERSION:
             raise ValueError(f"protection state version {d.get('version')!r}, expected {cls.VERSION}")
         keys = {int(h): base64.b64decode(k, validate=True) for h, k in d["keys"].items()}
-        if len(keys) > MAX_PROTECTED * 4 or any(len(k) != KEY_BYTES for k in keys.values()):
+        if len(keys) > MAX_PROTECTED or any(len(k) != KEY_BYTES for k in keys.values()):
             raise ValueError("protection state: bad key table")
         procs = tuple(d["processes"])
-        if len(procs) > MAX_PROTECTED * 4:
+        if len(procs) > MAX_PROTECTED + MAX_EXITED:
             raise ValueError("protection state: too many protected processes")
         return cls(enabled=bool(d["enabled"]), next_handle=int(d["next_handle"]), keys=keys,
                    processes=procs)
@@ -238,6 +240,7 @@ class Protection:
         self._keys: dict[int, bytes] = {}
         self._ciphers: dict[int, PageCipher] = {}
         self._next_handle = 1
+        self._nonce_prefix = int.from_bytes(key_source(4), "little")   # fresh per VMM instance
         self.resume_pending: ProtectedProcess | None = None   # set by on_fill, see machine
 
     @property
@@ -253,6 +256,8 @@ class Protection:
             return -abi.EPERM                       # not a process the kernel announced
         if pid in self.procs and not self.procs[pid].exited:
             return -abi.EEXIST
+        if cr3 & 0xFFFFF000 in self.by_cr3:
+            return -abi.EEXIST          # this address space belongs to a protected process
         if flags != 0 or shared_vaddr % PAGE or not abi.USER_BASE <= shared_vaddr < abi.USER_END \
                 or shared_vaddr == abi.INFO_VADDR:
             return -abi.EINVAL
@@ -281,6 +286,7 @@ class Protection:
                                 ident=int.from_bytes(self._key_source(8), "little"),
                                 key_handle=handle, measurement=measure.digest(),
                                 shared_vaddr=shared_vaddr, pages=pages)
+        self.procs.pop(pid, None)       # an exited namesake: replaced
         self.procs[pid] = proc
         self.by_cr3[proc.cr3] = proc
         for meta in pages.values():
@@ -300,7 +306,13 @@ class Protection:
             if pd + pdi * 4 + 4 > size:
                 break
             pde = _U32(view, pd + pdi * 4)[0]
-            if pde & (PTE_P | PTE_U) != PTE_P | PTE_U or pde & 0x80:
+            if pde & (PTE_P | PTE_U) != PTE_P | PTE_U:
+                continue
+            if pde & PTE_PS:            # a 4 MiB page: protect each of its 4 KiB frames
+                base = (pde & 0xFFC00000) >> 12
+                for i in range(1024):
+                    if (base + i + 1) * PAGE <= size:
+                        out[(pdi << 10) | i] = (base + i, bool(pde & PTE_W))
                 continue
             pt = pde & 0xFFFFF000
             if pt + PAGE > size:
@@ -326,12 +338,18 @@ class Protection:
         """
         owner = self.by_cr3.get(cr3 & 0xFFFFF000) if user else None
         if owner is not None:
+            if owner.exited and not owner.stopped:
+                self._violation(owner, vaddr, write, "resumed after the kernel reported it exited")
             if owner.stopped:
                 return PF_P | PF_U | (PF_W if write else 0)
             if owner.in_kernel and fetch and not self._resume_in_hook(uc, owner):
                 self.resume_pending = owner
                 return "resume"
             meta = owner.pages.get(vaddr >> 12)
+            if meta is None:
+                meta = self._adopt(owner, vaddr, frame)
+                if isinstance(meta, int):
+                    return meta
             if meta is not None:
                 return self._owner_access(owner, meta, vaddr, frame, write)
         held = self.frames.get(frame >> 12)
@@ -339,6 +357,29 @@ class Protection:
             by = "kernel" if not user else f"pid {self._pid_of(cr3)}"
             self.cloak(held[0], held[1], reason=f"{by} access")
         return None
+
+    def _adopt(self, proc: ProtectedProcess, vaddr: int, frame: int):
+        """The owner reached a user page it had no protection for (mapped after
+        HC_PROTECT): protect it from now on, like Overshadow does on first touch.
+        Returns the new page, None (not a page to protect), or a violation."""
+        vpn, ppn = vaddr >> 12, frame >> 12
+        if not abi.USER_BASE <= vaddr < abi.USER_END:
+            return None
+        held = self.frames.get(ppn)
+        if held is not None and held[0] is proc:
+            # Its info page, its shared page or a new address aliasing one of
+            # its protected frames: the kernel is handing it the same frame twice.
+            return self._violation(proc, vaddr, False,
+                                   f"aliased: this address maps the frame of its page "
+                                   f"{held[1].vpn << 12:#x}")
+        if vpn in (abi.INFO_VADDR >> 12, proc.shared_vaddr >> 12) or held is not None:
+            return None                 # not its to protect (another process's page is cloaked)
+        meta = PageMeta(vpn, ppn)
+        proc.pages[vpn] = meta
+        self.frames[ppn] = (proc, meta)
+        self._flush()                   # the kernel may hold a translation to this frame
+        self._emit(ev.PageAdopted, pid=proc.pid, vaddr=vpn << 12, frame=ppn)
+        return meta
 
     def _pid_of(self, cr3: int) -> int:
         p = self.by_cr3.get(cr3 & 0xFFFFF000)
@@ -374,7 +415,14 @@ class Protection:
             if self.frames.get(meta.ppn, (None, None))[1] is meta:
                 del self.frames[meta.ppn]
             meta.ppn = ppn
-            self.frames[ppn] = (proc, meta)
+        if held is not None and held[1] is not meta:
+            # This frame was last seen holding another (cloaked) page; its
+            # ciphertext is gone from here now.  Wherever the kernel put it,
+            # the owner's next touch verifies it there.
+            held[1].ppn = DETACHED
+        # Invariant: every plaintext page is frames[its ppn], so the fill hook
+        # always knows to cloak it when someone else reaches the frame.
+        self.frames[ppn] = (proc, meta)
         meta.state = PLAINTEXT
         self._flush()
         self._emit(ev.PageUncloaked, pid=proc.pid, vaddr=meta.vpn << 12,
@@ -392,7 +440,7 @@ class Protection:
         counter = proc.nonce_counter
         proc.nonce_counter += 1
         version = meta.version + 1
-        nonce = nonce_for(counter)
+        nonce = nonce_for(self._nonce_prefix, counter)
         ct, tag = self._ciphers[proc.key_handle].seal(
             self.ram.page(meta.ppn), nonce, associated_data(proc.ident, meta.vpn, version))
         self.ram.write(meta.ppn << 12, ct)
@@ -416,15 +464,32 @@ class Protection:
         return n
 
     def process_exited(self, pid: int) -> None:
-        """The kernel reports ``pid`` gone: cloak what is left, forget its CR3."""
+        """The kernel reports ``pid`` gone: cloak what is left and destroy its
+        key (its frames are the kernel's to reuse: ciphertext nobody can open).
+        Its CR3 stays known, so a kernel that lied and resumes it anyway gets
+        an integrity violation, not a process running unprotected."""
         proc = self.procs.get(pid)
         if proc is None or proc.exited:
             return
         for meta in proc.pages.values():
             if meta.state == PLAINTEXT:
                 self.cloak(proc, meta, reason="process exit")
-        proc.exited, proc.in_kernel = True, False
-        self.by_cr3.pop(proc.cr3, None)
+            if self.frames.get(meta.ppn, (None, None))[0] is proc:
+                del self.frames[meta.ppn]
+        proc.exited, proc.in_kernel, proc.saved, proc.shown = True, False, None, None
+        self._keys.pop(proc.key_handle, None)
+        self._ciphers.pop(proc.key_handle, None)
+        exited = [p for p in self.procs.values() if p.exited]
+        for old in exited[:-MAX_EXITED]:
+            del self.procs[old.pid]
+            if self.by_cr3.get(old.cr3) is old:
+                del self.by_cr3[old.cr3]
+
+    def process_started(self, pid: int, cr3: int) -> None:
+        """The kernel announces a (new) process: an exited one with this CR3 is gone."""
+        old = self.by_cr3.get(cr3 & 0xFFFFF000)
+        if old is not None and old.exited:
+            del self.by_cr3[old.cr3]
 
     # ---------------------------------------------------------- registers
     def enter_kernel(self, cpu: CpuState, vector: int, software: bool) -> CpuState:
@@ -515,18 +580,20 @@ class Protection:
     def restore(self, st: ProtectionState) -> None:
         procs = [_proc_from_dict(d) for d in st.processes]
         for p in procs:
-            if p.key_handle not in st.keys:
+            if not p.exited and p.key_handle not in st.keys:
                 raise ValueError(f"protection state: pid {p.pid} names a missing key")
         self.enabled = st.enabled
         self._next_handle = st.next_handle
         self._keys = dict(st.keys)
         self._ciphers = {h: PageCipher(k) for h, k in self._keys.items()}
         self.procs = {p.pid: p for p in procs}
-        self.by_cr3 = {p.cr3: p for p in procs if not p.exited}
+        self.by_cr3 = {p.cr3: p for p in procs}
         self.frames = {}
         for p in procs:
             for meta in p.pages.values():
-                if meta.ppn in self.frames or (meta.ppn + 1) * PAGE > self.ram.size:
+                if p.exited or meta.ppn == DETACHED:
+                    continue
+                if meta.ppn in self.frames or not 0 <= meta.ppn < self.ram.size // PAGE:
                     raise ValueError(f"protection state: frame {meta.ppn:#x} owned twice or outside RAM")
                 self.frames[meta.ppn] = (p, meta)
         self._flush()
