@@ -524,6 +524,13 @@ class Machine:
         many pages it cloaked."""
         return self.protection.seal_all()
 
+    def protected_frames(self) -> list[int]:
+        """Frames that hold protected pages.  Right after :meth:`seal_for_export`
+        they are all ciphertext; but once the guest runs again their owners may
+        decrypt them in place at any instruction, so a reader on another thread
+        (migration's sender) must take its copy of these between slices."""
+        return sorted(self.protection.frames)
+
     # ----------------------------------------------------------- dirty logging
     def dirty_log_start(self) -> None:
         self.ram.dirty.start()

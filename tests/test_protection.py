@@ -407,3 +407,11 @@ def test_cli_key_seed_makes_a_lab_run_reproducible():
     run = [sys.executable, "-m", "minivmm", "run", "attack-snoop", "--key-seed", "lab"]
     a, b = (subprocess.run(run, capture_output=True, text=True, timeout=120) for _ in range(2))
     assert a.returncode == 0 and a.stdout == b.stdout and "snooped" in a.stdout
+
+
+def test_protected_frames_are_the_frames_of_protected_pages():
+    m = Machine(get_guest("secret").build())
+    assert m.protected_frames() == []
+    m.run(until=lambda m: "round 1," in m.console.text(1))
+    frames = m.protected_frames()
+    assert frames == sorted(pg.frame for p in m.protection.view() for pg in p.pages)
