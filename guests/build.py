@@ -140,16 +140,39 @@ class _AddressSpace:
         self.phys.u32(self.pts[pdi] + 4 * pti, paddr | flags)
 
 
+HOSTILE_KERNELS = ("snoop", "tamper", "regs", "swap")
+_HOOK_INCLUDE = '.include "hook_none.s"'
+
+
+def kernel_text(variant: str = "honest") -> str:
+    """The toy kernel's source: ``"honest"``, or a hostile kernel of the attack
+    lab (one of HOSTILE_KERNELS), which swaps the system-call hook for its attack."""
+    text = (KERNEL_DIR / "kernel.s").read_text()
+    if variant != "honest":
+        if variant not in HOSTILE_KERNELS:
+            raise BuildError(f"no kernel {variant!r}; try honest or one of {', '.join(HOSTILE_KERNELS)}")
+        if _HOOK_INCLUDE not in text:
+            raise BuildError(f"kernel.s lacks the line {_HOOK_INCLUDE}")
+        text = text.replace(_HOOK_INCLUDE, f'.include "hostile_{variant}.s"')
+    return text
+
+
 def build_image(programs: list[Program], *, name: str = "custom",
                 ram_size: int = 16 << 20, kernel_source: str | None = None,
                 kernel_filename: str = "guests/kernel/kernel.s",
-                description: str = "") -> GuestImage:
-    """Build a bootable image of the toy kernel plus ``programs`` (pids 1..n)."""
+                description: str = "", kernel: str = "honest") -> GuestImage:
+    """Build a bootable image of the toy kernel plus ``programs`` (pids 1..n).
+
+    ``kernel`` picks the honest kernel or a hostile one (``HOSTILE_KERNELS``);
+    ``kernel_source`` replaces it with your own text (``.include`` resolves
+    in guests/kernel/)."""
     if not 1 <= len(programs) <= abi.NPROC:
         raise BuildError(f"an image holds 1 to {abi.NPROC} programs, not {len(programs)}")
     if kernel_source is None:
-        kernel_source = (KERNEL_DIR / "kernel.s").read_text()
-    kernel = assemble(kernel_source, abi.KERNEL_BASE, kernel_filename)
+        kernel_source = kernel_text(kernel)
+        if kernel != "honest":
+            kernel_filename = f"guests/kernel/kernel.s+hostile_{kernel}.s"
+    kernel = assemble(expand_includes(kernel_source, KERNEL_DIR), abi.KERNEL_BASE, kernel_filename)
     for sym in ("kernel_entry", "proc_table", "boot_kernel_pd", "kstack_top"):
         if sym not in kernel.symbols:
             raise BuildError(f"{kernel_filename}: kernel lacks the symbol {sym!r}")

@@ -14,10 +14,19 @@ class Guest:
     name: str
     description: str
     programs: Callable[[], list[Program]]
+    kernel: str = "honest"
 
     def build(self, ram_size: int = 16 << 20) -> GuestImage:
         return build_image(self.programs(), name=self.name, ram_size=ram_size,
-                           description=self.description)
+                           description=self.description, kernel=self.kernel)
+
+
+def _lab(kernel: str, what: str) -> "Guest":
+    """An attack-lab guest: a hostile kernel, the protected secret keeper, and
+    a counter that shows everyone else keeps running."""
+    return Guest(f"attack-{kernel}", f"attack lab: a kernel that {what} the protected secret keeper",
+                 lambda: [P("keeper", data_pages=3, args=(5, 1)), P("counter", args=(8, 100_000))],
+                 kernel=kernel)
 
 
 P = Program.builtin
@@ -43,6 +52,13 @@ GUESTS = {g.name: g for g in [
     Guest("compute", "two compute loops (the benchmark's workload)",
           lambda: [P("compute", args=(2_000_000,), as_name="compute-a"),
                    P("compute", args=(2_000_000,), as_name="compute-b")]),
+    Guest("secret", "the secret keeper, protected, beside a protected counter (honest kernel)",
+          lambda: [P("keeper", data_pages=3, args=(5, 1)),
+                   P("counter", data_pages=1, args=(10, 100_000, 1), as_name="pcounter")]),
+    _lab("snoop", "reads"),
+    _lab("tamper", "overwrites"),
+    _lab("regs", "changes the saved registers of"),
+    _lab("swap", "swaps the pages of"),
 ]}
 
 

@@ -84,5 +84,10 @@ def report(r: dict) -> str:
 
 
 def main(args) -> int:
-    print(report(measure(args.iterations, args.repeat)))
+    part = getattr(args, "part", "all")
+    if part in ("all", "compute"):
+        print(report(measure(args.iterations, args.repeat)))
+    if part in ("all", "protection"):
+        from minivmm.bench_protection import measure as pmeasure, report as preport
+        print(preport(pmeasure(repeat=args.repeat)))
     return 0

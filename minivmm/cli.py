@@ -48,6 +48,20 @@ def _ram(value: str) -> int:
     return mib << 20
 
 
+def protection_report(e) -> str | None:
+    """The line ``minivmm run`` prints for a protection event (None: not one to report)."""
+    if isinstance(e, ev.ProcessProtected):
+        return (f"minivmm: protecting pid {e.pid} ({e.name}): {e.pages} pages, shared page "
+                f"{e.shared_vaddr:#x}, measurement {e.measurement[:16]}...")
+    if isinstance(e, ev.IntegrityViolation):
+        return (f"minivmm: INTEGRITY VIOLATION: pid {e.pid} ({e.name}) page {e.vaddr:#x}: "
+                f"{e.reason}; process stopped")
+    if isinstance(e, ev.RegisterTamper):
+        return (f"minivmm: REGISTER TAMPERING: the kernel changed pid {e.pid} ({e.name})'s "
+                f"registers ({e.detail}); restored")
+    return None
+
+
 def _stream(machine, args) -> None:
     out = sys.stdout
 
@@ -55,7 +69,12 @@ def _stream(machine, args) -> None:
         if isinstance(e, ev.ConsoleOutput):
             out.write(e.text)
             out.flush()
-        elif args.events and not isinstance(e, ev.ConsoleOutput):
+            return
+        report = protection_report(e)
+        if report:
+            out.flush()
+            print(report, file=sys.stderr, flush=True)
+        elif args.events:
             print(f"  [event] {e}", file=sys.stderr)
     machine.events.subscribe(show)
 
@@ -66,7 +85,9 @@ def cmd_run(args) -> int:
         machine = Machine.load(args.guest)
     else:
         image = _load_image(args.guest, args.ram)
-        machine = Machine(image, ram_size=args.ram, mode=args.mode, tick_instructions=args.tick)
+        machine = Machine(image, ram_size=args.ram, mode=args.mode, tick_instructions=args.tick,
+                          protection=not args.no_protection,
+                          key_seed=args.key_seed.encode() if args.key_seed else None)
     _stream(machine, args)
     try:
         result = machine.run(max_ticks=args.ticks, max_instructions=args.instructions)
@@ -88,7 +109,7 @@ def cmd_guests(args) -> int:
     from guests.catalog import GUESTS
     print("Built-in guest images (minivmm run NAME):")
     for g in GUESTS.values():
-        print(f"  {g.name:10} {g.description}")
+        print(f"  {g.name:14} {g.description}")
     print("\nBuilt-in user programs (guests/programs/, for your own images):")
     print("  " + ", ".join(builtin_programs()))
     return EXIT_OK
@@ -130,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ticks", type=int, metavar="N", help="stop after N timer ticks")
     r.add_argument("--instructions", type=int, metavar="N", help="stop after N virtual instructions")
     r.add_argument("--events", action="store_true", help="also print every VMM event to stderr")
+    r.add_argument("--no-protection", action="store_true",
+                   help="run without process protection: HC_PROTECT fails with -ENOSYS, so the "
+                        "attack-* guests show what a hostile kernel gets away with")
+    r.add_argument("--key-seed", metavar="TEXT",
+                   help="derive protection keys from TEXT, so a run is reproducible down to the "
+                        "ciphertext a snooping kernel prints (labs; never for real secrets)")
     r.add_argument("--save-state", metavar="FILE", help="save the machine state to FILE when the run ends")
     r.add_argument("--restore", action="store_true", help="GUEST is a state file from --save-state: continue it")
     r.set_defaults(func=cmd_run)
@@ -147,10 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="measure VMM speed against bare Unicorn",
                            description="Run the benchmark: guest instructions per second of a compute "
-                                       "loop under the full VMM vs bare Unicorn, as ratios.")
+                                       "loop under the full VMM vs bare Unicorn, as ratios; the cost "
+                                       "of process protection (per page, and protected vs "
+                                       "unprotected programs in the same run).")
     bench.add_argument("--iterations", type=int, default=3_000_000, metavar="N",
                        help="loop iterations per process (default 3000000)")
     bench.add_argument("--repeat", type=int, default=3, metavar="K", help="take the best of K runs (default 3)")
+    bench.add_argument("--part", choices=["all", "compute", "protection"], default="all",
+                       help="compute: VMM vs bare Unicorn; protection: cloak/uncloak cost and "
+                            "protected vs unprotected programs (default: all)")
     bench.set_defaults(func=cmd_bench)
 
     for ep in entry_points(group="minivmm.commands"):
@@ -169,6 +201,9 @@ def main(argv=None) -> int:
     except VmmError as exc:
         print(f"minivmm: {exc}", file=sys.stderr)
         return EXIT_BADINPUT
+    except BrokenPipeError:                     # `minivmm guests | head`: not an error
+        sys.stdout = None
+        return EXIT_OK
     except (ValueError, OSError) as exc:        # bad numbers, unreadable files
         print(f"minivmm: {exc}", file=sys.stderr)
         return EXIT_BADINPUT

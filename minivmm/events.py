@@ -80,6 +80,63 @@ class Halted(Event):
     detail: str = ""
 
 
+@dataclass(frozen=True)
+class ProcessProtected(Event):
+    """A process asked for protection (HC_PROTECT) and got it."""
+    pid: int
+    name: str
+    ident: int            # identity bound into its pages' AEAD
+    measurement: str      # SHA-256 (hex) of its image pages
+    pages: int            # protected pages
+    shared_vaddr: int     # its uncloaked page for system-call buffers
+
+
+@dataclass(frozen=True)
+class PageCloaked(Event):
+    """A protected page was encrypted in place because someone else reached it."""
+    pid: int
+    vaddr: int
+    frame: int
+    version: int
+    reason: str           # "kernel access", "pid 3 access", "vmm access", "export", ...
+
+
+@dataclass(frozen=True)
+class PageUncloaked(Event):
+    """The owner touched a cloaked page: verified and decrypted."""
+    pid: int
+    vaddr: int
+    frame: int
+    version: int
+
+
+@dataclass(frozen=True)
+class PageAdopted(Event):
+    """A page mapped into a protected process after HC_PROTECT, protected at its first touch."""
+    pid: int
+    vaddr: int
+    frame: int
+
+
+@dataclass(frozen=True)
+class IntegrityViolation(Event):
+    """A protected page failed verification or was remapped: the process is stopped."""
+    pid: int
+    name: str
+    vaddr: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class RegisterTamper(Event):
+    """The kernel handed a protected process back registers it had not been
+    shown; the VMM restored the saved ones."""
+    pid: int
+    name: str
+    registers: tuple[str, ...]
+    detail: str
+
+
 Subscriber = Callable[[Event], None]
 
 

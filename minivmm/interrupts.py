@@ -27,23 +27,33 @@ class DeliveryError(Exception):
     """The gate, the TSS or the kernel stack is unusable."""
 
 
-def kernel_read(ram, cpu: CpuState, vaddr: int, length: int) -> bytes:
-    """Read linear memory as the CPU would at CPL0 (for IDT, TSS)."""
+def kernel_read(ram, cpu: CpuState, vaddr: int, length: int, touch=None) -> bytes:
+    """Read linear memory as the CPU would at CPL0 (for IDT, TSS).
+
+    ``touch(frame)`` is called before each frame is read or written: these
+    accesses bypass the TLB, so process protection must see them here (a
+    hostile kernel may point its IDT, TSS or kernel stack at a protected page)."""
     if not cpu.cr0 & (1 << 31):
+        if touch is not None:
+            for frame in range((vaddr & 0xFFFFFFFF) >> 12, ((vaddr & 0xFFFFFFFF) + max(length, 1) - 1 >> 12) + 1):
+                touch(frame)
         return ram.read(vaddr & 0xFFFFFFFF, length)
     try:
         return read_linear(ram, cpu.cr3, vaddr & 0xFFFFFFFF, length, user=False,
-                           wp=bool(cpu.cr0 & (1 << 16)))
+                           wp=bool(cpu.cr0 & (1 << 16)), touch=touch)
     except WalkFault:
         raise DeliveryError(f"linear address range at {vaddr:#x} is not mapped for the kernel") from None
 
 
-def kernel_write(ram, cpu: CpuState, vaddr: int, data: bytes) -> None:
+def kernel_write(ram, cpu: CpuState, vaddr: int, data: bytes, touch=None) -> None:
     """Write linear memory at CPL0; ``ram.write`` marks the pages dirty."""
     off = 0
     while off < len(data):
         chunk = min(len(data) - off, 0x1000 - (vaddr & 0xFFF))
-        ram.write(_translate(ram, cpu, vaddr, write=True), data[off:off + chunk])
+        paddr = _translate(ram, cpu, vaddr, write=True)
+        if touch is not None:
+            touch(paddr >> 12)
+        ram.write(paddr, data[off:off + chunk])
         vaddr, off = vaddr + chunk, off + chunk
 
 
@@ -60,7 +70,7 @@ def _translate(ram, cpu: CpuState, vaddr: int, write: bool) -> int:
 
 def deliver(uc, ram, mmu, vector: int, *, error_code: int | None = None,
             software: bool = False, cpu: CpuState | None = None,
-            clean_context=None) -> CpuState:
+            clean_context=None, touch=None) -> CpuState:
     """Deliver ``vector`` to the guest; returns the CPU state it entered with.
 
     ``clean_context`` (a ``UcContext`` saved at boot) is restored first after
@@ -70,12 +80,12 @@ def deliver(uc, ram, mmu, vector: int, *, error_code: int | None = None,
     """
     cpu = cpu or read_cpu(uc)
     try:
-        new = _frame(ram, cpu, vector, error_code, software)
+        new = _frame(ram, cpu, vector, error_code, software, touch)
     except DeliveryError as first:
         if vector == abi.VEC_DF:
             raise TripleFault(f"cannot deliver #DF: {first}") from None
         try:
-            new = _frame(ram, cpu, abi.VEC_DF, 0, False)
+            new = _frame(ram, cpu, abi.VEC_DF, 0, False, touch)
         except DeliveryError as second:
             raise TripleFault(f"cannot deliver vector {vector:#x} ({first}) nor #DF ({second}); "
                               f"eip {cpu.eip:#x} cr0 {cpu.cr0:#x} cr2 {cpu.cr2:#x}") from None
@@ -88,10 +98,11 @@ def deliver(uc, ram, mmu, vector: int, *, error_code: int | None = None,
     return new
 
 
-def _frame(ram, cpu: CpuState, vector: int, error_code: int | None, software: bool) -> CpuState:
+def _frame(ram, cpu: CpuState, vector: int, error_code: int | None, software: bool,
+           touch=None) -> CpuState:
     if vector * 8 + 7 > cpu.idt_limit:
         raise DeliveryError(f"vector {vector:#x} is beyond the IDT limit {cpu.idt_limit:#x}")
-    lo, hi = struct.unpack("<II", kernel_read(ram, cpu, cpu.idt_base + vector * 8, 8))
+    lo, hi = struct.unpack("<II", kernel_read(ram, cpu, cpu.idt_base + vector * 8, 8, touch))
     gate_type, dpl, present = (hi >> 8) & 0xF, (hi >> 13) & 3, hi & 0x8000
     if not present:
         raise DeliveryError(f"IDT gate {vector:#x} is not present")
@@ -100,7 +111,7 @@ def _frame(ram, cpu: CpuState, vector: int, error_code: int | None, software: bo
     cpl = cpu.cpl
     if software and dpl < cpl:
         # int n through a gate the caller may not use: #GP with the IDT index.
-        return _frame(ram, cpu, abi.VEC_GP, vector * 8 + 2, False)
+        return _frame(ram, cpu, abi.VEC_GP, vector * 8 + 2, False, touch)
     selector = (lo >> 16) & 0xFFFF
     handler = (hi & 0xFFFF0000) | (lo & 0xFFFF)
     if selector & ~7 == 0 or (selector & ~7) + 7 > cpu.gdt_limit:
@@ -111,7 +122,7 @@ def _frame(ram, cpu: CpuState, vector: int, error_code: int | None, software: bo
         # Privilege change: the handler runs on the kernel stack from the TSS.
         if cpu.tr_limit < 9:
             raise DeliveryError("no TSS loaded: cannot find the kernel stack")
-        esp0, ss0 = struct.unpack("<II", kernel_read(ram, cpu, cpu.tr_base + 4, 8))
+        esp0, ss0 = struct.unpack("<II", kernel_read(ram, cpu, cpu.tr_base + 4, 8, touch))
         ss0 &= 0xFFFF
         if ss0 & ~7 == 0:
             raise DeliveryError(f"TSS SS0 {ss0:#x} is a null selector")
@@ -124,7 +135,7 @@ def _frame(ram, cpu: CpuState, vector: int, error_code: int | None, software: bo
         words.append(error_code)
     esp = (esp - 4 * len(words)) & 0xFFFFFFFF
     # Pushed in order, so the first word ends up at the highest address.
-    kernel_write(ram, cpu, esp, struct.pack(f"<{len(words)}I", *reversed(words)))
+    kernel_write(ram, cpu, esp, struct.pack(f"<{len(words)}I", *reversed(words)), touch)
     eflags = cpu.eflags & ~(EFLAGS_TF | EFLAGS_NT | EFLAGS_RF | EFLAGS_VM)
     if gate_type == GATE_INTERRUPT:
         eflags &= ~EFLAGS_IF

@@ -12,6 +12,7 @@ from :meth:`Machine.step`, never left to unwind through QEMU.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from typing import Callable
@@ -33,6 +34,7 @@ from minivmm.image import GuestImage, ImageProcess
 from minivmm.interrupts import DeliveryError, deliver, kernel_read
 from minivmm.memory import GuestRAM
 from minivmm.mmu import Mmu, WalkFault, read_linear
+from minivmm.protection import Protection, seeded_keys
 from minivmm.state import MachineState, VmmState
 from minivmm.timer import Timer
 
@@ -56,12 +58,15 @@ class Machine:
     ``mode`` is ``"deterministic"`` (instruction-count slices, reproducible)
     or ``"fast"`` (host-timeout slices).  ``tick_instructions`` is the timer
     period in guest instructions (deterministic mode); ``tick_us`` in host
-    microseconds (fast mode).
+    microseconds (fast mode).  ``protection=False`` turns process protection
+    off (``HC_PROTECT`` then returns -ENOSYS): the teaching "unprotected" run.
+    ``key_seed`` makes protection keys reproducible (tests, labs); without it
+    they come from ``os.urandom``.
     """
 
     def __init__(self, image: GuestImage, *, ram_size: int = 16 << 20, mode: str = DETERMINISTIC,
-                 tick_instructions: int = 100_000, tick_us: int = 2000, _boot: bool = True,
-                 _ram: GuestRAM | None = None):
+                 tick_instructions: int = 100_000, tick_us: int = 2000, protection: bool = True,
+                 key_seed: bytes | None = None, _boot: bool = True, _ram: GuestRAM | None = None):
         if mode not in (DETERMINISTIC, FAST):
             raise VmmError(f"mode must be {DETERMINISTIC!r} or {FAST!r}, not {mode!r}")
         if _boot:
@@ -87,6 +92,11 @@ class Machine:
         self._trap: _Trap | None = None
         self._stop_reason: str | None = None
         self._hook_error: BaseException | None = None
+        self.protection = Protection(self.ram, self.events, flush=self.flush_tlb,
+                                     clock=lambda: self.timer.vclock, enabled=protection,
+                                     key_source=seeded_keys(key_seed) if key_seed else os.urandom,
+                                     before_event=self._flush_console)
+        self.mmu.protection = self.protection
         self._uc = self._make_uc()
         self._clean = self._uc.context_save()   # pristine: see interrupts.deliver
         if _boot:
@@ -180,6 +190,12 @@ class Machine:
     def _dispatch_hypercall(self, uc, nr: int, a: tuple[int, int, int], kernel: bool) -> int:
         if nr == abi.HC_VERSION:
             return abi.ABI_VERSION
+        if nr == abi.HC_PROTECT:
+            if kernel:
+                return -abi.EPERM
+            cr3 = uc.reg_read(UC_X86_REG_CR3) & 0xFFFFF000
+            pid = self.pids.get(cr3, 0)
+            return self.protection.protect(cr3, pid, self.names.get(pid, "?"), a[0], a[1])
         if nr in (abi.HC_SHUTDOWN, abi.HC_PANIC, abi.HC_PROC_START, abi.HC_PROC_EXIT) and not kernel:
             return -abi.EPERM
         if nr == abi.HC_SHUTDOWN:
@@ -195,18 +211,26 @@ class Machine:
         if nr == abi.HC_PROC_START:
             name = self._kernel_string(a[2])
             self.pids[a[1] & 0xFFFFF000] = a[0]
+            self.protection.process_started(a[0], a[1])
             self.names[a[0]] = name
             self.events.emit(ev.ProcessStart, self.timer.vclock, pid=a[0], name=name, cr3=a[1])
             return 0
         if nr == abi.HC_PROC_EXIT:
             self.exits[a[0]] = a[1]
+            self.protection.process_exited(a[0])
             self.events.emit(ev.ProcessExit, self.timer.vclock, pid=a[0], status=a[1])
             return 0
         return -abi.ENOSYS
 
+    def _vmm_touch(self, frame: int) -> None:
+        """The VMM itself is about to read or write ``frame`` (bypassing the TLB):
+        to process protection it is "anyone else" (DESIGN §5)."""
+        if self.protection.active:
+            self.protection.touch_frame(frame, "vmm access")
+
     def _kernel_string(self, vaddr: int, limit: int = 16) -> str:
         try:
-            raw = kernel_read(self.ram, read_cpu(self._uc), vaddr, limit)
+            raw = kernel_read(self.ram, read_cpu(self._uc), vaddr, limit, self._vmm_touch)
         except (DeliveryError, VmmError):
             return "?"
         return raw.split(b"\0", 1)[0].decode("ascii", "replace")
@@ -242,6 +266,7 @@ class Machine:
         self._trap = None
         self._stop_reason = None
         self.mmu.fault = None
+        self.protection.resume_pending = None
         budget = min(self.timer.budget(), MAX_SLICE)
         error: UcError | None = None
         try:
@@ -265,6 +290,14 @@ class Machine:
             self.timer.fire_now()           # the host timeout expired: a tick is due
 
         if error is not None:
+            if error.errno == UC_ERR_EXCEPTION and self.protection.resume_pending is not None:
+                # A protected process came back from the kernel to the wrong
+                # place: load its whole saved context (see protection.py).
+                proc, self.protection.resume_pending = self.protection.resume_pending, None
+                st = self.protection.resume_context(proc, read_cpu(uc))
+                uc.context_restore(self._clean)     # upstream #1883, as for faults
+                write_cpu(uc, self.mmu, st)
+                return
             if error.errno == UC_ERR_EXCEPTION and self.mmu.fault is not None:
                 cr2, code = self.mmu.fault
                 self.mmu.fault = None
@@ -312,9 +345,12 @@ class Machine:
         self._deliver(vector, error_code, software=False, cpu=cpu, clean=True)
 
     def _deliver(self, vector, error_code, *, software, cpu=None, clean=False) -> None:
+        if self.protection.active:
+            # A kernel entry from a protected process: the kernel gets scrubbed registers.
+            cpu = self.protection.enter_kernel(cpu or read_cpu(self._uc), vector, software)
         try:
             deliver(self._uc, self.ram, self.mmu, vector, error_code=error_code, software=software,
-                    cpu=cpu, clean_context=self._clean if clean else None)
+                    cpu=cpu, clean_context=self._clean if clean else None, touch=self._vmm_touch)
         except TripleFault as exc:
             self._halt("triple-fault", str(exc))
             raise
@@ -332,7 +368,16 @@ class Machine:
         # confirm: a halted loop comes straight back to the same hlt.
         for _ in range(3):
             self.timer.advance(self.timer.exit_cost)
-            uc.emu_start(eip, 0, count=4)
+            try:
+                uc.emu_start(eip, 0, count=4)
+            except UcError:
+                # It did not stay halted: whatever stopped the probe (a fault, a
+                # refused fill) happens again, and is handled, in the next step.
+                self._trap = None
+                return
+            if self._trap is not None or self._stop_reason is not None:
+                self._trap = self._stop_reason = None   # the same: the next step redoes it
+                return
             if uc.reg_read(UC_X86_REG_EIP) != eip:
                 return
         self._halt("hang", f"hlt with interrupts disabled at eip {eip - 1:#x}")
@@ -341,7 +386,7 @@ class Machine:
     def _after_hlt(self, eip: int) -> bool:
         try:
             cpu = read_cpu(self._uc)
-            return kernel_read(self.ram, cpu, eip - 1, 1) == b"\xf4"
+            return kernel_read(self.ram, cpu, eip - 1, 1, self._vmm_touch) == b"\xf4"
         except (DeliveryError, VmmError):
             return False
 
@@ -388,7 +433,7 @@ class Machine:
     def read_virtual(self, cr3: int, vaddr: int, length: int, *, user: bool = True) -> bytes:
         """Read guest memory through address space ``cr3`` (as CPL3 if ``user``)."""
         try:
-            return read_linear(self.ram, cr3, vaddr, length, user=user)
+            return read_linear(self.ram, cr3, vaddr, length, user=user, touch=self._vmm_touch)
         except WalkFault:
             raise VmmError(f"virtual address range at {vaddr:#x} is not mapped in address space {cr3:#x}") from None
 
@@ -414,7 +459,8 @@ class Machine:
                    "kernel_symbols": dict(img.kernel_symbols),
                    "processes": [{"pid": p.pid, "name": p.name, "cr3": p.cr3, "entry": p.entry,
                                   "data_pages": p.data_pages, "args": list(p.args),
-                                  "symbols": dict(p.symbols)} for p in img.processes]})
+                                  "symbols": dict(p.symbols)} for p in img.processes]},
+            protection=self.protection.save())
 
     @classmethod
     def restore(cls, st: MachineState, *, ram: GuestRAM | None = None) -> "Machine":
@@ -446,7 +492,8 @@ class Machine:
         except ValueError as exc:
             raise StateError(f"state: timer: {exc}") from None
         m = cls(image, ram_size=st.ram_size, mode=st.vmm.mode, tick_instructions=timer.period,
-                tick_us=st.vmm.tick_us, _boot=False, _ram=ram)
+                tick_us=st.vmm.tick_us,
+                protection=st.protection.enabled if st.protection else True, _boot=False, _ram=ram)
         if ram is None:
             m.ram.view[:] = st.ram
         m.timer = timer
@@ -455,6 +502,11 @@ class Machine:
             m.ram.dirty.restore(st.dirty)
         except ValueError as exc:
             raise StateError(f"state: dirty log: {exc}") from None
+        if st.protection is not None:
+            try:
+                m.protection.restore(st.protection)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise StateError(f"state: protection metadata: {exc}") from None
         v = st.vmm
         m.pids, m.names, m.exits = dict(v.pids), dict(v.names), dict(v.exits)
         m.events.seq, m.slices = v.event_seq, v.slices
@@ -481,7 +533,14 @@ class Machine:
         so no plaintext of a protected process leaves through the VMM's own
         reads (DESIGN §5).  Pages it rewrites are marked dirty.  Returns how
         many pages it cloaked."""
-        return 0
+        return self.protection.seal_all()
+
+    def protected_frames(self) -> list[int]:
+        """Frames that hold protected pages.  Right after :meth:`seal_for_export`
+        they are all ciphertext; but once the guest runs again their owners may
+        decrypt them in place at any instruction, so a reader on another thread
+        (migration's sender) must take its copy of these between slices."""
+        return sorted(self.protection.frames)
 
     # ----------------------------------------------------------- dirty logging
     def dirty_log_start(self) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import struct
 
-from unicorn import UC_MEM_WRITE, UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE
+from unicorn import UC_MEM_FETCH, UC_MEM_WRITE, UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE
 from unicorn.x86_const import UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_SS
 
 from minivmm.memory import GuestRAM
@@ -73,13 +73,18 @@ def walk(ram: GuestRAM, cr3: int, vaddr: int, *, write: bool, user: bool, wp: bo
     return page, writable
 
 
-def read_linear(ram: GuestRAM, cr3: int, vaddr: int, length: int, *, user: bool, wp: bool = True) -> bytes:
+def read_linear(ram: GuestRAM, cr3: int, vaddr: int, length: int, *, user: bool, wp: bool = True,
+                touch=None) -> bytes:
     """Read ``length`` bytes at linear ``vaddr`` through the page tables at ``cr3``,
-    page by page; raises :class:`WalkFault` at the first page that faults."""
+    page by page; raises :class:`WalkFault` at the first page that faults.
+    ``touch(frame)`` is called before each frame is read (protection cloaks
+    protected plaintext there: the VMM's own readers are "anyone else")."""
     out = bytearray()
     while length > 0:
         chunk = min(length, 0x1000 - (vaddr & 0xFFF))
         page, _ = walk(ram, cr3, vaddr, write=False, user=user, wp=wp)
+        if touch is not None:
+            touch(page >> 12)
         out += ram.read(page | (vaddr & 0xFFF), chunk)
         vaddr, length = (vaddr + chunk) & 0xFFFFFFFF, length - chunk
     return bytes(out)
@@ -95,6 +100,7 @@ class Mmu:
         self.machine_call = False
         self.fault: tuple[int, int] | None = None       # (cr2, error code) of a refused fill
         self.bad_machine_access: int | None = None
+        self.protection = None          # minivmm.protection.Protection, set by the machine
 
     def fill(self, uc, vaddr, access, entry, data) -> bool:
         write = access == UC_MEM_WRITE
@@ -112,11 +118,21 @@ class Mmu:
         # Descriptor-table reads are supervisor accesses whatever the CPL; the
         # VMM's own reg_write calls are all of that kind (see cpu.write_cpu).
         user = not self.machine_call and (uc.reg_read(UC_X86_REG_SS) & 3) == 3
+        cr3 = uc.reg_read(UC_X86_REG_CR3)
         try:
-            page, writable = walk(self.ram, uc.reg_read(UC_X86_REG_CR3), vaddr,
-                                  write=write, user=user, wp=bool(cr0 & CR0_WP))
+            page, writable = walk(self.ram, cr3, vaddr, write=write, user=user, wp=bool(cr0 & CR0_WP))
         except WalkFault as fault:
             return self._refuse(entry, vaddr, fault.error_code)
+        prot = self.protection
+        if prot is not None and self.machine_call and prot.active:
+            # The VMM's own descriptor loads are "anyone else" too (never refused here).
+            prot.touch_frame(page >> 12, "vmm descriptor load")
+        elif prot is not None and prot.active:
+            verdict = prot.on_fill(uc, vaddr, page, user, write, access == UC_MEM_FETCH, cr3)
+            if verdict is not None:
+                if verdict == "resume":     # not a fault: see Protection.on_fill
+                    return False
+                return self._refuse(entry, vaddr, verdict)
         entry.paddr = page
         perms = UC_PROT_READ | UC_PROT_EXEC
         if writable:

@@ -5,18 +5,22 @@ one Unicorn build.  Instead each component contributes its own versioned
 state (``CpuState``, ``TimerState``, ``ConsoleState``, ``DirtyLogState``) and
 this module puts them in one container.
 
-File format (little-endian; version 1)::
+File format (little-endian; version 2)::
 
     offset  size  field
     0       8     magic  b"MVMSTATE"
-    8       2     version (1)
+    8       2     version (2; version 1 had no protection metadata)
     10      2     reserved (0)
     12      4     json_len   (<= MAX_JSON)
     16      4     ram_len    compressed RAM bytes (<= MAX_RAM_BLOB)
     20      4     ram_size   uncompressed guest RAM bytes (16..256 MiB)
     24      32    sha256 of everything after this header
-    56      ...   JSON: {cpu, timer, console, dirty, vmm, image}
+    56      ...   JSON: {cpu, timer, console, dirty, vmm, image, protection}
     ...     ...   zlib(RAM)
+
+``protection`` holds the protection metadata *and the page keys*
+(``minivmm.protection.ProtectionState``): a state file is as secret as the
+VMM itself.
 
 The header, the sizes and the checksum are checked before anything is
 parsed; a file from another version, truncated, or tampered with raises
@@ -38,10 +42,11 @@ from minivmm.cpu import CpuState
 from minivmm.dirtylog import DirtyLogState
 from minivmm.errors import StateError
 from minivmm.memory import MAX_RAM, MIN_RAM
+from minivmm.protection import ProtectionState
 from minivmm.timer import TimerState
 
 MAGIC = b"MVMSTATE"
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct("<8sHHIII32s")
 MAX_JSON = 64 << 20
 MAX_RAM_BLOB = MAX_RAM + (MAX_RAM >> 6) + 1024      # zlib's worst case on random data
@@ -74,6 +79,7 @@ class MachineState:
     dirty: DirtyLogState
     vmm: VmmState
     image: dict = field(default_factory=dict)   # name, description, kernel_symbols, processes
+    protection: ProtectionState | None = None   # None: protection on, nothing protected yet
 
     # --------------------------------------------------------------- encode
     def to_doc(self) -> dict:
@@ -93,6 +99,7 @@ class MachineState:
                     "names": {str(k): v for k, v in self.vmm.names.items()},
                     "exits": {str(k): v for k, v in self.vmm.exits.items()}},
             "image": self.image,
+            "protection": self.protection.to_dict() if self.protection else None,
         }
 
     def to_bytes(self, level: int = 1) -> bytes:
@@ -152,6 +159,9 @@ class MachineState:
                                 "pids": {int(k): int(v) for k, v in vmm["pids"].items()},
                                 "names": {int(k): str(v) for k, v in vmm["names"].items()},
                                 "exits": {int(k): int(v) for k, v in vmm["exits"].items()}}),
-                image=dict(doc["image"]))
+                image=dict(doc["image"]),
+                protection=ProtectionState.from_dict(doc["protection"]) if doc["protection"] else None)
+        except StateError:
+            raise
         except (ValueError, KeyError, TypeError, AttributeError, zlib.error) as exc:
             raise StateError(f"{where}: malformed state: {type(exc).__name__}: {exc}") from None

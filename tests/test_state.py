@@ -15,7 +15,7 @@ from minivmm.console import Console, ConsoleState
 from minivmm.cpu import CpuState
 from minivmm.errors import StateError
 from minivmm.machine import Machine
-from minivmm.state import HEADER, MachineState
+from minivmm.state import HEADER, VERSION, MachineState
 from minivmm.timer import Timer, TimerState
 
 P = Program.builtin
@@ -85,8 +85,10 @@ def test_corrupt_state_gets_clear_errors():
         MachineState.from_bytes(blob[:20])
     with pytest.raises(StateError, match="not a minivmm machine state"):
         MachineState.from_bytes(b"NOTSTATE" + blob[8:])
-    with pytest.raises(StateError, match="version 2"):
-        MachineState.from_bytes(blob[:8] + struct.pack("<H", 2) + blob[10:])
+    with pytest.raises(StateError, match="version 3"):
+        MachineState.from_bytes(blob[:8] + struct.pack("<H", 3) + blob[10:])
+    with pytest.raises(StateError, match="version 1"):    # before protection metadata
+        MachineState.from_bytes(blob[:8] + struct.pack("<H", 1) + blob[10:])
     with pytest.raises(StateError, match="truncated or padded"):
         MachineState.from_bytes(blob[:-1])
     with pytest.raises(StateError, match="checksum"):
@@ -94,10 +96,10 @@ def test_corrupt_state_gets_clear_errors():
     # A forged header with a matching checksum but nonsense inside.
     import hashlib
     body = b"{}" + b"x"
-    forged = HEADER.pack(b"MVMSTATE", 1, 0, 2, 1, 16 << 20, hashlib.sha256(body).digest()) + body
+    forged = HEADER.pack(b"MVMSTATE", VERSION, 0, 2, 1, 16 << 20, hashlib.sha256(body).digest()) + body
     with pytest.raises(StateError, match="RAM section|malformed"):
         MachineState.from_bytes(forged)
-    huge = HEADER.pack(b"MVMSTATE", 1, 0, 2, 1, 1 << 31, b"\0" * 32)
+    huge = HEADER.pack(b"MVMSTATE", VERSION, 0, 2, 1, 1 << 31, b"\0" * 32)
     with pytest.raises(StateError, match="out of bounds"):
         MachineState.from_bytes(huge)
 

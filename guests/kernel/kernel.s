@@ -303,6 +303,8 @@ kill_nl:
 ; the saved eax of the frame.  esi = current process throughout.
 syscall:
     mov esi, [cur]
+    call syscall_hook               ; nothing in this kernel; the hostile ones attack here
+    mov esi, [cur]
     mov eax, [esi+PF_EAX]
     cmp eax, SYS_EXIT
     je sys_exit
@@ -401,6 +403,10 @@ write_out:
     mov dx, PORT_CONSOLE_CHANNEL
     out dx, al
     jmp resume
+
+; The system-call hook: `ret` here; the attack lab's hostile kernels
+; (guests/kernel/hostile_*.s) replace this include with their attack.
+.include "hook_none.s"
 
 ; ---------------------------------------------------------------------------
 ; Console helpers (kernel channel).  All preserve every register.

@@ -1,6 +1,11 @@
 ; _ulib.s: small user-mode helpers; `.include "_ulib.s"` at the end of a program.
 ; All helpers preserve every register except eax (the system call result).
 ; Labels start with "ulib_" to stay out of the program's way.
+;
+; Protected programs: call ulib_protect first.  It names the first data page
+; as the shared (uncloaked) page, and from then on ulib_write bounces every
+; buffer through it, because the kernel only ever sees ciphertext of the
+; process's other pages (docs/guest-abi.md, "Process protection").
 
 ulib_puts:                  ; esi -> NUL-terminated string: write(2) it
     push ebx
@@ -13,8 +18,7 @@ ulib_puts_len:
     inc ecx
     jmp ulib_puts_len
 ulib_puts_go:
-    mov eax, SYS_WRITE
-    int 0x80
+    call ulib_write
     pop ecx
     pop ebx
     ret
@@ -38,8 +42,7 @@ ulib_putdec_div:
     test eax, eax
     jnz ulib_putdec_div
     lea ebx, [edi+1]
-    mov eax, SYS_WRITE
-    int 0x80
+    call ulib_write
     add esp, 16
     pop edi
     pop edx
@@ -55,3 +58,50 @@ ulib_exit:                  ; eax = status
     mov ebx, eax
     mov eax, SYS_EXIT
     int 0x80
+
+ulib_write:                 ; ebx = buffer, ecx = length -> eax = write(2) result
+    push ebx
+    push esi
+    push edi
+    push ecx
+    mov edi, [ulib_shared]
+    test edi, edi
+    jz ulib_write_go        ; not protected: the kernel reads the buffer itself
+    cmp ecx, 4096
+    ja ulib_write_go        ; cannot bounce it: let the kernel say -EINVAL
+    mov esi, ebx
+    mov ebx, edi
+ulib_write_copy:
+    test ecx, ecx
+    jz ulib_write_go
+    mov al, [esi]
+    mov [edi], al
+    inc esi
+    inc edi
+    dec ecx
+    jmp ulib_write_copy
+ulib_write_go:
+    pop ecx
+    mov eax, SYS_WRITE
+    int 0x80
+    pop edi
+    pop esi
+    pop ebx
+    ret
+
+ulib_protect:               ; -> eax = HC_PROTECT result (0 = protected)
+    push ebx
+    push ecx
+    mov ebx, [INFO_DATA_BASE_ADDR]  ; the shared page: first data page (data_pages >= 1)
+    xor ecx, ecx                    ; flags: none defined
+    mov eax, HC_PROTECT
+    int 0x82
+    test eax, eax
+    jnz ulib_protect_out
+    mov [ulib_shared], ebx
+ulib_protect_out:
+    pop ecx
+    pop ebx
+    ret
+
+ulib_shared: .long 0        ; the shared page once protected, else 0

@@ -2,8 +2,15 @@
 ; a load, an add and a store per iteration, like ordinary code; the same
 ; bytes run on bare Unicorn in minivmm/bench.py).
 ;   args[0] = iterations (0 = 1000000); each iteration is 7 instructions.
+;   args[1] = 1 to ask for protection first (needs 1 data page).
 ; Prints "compute: done <checksum>" and exits 0.
 _start:
+    mov eax, 1
+    call ulib_arg
+    test eax, eax
+    jz unprotected
+    call ulib_protect
+unprotected:
     xor eax, eax
     call ulib_arg
     test eax, eax

@@ -1,7 +1,15 @@
 ; counter: prints "counter N" for N = 1, 2, 3, ... (continuity is guest-visible)
 ;   args[0] = how many lines (0 = forever), args[1] = busy-loop iterations
-;   between lines (0 = 20000).  Exits 0 after the last line.
+;   between lines (0 = 20000), args[2] = 1 to ask for protection first (needs
+;   one data page for the shared page; the output is the same either way).
+;   Exits 0 after the last line.
 _start:
+    mov eax, 2
+    call ulib_arg
+    test eax, eax
+    jz unprotected
+    call ulib_protect
+unprotected:
     mov eax, 0
     call ulib_arg
     mov [limit], eax

@@ -1,0 +1,3 @@
+; The honest kernel's system-call hook: does nothing.
+syscall_hook:
+    ret

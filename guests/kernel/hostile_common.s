@@ -1,0 +1,34 @@
+; Shared part of the hostile kernels: pick the victim and the moment.
+; syscall_hook is called at every system call with esi = the caller's
+; process slot and the caller's CR3 loaded (so its user pages are reachable
+; at their own virtual addresses: the kernel needs no help to read them).
+; Victims are processes with at least 3 data pages (how the secret keeper
+; is built); the attack runs once, at the victim's 2nd system call, when
+; its secret is in place.  `attack` may clobber every register but esi/ebp.
+.equ HK_SECRET_PAGE, 0x40801000
+.equ HK_DECOY_PAGE, 0x40802000
+
+syscall_hook:
+    cmp dword ptr [INFO_DATA_PAGES_ADDR], 3
+    jb hk_out
+    mov eax, [esi+PROC_PID]
+    inc dword ptr [hk_count+eax*4]
+    cmp dword ptr [hk_count+eax*4], 2
+    jne hk_out
+    push esi
+    mov esi, hk_banner
+    call puts
+    mov esi, [esp]
+    mov eax, [esi+PROC_PID]
+    call putdec
+    mov esi, hk_colon
+    call puts
+    mov esi, [esp]
+    call attack
+    pop esi
+hk_out:
+    ret
+
+hk_banner: .asciz "hostile kernel: pid "
+hk_colon:  .asciz ": "
+hk_count:  .space 68, 0              ; system calls per pid (pids 1..16)
