@@ -17,10 +17,12 @@ sent from that buffer, so the hash always describes the bytes on the wire.
 Protected pages (DESIGN §5): ``seal_for_export`` runs before round 0, before
 each round's dirty fetch and at pause, with the dirty log on, so every page
 it cloaks is sent again.  It is a no-op until process protection lands.
-Because the guest runs beside the sender, an owner can uncloak a page between
-a seal and the sender's copy; plain mode accepts that (it is insecure by
-design), the secure mode must copy only pages that are not plaintext-protected
-at copy time and leave the rest to the paused final round.
+Because the guest runs beside the sender, an owner can decrypt its page in
+place at any instruction after a seal; so the frames that hold protected pages
+(``Machine.protected_frames``) are copied on the guest's thread right after
+the seal, between slices, and the sender sends those copies (ciphertext)
+instead of reading them live.  No plaintext of a protected page is ever read
+by the sender.
 
 Failure semantics: anything that goes wrong before COMMIT is handed to the
 kernel (a closed or silent peer, a bad record, ABORT, the guest crashing)
@@ -73,6 +75,7 @@ class Source:
         self.events = events or EventBus()
         self.hashes = PageHashes(machine.ram.npages)
         self._stop = threading.Event()
+        self._protected = (np.zeros(0, dtype=np.int64), None)
         self._t0 = clock.now()
 
     def _emit(self, cls, **fields) -> None:
@@ -211,8 +214,27 @@ class Source:
                 return dirty
             pfns, rnd = dirty, rnd + 1
 
+    def _snapshot_protected(self, pfns: np.ndarray) -> None:
+        """On the guest's thread, right after ``seal_for_export``: private
+        copies of this round's protected frames, all ciphertext now."""
+        prot = np.intersect1d(np.asarray(self.machine.protected_frames(), dtype=np.int64), pfns)
+        self._protected = (prot, self.machine.ram.array.reshape(-1, PAGE_SIZE)[prot])
+
+    def _overlay_protected(self, sel: np.ndarray, data: np.ndarray) -> None:
+        """Replace the rows of ``data`` (copies of frames ``sel``) that are
+        protected frames by their post-seal copies."""
+        prot, copies = self._protected
+        if not len(prot):
+            return
+        pos = np.searchsorted(prot, sel)
+        hit = pos < len(prot)
+        hit[hit] = prot[pos[hit]] == sel[hit]
+        if hit.any():
+            data[hit] = copies[pos[hit]]
+
     def _round(self, ch: Channel, rnd: int, pfns: np.ndarray, *, final: bool) -> RoundStats:
         stats = RoundStats(rnd, len(pfns), final=final)
+        self._snapshot_protected(pfns)
         self._emit(mev.RoundStarted, round=rnd, pages=len(pfns))
         t, b0 = clock.now(), ch.bytes_sent
         if final:
@@ -260,7 +282,10 @@ class Source:
             fresh = untouched(self.machine.ram.host_address, self.machine.ram.npages)
         zeros: list[np.ndarray] = []
         nzeros = 0
+        prot = self._protected[0]
         for idx, nz, data in self._chunks(pages, pfns, fresh):
+            if len(prot):       # protected frames go as their sealed copies, never as "zero"
+                nz = nz | np.isin(idx, prot)
             if not nz.all():
                 zeros.append(idx[~nz])
                 nzeros += len(zeros[-1])
@@ -275,6 +300,7 @@ class Source:
             for b in range(0, len(sel), MAX_BATCH):
                 s = sel[b:b + MAX_BATCH]
                 d = pages[s] if copies is None else copies[b:b + MAX_BATCH]   # private copy:
+                self._overlay_protected(s, d)
                 self.hashes.update(s, d)                                       # hashed and sent
                 ch.send(RecordType.PAGES, *encode_pages(s, d))                 # as one
                 stats.data_pages += len(s)

@@ -219,3 +219,29 @@ def test_source_killed_mid_precopy_destination_discards_and_serves_on(tmp_path):
     src2 = Vmm("run", "counter", "--migrate-to", f"127.0.0.1:{port}", "--after", "5", cwd=tmp_path, name="src2")
     assert src2.finish() == 0 and dst.finish() == 0, src2.stderr + dst.stderr
     assert counter_lines(src2.stdout + dst.stdout) == list(range(1, 101))
+
+
+SECRET = b"swordfish: launch code"      # guests/programs/keeper.s
+
+
+@pytest.mark.parametrize("protect", [1, 0])
+def test_protected_process_migrates_without_plaintext_on_the_wire(tmp_path, images, protect):
+    """The secret keeper, protected by the VMM, is migrated while it runs and
+    checks its secret: it goes on intact at the destination, and not one
+    record on the wire holds its plaintext (protected frames are sent as the
+    ciphertext sealed between slices).  Unprotected, the same secret does
+    cross in clear: the check is real."""
+    img = images(f"keeper{protect}", [Program.builtin("keeper", data_pages=3, args=(60, protect)),
+                                      Program.builtin("counter", args=(60, 150_000))])
+    ref = reference_run(tmp_path, img)
+    assert ref.returncode == 0 and "keeper: round 60, secret intact" in ref.stdout, ref.stderr
+    dst, port = serve(tmp_path)
+    proxy = Proxy(port)
+    src = Vmm("run", img, "--migrate-to", f"127.0.0.1:{proxy.port}", "--after", "15", "--check-ram",
+              cwd=tmp_path, name="src")
+    assert src.finish() == 0 and dst.finish() == 0, src.stderr + dst.stderr
+    assert "this VMM is done" in src.stderr
+    assert src.stdout + dst.stdout == ref.stdout
+    assert "keeper" in dst.stdout and "SECRET CHANGED" not in dst.stdout
+    assert ("keeper: protected by the VMM" in ref.stdout) == bool(protect)
+    assert (SECRET in proxy.recorded) == (not protect)

@@ -111,6 +111,7 @@ class Proxy:
         self.on_cut = on_cut
         self.cut = threading.Event()
         self.seen: list[RecordType] = []
+        self.recorded = bytearray()            # every byte forwarded source -> destination
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -134,6 +135,7 @@ class Proxy:
                         self.on_cut()
                     self.cut.set()
                     break
+                self.recorded += header + (body or b"")
                 dst.sendall(header + (body or b""))
         except OSError:
             pass
