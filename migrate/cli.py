@@ -33,7 +33,7 @@ from minivmm import events as ev
 from minivmm.errors import GuestError
 from migrate import events as mev
 from migrate.errors import CommitUnconfirmed, GuestStopped, InternalError, MigrationError
-from migrate.measure import default_tpm_dir, measure_start
+from migrate.measure import PROTECTION_POLICY, default_tpm_dir, measure_start
 from migrate.precopy import PrecopyPolicy
 from migrate.wire import VERSION, parse_address
 
@@ -121,7 +121,10 @@ def _config(role: str, args, machine_mode=None) -> dict:
 
 def _measure(role: str, args):
     tpm_dir = Path(args.tpm_dir) if args.tpm_dir else default_tpm_dir(role)
-    m = measure_start(tpm_dir, _config(role, args))
+    policy = dict(PROTECTION_POLICY)
+    if getattr(args, "no_protection", False):
+        policy["protection"] = "none"
+    m = measure_start(tpm_dir, _config(role, args), policy)
     _say("serve" if role == "destination" else "run", m.describe())
     return m
 
@@ -234,7 +237,9 @@ def _extend_run(run_parser: argparse.ArgumentParser) -> None:
             machine = Machine.load(args.guest)
         else:
             image = _load_image(args.guest, args.ram)
-            machine = Machine(image, ram_size=args.ram, mode=args.mode, tick_instructions=args.tick)
+            machine = Machine(image, ram_size=args.ram, mode=args.mode, tick_instructions=args.tick,
+                              protection=not args.no_protection,
+                              key_seed=args.key_seed.encode() if args.key_seed else None)
         _stream(machine, args)
         gc.freeze()
         return run_guest(machine, args, role="source")

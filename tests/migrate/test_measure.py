@@ -35,6 +35,8 @@ def test_a_different_configuration_changes_pcr9_and_the_quote(tmp_path):
     b = measure_start(tmp_path / "b", {**CONFIG, "timeout": 5.0})
     assert a.pcrs[8] == b.pcrs[8] and a.pcrs[10] == b.pcrs[10]
     assert a.pcrs[9] != b.pcrs[9]
+    unprotected = measure_start(tmp_path / "c", CONFIG, {**PROTECTION_POLICY, "protection": "none"})
+    assert unprotected.pcrs[10] != a.pcrs[10] and unprotected.pcrs[9] == a.pcrs[9]
     # a verifier that approved configuration A refuses a quote from B
     approved = AttestationPolicy.from_events(vmm_events(code_paths(), CONFIG, PROTECTION_POLICY))
     verifier = Verifier([issuer.public_key])
