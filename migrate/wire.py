@@ -8,7 +8,8 @@ Everything two VMMs say to each other during a live migration is a record::
                             skips it; without it an unknown type ends the session.
                             Other bits must be 0.
     4       4     length    body bytes; checked against the type's bound BEFORE
-                            a single body byte is read (MAX_BODY, 1 MiB + 8 KiB)
+                            a single body byte is read (MAX_BODY; the largest,
+                            PAGES, is 1 MiB + 1028 bytes)
     8       8     seq       per-direction sequence number, 0, 1, 2, ...; a record
                             out of order (dropped, replayed, reordered) ends the
                             session

@@ -269,6 +269,7 @@ def run_source_against(reply: bytes):
     return m, before, outcome
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(st.binary(max_size=200),
                  st.integers(0, 200).map(lambda cut: encode(_reply_script())[:cut]),
