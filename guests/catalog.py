@@ -31,8 +31,8 @@ def _lab(kernel: str, what: str) -> "Guest":
 
 P = Program.builtin
 GUESTS = {g.name: g for g in [
-    Guest("demo", "the default demo: a counter, a memory checker, a page dirtier and hello",
-          lambda: [P("counter", args=(40, 150_000)), P("memcheck", args=(40,)),
+    Guest("demo", "the default demo: a protected counter, a memory checker, a page dirtier and hello",
+          lambda: [P("counter", data_pages=1, args=(40, 150_000, 1)), P("memcheck", args=(40,)),
                    P("dirtier", data_pages=32, args=(32, 96, 1)), P("hello")]),
     Guest("hello", "one process that prints a greeting and exits",
           lambda: [P("hello")]),
