@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import os
 import re
 import signal
@@ -124,6 +125,10 @@ def _measure(role: str, args):
     policy = dict(PROTECTION_POLICY)
     if getattr(args, "no_protection", False):
         policy["protection"] = "none"
+    if getattr(args, "key_seed", None):
+        # Keys derivable from a seed are a different protection: an attester
+        # must be able to tell (the seed's hash, never the seed).
+        policy["keys"] = "seeded " + hashlib.sha256(args.key_seed.encode()).hexdigest()
     m = measure_start(tpm_dir, _config(role, args), policy)
     _say("serve" if role == "destination" else "run", m.describe())
     return m
@@ -150,6 +155,21 @@ def _events_printer(args):
 def _summary(role: str, machine, result: str) -> None:
     exits = ", ".join(f"pid {p}={s}" for p, s in sorted(machine.exits.items())) or "none"
     _say(role, f"{result} after {machine.ticks} ticks, {machine.vclock} virtual instructions; exits: {exits}")
+
+
+def _save_for_recovery(machine, args) -> None:
+    """After an unconfirmed commit the guest may run nowhere: keep its paused
+    state, runnable, for an operator who has checked that the destination
+    did not resume it (resuming both would run two copies)."""
+    path = getattr(args, "save_state", None) or f"unconfirmed-{machine.image.name}-{os.getpid()}.mvstate"
+    halted, detail = machine.halted, machine.halt_detail
+    machine.halted, machine.halt_detail = None, ""
+    try:
+        machine.save(path)
+    finally:
+        machine.halted, machine.halt_detail = halted, detail
+    _say("run", f"the paused guest is saved in {path}; ONLY if the destination did not resume it, "
+                f"continue it with: minivmm run {path} --restore")
 
 
 def run_guest(machine, args, *, role: str) -> int:
@@ -187,6 +207,7 @@ def run_guest(machine, args, *, role: str) -> int:
             except CommitUnconfirmed as exc:
                 print(exc.report.format(), file=sys.stderr, flush=True)
                 _say(say, f"{exc}")
+                _save_for_recovery(machine, args)
                 return EXIT_UNCONFIRMED
             except GuestStopped as exc:
                 _say(say, f"migration abandoned: {exc}")

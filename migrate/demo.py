@@ -24,6 +24,9 @@ from migrate.measure import measure_start
 START_TIMEOUT = 60.0
 
 
+CONTINUED = "  ... (the guest migrated mid-line: the rest is on B)"
+
+
 class _Lines:
     """Print console output a whole line at a time, with a prefix."""
 
@@ -39,9 +42,10 @@ class _Lines:
             for line in lines:
                 print(f"{self.prefix}{line}", flush=True)
 
-    def flush(self) -> None:
+    def flush(self, note: str = "") -> None:
+        """Print what is left of a line that never got its newline, with ``note``."""
         if self.buf:
-            self.write("\n")
+            self.write(note + "\n")
 
 
 def _pump(stream, out: _Lines) -> None:
@@ -85,7 +89,9 @@ def main(args) -> int:
                        f"{n} {'ticks' if kind == 'ticks' else 'seconds'}\n")
             ns = _DemoArgs(f"127.0.0.1:{port}", args.after)
             rc = run_guest(machine, ns, role="source")
-            a.flush()
+            # A migration can fall between two write()s of one line ("counter "
+            # on A, "11" on B): say so rather than print a line that looks whole.
+            a.flush(CONTINUED if machine.halted == "migrated" else "")
             child.wait(timeout=300)
             for t in pumps:
                 t.join(timeout=5)

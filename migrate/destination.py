@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -41,6 +42,14 @@ from migrate.wire import Channel, RecordType
 
 MAX_STATE = 128 << 20       # state document bound (console history is the big part)
 MAX_ROUNDS = 10_000
+MIN_SESSION_RATE = 2 << 20  # bytes/s: a session slower than this on average is cut off
+
+
+def session_limit(ram_size: int, timeout: float, min_rate: float = MIN_SESSION_RATE) -> float:
+    """Seconds one incoming migration may take in all: a few timeouts for the
+    handshake and the phases, plus moving RAM three times over (the source's
+    default byte bound) at ``min_rate`` bytes per second."""
+    return 6 * timeout + 3 * ram_size / min_rate
 
 WAIT_HELLO, PRECOPY, IN_ROUND, STATE, PREPARED = "wait-hello", "precopy", "in-round", "state", "prepared"
 ALLOWED = {
@@ -62,8 +71,10 @@ class Incoming:
 
 
 class Destination:
-    def __init__(self, *, timeout: float = 10.0, events: EventBus | None = None):
+    def __init__(self, *, timeout: float = 10.0, events: EventBus | None = None,
+                 min_rate: float = MIN_SESSION_RATE):
         self.timeout = timeout
+        self.min_rate = min_rate
         self.events = events or EventBus()
         self._t0 = clock.now()
         self._vclock = 0
@@ -76,6 +87,7 @@ class Destination:
         """Receive one VM over ``ch``; raises :class:`MigrationError` and
         discards everything if it does not arrive whole and committed."""
         self._t0 = clock.now()
+        ch.timeout = self.timeout
         report = MigrationReport(role="destination", peer=peer, ram_size=0)
         try:
             try:
@@ -146,6 +158,10 @@ class Destination:
                 hashes = PageHashes(npages)
                 written = np.zeros(npages, dtype=bool)      # pages holding received data
                 report.ram_size = hello.ram_size
+                # The whole session is bounded too: a source that sends one
+                # small record just inside the timeout, forever, must not keep
+                # this destination busy (and every other source refused).
+                ch.deadline = time.monotonic() + session_limit(hello.ram_size, self.timeout, self.min_rate)
                 ch.send(RecordType.WELCOME, Welcome(STATUS_OK).encode())
                 self._emit(mev.Handshake, peer=peer, ram_size=hello.ram_size, info=hello.info)
                 state = PRECOPY
@@ -201,6 +217,8 @@ class Destination:
                 next_round += 1
                 state = PRECOPY
             elif t is RecordType.STATE:
+                if not rec.body:
+                    raise ProtocolError("empty STATE record")
                 if len(doc) + len(rec.body) > MAX_STATE:
                     raise ProtocolError(f"state document exceeds its bound of {MAX_STATE} bytes")
                 doc += rec.body

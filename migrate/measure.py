@@ -33,7 +33,8 @@ from tpm.measure import VMM_CODE_PCR, VMM_CONFIG_PCR, VMM_POLICY_PCR
 import migrate
 from migrate.wire import VERSION
 
-PROTECTION_POLICY = {"protection": "cloaking", "migration": "plain", "migration_protocol": VERSION}
+PROTECTION_POLICY = {"protection": "cloaking", "keys": "os.urandom", "migration": "plain",
+                     "migration_protocol": VERSION}
 
 
 def default_tpm_dir(role: str) -> Path:

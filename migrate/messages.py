@@ -49,7 +49,7 @@ _U32 = struct.Struct("<I")
 def _json(body: bytes, what: str) -> dict:
     try:
         doc = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:    # deep nesting is hostile too
         raise ProtocolError(f"{what}: not JSON ({exc})") from None
     if not isinstance(doc, dict):
         raise ProtocolError(f"{what}: JSON object expected")

@@ -18,6 +18,8 @@ from migrate.messages import STATUS_BUSY, Welcome
 from migrate.wire import Channel, RecordType, parse_address
 
 REFUSE_TIMEOUT = 5.0
+MAX_REFUSING = 4            # refusals answered at once; more are closed at once
+MAX_REFUSED_HELLO = 4096    # what a refusal reads: one small HELLO, nothing else
 
 
 class Server:
@@ -34,6 +36,7 @@ class Server:
         self._handoff: queue.Queue = queue.Queue()
         self._closed = False
         self.refused = 0
+        self._refusing = threading.BoundedSemaphore(MAX_REFUSING)
         self._thread = threading.Thread(target=self._accept_loop, name="migrate-acceptor", daemon=True)
         self._thread.start()
 
@@ -68,14 +71,16 @@ class Server:
                     continue
                 reason = self.busy_reason
             self.refused += 1
+            if not self._refusing.acquire(blocking=False):
+                conn.close()        # a flood: no thread, no buffer, just the close
+                continue
             threading.Thread(target=self._refuse, args=(conn, reason), daemon=True).start()
 
-    @staticmethod
-    def _refuse(conn: socket.socket, reason: str) -> None:
+    def _refuse(self, conn: socket.socket, reason: str) -> None:
         ch = Channel(conn, timeout=REFUSE_TIMEOUT)
         try:
-            try:
-                ch.recv()           # the HELLO: read it so the close is not a reset
+            try:            # the HELLO (only): read it so the close is not a reset
+                ch.recv(only=frozenset({RecordType.HELLO}), max_body=MAX_REFUSED_HELLO)
             except MigrationError:
                 pass
             ch.send(RecordType.WELCOME, Welcome(STATUS_BUSY, reason).encode())
@@ -83,6 +88,7 @@ class Server:
             pass
         finally:
             ch.close()
+            self._refusing.release()
 
     def close(self) -> None:
         self._closed = True

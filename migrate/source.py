@@ -76,6 +76,7 @@ class Source:
         self.hashes = PageHashes(machine.ram.npages)
         self._stop = threading.Event()
         self._protected = (np.zeros(0, dtype=np.int64), None)
+        self.late_protected = 0         # copies blanked by _blank_late_protected
         self._t0 = clock.now()
 
     def _emit(self, cls, **fields) -> None:
@@ -109,16 +110,40 @@ class Source:
             remaining = self._precopy(ch, report)
             gc_was_on = gc.isenabled()
             gc.disable()        # no collector pause inside the downtime
+            # Phase deadline: from the pause to PREPARED.  A peer that reads
+            # slowly (each record just inside the timeout) must not keep the
+            # guest paused: past it the source aborts and resumes (DESIGN §6.4).
+            ch.deadline = time.monotonic() + self.timeout
             self._stop_and_copy(ch, report, remaining)
             self._expect(ch, RecordType.PREPARED)
             self._emit(mev.Prepared)
-            ch.send(RecordType.COMMIT)
-            # The point of no return: COMMIT is in the kernel's hands, the
-            # destination may resume at any moment; this copy never runs again.
+            ch.deadline = None
+            if ch.pending_abort():
+                raise PeerAborted("destination aborted before COMMIT")
+            # The point of no return: from here on this copy never runs again
+            # unless the destination proves it will not resume (its ABORT).
+            # Marked before the send: an interrupt during it must not resume us.
             committed = True
             m.halted, m.halt_detail = MIGRATED, f"migrated to {peer}"
+            try:
+                ch.send(RecordType.COMMIT)
+            except MigrationError:
+                # The send failed, so no whole COMMIT reached the destination
+                # (a record is all or nothing to its parser): it cannot resume.
+                m.halted, m.halt_detail = None, ""
+                committed = False
+                raise
             self._emit(mev.Committed)
-            resumed = Resumed.decode(self._expect(ch, RecordType.RESUMED).body)
+            try:
+                resumed = Resumed.decode(self._expect(ch, RecordType.RESUMED).body)
+            except PeerAborted as exc:
+                # The destination gave up before our COMMIT reached it (its own
+                # wait for COMMIT timed out) and discarded the VM: it will
+                # never resume, so this copy is the only one.  Take it back.
+                m.halted, m.halt_detail = None, ""
+                committed = False
+                raise PeerAborted(f"{exc} (after COMMIT: the destination discarded the VM; "
+                                  f"the guest resumes here)") from None
             t_confirm = clock.now()
             report.vclock_resume = resumed.vclock
             if resumed.boot_id == clock.boot_id():
@@ -232,6 +257,26 @@ class Source:
         if hit.any():
             data[hit] = copies[pos[hit]]
 
+    def _blank_late_protected(self, sel: np.ndarray, data: np.ndarray) -> None:
+        """After copying: frames that became protected since this round's
+        snapshot (HC_PROTECT, a page adopted, a cloaked page decrypted in a new
+        frame) may have been copied in plaintext.  Send zeros in their place
+        (the round still carries every page it announced); the frames are
+        logged dirty and go again next round, sealed, and the destination's
+        digest only counts the last copy of a page.  Checked after the copy,
+        so a frame protected later was copied before it held anything
+        protected."""
+        m = self.machine
+        if not m.protection.active:
+            return
+        late = np.fromiter((m.is_protected_frame(int(f)) for f in sel), dtype=bool, count=len(sel))
+        snap = self._protected[0]
+        if len(snap):
+            late &= ~np.isin(sel, snap)
+        if late.any():
+            data[late] = 0
+            self.late_protected += int(late.sum())
+
     def _round(self, ch: Channel, rnd: int, pfns: np.ndarray, *, final: bool) -> RoundStats:
         stats = RoundStats(rnd, len(pfns), final=final)
         self._snapshot_protected(pfns)
@@ -300,6 +345,7 @@ class Source:
             for b in range(0, len(sel), MAX_BATCH):
                 s = sel[b:b + MAX_BATCH]
                 d = pages[s] if copies is None else copies[b:b + MAX_BATCH]   # private copy:
+                self._blank_late_protected(s, d)
                 self._overlay_protected(s, d)
                 self.hashes.update(s, d)                                       # hashed and sent
                 ch.send(RecordType.PAGES, *encode_pages(s, d))                 # as one

@@ -137,9 +137,12 @@ class Record:
 class Channel:
     """One direction-pair of records over a stream socket.
 
-    ``timeout`` bounds the time to receive one whole record (header and
-    body), not each ``recv`` call, so a peer that trickles one byte at a time
-    is cut off as surely as one that says nothing.  The engine uses only
+    ``timeout`` bounds the time to receive, or to send, one whole record
+    (header and body), not each ``recv``/``sendmsg`` call, so a peer that
+    trickles one byte at a time, or drains our bytes one at a time, is cut
+    off as surely as one that says nothing.  ``deadline`` (an absolute
+    ``time.monotonic()``, or None) bounds a whole phase on top: the source
+    sets it at pause, so a slow peer cannot keep the guest paused.  The engine uses only
     :meth:`send`, :meth:`recv`, :meth:`close`, ``timeout`` and the byte
     counters, so the secure channel of a later issue (AEAD per record, the
     header as associated data, ``seq`` as the counter nonce) can stand in for
@@ -154,6 +157,7 @@ class Channel:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.skipped = 0
+        self.deadline: float | None = None
         try:        # small control records must not wait for Nagle
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
@@ -172,18 +176,26 @@ class Channel:
             raise ValueError(f"{rtype.name} body of {length} bytes exceeds its bound {MAX_BODY[rtype]}")
         header = HEADER.pack(rtype, 0, length, self.send_seq)
         try:
-            self.sock.settimeout(self.timeout)
-            self._sendall([memoryview(header), *views])
+            self._sendall([memoryview(header), *views], self._deadline(self.timeout))
         except (socket.timeout, TimeoutError):
-            raise PeerTimeout(f"peer stopped reading for {self.timeout:g} s while we sent {rtype.name}") from None
+            raise PeerTimeout(f"peer did not take a {rtype.name} record of {length} bytes within "
+                              f"{self.timeout:g} s (or the phase deadline)") from None
         except OSError as exc:
             raise ConnectionLost(f"connection lost while sending {rtype.name}: {exc.strerror or exc}") from None
         self.send_seq += 1
         self.bytes_sent += HEADER.size + length
 
-    def _sendall(self, views: list) -> None:
+    def _deadline(self, timeout: float) -> float:
+        deadline = time.monotonic() + timeout
+        return deadline if self.deadline is None else min(deadline, self.deadline)
+
+    def _sendall(self, views: list, deadline: float) -> None:
         views = [v for v in views if len(v)]
         while views:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout()
+            self.sock.settimeout(left)
             sent = self.sock.sendmsg(views)
             while views and sent >= len(views[0]):
                 sent -= len(views[0])
@@ -192,8 +204,25 @@ class Channel:
                 views[0] = views[0][sent:]
 
     # ------------------------------------------------------------------ recv
-    def recv(self, *, timeout: float | None = None) -> Record:
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+    def pending_abort(self) -> bool:
+        """Whether an ABORT is already waiting to be read (non-blocking peek):
+        the source's last check before COMMIT."""
+        try:
+            self.sock.settimeout(0)
+            head = self.sock.recv(HEADER.size, socket.MSG_PEEK)
+        except (BlockingIOError, socket.timeout, TimeoutError, InterruptedError):
+            return False
+        except OSError:
+            return False        # a dead connection shows when COMMIT is sent
+        if len(head) < HEADER.size:
+            return False
+        return HEADER.unpack(head)[0] == RecordType.ABORT
+
+    def recv(self, *, timeout: float | None = None, only: frozenset | None = None,
+             max_body: int | None = None) -> Record:
+        """Receive one record.  ``only``/``max_body`` narrow what is accepted
+        before any body byte is read (a refusal path reads only a small HELLO)."""
+        deadline = self._deadline(self.timeout if timeout is None else timeout)
         while True:
             header = self._read_exact(HEADER.size, deadline, "a record header")
             tcode, flags, length, seq = HEADER.unpack(header)
@@ -214,8 +243,11 @@ class Channel:
                 self.recv_seq += 1
                 self.skipped += 1
                 continue
-            if length > MAX_BODY[rtype]:
-                raise ProtocolError(f"{rtype.name} record of {length} bytes exceeds its bound {MAX_BODY[rtype]}")
+            if only is not None and rtype not in only:
+                raise ProtocolError(f"unexpected {rtype.name} record")
+            bound = MAX_BODY[rtype] if max_body is None else min(max_body, MAX_BODY[rtype])
+            if length > bound:
+                raise ProtocolError(f"{rtype.name} record of {length} bytes exceeds its bound {bound}")
             body = self._read_exact(length, deadline, f"a {rtype.name} body") if length else b""
             self.recv_seq += 1
             return Record(rtype, body, seq, flags)
@@ -228,7 +260,7 @@ class Channel:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise PeerTimeout(f"timed out waiting for {what} ({got} of {n} bytes after "
-                                  f"{self.timeout:g} s)")
+                                  f"{self.timeout:g} s, or the phase deadline)")
             try:
                 self.sock.settimeout(left)
                 k = self.sock.recv_into(view[got:])

@@ -291,6 +291,9 @@ class Protection:
         self.by_cr3[proc.cr3] = proc
         for meta in pages.values():
             self.frames[meta.ppn] = (proc, meta)
+            # A live migration may already have sent this frame in plaintext
+            # (it was not secret then); logged dirty, it goes again, sealed.
+            self.ram.dirty.mark(meta.ppn)
         self._flush()       # nobody else may keep a TLB entry to these frames
         self._emit(ev.ProcessProtected, pid=pid, name=name, ident=proc.ident,
                          measurement=proc.measurement.hex(), pages=len(pages),
@@ -377,6 +380,7 @@ class Protection:
         meta = PageMeta(vpn, ppn)
         proc.pages[vpn] = meta
         self.frames[ppn] = (proc, meta)
+        self.ram.dirty.mark(ppn)        # see protect(): resent sealed by a live migration
         self._flush()                   # the kernel may hold a translation to this frame
         self._emit(ev.PageAdopted, pid=proc.pid, vaddr=vpn << 12, frame=ppn)
         return meta

@@ -188,8 +188,11 @@ def test_demo_command_runs_a_live_migration(tmp_path):
     assert v.finish() == 0, v.stderr
     out = v.stdout + v.stderr
     assert "migration report (source" in out and "completed" in out
-    a = "".join(line[4:] + "\n" for line in v.stdout.splitlines() if line.startswith("A | "))
+    from migrate.demo import CONTINUED
+    a = "\n".join(line[4:] for line in v.stdout.splitlines() if line.startswith("A | "))
     b = "".join(line[4:] + "\n" for line in v.stdout.splitlines() if line.startswith("B | "))
+    # the migration may fall between the write()s of one line: the demo says so
+    a = a[:-len(CONTINUED)] if a.endswith(CONTINUED) else a + "\n"
     assert "counter" in a and "counter" in b
     assert sorted(counter_lines(a + b)) == list(range(1, 41))
     assert (tmp_path / "tpm-demo" / "source").is_dir() and (tmp_path / "tpm-demo" / "destination").is_dir()

@@ -60,3 +60,13 @@ def test_serve_process_measures_itself_at_start(tmp_path):
     assert proc.returncode == 2 and "measured into TPM" in proc.stderr
     tpm = SoftTpm.open(tmp_path / "t", startup=None)
     assert len(tpm.event_log()) == 3 and b'"role":"destination"' in tpm.event_log()[1].data
+
+
+def test_a_key_seed_is_visible_in_the_measured_policy(tmp_path):
+    from argparse import Namespace
+    from migrate.cli import _measure
+    base = dict(timeout=10.0, migrate_to=None, no_protection=False)
+    plain = _measure("destination", Namespace(tpm_dir=str(tmp_path / "a"), key_seed=None, **base))
+    seeded = _measure("destination", Namespace(tpm_dir=str(tmp_path / "b"), key_seed="public", **base))
+    assert plain.pcrs[9] == seeded.pcrs[9] and plain.pcrs[10] != seeded.pcrs[10]
+    assert seeded.policy["keys"].startswith("seeded ") and "public" not in seeded.policy["keys"]
