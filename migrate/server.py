@@ -50,7 +50,11 @@ class Server:
         are refused with ``busy_reason``."""
         with self._lock:
             self.busy_reason = busy_reason
-            self._waiting = True
+            # A connection may already be waiting in the queue (it arrived
+            # before this call: a new server takes its first VM at once).  Then
+            # stay closed, or the next one would be queued behind it, unanswered.
+            if self._handoff.empty():
+                self._waiting = True
         conn, addr = self._handoff.get()
         return self.channel(conn, timeout=self.timeout), f"{addr[0]}:{addr[1]}"
 

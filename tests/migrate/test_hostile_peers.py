@@ -196,3 +196,22 @@ def test_deeply_nested_json_is_a_protocol_error_not_a_crash():
     Channel(a).send(RecordType.HELLO, body)
     with pytest.raises(ProtocolError, match="not JSON"):
         Destination(timeout=1).receive(Channel(b), "deep")
+
+
+def test_a_second_source_is_refused_even_if_the_first_came_before_the_server_was_asked():
+    # The first VM may arrive before the serving loop calls next_connection();
+    # the second must still be refused, not queued behind it unanswered.
+    server = Server("127.0.0.1:0")
+    first = Channel(socket.create_connection(server.address), timeout=5)
+    first.send(RecordType.HELLO, Hello(16 << 20, {}).encode())
+    time.sleep(0.3)                                        # handed off, not yet taken
+    got = {}
+    threading.Thread(target=lambda: got.setdefault("c", server.next_connection("busy: first")),
+                     daemon=True).start()
+    time.sleep(0.3)
+    second = Channel(socket.create_connection(server.address), timeout=5)
+    second.send(RecordType.HELLO, Hello(16 << 20, {}).encode())
+    welcome = Welcome.decode(second.recv().body)
+    assert welcome.status == STATUS_BUSY and "first" in welcome.reason
+    first.sock.close()
+    server.close()
