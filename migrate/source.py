@@ -41,7 +41,6 @@ import time
 
 import numpy as np
 
-from minivmm.errors import GuestError
 from minivmm.events import EventBus
 from migrate import clock, events as mev
 from migrate.digest import PageHashes, hash_ram

@@ -42,7 +42,7 @@ import hashlib
 import hmac
 import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from cryptography.exceptions import InvalidTag
@@ -219,10 +219,6 @@ class Protection:
     virtual time for events; ``key_source(n)`` returns n secret random bytes.
     """
 
-    def _emit(self, cls, **fields) -> None:
-        self._before_event()
-        self.events.emit(cls, self._clock(), **fields)
-
     def __init__(self, ram, events: ev.EventBus, *, flush: Callable[[], None],
                  clock: Callable[[], int], enabled: bool = True,
                  key_source: Callable[[int], bytes] = os.urandom,
@@ -235,13 +231,17 @@ class Protection:
         self._clock = clock
         self._key_source = key_source
         self.procs: dict[int, ProtectedProcess] = {}
-        self.by_cr3: dict[int, ProtectedProcess] = {}      # live (not exited) ones
+        self.by_cr3: dict[int, ProtectedProcess] = {}      # by CR3 (exited ones until it is reused)
         self.frames: dict[int, tuple[ProtectedProcess, PageMeta]] = {}   # ppn -> owner page
         self._keys: dict[int, bytes] = {}
         self._ciphers: dict[int, PageCipher] = {}
         self._next_handle = 1
         self._nonce_prefix = int.from_bytes(key_source(4), "little")   # fresh per VMM instance
         self.resume_pending: ProtectedProcess | None = None   # set by on_fill, see machine
+
+    def _emit(self, cls, **fields) -> None:
+        self._before_event()
+        self.events.emit(cls, self._clock(), **fields)
 
     @property
     def active(self) -> bool:

@@ -2,7 +2,6 @@
 
 import re
 
-import pytest
 
 from guests.build import Program
 from guesthelp import boot, prog

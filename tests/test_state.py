@@ -1,6 +1,5 @@
 """Machine state: explicit, versioned, restorable in another OS process."""
 
-import dataclasses
 import os
 import struct
 import subprocess
@@ -9,14 +8,13 @@ import sys
 import pytest
 
 from guests.build import Program
-from guests.catalog import GUESTS
 from guesthelp import boot
-from minivmm.console import Console, ConsoleState
+from minivmm.console import Console
 from minivmm.cpu import CpuState
 from minivmm.errors import StateError
 from minivmm.machine import Machine
 from minivmm.state import HEADER, VERSION, MachineState
-from minivmm.timer import Timer, TimerState
+from minivmm.timer import Timer
 
 P = Program.builtin
 

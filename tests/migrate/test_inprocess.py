@@ -8,7 +8,6 @@ import pytest
 
 from guests.build import Program, build_image
 from guests.catalog import get_guest
-from migrate import events as mev
 from migrate.destination import Destination
 from migrate.errors import GuestStopped, MigrationError, PeerTimeout, Refused
 from migrate.precopy import PrecopyPolicy
