@@ -25,7 +25,7 @@ from unicorn.x86_const import UC_X86_INS_IN, UC_X86_INS_OUT, UC_X86_REG_EAX, UC_
     UC_X86_REG_ECX, UC_X86_REG_EDX, UC_X86_REG_EFLAGS, UC_X86_REG_EIP, UC_X86_REG_SS, \
     UC_X86_REG_CR3
 
-from minivmm import abi, events as ev
+from minivmm import abi, events as ev, regcache
 from minivmm.console import Console
 from minivmm.cpu import CpuState, read_cpu, write_cpu
 from minivmm.errors import (GuestError, GuestHang, KernelPanic, StateError, TripleFault, VmmError,
@@ -37,6 +37,8 @@ from minivmm.mmu import Mmu, WalkFault, read_linear
 from minivmm.protection import Protection, seeded_keys
 from minivmm.state import MachineState, VmmState
 from minivmm.timer import Timer
+
+regcache.install()          # ~30% off every VMM exit (see regcache.py)
 
 EFLAGS_IF = 1 << 9
 DETERMINISTIC, FAST = "deterministic", "fast"

@@ -116,3 +116,15 @@ def test_save_then_restore_in_another_process_matches_uninterrupted(tmp_path):
     assert second.returncode == 0, second.stderr
     assert first.stdout and second.stdout
     assert first.stdout + second.stdout == full.stdout
+
+
+def test_register_class_cache_is_installed_and_agrees_with_unicorn():
+    from unicorn import x86_const
+    from unicorn.unicorn_py3.arch.intel import UcIntel
+    from minivmm import regcache
+    assert regcache.install()
+    cached = UcIntel._select_reg_class
+    original = cached.__wrapped__
+    for name, reg in vars(x86_const).items():
+        if name.startswith("UC_X86_REG_") and isinstance(reg, int):
+            assert cached(reg) is original(UcIntel, reg), name
