@@ -132,9 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="minivmm",
         description="A small teaching hypervisor on Unicorn: boot the toy x86 OS, watch its "
-                    "console, save and restore the whole machine.",
-        epilog="Exit status of 'run': 0 clean guest shutdown, 1 guest crash, 2 bad input, "
-               "3 a --ticks/--instructions bound was reached.")
+                    "console, protect processes from their own (hostile) kernel, save and restore "
+                    "the whole machine, and live-migrate it between two VMMs (serve, run "
+                    "--migrate-to, demo).",
+        epilog="Exit status of 'run': 0 clean guest shutdown (or migrated away), 1 guest crash, "
+               "2 bad input, 3 a --ticks/--instructions bound was reached, 4 a migration "
+               "committed but the destination never confirmed it resumed.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", help="boot a guest and stream its console",
