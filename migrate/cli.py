@@ -251,16 +251,9 @@ def _extend_run(run_parser: argparse.ArgumentParser) -> None:
     def cmd_run(args) -> int:
         if not args.migrate_to:
             return plain_run(args)
-        from minivmm.cli import _load_image
-        from minivmm.machine import Machine
+        from minivmm.cli import machine_from_args
         _measure("source", args)
-        if args.restore:
-            machine = Machine.load(args.guest)
-        else:
-            image = _load_image(args.guest, args.ram)
-            machine = Machine(image, ram_size=args.ram, mode=args.mode, tick_instructions=args.tick,
-                              protection=not args.no_protection,
-                              key_seed=args.key_seed.encode() if args.key_seed else None)
+        machine = machine_from_args(args)
         _stream(machine, args)
         gc.freeze()
         return run_guest(machine, args, role="source")

@@ -79,15 +79,21 @@ def _stream(machine, args) -> None:
     machine.events.subscribe(show)
 
 
-def cmd_run(args) -> int:
+def machine_from_args(args):
+    """The machine ``run``'s arguments describe: a state file to continue
+    (``--restore``), or a guest booted with ``--ram/--mode/--tick`` and the
+    protection options.  Plugins that extend ``run`` build theirs here too."""
     from minivmm.machine import Machine
     if args.restore:
-        machine = Machine.load(args.guest)
-    else:
-        image = _load_image(args.guest, args.ram)
-        machine = Machine(image, ram_size=args.ram, mode=args.mode, tick_instructions=args.tick,
-                          protection=not args.no_protection,
-                          key_seed=args.key_seed.encode() if args.key_seed else None)
+        return Machine.load(args.guest)
+    image = _load_image(args.guest, args.ram)
+    return Machine(image, ram_size=args.ram, mode=args.mode, tick_instructions=args.tick,
+                   protection=not args.no_protection,
+                   key_seed=args.key_seed.encode() if args.key_seed else None)
+
+
+def cmd_run(args) -> int:
+    machine = machine_from_args(args)
     _stream(machine, args)
     try:
         result = machine.run(max_ticks=args.ticks, max_instructions=args.instructions)
