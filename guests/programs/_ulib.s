@@ -104,4 +104,12 @@ ulib_protect_out:
     pop ebx
     ret
 
+ulib_protect_if:            ; eax = index: if args[index] != 0, ulib_protect (else eax = 0)
+    call ulib_arg
+    test eax, eax
+    jz ulib_protect_if_out
+    call ulib_protect
+ulib_protect_if_out:
+    ret
+
 ulib_shared: .long 0        ; the shared page once protected, else 0

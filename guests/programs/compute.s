@@ -12,11 +12,7 @@
 buf:     .space 4096, 0
 _start:
     mov eax, 1
-    call ulib_arg
-    test eax, eax
-    jz unprotected
-    call ulib_protect
-unprotected:
+    call ulib_protect_if
     xor eax, eax
     call ulib_arg
     test eax, eax

@@ -5,11 +5,7 @@
 ;   Exits 0 after the last line.
 _start:
     mov eax, 2
-    call ulib_arg
-    test eax, eax
-    jz unprotected
-    call ulib_protect
-unprotected:
+    call ulib_protect_if
     mov eax, 0
     call ulib_arg
     mov [limit], eax

@@ -3,11 +3,7 @@
 ;   first (needs 1 data page).  Prints "sysloop: done" and exits 0.
 _start:
     mov eax, 1
-    call ulib_arg
-    test eax, eax
-    jz unprotected
-    call ulib_protect
-unprotected:
+    call ulib_protect_if
     xor eax, eax
     call ulib_arg
     mov edi, eax
