@@ -43,12 +43,9 @@ def assert_frames_consistent(m):
 # Moves the stack page into the secret's frame and back, restoring the secret's
 # ciphertext behind the VMM's back, then reads the secret frame directly.
 SHUFFLE = r"""
+.include "hostile_victim.s"
 syscall_hook:
-    cmp dword ptr [INFO_DATA_PAGES_ADDR], 3
-    jb x_out
-    mov eax, [esi+PROC_PID]
-    inc dword ptr [x_count+eax*4]
-    mov eax, [x_count+eax*4]
+    call hk_victim_call
     cmp eax, 3
     je x_step1
     cmp eax, 4
@@ -132,18 +129,15 @@ x_fs: .long 0
 x_fk: .long 0
 x_kpte: .long 0
 x_kval: .long 0
-x_count: .space 68, 0
 x_save: .space 4096, 0
 """
 
 # Tells the VMM the keeper exited (a lie), then lets it run on.
 FORGED_EXIT = r"""
+.include "hostile_victim.s"
 syscall_hook:
-    cmp dword ptr [INFO_DATA_PAGES_ADDR], 3
-    jb x_out
-    mov eax, [esi+PROC_PID]
-    inc dword ptr [x_count+eax*4]
-    cmp dword ptr [x_count+eax*4], 2
+    call hk_victim_call
+    cmp eax, 2
     jne x_out
     push esi
     mov ebx, [esi+PROC_PID]
@@ -153,17 +147,13 @@ syscall_hook:
     pop esi
 x_out:
     ret
-x_count: .space 68, 0
 """
 
 # Points TSS.esp0 into the secret's frame: the VMM's own frame push would write there.
 ESP0_INTO_SECRET = r"""
+.include "hostile_victim.s"
 syscall_hook:
-    cmp dword ptr [INFO_DATA_PAGES_ADDR], 3
-    jb x_out
-    mov eax, [esi+PROC_PID]
-    inc dword ptr [x_count+eax*4]
-    mov eax, [x_count+eax*4]
+    call hk_victim_call
     cmp eax, 3
     je x_arm
     cmp eax, 4
@@ -182,7 +172,6 @@ x_arm:                          ; TSS.esp0 := phys(secret frame) + 20
 x_disarm:
     mov dword ptr [tss+4], kstack_top
     ret
-x_count: .space 68, 0
 """
 
 # Scans all of RAM after the kernel image (whose code holds the patterns)
@@ -190,14 +179,14 @@ x_count: .space 68, 0
 # one of its first four dwords is aligned wherever it starts) at the keeper's
 # 2nd, 4th and 6th system calls; prints FOUND or clean.
 SCAN = r"""
+.include "hostile_victim.s"
 syscall_hook:
-    cmp dword ptr [INFO_DATA_PAGES_ADDR], 3
-    jb sc_out
-    mov eax, [esi+PROC_PID]
-    inc dword ptr [sc_count+eax*4]
-    test dword ptr [sc_count+eax*4], 1
+    call hk_victim_call
+    test eax, eax
+    jz sc_out
+    test eax, 1
     jnz sc_out
-    cmp dword ptr [sc_count+eax*4], 6
+    cmp eax, 6
     ja sc_out
     push esi
     mov ebx, kstack_top
@@ -229,7 +218,6 @@ sc_found:
     call puts
     pop esi
     ret
-sc_count: .space 68, 0
 sc_clean: .asciz "scan: clean\n"
 sc_hit:   .asciz "scan: FOUND at "
 sc_nl:    .asciz "\n"
@@ -317,12 +305,10 @@ def test_large_pages_are_protected_frame_by_frame():
 
 
 MAP_LATER = r"""
+.include "hostile_victim.s"
 syscall_hook:
-    cmp dword ptr [INFO_DATA_PAGES_ADDR], 3
-    jb ml_out
-    mov eax, [esi+PROC_PID]
-    inc dword ptr [ml_count+eax*4]
-    cmp dword ptr [ml_count+eax*4], 1
+    call hk_victim_call
+    cmp eax, 1
     jne ml_out
     ; after HC_PROTECT: map a fresh frame at 0x40803000 (the 4th data page slot)
     mov eax, [esi+PROC_CR3]
@@ -333,7 +319,6 @@ syscall_hook:
     mov cr3, eax
 ml_out:
     ret
-ml_count: .space 68, 0
 """
 
 USES_NEW_PAGE = r"""

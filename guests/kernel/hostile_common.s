@@ -2,18 +2,18 @@
 ; syscall_hook is called at every system call with esi = the caller's
 ; process slot and the caller's CR3 loaded (so its user pages are reachable
 ; at their own virtual addresses: the kernel needs no help to read them).
-; Victims are processes with at least 3 data pages (how the secret keeper
-; is built); the attack runs once, at the victim's 2nd system call, when
-; its secret is in place.  `attack` may clobber every register but esi/ebp.
+; The victim is chosen by hostile_victim.s (at least 3 data pages: the
+; secret keeper); the attack runs once, at the victim's 2nd system call,
+; when its secret is in place.  `attack` may clobber every register but
+; esi/ebp.
 .equ HK_SECRET_PAGE, 0x40801000
 .equ HK_DECOY_PAGE, 0x40802000
 
+.include "hostile_victim.s"
+
 syscall_hook:
-    cmp dword ptr [INFO_DATA_PAGES_ADDR], 3
-    jb hk_out
-    mov eax, [esi+PROC_PID]
-    inc dword ptr [hk_count+eax*4]
-    cmp dword ptr [hk_count+eax*4], 2
+    call hk_victim_call
+    cmp eax, 2
     jne hk_out
     push esi
     mov esi, hk_banner
@@ -31,4 +31,3 @@ hk_out:
 
 hk_banner: .asciz "hostile kernel: pid "
 hk_colon:  .asciz ": "
-hk_count:  .space 68, 0              ; system calls per pid (pids 1..16)
