@@ -23,6 +23,8 @@ from migrate.source import Source
 from migrate.wire import HEADER, MAGIC, Channel, RecordType
 from minivmm.machine import Machine
 
+from inproc import receive_in_thread
+
 SECRET = b"swordfish: launch code"
 
 
@@ -47,19 +49,13 @@ def test_a_process_protected_during_precopy_never_crosses_in_plaintext():
             return super().send(rtype, *parts)
 
     server, res = Server("127.0.0.1:0"), {}
-
-    def dst():
-        ch, peer = server.next_connection("busy")
-        res["m"] = Destination(timeout=10).receive(ch, peer).machine
-        res["m"].run(max_ticks=100_000)
-    t = threading.Thread(target=dst, daemon=True)
-    t.start()
+    t = receive_in_thread(server, res, timeout=10)
     src = Source(m, channel=Spy, check_ram=True)
     src.migrate(server.label)
     t.join(60)
     server.close()
     assert leaks == []
-    d = res["m"]
+    d = res["incoming"].machine
     assert d.protection.procs[1].pages and d.exits == {1: 0, 2: 0}
     assert d.console.text(1).count("secret intact") == 30
 
@@ -75,17 +71,7 @@ class SlowCommit(Channel):
 
 def test_a_commit_the_destination_gave_up_on_leaves_the_guest_running_here():
     server, res = Server("127.0.0.1:0", timeout=0.5), {}
-
-    def dst():
-        ch, peer = server.next_connection("busy")
-        try:
-            res["incoming"] = Destination(timeout=0.5).receive(ch, peer)
-        except MigrationError as exc:
-            res["error"] = exc
-        finally:
-            ch.close()
-    t = threading.Thread(target=dst)
-    t.start()
+    t = receive_in_thread(server, res, timeout=0.5, run_ticks=None)
     m = Machine(get_guest("counter").build())
     m.run(max_ticks=10)
     with pytest.raises(PeerAborted, match="resumes here"):

@@ -16,21 +16,7 @@ from migrate.source import MIGRATED, Source
 from minivmm.events import EventBus
 from minivmm.machine import Machine
 
-
-def receive_in_thread(server, result, run_ticks=100_000):
-    def body():
-        ch, peer = server.next_connection("busy: test")
-        try:
-            inc = Destination(timeout=5).receive(ch, peer)
-            result["incoming"] = inc
-            inc.machine.run(max_ticks=run_ticks)
-        except MigrationError as exc:
-            result["error"] = exc
-        finally:
-            ch.close()
-    t = threading.Thread(target=body, daemon=True)
-    t.start()
-    return t
+from inproc import receive_in_thread
 
 
 def test_events_report_and_exactly_one_copy():

@@ -332,16 +332,9 @@ def test_exactly_one_copy_whatever_happens_to_the_destinations_replies(meddle):
     from migrate.errors import CommitUnconfirmed
     from migrate.server import Server
     from migrate.source import MIGRATED, Source
+    from inproc import receive_in_thread
     server, res = Server("127.0.0.1:0", timeout=TIMEOUT * 2, channel=_meddling_channel(*meddle)), {}
-
-    def dst():
-        try:
-            ch, peer = server.next_connection("busy")
-            res["incoming"] = Destination(timeout=TIMEOUT * 2).receive(ch, peer)
-        except (MigrationError, OSError) as exc:
-            res["error"] = exc
-    t = threading.Thread(target=dst, daemon=True)
-    t.start()
+    t = receive_in_thread(server, res, timeout=TIMEOUT * 2, run_ticks=None)
     m = Machine(SOURCE_IMAGE)
     m.run(max_ticks=3)
     try:

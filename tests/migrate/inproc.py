@@ -1,0 +1,28 @@
+"""Helpers for migrations inside one test process (a destination on a thread)."""
+
+import threading
+
+from migrate.destination import Destination
+from migrate.errors import MigrationError
+
+
+def receive_in_thread(server, result, *, timeout=5.0, run_ticks=100_000):
+    """Take the next migration from ``server`` on a thread: ``result["incoming"]``
+    once it resumed (then run up to ``run_ticks`` ticks; None: not at all), or
+    ``result["error"]``.  Returns the started thread."""
+    def body():
+        ch = None
+        try:
+            ch, peer = server.next_connection("busy: test")
+            inc = Destination(timeout=timeout).receive(ch, peer)
+            result["incoming"] = inc
+            if run_ticks:
+                inc.machine.run(max_ticks=run_ticks)
+        except (MigrationError, OSError) as exc:
+            result["error"] = exc
+        finally:
+            if ch is not None:
+                ch.close()
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    return t
