@@ -34,10 +34,12 @@ def kernel_read(ram, cpu: CpuState, vaddr: int, length: int, touch=None) -> byte
     accesses bypass the TLB, so process protection must see them here (a
     hostile kernel may point its IDT, TSS or kernel stack at a protected page)."""
     if not cpu.cr0 & (1 << 31):
+        start = vaddr & 0xFFFFFFFF
         if touch is not None:
-            for frame in range((vaddr & 0xFFFFFFFF) >> 12, ((vaddr & 0xFFFFFFFF) + max(length, 1) - 1 >> 12) + 1):
+            last = start + max(length, 1) - 1
+            for frame in range(start >> 12, (last >> 12) + 1):
                 touch(frame)
-        return ram.read(vaddr & 0xFFFFFFFF, length)
+        return ram.read(start, length)
     try:
         return read_linear(ram, cpu.cr3, vaddr & 0xFFFFFFFF, length, user=False,
                            wp=bool(cpu.cr0 & (1 << 16)), touch=touch)

@@ -547,9 +547,9 @@ class Machine:
     def is_protected_frame(self, frame: int) -> bool:
         """Whether ``frame`` holds a protected page now.  Safe from another
         thread (one dict lookup): migration's sender checks each frame *after*
-        copying it, and drops the copy of a frame that became protected since
-        the round's :meth:`protected_frames` snapshot (it is logged dirty and
-        goes again, sealed)."""
+        copying it, and sends zeros instead of the copy of a frame that became
+        protected since the round's :meth:`protected_frames` snapshot (it is
+        logged dirty and goes again, sealed)."""
         return frame in self.protection.frames
 
     # ----------------------------------------------------------- dirty logging
