@@ -75,7 +75,6 @@ class Source:
         self.hashes = PageHashes(machine.ram.npages)
         self._stop = threading.Event()
         self._protected = (np.zeros(0, dtype=np.int64), None)
-        self.late_protected = 0         # copies blanked by _blank_late_protected
         self._t0 = clock.now()
 
     def _emit(self, cls, **fields) -> None:
@@ -274,7 +273,6 @@ class Source:
             late &= ~np.isin(sel, snap)
         if late.any():
             data[late] = 0
-            self.late_protected += int(late.sum())
 
     def _round(self, ch: Channel, rnd: int, pfns: np.ndarray, *, final: bool) -> RoundStats:
         stats = RoundStats(rnd, len(pfns), final=final)
