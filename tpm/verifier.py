@@ -11,8 +11,10 @@ and it stops at the first failure (fail closed; nothing is partially accepted):
    and certify a fixedTPM *restricted* signing key (CertificateError).  Only a
    restricted key's signature proves the TPMS_ATTEST was made by the TPM.
 3. **Signature.**  ECDSA-P256/SHA-256 over the exact TPMS_ATTEST bytes, under the
-   certified AK, and the quote's qualifiedSigner must be that AK's Name
-   (SignatureError).
+   certified AK, and the quote's qualifiedSigner must be that AK's *Qualified Name*,
+   computed here from the certified parent Qualified Name and the certified public
+   area (TPM 2.0 Part 1, clause 16) (SignatureError).  A version 1 certificate, which
+   names no parent, is refused (CertificateError).
 4. **Freshness.**  extraData must be a nonce this verifier issued and has not yet
    seen, or the caller's ``expected_nonce`` (NonceMismatchError; ReplayError for a
    nonce consumed before, never issued, or expired).  Checked *after* the signature so
@@ -50,7 +52,7 @@ from .errors import (
 )
 from .eventlog import Event
 from .evidence import Evidence
-from .issuer import Issuer, key_id, load_trust_anchor
+from .issuer import CERT_VERSION, Issuer, key_id, load_trust_anchor
 from .pcr import PcrSelection
 from .policy import AttestationPolicy
 from .quote import ClockInfo
@@ -164,13 +166,28 @@ class Verifier:
             ak_key, attributes = keys.parse_public_area(cert.ak_public)
         except FormatError as e:
             raise CertificateError(f"AK certificate: {e}") from None
-        if attributes & keys.AK_REQUIRED != keys.AK_REQUIRED:
-            raise CertificateError("certified key is not a fixedTPM restricted signing key")
+        # Only a restricted key's signature proves the TPM made the TPMS_ATTEST (it
+        # refuses to sign outside data starting with TPM_GENERATED_VALUE); an unrestricted
+        # key signs whatever its holder gives it.  Checked here even though an honest
+        # issuer refuses such keys: the verifier does not rely on the issuer's care.
+        for bit, what in ((keys.RESTRICTED, "restricted"), (keys.SIGN, "signing"),
+                          (keys.FIXED_TPM, "fixedTPM")):
+            if not attributes & bit:
+                raise CertificateError(f"certified key is not a {what} key: it cannot attest")
+        if cert.version != CERT_VERSION:
+            raise CertificateError(
+                "AK certificate version 1 names no parent, so the AK's Qualified Name "
+                "cannot be checked: re-certify the AK"
+            )
+        expected_signer = cert.ak_qualified_name
 
         # 3. signature over the exact attest bytes, by the certified AK
         keys.verify(ak_key, ev.attest_bytes, ev.signature, "quote")
-        if not hmac.compare_digest(attest.qualified_signer, cert.ak_name):
-            raise SignatureError("quote's qualifiedSigner is not the certified AK")
+        if not hmac.compare_digest(attest.qualified_signer, expected_signer):
+            raise SignatureError(
+                "quote's qualifiedSigner is not the certified AK's Qualified Name "
+                f"({attest.qualified_signer.hex()[:20]}... != {expected_signer.hex()[:20]}...)"
+            )
 
         # 4. freshness
         self._check_nonce(attest.extra_data, expected_nonce)
