@@ -70,6 +70,8 @@ STATE_MAGIC = 0x4D565453  # "MVTS"
 VOLATILE_MAGIC = 0x4D565456  # "MVTV"
 COUNTERS_MAGIC = 0x4D564E43  # "MVNC"
 STATE_VERSION = 1
+#: volatile.bin v2: the event log inside is the TCG crypto-agile log (v1: "MVEL").
+VOLATILE_VERSION = 2
 MAX_STATE_PAYLOAD = 4096
 MAX_COUNTERS_PAYLOAD = 16 * 1024
 #: The PCRs a VMM measurement extends (see tpm.measure): the default quote/seal selection.
@@ -325,7 +327,7 @@ class SoftTpm:
         persist = self._persist
         vpath = self.state_dir / VOLATILE_FILE
         vpayload = statefile.read(
-            vpath, VOLATILE_MAGIC, STATE_VERSION, MAX_EVENTLOG_BYTES + 8, self._mac_key(b"volatile")
+            vpath, VOLATILE_MAGIC, VOLATILE_VERSION, MAX_EVENTLOG_BYTES + 8, self._mac_key(b"volatile")
         )
         try:
             volatile = VolatileState.from_bytes(vpayload)
@@ -350,7 +352,7 @@ class SoftTpm:
         statefile.write(
             self.state_dir / VOLATILE_FILE,
             VOLATILE_MAGIC,
-            STATE_VERSION,
+            VOLATILE_VERSION,
             VolatileState(self._persist.reset_count, self._log).to_bytes(),
             self._mac_key(b"volatile"),
         )

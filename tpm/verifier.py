@@ -15,13 +15,14 @@ and it stops at the first failure (fail closed; nothing is partially accepted):
    computed here from the certified parent Qualified Name and the certified public
    area (TPM 2.0 Part 1, clause 16) (SignatureError).  A version 1 certificate, which
    names no parent, is refused (CertificateError).
-4. **Freshness.**  extraData must be a nonce this verifier issued and has not yet
-   seen, or the caller's ``expected_nonce`` (NonceMismatchError; ReplayError for a
-   nonce consumed before, never issued, or expired).  Checked *after* the signature so
-   that forged evidence cannot burn a nonce.
-5. **Event log.**  Self-describing events must hash to their digest, and replaying
+4. **Event log.**  Self-describing events must hash to their digest, and replaying
    the log from zero must reproduce the quoted pcrDigest over the quoted selection
    (EventLogReplayError).
+5. **Freshness.**  extraData must be a nonce this verifier issued and has not yet
+   seen, or the caller's ``expected_nonce`` (NonceMismatchError; ReplayError for a
+   nonce consumed before, never issued, or expired).  Checked *after* everything
+   that authenticates the evidence (signature, and the log against the signed
+   digest), so that forged or tampered evidence cannot burn an honest host's nonce.
 6. **Policy.**  The replayed events must be approved (PolicyViolationError).
 
 This module imports nothing from ``tpm.softtpm``.
@@ -189,10 +190,8 @@ class Verifier:
                 f"({attest.qualified_signer.hex()[:20]}... != {expected_signer.hex()[:20]}...)"
             )
 
-        # 4. freshness
-        self._check_nonce(attest.extra_data, expected_nonce)
-
-        # 5. event log replay
+        # 4. event log replay (the log is not signed: it is believed only if it
+        # reproduces the signed digest)
         for event in ev.event_log:
             event.check_binding()
         bank = ev.event_log.replay()
@@ -200,6 +199,9 @@ class Verifier:
             raise EventLogReplayError(
                 f"event log does not replay to the quoted PCR digest over PCRs {attest.selection}"
             )
+
+        # 5. freshness (consumes the nonce: only evidence authentic so far gets here)
+        self._check_nonce(attest.extra_data, expected_nonce)
 
         # 6. policy
         approved = policy.check(ev.event_log, attest.selection)

@@ -317,3 +317,14 @@ def test_version_1_certificate_is_refused(measured, policy, verifier, issuer):
     assert AkCertificate.from_bytes(v1.to_bytes()) == v1  # old state directories still open
     with pytest.raises(CertificateError, match="version 1"):
         verifier.verify(_rebuild(ev, cert=v1.to_bytes()), policy)
+
+
+def test_tampered_event_log_does_not_burn_the_nonce(measured, policy, verifier):
+    """The log is not signed: a man in the middle can change it.  The verifier refuses it
+    before it consumes the nonce, so the honest answer to the same nonce still verifies."""
+    nonce = verifier.new_nonce()
+    good = measured.quote(nonce)
+    events = list(good.event_log)[:-1]  # drop the policy event
+    with pytest.raises(EventLogReplayError):
+        verifier.verify(_rebuild(good, log=EventLog(events).to_bytes()), policy)
+    verifier.verify(good.to_bytes(), policy)
