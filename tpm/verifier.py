@@ -25,6 +25,12 @@ and it stops at the first failure (fail closed; nothing is partially accepted):
    digest), so that forged or tampered evidence cannot burn an honest host's nonce.
 6. **Policy.**  The replayed events must be approved (PolicyViolationError).
 
+:func:`require_same_boot` compares two verified quotes for the time-of-check /
+time-of-use check of a protocol that attests a host, then later relies on it still
+being in the attested state (e.g. quote before and after a migration): a TPM Reset
+clears the PCRs, so a host could be rebooted into something else in between, and
+only resetCount/restartCount show it.
+
 This module imports nothing from ``tpm.softtpm``.
 """
 
@@ -49,6 +55,7 @@ from .errors import (
     NonceMismatchError,
     ReplayError,
     SignatureError,
+    TpmRestartError,
     UnknownIssuerError,
 )
 from .eventlog import Event
@@ -226,3 +233,29 @@ class Verifier:
             ours = bytes(expected) in self._outstanding or bytes(expected) in self._consumed
         if ours:
             self.consume_nonce(expected)
+
+
+def require_same_boot(first: AttestationResult, second: AttestationResult) -> None:
+    """Raise TpmRestartError unless two verified quotes come from the same AK and the same
+    boot of its TPM: equal resetCount (no TPM Reset, i.e. no power cycle that cleared the
+    PCRs) and equal restartCount (no TPM Restart or Resume) in their clockInfo.
+
+    The counts are compared for equality only, never for order: a real TPM obfuscates
+    them in quotes by keys outside the endorsement and platform hierarchies (TPM 2.0
+    Part 1, "Obfuscation of clock values"), with an offset fixed per key, so only
+    equality under one AK means anything.  (The model's AK, like tpm2_createak's, is in
+    the endorsement hierarchy, where the counts are in clear.)
+    """
+    if not hmac.compare_digest(first.ak_name, second.ak_name):
+        raise TpmRestartError("the two quotes were signed by different attestation keys")
+    a, b = first.clock_info, second.clock_info
+    if a.reset_count != b.reset_count:
+        raise TpmRestartError(
+            f"TPM Reset between the quotes (resetCount {a.reset_count} then {b.reset_count}): "
+            "the PCRs were cleared and measured again"
+        )
+    if a.restart_count != b.restart_count:
+        raise TpmRestartError(
+            f"TPM Restart or Resume between the quotes (restartCount {a.restart_count} then "
+            f"{b.restart_count})"
+        )

@@ -328,3 +328,52 @@ def test_tampered_event_log_does_not_burn_the_nonce(measured, policy, verifier):
     with pytest.raises(EventLogReplayError):
         verifier.verify(_rebuild(good, log=EventLog(events).to_bytes()), policy)
     verifier.verify(good.to_bytes(), policy)
+
+
+# -- issue 11 item 3: reset/restart between two quotes (the secure protocol's TOCTOU check) --
+def _verified(tpm, verifier, policy):
+    return verifier.verify(tpm.quote(verifier.new_nonce()).to_bytes(), policy)
+
+
+def test_same_boot_quotes_pass_require_same_boot(measured, policy, verifier):
+    from tpm import require_same_boot
+
+    first = _verified(measured, verifier, policy)
+    second = _verified(SoftTpm.open(measured.state_dir, startup=None), verifier, policy)  # attach, no startup
+    require_same_boot(first, second)
+    assert first.clock_info.reset_count == second.clock_info.reset_count
+
+
+@pytest.mark.parametrize("between,message", [
+    (lambda tpm: tpm.reset(), "TPM Reset between the quotes"),
+    (lambda tpm: tpm.resume(), "TPM Restart or Resume between the quotes"),
+    (lambda tpm: SoftTpm.open(tpm.state_dir), "TPM Reset between the quotes"),  # a new process = power cycle
+])
+def test_a_reset_or_restart_between_two_quotes_is_refused(measured, policy, verifier, vmm_code,
+                                                          between, message):
+    """The host is re-measured to the very same PCR values after the reset, so the second
+    quote verifies on its own: only the counts in clockInfo show what happened."""
+    from tpm import require_same_boot
+    from tpm.errors import TpmRestartError
+
+    first = _verified(measured, verifier, policy)
+    between(measured)
+    again = SoftTpm.open(measured.state_dir, startup=None)
+    if len(again.event_log()) == 0:
+        measure_vmm(again, [vmm_code], CONFIG, PROTECTION)
+    second = _verified(again, verifier, policy)
+    assert second.pcr_values == first.pcr_values
+    with pytest.raises(TpmRestartError, match=message):
+        require_same_boot(first, second)
+
+
+def test_quotes_from_two_aks_are_not_the_same_boot(tmp_path, measured, policy, verifier, issuer, vmm_code):
+    from tpm import require_same_boot
+    from tpm.errors import TpmRestartError
+
+    other = SoftTpm.open(tmp_path / "other", issuer=issuer)
+    measure_vmm(other, [vmm_code], CONFIG, PROTECTION)
+    a, b = _verified(measured, verifier, policy), _verified(other, verifier, policy)
+    assert a.clock_info.reset_count == b.clock_info.reset_count  # both at their first boot
+    with pytest.raises(TpmRestartError, match="different attestation keys"):
+        require_same_boot(a, b)
