@@ -11,12 +11,16 @@ skips, naming what is missing, where they are not installed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
+import shlex
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 
 from tpm import (AttestationPolicy, Evidence, SoftTpm, Verifier, keys, measure_vmm, pcr_digest)
+from tpm.cli import main
 from tpm.issuer import ENDORSEMENT_QN
 from tpm.pcr import PcrBank, PcrSelection
 from tpm.quote import Attest
@@ -174,3 +178,18 @@ def test_tpm2_eventlog_replays_the_model_log(both, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "Spec ID Event03" in out.stdout and out.stdout.count("PCRIndex:") == 5
     assert yaml_pcrs(out.stdout) == {i: model.read_pcr(i) for i in (8, 9, 10)}
+
+
+def test_the_exported_files_pass_the_commands_export_prints(tmp_path, issuer, vmm_code):
+    """`minivmm-tpm export` prints three commands; each accepts the files it wrote."""
+    model = SoftTpm.open(tmp_path / "host", issuer=issuer)
+    measure_vmm(model, [vmm_code], CONFIG, PROTECTION)
+    (tmp_path / "q.bin").write_bytes(model.quote(b"export").to_bytes())
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["export", "--quote", str(tmp_path / "q.bin"), "--dir", str(tmp_path / "parts")]) == 0
+    commands = [line.strip() for line in buf.getvalue().splitlines() if line.startswith("  tpm2_")]
+    assert [c.split()[0] for c in commands] == ["tpm2_print", "tpm2_eventlog", "tpm2_checkquote"]
+    for command in commands:
+        p = run_tool(*shlex.split(command), cwd=tmp_path)
+        assert p.returncode == 0, (command, p.stderr)
