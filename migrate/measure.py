@@ -5,7 +5,13 @@ What is measured (``tpm.measure.measure_vmm``, PCRs 8, 9, 10):
 
 * code: the packages this VMM runs -- ``minivmm``, ``guests``, ``migrate``,
   ``tpm`` -- as a manifest of content hashes (names relative to their
-  common parent, so the install location does not matter);
+  common parent, so the install location does not matter), followed by the
+  native libraries it loads, in this order: unicorn (the emulator), keystone
+  (the assembler), capstone (the disassembler), cryptography's Rust/OpenSSL
+  extension (the AEAD that seals protected pages) -- each the very file the
+  imported module loaded (:func:`native_libraries`).  Not covered: the Python
+  interpreter and its standard library, the Python files of the dependencies,
+  numpy, libc (docs/tpm.md says why);
 * config: the VMM's canonical configuration (role, run mode, timer, the
   pre-copy policy, timeouts, protocol version) -- not addresses or ports,
   which change from run to run without changing what the VMM does;
@@ -20,14 +26,19 @@ one machine have separate TPMs, as two hosts would.
 
 from __future__ import annotations
 
+import ctypes
+import importlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import guests
 import minivmm
 import tpm as tpm_pkg
-from tpm import SoftTpm, measure_vmm
+from tpm import SoftTpm, measure_vmm, vmm_events
+from tpm.errors import MeasurementError
+from tpm.eventlog import Event
 from tpm.measure import VMM_CODE_PCR, VMM_CONFIG_PCR, VMM_POLICY_PCR
 
 import migrate
@@ -43,6 +54,60 @@ def default_tpm_dir(role: str) -> Path:
 
 def code_paths() -> list[Path]:
     return [Path(p.__file__).parent for p in (minivmm, guests, migrate, tpm_pkg)]
+
+
+#: (label, module that loads the library): the measured order of the native libraries.
+NATIVE_MODULES = (
+    ("unicorn", "unicorn.unicorn_py3.unicorn"),  # ctypes: libunicorn.so.2
+    ("keystone", "keystone.keystone"),  # ctypes: libkeystone.so
+    ("capstone", "capstone"),  # ctypes: libcapstone.so (imported here: the VMM itself does not call it)
+    ("cryptography", "cryptography.hazmat.bindings._rust"),  # extension module, OpenSSL inside
+)
+
+
+def _mapped_files() -> set[str] | None:
+    """Files mapped into this process (Linux); None where /proc is not available."""
+    try:
+        with open("/proc/self/maps") as f:
+            return {line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6}
+    except OSError:
+        return None
+
+
+def _library_of(module_name: str) -> Path:
+    """The shared object ``module_name`` brought into the process: the module's own file
+    for an extension module, else the one ctypes library it holds from its package."""
+    module = importlib.import_module(module_name)
+    top = Path(sys.modules[module_name.split(".")[0]].__file__).resolve().parent
+    file = Path(getattr(module, "__file__", "") or "")
+    if file.suffix == ".so":
+        return file.resolve()
+    found = {Path(v._name).resolve() for v in vars(module).values()
+             if isinstance(v, ctypes.CDLL) and v._name and Path(v._name).resolve().is_relative_to(top)}
+    if len(found) != 1:
+        raise MeasurementError(f"cannot tell which native library {module_name} loaded ({sorted(found)})")
+    return found.pop()
+
+
+def native_libraries() -> list[tuple[str, Path]]:
+    """(label, path) of the native libraries the VMM runs, in the measured order.
+    Each path is checked against the process's own mappings where Linux shows them,
+    so the file measured is the file executed (as of loading)."""
+    paths = [(label, _library_of(mod)) for label, mod in NATIVE_MODULES]
+    libs = [(f"{label}/{path.name}", path) for label, path in paths]
+    mapped = _mapped_files()
+    if mapped is not None:
+        for label, path in libs:
+            if str(path) not in mapped:
+                raise MeasurementError(f"native library {label} ({path}) is not mapped in this process")
+    return libs
+
+
+def expected_events(config: dict, policy: dict | None = None) -> list[Event]:
+    """The events a VMM start with this config produces (code, config, policy), computed
+    without a TPM: build an approval policy from them on any machine with this install."""
+    policy = dict(PROTECTION_POLICY if policy is None else policy)
+    return vmm_events(code_paths(), config, policy, native_libraries=native_libraries())
 
 
 @dataclass(frozen=True)
@@ -62,7 +127,7 @@ class Measurement:
 def measure_start(tpm_dir: Path | str, config: dict, policy: dict | None = None) -> Measurement:
     policy = dict(PROTECTION_POLICY if policy is None else policy)
     tpm = SoftTpm.open(tpm_dir, startup="clear")
-    events = measure_vmm(tpm, code_paths(), config, policy)
+    events = measure_vmm(tpm, code_paths(), config, policy, native_libraries=native_libraries())
     files = events[0].data.count(b"\n") - 1
     pcrs = {i: tpm.read_pcr(i).hex() for i in (VMM_CODE_PCR, VMM_CONFIG_PCR, VMM_POLICY_PCR)}
     return Measurement(str(tpm_dir), pcrs, config, policy, files)

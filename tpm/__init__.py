@@ -29,7 +29,7 @@ from .policy import AttestationPolicy
 from .quote import Attest, ClockInfo, bind_nonce
 from .seal import policy_pcr_digest
 from .softtpm import SoftTpm
-from .verifier import AttestationResult, Verifier
+from .verifier import AttestationResult, Verifier, require_same_boot
 
 __all__ = [
     *_errors_all,
@@ -57,5 +57,6 @@ __all__ = [
     "measure_vmm",
     "pcr_digest",
     "policy_pcr_digest",
+    "require_same_boot",
     "vmm_events",
 ]

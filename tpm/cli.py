@@ -140,6 +140,7 @@ def cmd_info(args) -> int:
     print(f"state dir     {tpm.state_dir}")
     print(f"host          {tpm.host}")
     print(f"AK name       {tpm.ak_name.hex()}")
+    print(f"AK QN         {tpm.ak_qualified_name.hex()}  (qualifiedSigner of its quotes)")
     print(f"AK issuer     {cert.issuer_key_id.hex() if cert else '(not certified)'}")
     print(f"clock         {ci.clock} ms  resetCount={ci.reset_count} restartCount={ci.restart_count}")
     print(f"event log     {len(tpm.event_log())} event(s)")
@@ -226,6 +227,37 @@ def cmd_quote(args) -> int:
     _write_out(args.out, data)
     if args.out not in (None, "-"):
         print(f"quote over PCRs {evidence.attest.selection} written to {args.out} ({len(data)} bytes)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    """Split an evidence bundle into the files real TPM 2.0 tools read."""
+    from cryptography.hazmat.primitives import serialization
+
+    from . import keys
+    from .evidence import Evidence
+
+    try:
+        with open(args.quote, "rb") as f:
+            data = f.read(MAX_EVIDENCE_SIZE + 1)
+    except OSError as e:
+        raise CliError(f"cannot read quote {args.quote}: {e.strerror}") from None
+    ev = Evidence.from_bytes(data)  # QuoteFormatError for anything malformed or oversized
+    out = Path(args.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"attest.bin": ev.attest_bytes, "signature.bin": ev.signature, "eventlog.bin": ev.eventlog_bytes}
+    if ev.certificate is not None:
+        ak_key, _ = keys.parse_public_area(ev.certificate.ak_public)
+        files["ak.pem"] = ak_key.public_bytes(serialization.Encoding.PEM,
+                                              serialization.PublicFormat.SubjectPublicKeyInfo)
+    for name, blob in files.items():
+        atomic_write_bytes(out / name, blob, mode=0o644)
+    print(f"wrote {', '.join(sorted(files))} to {out}")
+    print(f"  tpm2_print -t TPMS_ATTEST {out / 'attest.bin'}")
+    print(f"  tpm2_eventlog {out / 'eventlog.bin'}")
+    if "ak.pem" in files:
+        print(f"  tpm2_checkquote -u {out / 'ak.pem'} -m {out / 'attest.bin'} -s {out / 'signature.bin'} "
+              f"-g sha256 -q {ev.attest.extra_data.hex()}")
     return 0
 
 
@@ -394,6 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--nonce", required=True, help="the verifier's nonce, hex (up to 64 bytes)")
     sp.add_argument("--pcrs", default=str(VMM_PCRS), help="PCRs to quote (default: %(default)s)")
     sp.add_argument("--out", required=True, help="evidence file to write ('-' for stdout)")
+
+    sp = add("export", cmd_export, "split an evidence file for tpm2_print, tpm2_checkquote, tpm2_eventlog",
+             "Write the evidence bundle's parts as the files real TPM 2.0 tools read: attest.bin "
+             "(TPMS_ATTEST), signature.bin (TPMT_SIGNATURE), eventlog.bin (TCG crypto-agile event "
+             "log) and ak.pem (the certified AK's public key), and print the commands that check them.")
+    sp.add_argument("--quote", required=True, help="evidence file from 'quote'")
+    sp.add_argument("--dir", required=True, help="directory to write the files to")
 
     sp = add("verify", cmd_verify, "verify a quote against a policy (fails closed)",
              "Check the AK certificate against the trusted issuer, the quote signature, the "

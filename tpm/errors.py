@@ -25,7 +25,8 @@ completely or raises one of these.
         │   └── ReplayError         nonce already consumed, or never issued (= StaleQuoteError)
         ├── PcrDigestMismatchError  the quoted PCR digest is not what it must be
         │   └── EventLogReplayError the event log does not replay to the quoted PCRs
-        └── PolicyViolationError    PCRs/events not approved by the policy
+        ├── PolicyViolationError    PCRs/events not approved by the policy
+        └── TpmRestartError         two quotes straddle a TPM Reset/Restart (or come from two AKs)
 """
 
 from __future__ import annotations
@@ -124,6 +125,12 @@ class PolicyViolationError(VerificationError):
     """The attested measurements are not approved by the policy."""
 
 
+class TpmRestartError(VerificationError):
+    """Two quotes that should come from one boot of one TPM do not: their resetCount or
+    restartCount differ (the TPM was reset or restarted in between, so PCRs measured
+    before may have been replaced), or they were signed by different AKs."""
+
+
 __all__ = [
     "TpmError",
     "FormatError",
@@ -145,4 +152,5 @@ __all__ = [
     "PcrDigestMismatchError",
     "EventLogReplayError",
     "PolicyViolationError",
+    "TpmRestartError",
 ]

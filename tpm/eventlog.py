@@ -6,9 +6,36 @@ every extend (PCR index, event type, digest, event data) so that a verifier can
 digest the TPM signed.  The log itself is not trusted: it is only believed after it
 replays to a signed quote (TCG PC Client Platform Firmware Profile, "Event Log").
 
-Each entry has the field order of TCG_PCR_EVENT2 (pcrIndex, eventType,
-TPML_DIGEST_VALUES with one SHA-256 digest, eventSize, event), marshalled
-big-endian like every other structure here (real firmware logs are little-endian).
+The bytes are a TCG PC Client *crypto-agile* event log (TCG PC Client Platform
+Firmware Profile, "Event Logging"), so ``tpm2_eventlog`` prints and replays it.
+Little-endian throughout (the log is written by the platform, not the TPM)::
+
+    TCG_PCClientPCREvent  (SHA-1 format header: the Spec ID event, not extended)
+        u32  pcrIndex       0
+        u32  eventType      EV_NO_ACTION (3)
+        20   digest         zero
+        u32  eventSize      33
+        TCG_EfiSpecIDEvent
+            16  signature          "Spec ID Event03\0"
+            u32 platformClass      0 (client)
+            u8  specVersionMinor   0
+            u8  specVersionMajor   2
+            u8  specErrata         0
+            u8  uintnSize          2 (UINTN is 64-bit)
+            u32 numberOfAlgorithms 1
+            u16 algorithmId 0x000B (SHA-256) | u16 digestSize 32
+            u8  vendorInfoSize     0
+    then, until the end of the bytes, TCG_PCR_EVENT2 records:
+        u32  pcrIndex       < 24
+        u32  eventType      one of EventType below
+        TPML_DIGEST_VALUES  u32 count = 1 | u16 hashAlg 0x000B | 32 digest
+        u32  eventSize      <= 16384
+        eventSize bytes     event data
+
+The event types are minivmm's own, in a vendor-looking range ("MV" = 0x4D56)
+that the TCG registry does not use (documented in docs/tpm.md);
+``tpm2_eventlog`` prints them as "Unknown event type" and replays them like any
+other.  The parser refuses every other type, including a second EV_NO_ACTION.
 
 For the VMM event types the digest *is* SHA-256(event data) — the event data is the
 canonical code manifest / config JSON / protection-policy JSON — so a verifier can
@@ -29,10 +56,14 @@ from .pcr import DIGEST_SIZE, NUM_PCRS, TPM_ALG_SHA256, PcrBank, check_index
 #: Bounds used by the parser before it allocates anything.
 MAX_EVENTS = 256
 MAX_EVENT_DATA = 16 * 1024
-#: "MVEL" — minivmm event log.
-EVENTLOG_MAGIC = 0x4D56454C
-EVENTLOG_VERSION = 1
-MAX_EVENTLOG_BYTES = 12 + MAX_EVENTS * (4 + 4 + 4 + 2 + DIGEST_SIZE + 4 + MAX_EVENT_DATA)
+# TCG PC Client PFP constants.
+EV_NO_ACTION = 0x00000003
+SPEC_ID_SIGNATURE = b"Spec ID Event03\0"
+SHA1_DIGEST_SIZE = 20
+SPEC_ID_EVENT_SIZE = 16 + 4 + 4 + 4 + 4 + 1  # with one algorithm, no vendor info: 33
+SPEC_ID_HEADER_SIZE = 4 + 4 + SHA1_DIGEST_SIZE + 4 + SPEC_ID_EVENT_SIZE  # 65
+EVENT2_OVERHEAD = 4 + 4 + 4 + 2 + DIGEST_SIZE + 4  # 50 bytes before the event data
+MAX_EVENTLOG_BYTES = SPEC_ID_HEADER_SIZE + MAX_EVENTS * (EVENT2_OVERHEAD + MAX_EVENT_DATA)
 
 
 class EventType(IntEnum):
@@ -91,12 +122,14 @@ class Event:
             )
 
     def marshal(self, w: Writer) -> None:
+        """TCG_PCR_EVENT2 (``w`` must be a little-endian Writer)."""
         w.u32(self.pcr).u32(int(self.type))
         w.u32(1).u16(TPM_ALG_SHA256).raw(self.digest)  # TPML_DIGEST_VALUES, one bank
-        w.u32(len(self.data)).raw(self.data)
+        w.blob32(self.data, MAX_EVENT_DATA)
 
     @classmethod
     def unmarshal(cls, r: Reader) -> "Event":
+        """Parse one TCG_PCR_EVENT2 (``r`` must be a little-endian Reader)."""
         pcr = r.u32("event.pcrIndex")
         if pcr >= NUM_PCRS:
             raise FormatError(f"event log: pcrIndex {pcr} out of range")
@@ -163,9 +196,11 @@ class EventLog:
             bank.extend(e.pcr, e.digest)
         return bank
 
-    # -- versioned, bounded marshalling ------------------------------------
+    # -- TCG crypto-agile log, bounded marshalling --------------------------
     def to_bytes(self) -> bytes:
-        w = Writer().u32(EVENTLOG_MAGIC).u16(EVENTLOG_VERSION).u32(len(self._events))
+        """The TCG PC Client crypto-agile log: Spec ID event, then TCG_PCR_EVENT2s."""
+        w = Writer(little_endian=True)
+        _spec_id_event(w)
         for e in self._events:
             e.marshal(w)
         return w.bytes()
@@ -173,14 +208,44 @@ class EventLog:
     @classmethod
     def from_bytes(cls, data: bytes) -> "EventLog":
         """Parse a log; raises FormatError on anything malformed."""
+        if not isinstance(data, (bytes, bytearray)):
+            raise FormatError("event log must be bytes")
         if len(data) > MAX_EVENTLOG_BYTES:
             raise FormatError(f"event log of {len(data)} bytes exceeds {MAX_EVENTLOG_BYTES}")
-        r = Reader(data, "event log")
-        r.expect(EVENTLOG_MAGIC, r.u32("magic"), "magic")
-        r.expect(EVENTLOG_VERSION, r.u16("version"), "version")
-        count = r.u32("count")
-        if count > MAX_EVENTS:
-            raise FormatError(f"event log: {count} events exceeds bound {MAX_EVENTS}")
-        events = [Event.unmarshal(r) for _ in range(count)]
-        r.end()
+        r = Reader(data, "event log", little_endian=True)
+        _check_spec_id_event(r)
+        events = []
+        while r.remaining:
+            if len(events) == MAX_EVENTS:
+                raise FormatError(f"event log: more than {MAX_EVENTS} events")
+            events.append(Event.unmarshal(r))
         return cls(events)
+
+
+def _spec_id_event(w: Writer) -> None:
+    """The first entry: a TCG_PCClientPCREvent (SHA-1 log format) of type EV_NO_ACTION
+    whose data is the TCG_EfiSpecIDEvent announcing a crypto-agile, SHA-256-only log."""
+    w.u32(0).u32(EV_NO_ACTION).raw(bytes(SHA1_DIGEST_SIZE)).u32(SPEC_ID_EVENT_SIZE)
+    w.raw(SPEC_ID_SIGNATURE).u32(0)  # platformClass: client
+    w.u8(0).u8(2).u8(0).u8(2)  # specVersionMinor, specVersionMajor, specErrata, uintnSize
+    w.u32(1).u16(TPM_ALG_SHA256).u16(DIGEST_SIZE)  # numberOfAlgorithms, digestSizes[0]
+    w.u8(0)  # vendorInfoSize
+
+
+def _check_spec_id_event(r: Reader) -> None:
+    r.expect(0, r.u32("specId.pcrIndex"), "specId.pcrIndex")
+    r.expect(EV_NO_ACTION, r.u32("specId.eventType"), "specId.eventType (EV_NO_ACTION)")
+    if r.raw(SHA1_DIGEST_SIZE, "specId.digest") != bytes(SHA1_DIGEST_SIZE):
+        raise FormatError("event log: Spec ID event digest is not zero")
+    r.expect(SPEC_ID_EVENT_SIZE, r.u32("specId.eventSize"), "specId.eventSize")
+    if r.raw(16, "specId.signature") != SPEC_ID_SIGNATURE:
+        raise FormatError("event log: not a crypto-agile log (no 'Spec ID Event03' first)")
+    r.expect(0, r.u32("specId.platformClass"), "specId.platformClass")
+    r.expect(0, r.u8("specId.specVersionMinor"), "specId.specVersionMinor")
+    r.expect(2, r.u8("specId.specVersionMajor"), "specId.specVersionMajor")
+    r.expect(0, r.u8("specId.specErrata"), "specId.specErrata")
+    r.expect(2, r.u8("specId.uintnSize"), "specId.uintnSize")
+    r.expect(1, r.u32("specId.numberOfAlgorithms"), "specId.numberOfAlgorithms (SHA-256 only)")
+    r.expect(TPM_ALG_SHA256, r.u16("specId.algorithmId"), "specId.algorithmId")
+    r.expect(DIGEST_SIZE, r.u16("specId.digestSize"), "specId.digestSize")
+    r.expect(0, r.u8("specId.vendorInfoSize"), "specId.vendorInfoSize")

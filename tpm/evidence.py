@@ -9,11 +9,14 @@ bytes, never over a re-marshalled copy).
 Layout (big-endian)::
 
     u32    magic         0x4D565142 ("MVQB")
-    u16    version       1
+    u16    version       2
     TPM2B  attest        TPMS_ATTEST, <= 177 bytes (see tpm.quote)
     TPM2B  signature     TPMT_SIGNATURE by the AK over attest, 72 bytes
     TPM2B  akCert        AkCertificate (see tpm.issuer); empty if the AK is uncertified
-    u32+n  eventLog      EventLog (see tpm.eventlog), <= MAX_EVENTLOG_BYTES
+    u32+n  eventLog      TCG crypto-agile event log (see tpm.eventlog), <= MAX_EVENTLOG_BYTES
+
+Version 2: the event log is the TCG PC Client format and the AK certificate names the
+AK's parent (version 1 carried minivmm's own "MVEL" log and is refused).
 
 Parsing checks every length against its bound before use and refuses trailing
 bytes; every failure, whatever the inner structure, is a QuoteFormatError.
@@ -31,7 +34,7 @@ from .marshal import Reader, Writer
 from .quote import MAX_ATTEST_SIZE, Attest
 
 EVIDENCE_MAGIC = 0x4D565142  # "MVQB"
-EVIDENCE_VERSION = 1
+EVIDENCE_VERSION = 2
 MAX_EVIDENCE_SIZE = 6 + 2 + MAX_ATTEST_SIZE + 2 + keys.SIGNATURE_SIZE + 2 + MAX_CERT_SIZE + 4 + MAX_EVENTLOG_BYTES
 
 

@@ -15,17 +15,23 @@ Issuer directory::
 AK certificate (``AkCertificate``), big-endian, every field bounded::
 
     u32   magic        0x4D564143 ("MVAC")
-    u16   version      1
+    u16   version      2
     32    issuerKeyId  SHA-256(DER SubjectPublicKeyInfo of the issuer key)
     TPM2B subject      UTF-8 host label, <= 64 bytes
     TPM2B akPublic     TPMT_PUBLIC of the AK, <= 128 bytes
+    TPM2B parentQN     Qualified Name of the AK's parent: 4 (a hierarchy handle) or 34 bytes
     TPM2B signature    TPMT_SIGNATURE by the issuer over all bytes above
+
+The parent's Qualified Name is what lets a verifier compute the AK's own Qualified
+Name, which a TPM writes as a quote's qualifiedSigner (see :mod:`tpm.keys`).
+Version 1 certificates (no parentQN) still parse, so old TPM state directories
+open, but a verifier refuses them: re-certify (``minivmm-tpm init --issuer``).
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -40,9 +46,12 @@ ISSUER_PUB_FILE = "issuer.pub.pem"
 ISSUER_MAGIC = 0x4D564953  # "MVIS"
 ISSUER_VERSION = 1
 CERT_MAGIC = 0x4D564143  # "MVAC"
-CERT_VERSION = 1
+CERT_VERSION = 2
+CERT_VERSION_NO_PARENT = 1
 MAX_LABEL = 64
-MAX_CERT_SIZE = 4 + 2 + 32 + 2 + MAX_LABEL + 2 + keys.MAX_PUBLIC_SIZE + 2 + keys.SIGNATURE_SIZE
+MAX_CERT_SIZE = 4 + 2 + 32 + 2 + MAX_LABEL + 2 + keys.MAX_PUBLIC_SIZE + 2 + keys.NAME_SIZE + 2 + keys.SIGNATURE_SIZE
+#: Default parent of a certified AK: the endorsement hierarchy itself (a primary AK).
+ENDORSEMENT_QN = keys.hierarchy_qualified_name(keys.TPM_RH_ENDORSEMENT)
 
 
 def key_id(public: ec.EllipticCurvePublicKey) -> bytes:
@@ -66,18 +75,23 @@ class AkCertificate:
     subject: str
     ak_public: bytes
     signature: bytes
+    #: Qualified Name of the AK's parent (empty only in a version 1 certificate).
+    parent_qualified_name: bytes = ENDORSEMENT_QN
+    version: int = CERT_VERSION
 
     def tbs(self) -> bytes:
         """The to-be-signed part: everything before the signature."""
-        return (
+        w = (
             Writer()
             .u32(CERT_MAGIC)
-            .u16(CERT_VERSION)
+            .u16(self.version)
             .raw(self.issuer_key_id)
             .tpm2b(_check_label(self.subject), MAX_LABEL)
             .tpm2b(self.ak_public, keys.MAX_PUBLIC_SIZE)
-            .bytes()
         )
+        if self.version == CERT_VERSION:
+            w.tpm2b(self.parent_qualified_name, keys.NAME_SIZE)
+        return w.bytes()
 
     def to_bytes(self) -> bytes:
         return Writer().raw(self.tbs()).tpm2b(self.signature, keys.SIGNATURE_SIZE).bytes()
@@ -88,20 +102,35 @@ class AkCertificate:
             raise FormatError("AK certificate too large")
         r = Reader(data, "AK certificate")
         r.expect(CERT_MAGIC, r.u32("magic"), "magic")
-        r.expect(CERT_VERSION, r.u16("version"), "version")
+        version = r.u16("version")
+        if version not in (CERT_VERSION, CERT_VERSION_NO_PARENT):
+            raise FormatError(f"AK certificate: version {version} (expected {CERT_VERSION})")
         issuer_id = r.raw(32, "issuerKeyId")
         try:
             subject = r.tpm2b(MAX_LABEL, "subject").decode("utf-8")
         except UnicodeDecodeError:
             raise FormatError("AK certificate: subject is not UTF-8") from None
         ak_public = r.tpm2b(keys.MAX_PUBLIC_SIZE, "akPublic")
+        parent = b""
+        if version == CERT_VERSION:
+            parent = keys.check_qualified_name(
+                r.tpm2b(keys.NAME_SIZE, "parentQualifiedName"), "AK certificate: parentQN"
+            )
         signature = r.tpm2b(keys.SIGNATURE_SIZE, "signature")
         r.end()
-        return cls(issuer_id, subject, ak_public, signature)
+        return cls(issuer_id, subject, ak_public, signature, parent, version)
 
     @property
     def ak_name(self) -> bytes:
         return keys.name_of(self.ak_public)
+
+    @property
+    def ak_qualified_name(self) -> bytes:
+        """The Qualified Name the certified AK signs quotes with (its qualifiedSigner).
+        FormatError for a version 1 certificate, which does not name the parent."""
+        if self.version != CERT_VERSION:
+            raise FormatError("version 1 AK certificate does not name the AK's parent")
+        return keys.qualified_name(self.parent_qualified_name, self.ak_name)
 
 
 class Issuer:
@@ -126,17 +155,22 @@ class Issuer:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
 
-    def certify(self, ak_public: bytes, subject: str) -> AkCertificate:
-        """Certify an AK public area.  Refuses keys that are not restricted signing keys:
-        an unrestricted key could sign forged TPMS_ATTEST structures."""
+    def certify(
+        self, ak_public: bytes, subject: str, *, parent_qualified_name: bytes = ENDORSEMENT_QN
+    ) -> AkCertificate:
+        """Certify an AK public area, loaded under the parent whose Qualified Name is
+        given (default: a primary AK of the endorsement hierarchy).  Refuses keys that
+        are not restricted signing keys: an unrestricted key could sign forged
+        TPMS_ATTEST structures."""
         try:
             _, attributes = keys.parse_public_area(ak_public)
+            parent = keys.check_qualified_name(parent_qualified_name, "parent Qualified Name")
         except FormatError as e:
             raise CertificateError(f"refusing to certify: {e}") from None
         if attributes & keys.AK_REQUIRED != keys.AK_REQUIRED:
             raise CertificateError("refusing to certify: key is not a fixedTPM restricted signing key")
-        unsigned = AkCertificate(self.key_id, subject, ak_public, b"")
-        return AkCertificate(self.key_id, subject, ak_public, keys.sign(self._key, unsigned.tbs()))
+        unsigned = AkCertificate(self.key_id, subject, ak_public, b"", parent)
+        return replace(unsigned, signature=keys.sign(self._key, unsigned.tbs()))
 
     # -- state -------------------------------------------------------------
     def to_state(self) -> bytes:

@@ -9,6 +9,10 @@ sliced, so a hostile length can neither read past the buffer nor allocate much.
 Every parse failure raises :class:`tpm.errors.FormatError`; the public entry points
 re-raise it as the specific subclass for their input (``QuoteFormatError``,
 ``CorruptStateError`` ...).
+
+``little_endian=True`` gives the same bounded cursor in the byte order of the TCG PC
+Client event log, which is little-endian (it is written by x86 firmware, not by the
+TPM): see :mod:`tpm.eventlog`.
 """
 
 from __future__ import annotations
@@ -21,25 +25,26 @@ from .errors import FormatError
 class Writer:
     """Append-only builder for a marshalled structure."""
 
-    __slots__ = ("_parts",)
+    __slots__ = ("_parts", "_order")
 
-    def __init__(self) -> None:
+    def __init__(self, little_endian: bool = False) -> None:
         self._parts: list[bytes] = []
+        self._order = "<" if little_endian else ">"
 
     def u8(self, value: int) -> "Writer":
         self._parts.append(struct.pack(">B", value))
         return self
 
     def u16(self, value: int) -> "Writer":
-        self._parts.append(struct.pack(">H", value))
+        self._parts.append(struct.pack(self._order + "H", value))
         return self
 
     def u32(self, value: int) -> "Writer":
-        self._parts.append(struct.pack(">I", value))
+        self._parts.append(struct.pack(self._order + "I", value))
         return self
 
     def u64(self, value: int) -> "Writer":
-        self._parts.append(struct.pack(">Q", value))
+        self._parts.append(struct.pack(self._order + "Q", value))
         return self
 
     def raw(self, data: bytes) -> "Writer":
@@ -69,14 +74,19 @@ class Writer:
 class Reader:
     """Bounded cursor over a byte string.  Every read checks what remains."""
 
-    __slots__ = ("_data", "_pos", "_what")
+    __slots__ = ("_data", "_pos", "_what", "_order")
 
-    def __init__(self, data: bytes, what: str = "structure") -> None:
+    def __init__(self, data: bytes, what: str = "structure", little_endian: bool = False) -> None:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise FormatError(f"{what}: expected bytes, got {type(data).__name__}")
         self._data = bytes(data)
         self._pos = 0
         self._what = what
+        self._order = "<" if little_endian else ">"
+
+    @property
+    def offset(self) -> int:
+        return self._pos
 
     @property
     def remaining(self) -> int:
@@ -96,13 +106,13 @@ class Reader:
         return self._take(1, field)[0]
 
     def u16(self, field: str = "u16") -> int:
-        return struct.unpack(">H", self._take(2, field))[0]
+        return struct.unpack(self._order + "H", self._take(2, field))[0]
 
     def u32(self, field: str = "u32") -> int:
-        return struct.unpack(">I", self._take(4, field))[0]
+        return struct.unpack(self._order + "I", self._take(4, field))[0]
 
     def u64(self, field: str = "u64") -> int:
-        return struct.unpack(">Q", self._take(8, field))[0]
+        return struct.unpack(self._order + "Q", self._take(8, field))[0]
 
     def raw(self, n: int, field: str = "bytes") -> bytes:
         return self._take(n, field)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,7 +44,8 @@ VMM_CODE_PCR = 8
 VMM_CONFIG_PCR = 9
 VMM_POLICY_PCR = 10
 VMM_PCRS = PcrSelection([VMM_CODE_PCR, VMM_CONFIG_PCR, VMM_POLICY_PCR])
-MANIFEST_HEADER = b"minivmm-code-manifest v1\n"
+MANIFEST_HEADER = b"minivmm-code-manifest v2\n"
+NATIVE_PREFIX = "native:"
 
 
 def _expand(paths: list[Path]) -> list[Path]:
@@ -63,8 +65,24 @@ def _expand(paths: list[Path]) -> list[Path]:
     return list(files)
 
 
-def code_manifest(code_paths: list[Path | str], root: Path | str | None = None) -> bytes:
-    """The canonical manifest of the VMM's code files (what PCR 8 measures)."""
+def _file_digest(f: Path) -> str:
+    try:
+        return hashlib.sha256(f.read_bytes()).hexdigest()
+    except OSError as e:
+        raise MeasurementError(f"cannot read {f}: {e.strerror}") from None
+
+
+def code_manifest(
+    code_paths: list[Path | str],
+    root: Path | str | None = None,
+    *,
+    native_libraries: Sequence[tuple[str, Path | str]] = (),
+) -> bytes:
+    """The canonical manifest of the VMM's code files (what PCR 8 measures).
+
+    ``native_libraries``: (label, path) of shared libraries the code loads, measured
+    after the package files in this order (see the module docstring).
+    """
     paths = [Path(p).absolute() for p in code_paths]
     if not paths:
         raise MeasurementError("no code paths to measure")
@@ -81,12 +99,19 @@ def code_manifest(code_paths: list[Path | str], root: Path | str | None = None) 
             raise MeasurementError(f"{f} is not under the measurement root {root}") from None
         if "\n" in rel or "\r" in rel:
             raise MeasurementError(f"cannot measure a file name containing a newline: {rel!r}")
-        try:
-            content = f.read_bytes()
-        except OSError as e:
-            raise MeasurementError(f"cannot read {f}: {e.strerror}") from None
-        entries[rel] = hashlib.sha256(content).hexdigest()
+        if rel.startswith(NATIVE_PREFIX):
+            raise MeasurementError(f"a package file may not be named {rel!r} (reserved for native libraries)")
+        entries[rel] = _file_digest(f)
     lines = [f"{digest}  {name}\n" for name, digest in sorted(entries.items())]
+    labels: set[str] = set()
+    for label, path in native_libraries:
+        if not label or any(c in label for c in "\r\n") or label in labels:
+            raise MeasurementError(f"bad or repeated native library label {label!r}")
+        labels.add(label)
+        path = Path(path)
+        if not path.is_file():
+            raise MeasurementError(f"cannot measure native library {label}: {path} is not a file")
+        lines.append(f"{_file_digest(path)}  {NATIVE_PREFIX}{label}\n")
     manifest = MANIFEST_HEADER + "".join(lines).encode("utf-8")
     if len(manifest) > MAX_EVENT_DATA:
         raise MeasurementError(
@@ -114,6 +139,7 @@ def vmm_events(
     policy: dict,
     *,
     root: Path | str | None = None,
+    native_libraries: Sequence[tuple[str, Path | str]] = (),
 ) -> list[Event]:
     """The events a measured start of this VMM produces, without touching a TPM.
 
@@ -123,7 +149,8 @@ def vmm_events(
     if not isinstance(config, dict) or not isinstance(policy, dict):
         raise MeasurementError("config and policy must be dicts")
     items = [
-        (VMM_CODE_PCR, EventType.VMM_CODE, code_manifest(code_paths, root)),
+        (VMM_CODE_PCR, EventType.VMM_CODE,
+         code_manifest(code_paths, root, native_libraries=native_libraries)),
         (VMM_CONFIG_PCR, EventType.VMM_CONFIG, canonical_json(config, "VMM config")),
         (VMM_POLICY_PCR, EventType.VMM_POLICY, canonical_json(policy, "protection policy")),
     ]
@@ -137,13 +164,14 @@ def measure_vmm(
     policy: dict,
     *,
     root: Path | str | None = None,
+    native_libraries: Sequence[tuple[str, Path | str]] = (),
 ) -> list[Event]:
     """Measure a VMM into ``tpm``: extend PCRs 8, 9, 10 and log the events.
 
     Everything is hashed *before* the first extend, so a measurement that fails
     (unreadable file, non-JSON config) extends nothing.
     """
-    events = vmm_events(code_paths, config, policy, root=root)
+    events = vmm_events(code_paths, config, policy, root=root, native_libraries=native_libraries)
     for e in events:
         tpm.extend(e.pcr, e.digest, event_type=e.type, data=e.data)
     return events

@@ -4,7 +4,8 @@ Byte layout (big-endian, no padding)::
 
     u32    magic             TPM_GENERATED_VALUE = 0xFF544347
     u16    type              TPM_ST_ATTEST_QUOTE = 0x8018
-    TPM2B  qualifiedSigner   Name of the AK: 0x000B || SHA-256(TPMT_PUBLIC)   (34 bytes)
+    TPM2B  qualifiedSigner   Qualified Name of the AK (34 bytes; see tpm.keys):
+                             0x000B || SHA-256(QN(parent) || Name(AK))
     TPM2B  extraData         the verifier's nonce (qualifying data), <= 64 bytes
     TPMS_CLOCK_INFO clockInfo
         u64  clock           ms the TPM has been running (persisted across restarts)

@@ -50,7 +50,7 @@ from .errors import (
 )
 from .evidence import Evidence
 from .eventlog import MAX_EVENTLOG_BYTES, Event, EventLog, EventType
-from .issuer import MAX_CERT_SIZE, MAX_LABEL, AkCertificate, Issuer
+from .issuer import CERT_VERSION, MAX_CERT_SIZE, MAX_LABEL, AkCertificate, Issuer
 from .marshal import Reader, Writer
 from .measure import VMM_PCRS
 from .nvcounter import NvCounters
@@ -70,6 +70,8 @@ STATE_MAGIC = 0x4D565453  # "MVTS"
 VOLATILE_MAGIC = 0x4D565456  # "MVTV"
 COUNTERS_MAGIC = 0x4D564E43  # "MVNC"
 STATE_VERSION = 1
+#: volatile.bin v2: the event log inside is the TCG crypto-agile log (v1: "MVEL").
+VOLATILE_VERSION = 2
 MAX_STATE_PAYLOAD = 4096
 MAX_COUNTERS_PAYLOAD = 16 * 1024
 #: The PCRs a VMM measurement extends (see tpm.measure): the default quote/seal selection.
@@ -325,7 +327,7 @@ class SoftTpm:
         persist = self._persist
         vpath = self.state_dir / VOLATILE_FILE
         vpayload = statefile.read(
-            vpath, VOLATILE_MAGIC, STATE_VERSION, MAX_EVENTLOG_BYTES + 8, self._mac_key(b"volatile")
+            vpath, VOLATILE_MAGIC, VOLATILE_VERSION, MAX_EVENTLOG_BYTES + 8, self._mac_key(b"volatile")
         )
         try:
             volatile = VolatileState.from_bytes(vpayload)
@@ -350,7 +352,7 @@ class SoftTpm:
         statefile.write(
             self.state_dir / VOLATILE_FILE,
             VOLATILE_MAGIC,
-            STATE_VERSION,
+            VOLATILE_VERSION,
             VolatileState(self._persist.reset_count, self._log).to_bytes(),
             self._mac_key(b"volatile"),
         )
@@ -365,6 +367,22 @@ class SoftTpm:
         )
 
     # ------------------------------------------------------------ identity
+    # The key hierarchy a quote's qualifiedSigner names (TPM 2.0 Part 1, clause 16):
+    #   endorsement hierarchy (TPM_RH_ENDORSEMENT) -> EK (primary) -> AK
+    # which is what tpm2_createek + tpm2_createak build on a real TPM.  The EK is a
+    # primary key, so like a real one it is derived from a secret seed (here the proof
+    # secret) and needs no state of its own.
+    def _ek_key(self) -> ec.EllipticCurvePrivateKey:
+        return keys.derive_private_key(self._persist.proof, b"endorsement primary key (EK)")
+
+    def _ek_qualified_name(self) -> bytes:
+        ek_name = keys.name_of(keys.ek_public_area(self._ek_key().public_key()))
+        return keys.qualified_name(keys.hierarchy_qualified_name(keys.TPM_RH_ENDORSEMENT), ek_name)
+
+    def _ak_qualified_name(self) -> bytes:
+        ak_name = keys.name_of(keys.public_area(self._ak.public_key()))
+        return keys.qualified_name(self._ek_qualified_name(), ak_name)
+
     @property
     def ak_public(self) -> bytes:
         """TPMT_PUBLIC of the attestation key."""
@@ -374,6 +392,24 @@ class SoftTpm:
     @property
     def ak_name(self) -> bytes:
         return keys.name_of(self.ak_public)
+
+    @property
+    def ek_public(self) -> bytes:
+        """TPMT_PUBLIC of the endorsement key, the AK's parent."""
+        with self._txn():
+            return keys.ek_public_area(self._ek_key().public_key())
+
+    @property
+    def ak_parent_qualified_name(self) -> bytes:
+        """Qualified Name of the AK's parent (the EK): what its certificate records."""
+        with self._txn():
+            return self._ek_qualified_name()
+
+    @property
+    def ak_qualified_name(self) -> bytes:
+        """The AK's Qualified Name: what a quote carries as qualifiedSigner."""
+        with self._txn():
+            return self._ak_qualified_name()
 
     @property
     def host(self) -> str:
@@ -401,9 +437,11 @@ class SoftTpm:
                 cert.issuer_key_id == issuer.key_id
                 and cert.ak_public == ak_public
                 and cert.subject == subject
+                and cert.version == CERT_VERSION
+                and cert.parent_qualified_name == self._ek_qualified_name()
             ):
                 return cert
-        cert = issuer.certify(ak_public, subject)
+        cert = issuer.certify(ak_public, subject, parent_qualified_name=self._ek_qualified_name())
         self._persist = replace(self._persist, ak_certificate=cert.to_bytes(), host=subject)
         self._write_persistent()
         return cert
@@ -478,7 +516,7 @@ class SoftTpm:
         with self._txn():
             self._write_persistent()  # persist the clock reported in this quote
             attest = Attest(
-                qualified_signer=keys.name_of(keys.public_area(self._ak.public_key())),
+                qualified_signer=self._ak_qualified_name(),
                 extra_data=nonce,
                 clock_info=self._clock_info(),
                 firmware_version=FIRMWARE_VERSION,

@@ -11,16 +11,25 @@ and it stops at the first failure (fail closed; nothing is partially accepted):
    and certify a fixedTPM *restricted* signing key (CertificateError).  Only a
    restricted key's signature proves the TPMS_ATTEST was made by the TPM.
 3. **Signature.**  ECDSA-P256/SHA-256 over the exact TPMS_ATTEST bytes, under the
-   certified AK, and the quote's qualifiedSigner must be that AK's Name
-   (SignatureError).
-4. **Freshness.**  extraData must be a nonce this verifier issued and has not yet
-   seen, or the caller's ``expected_nonce`` (NonceMismatchError; ReplayError for a
-   nonce consumed before, never issued, or expired).  Checked *after* the signature so
-   that forged evidence cannot burn a nonce.
-5. **Event log.**  Self-describing events must hash to their digest, and replaying
+   certified AK, and the quote's qualifiedSigner must be that AK's *Qualified Name*,
+   computed here from the certified parent Qualified Name and the certified public
+   area (TPM 2.0 Part 1, clause 16) (SignatureError).  A version 1 certificate, which
+   names no parent, is refused (CertificateError).
+4. **Event log.**  Self-describing events must hash to their digest, and replaying
    the log from zero must reproduce the quoted pcrDigest over the quoted selection
    (EventLogReplayError).
+5. **Freshness.**  extraData must be a nonce this verifier issued and has not yet
+   seen, or the caller's ``expected_nonce`` (NonceMismatchError; ReplayError for a
+   nonce consumed before, never issued, or expired).  Checked *after* everything
+   that authenticates the evidence (signature, and the log against the signed
+   digest), so that forged or tampered evidence cannot burn an honest host's nonce.
 6. **Policy.**  The replayed events must be approved (PolicyViolationError).
+
+:func:`require_same_boot` compares two verified quotes for the time-of-check /
+time-of-use check of a protocol that attests a host, then later relies on it still
+being in the attested state (e.g. quote before and after a migration): a TPM Reset
+clears the PCRs, so a host could be rebooted into something else in between, and
+only resetCount/restartCount show it.
 
 This module imports nothing from ``tpm.softtpm``.
 """
@@ -46,11 +55,12 @@ from .errors import (
     NonceMismatchError,
     ReplayError,
     SignatureError,
+    TpmRestartError,
     UnknownIssuerError,
 )
 from .eventlog import Event
 from .evidence import Evidence
-from .issuer import Issuer, key_id, load_trust_anchor
+from .issuer import CERT_VERSION, Issuer, key_id, load_trust_anchor
 from .pcr import PcrSelection
 from .policy import AttestationPolicy
 from .quote import ClockInfo
@@ -164,18 +174,31 @@ class Verifier:
             ak_key, attributes = keys.parse_public_area(cert.ak_public)
         except FormatError as e:
             raise CertificateError(f"AK certificate: {e}") from None
-        if attributes & keys.AK_REQUIRED != keys.AK_REQUIRED:
-            raise CertificateError("certified key is not a fixedTPM restricted signing key")
+        # Only a restricted key's signature proves the TPM made the TPMS_ATTEST (it
+        # refuses to sign outside data starting with TPM_GENERATED_VALUE); an unrestricted
+        # key signs whatever its holder gives it.  Checked here even though an honest
+        # issuer refuses such keys: the verifier does not rely on the issuer's care.
+        for bit, what in ((keys.RESTRICTED, "restricted"), (keys.SIGN, "signing"),
+                          (keys.FIXED_TPM, "fixedTPM")):
+            if not attributes & bit:
+                raise CertificateError(f"certified key is not a {what} key: it cannot attest")
+        if cert.version != CERT_VERSION:
+            raise CertificateError(
+                "AK certificate version 1 names no parent, so the AK's Qualified Name "
+                "cannot be checked: re-certify the AK"
+            )
+        expected_signer = cert.ak_qualified_name
 
         # 3. signature over the exact attest bytes, by the certified AK
         keys.verify(ak_key, ev.attest_bytes, ev.signature, "quote")
-        if not hmac.compare_digest(attest.qualified_signer, cert.ak_name):
-            raise SignatureError("quote's qualifiedSigner is not the certified AK")
+        if not hmac.compare_digest(attest.qualified_signer, expected_signer):
+            raise SignatureError(
+                "quote's qualifiedSigner is not the certified AK's Qualified Name "
+                f"({attest.qualified_signer.hex()[:20]}... != {expected_signer.hex()[:20]}...)"
+            )
 
-        # 4. freshness
-        self._check_nonce(attest.extra_data, expected_nonce)
-
-        # 5. event log replay
+        # 4. event log replay (the log is not signed: it is believed only if it
+        # reproduces the signed digest)
         for event in ev.event_log:
             event.check_binding()
         bank = ev.event_log.replay()
@@ -183,6 +206,9 @@ class Verifier:
             raise EventLogReplayError(
                 f"event log does not replay to the quoted PCR digest over PCRs {attest.selection}"
             )
+
+        # 5. freshness (consumes the nonce: only evidence authentic so far gets here)
+        self._check_nonce(attest.extra_data, expected_nonce)
 
         # 6. policy
         approved = policy.check(ev.event_log, attest.selection)
@@ -207,3 +233,29 @@ class Verifier:
             ours = bytes(expected) in self._outstanding or bytes(expected) in self._consumed
         if ours:
             self.consume_nonce(expected)
+
+
+def require_same_boot(first: AttestationResult, second: AttestationResult) -> None:
+    """Raise TpmRestartError unless two verified quotes come from the same AK and the same
+    boot of its TPM: equal resetCount (no TPM Reset, i.e. no power cycle that cleared the
+    PCRs) and equal restartCount (no TPM Restart or Resume) in their clockInfo.
+
+    The counts are compared for equality only, never for order: a real TPM obfuscates
+    them in quotes by keys outside the endorsement and platform hierarchies (TPM 2.0
+    Part 1, "Obfuscation of clock values"), with an offset fixed per key, so only
+    equality under one AK means anything.  (The model's AK, like tpm2_createak's, is in
+    the endorsement hierarchy, where the counts are in clear.)
+    """
+    if not hmac.compare_digest(first.ak_name, second.ak_name):
+        raise TpmRestartError("the two quotes were signed by different attestation keys")
+    a, b = first.clock_info, second.clock_info
+    if a.reset_count != b.reset_count:
+        raise TpmRestartError(
+            f"TPM Reset between the quotes (resetCount {a.reset_count} then {b.reset_count}): "
+            "the PCRs were cleared and measured again"
+        )
+    if a.restart_count != b.restart_count:
+        raise TpmRestartError(
+            f"TPM Restart or Resume between the quotes (restartCount {a.restart_count} then "
+            f"{b.restart_count})"
+        )

@@ -5,7 +5,11 @@ import sys
 
 import pytest
 
-from migrate.measure import PROTECTION_POLICY, code_paths, measure_start
+import hashlib
+import shutil
+
+from migrate.measure import (NATIVE_MODULES, PROTECTION_POLICY, code_paths, expected_events, measure_start,
+                             native_libraries)
 from tpm import AttestationPolicy, Issuer, SoftTpm, Verifier, vmm_events
 from tpm.errors import PolicyViolationError
 from tpm.eventlog import EventType
@@ -38,7 +42,7 @@ def test_a_different_configuration_changes_pcr9_and_the_quote(tmp_path):
     unprotected = measure_start(tmp_path / "c", CONFIG, {**PROTECTION_POLICY, "protection": "none"})
     assert unprotected.pcrs[10] != a.pcrs[10] and unprotected.pcrs[9] == a.pcrs[9]
     # a verifier that approved configuration A refuses a quote from B
-    approved = AttestationPolicy.from_events(vmm_events(code_paths(), CONFIG, PROTECTION_POLICY))
+    approved = AttestationPolicy.from_events(expected_events(CONFIG))
     verifier = Verifier([issuer.public_key])
     for name, ok in (("a", True), ("b", False)):
         tpm = SoftTpm.open(tmp_path / name, issuer=issuer, startup=None)
@@ -70,3 +74,35 @@ def test_a_key_seed_is_visible_in_the_measured_policy(tmp_path):
     seeded = _measure("destination", Namespace(tpm_dir=str(tmp_path / "b"), key_seed="public", **base))
     assert plain.pcrs[9] == seeded.pcrs[9] and plain.pcrs[10] != seeded.pcrs[10]
     assert seeded.policy["keys"].startswith("seeded ") and "public" not in seeded.policy["keys"]
+
+
+def test_code_measurement_covers_the_native_libraries_the_process_loaded(tmp_path):
+    """Issue 11 item 3: PCR 8's manifest ends with the emulator's, assembler's, disassembler's
+    and AEAD's shared objects, in the documented order, each hashed from the file mapped in
+    this very process."""
+    measure_start(tmp_path / "tpm", CONFIG)
+    manifest = SoftTpm.open(tmp_path / "tpm", startup=None).event_log()[0].data.decode()
+    native = [line for line in manifest.splitlines() if "  native:" in line]
+    assert [line.split("  native:")[1].split("/")[0] for line in native] == [m for m, _ in NATIVE_MODULES]
+    assert manifest.splitlines()[-len(native):] == native  # after every package file
+    maps = open("/proc/self/maps").read()
+    for line, (label, path) in zip(native, native_libraries()):
+        assert line == f"{hashlib.sha256(path.read_bytes()).hexdigest()}  native:{label}"
+        assert str(path) in maps and ".so" in path.name
+    assert any(label.startswith("unicorn/libunicorn.so") for label, _ in native_libraries())
+
+
+def test_a_changed_emulator_library_changes_pcr8(tmp_path):
+    """Replace libunicorn by a copy with one byte changed: PCR 8 changes, 9 and 10 do not."""
+    libs = native_libraries()
+    label, path = libs[0]
+    changed = tmp_path / path.name
+    shutil.copyfile(path, changed)
+    raw = bytearray(changed.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    changed.write_bytes(bytes(raw))
+    honest = vmm_events(code_paths(), CONFIG, PROTECTION_POLICY, native_libraries=libs)
+    patched = vmm_events(code_paths(), CONFIG, PROTECTION_POLICY,
+                         native_libraries=[(label, changed)] + libs[1:])
+    assert honest == expected_events(CONFIG)
+    assert patched[0].digest != honest[0].digest and patched[1:] == honest[1:]

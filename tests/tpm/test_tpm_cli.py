@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[2]
 COMMANDS = [
     ["issuer", "init"], ["issuer", "show"], ["init"], ["reset"], ["info"], ["pcrs"], ["log"],
     ["extend"], ["measure"], ["nonce"], ["quote"], ["verify"], ["policy"], ["counter"],
-    ["seal"], ["unseal"],
+    ["seal"], ["unseal"], ["export"],
 ]
 
 
@@ -132,3 +132,23 @@ def test_read_only_commands_do_not_power_cycle(tmp_path):
     for cmd in ("log", "info", "pcrs"):
         out = run(cmd, "--state", "h", cwd=tmp_path).stdout
     assert "PCR  8" in out
+
+
+def test_export_writes_the_files_real_tools_read(tmp_path):
+    from tpm import Evidence
+
+    run("init", "--state", "h", cwd=tmp_path)
+    run("extend", "--state", "h", "--pcr", "8", "--text", "kernel", cwd=tmp_path)
+    run("quote", "--state", "h", "--nonce", "0a0b", "--pcrs", "8", "--out", "q.bin", cwd=tmp_path)
+    p = run("export", "--quote", "q.bin", "--dir", "parts", cwd=tmp_path)
+    assert "tpm2_checkquote -u" in p.stdout and "-q 0a0b" in p.stdout
+    ev = Evidence.from_bytes((tmp_path / "q.bin").read_bytes())
+    parts = tmp_path / "parts"
+    assert (parts / "attest.bin").read_bytes() == ev.attest_bytes
+    assert (parts / "signature.bin").read_bytes() == ev.signature
+    assert (parts / "eventlog.bin").read_bytes() == ev.eventlog_bytes
+    assert (parts / "eventlog.bin").read_bytes()[8:28] == bytes(20)  # the Spec ID event first
+    assert (parts / "ak.pem").read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
+    (tmp_path / "bad.bin").write_bytes(b"MVQB\x00\x01")
+    assert_one_line_error(run("export", "--quote", "bad.bin", "--dir", "x", cwd=tmp_path, ok=False),
+                          "QuoteFormatError")

@@ -17,7 +17,7 @@ def test_manifest_is_sorted_relative_and_content_hashed(vmm_code):
     (vmm_code / "__pycache__" / "cpu.cpython-311.pyc").write_bytes(b"junk")
     manifest = code_manifest([vmm_code])
     lines = manifest.decode().splitlines()
-    assert lines[0] == "minivmm-code-manifest v1"
+    assert lines[0] == "minivmm-code-manifest v2"
     names = [line.split("  ", 1)[1] for line in lines[1:]]
     assert names == ["minivmm/__init__.py", "minivmm/cpu.py", "minivmm/sub/mmu.py"]
     cpu = hashlib.sha256((vmm_code / "cpu.py").read_bytes()).hexdigest()
@@ -69,3 +69,45 @@ def test_same_vmm_same_pcrs_after_restart(tmp_path, vmm_code):
     b = SoftTpm.open(tmp_path / "t")
     measure_vmm(b, [vmm_code], dict(reversed(list(CONFIG.items()))), PROTECTION)  # key order irrelevant
     assert b.pcrs() == before
+
+
+def test_native_libraries_follow_the_package_files_in_the_given_order(tmp_path, vmm_code):
+    a, b = tmp_path / "liba.so", tmp_path / "libb.so"
+    a.write_bytes(b"\x7fELF a")
+    b.write_bytes(b"\x7fELF b")
+    manifest = code_manifest([vmm_code], native_libraries=[("emu/liba.so", a), ("asm/libb.so", b)])
+    lines = manifest.decode().splitlines()
+    assert lines[1:4] == [line for line in code_manifest([vmm_code]).decode().splitlines()[1:]]
+    ha, hb = (hashlib.sha256(p.read_bytes()).hexdigest() for p in (a, b))
+    assert lines[4:] == [f"{ha}  native:emu/liba.so", f"{hb}  native:asm/libb.so"]
+    swapped = code_manifest([vmm_code], native_libraries=[("asm/libb.so", b), ("emu/liba.so", a)])
+    assert swapped != manifest  # the order is part of the measurement
+
+
+def test_a_changed_native_library_changes_pcr8(tmp_path, vmm_code):
+    lib = tmp_path / "libemu.so"
+    lib.write_bytes(b"\x7fELF version 1")
+    before = vmm_events([vmm_code], CONFIG, PROTECTION, native_libraries=[("emu", lib)])
+    lib.write_bytes(b"\x7fELF version 2")
+    after = vmm_events([vmm_code], CONFIG, PROTECTION, native_libraries=[("emu", lib)])
+    assert before[0].digest != after[0].digest
+    assert before[1:] == after[1:]
+
+
+@pytest.mark.parametrize("natives,message", [
+    ([("emu", "/nonexistent/lib.so")], "not a file"),
+    ([("", __file__)], "label"),
+    ([("x", __file__), ("x", __file__)], "repeated"),
+    ([("a\nb", __file__)], "label"),
+])
+def test_bad_native_library_entries_are_refused(vmm_code, natives, message):
+    with pytest.raises(MeasurementError, match=message):
+        code_manifest([vmm_code], native_libraries=natives)
+
+
+def test_a_package_file_cannot_pose_as_a_native_library(tmp_path):
+    root = tmp_path / "pkg"
+    root.mkdir()
+    (root / "native:unicorn").write_text("x")
+    with pytest.raises(MeasurementError, match="reserved"):
+        code_manifest([root / "native:unicorn"], root=root)

@@ -234,3 +234,146 @@ def test_verifier_does_not_import_the_tpm():
 
     source = open(v.__file__).read()
     assert "softtpm" not in source.split('"""', 2)[2]
+
+
+# -- issue 19, attestation: the VERIFIER checks the signer and the key it certified ----------
+def _signed_by(tpm: SoftTpm, attest: Attest) -> bytes:
+    """What a TPM with this AK would sign if it (or its software) were buggy or hostile:
+    any TPMS_ATTEST, with a valid signature by the certified AK."""
+    return keys.sign(tpm._ak, attest.to_bytes())
+
+
+def _with_signer(a: Attest, signer: bytes) -> Attest:
+    return Attest(signer, a.extra_data, a.clock_info, a.firmware_version, a.selection, a.pcr_digest)
+
+
+@pytest.mark.parametrize("which", ["plain-name", "owner-hierarchy", "other-ak", "ek"])
+def test_quote_whose_qualified_signer_is_not_the_certified_aks_is_refused(
+    tmp_path, measured, policy, verifier, issuer, which
+):
+    """Signature valid, certificate valid, nonce fresh: only the qualifiedSigner is wrong."""
+    ev = measured.quote(verifier.new_nonce())
+    other = SoftTpm.open(tmp_path / "other", issuer=issuer)
+    signer = {
+        "plain-name": measured.ak_name,  # what the model used to write
+        "owner-hierarchy": keys.qualified_name(
+            keys.hierarchy_qualified_name(keys.TPM_RH_OWNER), measured.ak_name),  # same key, other parent
+        "other-ak": other.ak_qualified_name,
+        "ek": measured.ak_parent_qualified_name,
+    }[which]
+    forged = _with_signer(ev.attest, signer)
+    raw = _rebuild(ev, attest=forged.to_bytes(), signature=_signed_by(measured, forged))
+    with pytest.raises(SignatureError, match="qualifiedSigner is not the certified AK's Qualified Name"):
+        verifier.verify(raw, policy)
+    verifier.verify(ev.to_bytes(), policy)  # the honest quote (same nonce) still verifies
+
+
+def _issuer_signed(issuer: Issuer, cert: AkCertificate) -> AkCertificate:
+    """A certificate the trusted issuer signed without its own restricted-key check
+    (a careless or compromised CA): the verifier must not rely on that check."""
+    return AkCertificate(cert.issuer_key_id, cert.subject, cert.ak_public,
+                         keys.sign(issuer._key, cert.tbs()), cert.parent_qualified_name)
+
+
+@pytest.mark.parametrize("missing,what", [(keys.RESTRICTED, "restricted"), (keys.SIGN, "signing"),
+                                          (keys.FIXED_TPM, "fixedTPM")])
+def test_quote_signed_by_a_certified_unrestricted_key_is_refused(
+    measured, policy, verifier, issuer, missing, what
+):
+    """The host holds an unrestricted key the issuer certified; with it it signs a
+    TPMS_ATTEST of its choosing (here: the honest one, so every other check passes)."""
+    ev = measured.quote(verifier.new_nonce())
+    loose = keys.generate_private_key()
+    public = keys.public_area(loose.public_key(), attributes=keys.AK_ATTRIBUTES & ~missing)
+    cert = _issuer_signed(issuer, AkCertificate(issuer.key_id, "host-a", public, b"",
+                                                measured.ak_parent_qualified_name))
+    attest = _with_signer(ev.attest, cert.ak_qualified_name)
+    raw = _rebuild(ev, attest=attest.to_bytes(), signature=keys.sign(loose, attest.to_bytes()),
+                   cert=cert.to_bytes())
+    with pytest.raises(CertificateError, match=f"not a {what} key"):
+        verifier.verify(raw, policy)
+    verifier.verify(ev.to_bytes(), policy)  # the nonce was not burnt
+
+
+def test_same_forgery_with_a_restricted_key_passes_every_other_check(measured, policy, verifier, issuer):
+    """Control for the test above: with the restricted bit set the very same construction
+    verifies, so it is the attribute check alone that refuses it."""
+    ev = measured.quote(verifier.new_nonce())
+    loose = keys.generate_private_key()
+    public = keys.public_area(loose.public_key())
+    cert = _issuer_signed(issuer, AkCertificate(issuer.key_id, "host-a", public, b"",
+                                                measured.ak_parent_qualified_name))
+    attest = _with_signer(ev.attest, cert.ak_qualified_name)
+    raw = _rebuild(ev, attest=attest.to_bytes(), signature=keys.sign(loose, attest.to_bytes()),
+                   cert=cert.to_bytes())
+    verifier.verify(raw, policy)
+
+
+def test_version_1_certificate_is_refused(measured, policy, verifier, issuer):
+    ev = measured.quote(verifier.new_nonce())
+    c = ev.certificate
+    v1 = AkCertificate(c.issuer_key_id, c.subject, c.ak_public, b"", b"", 1)
+    v1 = AkCertificate(c.issuer_key_id, c.subject, c.ak_public, keys.sign(issuer._key, v1.tbs()), b"", 1)
+    assert AkCertificate.from_bytes(v1.to_bytes()) == v1  # old state directories still open
+    with pytest.raises(CertificateError, match="version 1"):
+        verifier.verify(_rebuild(ev, cert=v1.to_bytes()), policy)
+
+
+def test_tampered_event_log_does_not_burn_the_nonce(measured, policy, verifier):
+    """The log is not signed: a man in the middle can change it.  The verifier refuses it
+    before it consumes the nonce, so the honest answer to the same nonce still verifies."""
+    nonce = verifier.new_nonce()
+    good = measured.quote(nonce)
+    events = list(good.event_log)[:-1]  # drop the policy event
+    with pytest.raises(EventLogReplayError):
+        verifier.verify(_rebuild(good, log=EventLog(events).to_bytes()), policy)
+    verifier.verify(good.to_bytes(), policy)
+
+
+# -- issue 11 item 3: reset/restart between two quotes (the secure protocol's TOCTOU check) --
+def _verified(tpm, verifier, policy):
+    return verifier.verify(tpm.quote(verifier.new_nonce()).to_bytes(), policy)
+
+
+def test_same_boot_quotes_pass_require_same_boot(measured, policy, verifier):
+    from tpm import require_same_boot
+
+    first = _verified(measured, verifier, policy)
+    second = _verified(SoftTpm.open(measured.state_dir, startup=None), verifier, policy)  # attach, no startup
+    require_same_boot(first, second)
+    assert first.clock_info.reset_count == second.clock_info.reset_count
+
+
+@pytest.mark.parametrize("between,message", [
+    (lambda tpm: tpm.reset(), "TPM Reset between the quotes"),
+    (lambda tpm: tpm.resume(), "TPM Restart or Resume between the quotes"),
+    (lambda tpm: SoftTpm.open(tpm.state_dir), "TPM Reset between the quotes"),  # a new process = power cycle
+])
+def test_a_reset_or_restart_between_two_quotes_is_refused(measured, policy, verifier, vmm_code,
+                                                          between, message):
+    """The host is re-measured to the very same PCR values after the reset, so the second
+    quote verifies on its own: only the counts in clockInfo show what happened."""
+    from tpm import require_same_boot
+    from tpm.errors import TpmRestartError
+
+    first = _verified(measured, verifier, policy)
+    between(measured)
+    again = SoftTpm.open(measured.state_dir, startup=None)
+    if len(again.event_log()) == 0:
+        measure_vmm(again, [vmm_code], CONFIG, PROTECTION)
+    second = _verified(again, verifier, policy)
+    assert second.pcr_values == first.pcr_values
+    with pytest.raises(TpmRestartError, match=message):
+        require_same_boot(first, second)
+
+
+def test_quotes_from_two_aks_are_not_the_same_boot(tmp_path, measured, policy, verifier, issuer, vmm_code):
+    from tpm import require_same_boot
+    from tpm.errors import TpmRestartError
+
+    other = SoftTpm.open(tmp_path / "other", issuer=issuer)
+    measure_vmm(other, [vmm_code], CONFIG, PROTECTION)
+    a, b = _verified(measured, verifier, policy), _verified(other, verifier, policy)
+    assert a.clock_info.reset_count == b.clock_info.reset_count  # both at their first boot
+    with pytest.raises(TpmRestartError, match="different attestation keys"):
+        require_same_boot(a, b)
