@@ -256,18 +256,25 @@ class Source:
             data[hit] = copies[pos[hit]]
 
     def _blank_late_protected(self, sel: np.ndarray, data: np.ndarray) -> None:
-        """After copying: frames that became protected since this round's
-        snapshot (HC_PROTECT, a page adopted, a cloaked page decrypted in a new
-        frame) may have been copied in plaintext.  Send zeros in their place
-        (the round still carries every page it announced); the frames are
-        logged dirty and go again next round, sealed, and the destination's
-        digest only counts the last copy of a page.  Checked after the copy,
-        so a frame protected later was copied before it held anything
-        protected."""
+        """After copying: any frame outside this round's protected snapshot
+        that was protected at *any* moment since the snapshot may have been
+        copied in plaintext, even if it is not protected any more by now (its
+        owner exited and its entry was dropped).  The record of "at any
+        moment" is the dirty log: protection marks every frame it takes on
+        (HC_PROTECT, a page adopted, a page decrypted into a new frame) dirty
+        before anything protected is in it, and the bit stays set until the
+        guest's thread fetches the log, after this round's sender is done.
+        So every copied frame whose bit is set now is sent as zeros (the
+        round still carries every page it announced); it goes again next
+        round (sealed, if protected), and the destination's digest counts
+        only the last copy.  The guest dirtied those pages anyway: the zeros
+        cost nothing that the next round would not resend.  Frames protected
+        now count too (belt and braces: a frame in ``protection.frames`` whose
+        bit was cleared by a fetch belongs to the snapshot)."""
         m = self.machine
-        if not m.protection.active:
-            return
-        late = np.fromiter((m.is_protected_frame(int(f)) for f in sel), dtype=bool, count=len(sel))
+        late = m.ram.dirty.bitmap[sel].copy()
+        if m.protection.frames:
+            late |= np.fromiter((m.is_protected_frame(int(f)) for f in sel), dtype=bool, count=len(sel))
         snap = self._protected[0]
         if len(snap):
             late &= ~np.isin(sel, snap)
@@ -317,6 +324,7 @@ class Source:
         return stats
 
     def _send_pages(self, ch: Channel, rnd: int, pfns: np.ndarray, stats: RoundStats) -> None:
+        final = stats.final
         ch.send(RecordType.ROUND_BEGIN, RoundMark(rnd, len(pfns)).encode())
         pages = self.machine.ram.array.reshape(-1, PAGE_SIZE)
         fresh = None
@@ -342,7 +350,8 @@ class Source:
             for b in range(0, len(sel), MAX_BATCH):
                 s = sel[b:b + MAX_BATCH]
                 d = pages[s] if copies is None else copies[b:b + MAX_BATCH]   # private copy:
-                self._blank_late_protected(s, d)
+                if not final:           # paused: nothing changes under the copy
+                    self._blank_late_protected(s, d)
                 self._overlay_protected(s, d)
                 self.hashes.update(s, d)                                       # hashed and sent
                 ch.send(RecordType.PAGES, *encode_pages(s, d))                 # as one
