@@ -292,7 +292,13 @@ def cmd_serve(args) -> int:
             print(incoming.report.format(), file=sys.stderr, flush=True)
             _say("serve", f"resumed guest {m.image.name!r} at tick {m.ticks}, vclock {m.vclock}")
             _stream(m, args)
-            rc = run_guest(m, args, role="destination")
+            try:
+                rc = run_guest(m, args, role="destination")
+            except Exception as exc:        # noqa: BLE001 - a VMM error in one guest must not end the server
+                traceback.print_exception(exc, file=sys.stderr)
+                _say("serve", f"the received guest stopped on a VMM error: {type(exc).__name__}: {exc}; "
+                              f"serving on")
+                rc = EXIT_CRASH
             status = max(status, rc)
             done += 1
     finally:

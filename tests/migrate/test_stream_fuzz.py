@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from guests.catalog import get_guest
 from migrate.destination import Destination
 from migrate.digest import PageHashes
-from migrate.errors import InternalError, MigrationError
+from migrate.errors import InternalError, MigrationError, ProtocolError
 from migrate.messages import Digest, Hello, RoundMark, encode_pages, encode_zero_pages
 from migrate.wire import FLAG_OPTIONAL, HEADER, MAX_BATCH, Channel, RecordType
 from minivmm.machine import Machine
@@ -26,13 +26,14 @@ TIMEOUT = 0.5
 
 
 def _valid_records():
-    m = Machine(get_guest("hello").build())
+    m = Machine(get_guest("counter").build())
     m.run(max_ticks=3)
+    assert m.halted is None          # a running guest: a halted one is never migrated
     pages = m.ram.array.reshape(-1, 4096)
     npages = len(pages)
     hashes = PageHashes(npages)
     nz = pages.view(np.uint64).any(axis=1)
-    recs = [(RecordType.HELLO, Hello(m.ram.size, {"vm": "hello"}).encode()),
+    recs = [(RecordType.HELLO, Hello(m.ram.size, {"vm": "counter"}).encode()),
             (RecordType.ROUND_BEGIN, RoundMark(0, npages).encode())]
     data_pfns = np.flatnonzero(nz)
     for i in range(0, len(data_pfns), MAX_BATCH // 4):      # several small PAGES records
@@ -52,8 +53,12 @@ def _valid_records():
 
 
 SOURCE, RECORDS = _valid_records()
-SOURCE_RAM = bytes(SOURCE.ram.view)
-SOURCE_DOC = SOURCE.save_state(ram=False).to_doc()
+# What a correct destination holds: the source's state restored locally
+# (loading the saved selectors sets the descriptors' accessed bits in RAM).
+_LOCAL = Machine.restore(SOURCE.save_state())
+SOURCE_RAM = bytes(_LOCAL.ram.view)
+SOURCE_DOC_SENT = SOURCE.save_state(ram=False).to_doc()
+SOURCE_DOC = _LOCAL.save_state(ram=False).to_doc()
 
 
 def encode(records, flags=None):
@@ -196,20 +201,35 @@ def test_missing_page_never_resumes():
     assert isinstance(out, MigrationError) and "never arrived" in str(out)
 
 
+SENT_RAM = bytes(SOURCE.ram.view)
+
+
+def records_with_state(doc: bytes):
+    """The valid stream with ``doc`` as its state document and a digest
+    recomputed over it: what a hostile (unauthenticated) source can send."""
+    recs = [r for r in RECORDS if r[0] not in (RecordType.STATE, RecordType.DIGEST, RecordType.COMMIT)]
+    hashes = PageHashes(len(SENT_RAM) // 4096)
+    pages = np.frombuffer(SENT_RAM, dtype=np.uint8).reshape(-1, 4096)
+    nz = np.flatnonzero(pages.view(np.uint64).any(axis=1))
+    hashes.update_zero(np.arange(len(pages)))
+    hashes.update(nz, pages[nz])
+    chunks = [doc[i:i + (1 << 20)] for i in range(0, len(doc), 1 << 20)] or [doc]
+    recs += [(RecordType.STATE, c) for c in chunks]
+    recs += [(RecordType.DIGEST, Digest(len(doc), hashes.final(doc)).encode()), (RecordType.COMMIT, b"")]
+    return recs
+
+
 @pytest.mark.parametrize("doc", [b"[]", b"{}", b'{"cpu": {}}', b"\xff\xfe", b'{"vmm": 1}'])
 def test_hostile_state_document_with_matching_digest(doc):
     """Even a state document that hashes correctly (the plain-mode source is
     not authenticated) is parsed defensively: clean error, nothing resumed."""
-    recs = [r for r in RECORDS if r[0] not in (RecordType.STATE, RecordType.DIGEST, RecordType.COMMIT)]
-    hashes = PageHashes(len(SOURCE_RAM) // 4096)
-    pages = np.frombuffer(SOURCE_RAM, dtype=np.uint8).reshape(-1, 4096)
-    nz = np.flatnonzero(pages.view(np.uint64).any(axis=1))
-    hashes.update_zero(np.arange(len(pages)))
-    hashes.update(nz, pages[nz])
-    recs += [(RecordType.STATE, doc), (RecordType.DIGEST, Digest(len(doc), hashes.final(doc)).encode()),
-             (RecordType.COMMIT, b"")]
-    out = feed(encode(recs))
-    assert isinstance(out, MigrationError) and "state document rejected" in str(out)
+    out = feed(encode(records_with_state(doc)))
+    assert isinstance(out, ProtocolError) and "state document" in str(out), out
+
+
+def test_the_valid_state_document_through_records_with_state():
+    doc = json.dumps(SOURCE_DOC_SENT, sort_keys=True, separators=(",", ":")).encode()
+    assert check(feed(encode(records_with_state(doc))))
 
 
 def test_a_vmm_bug_while_receiving_is_contained(monkeypatch):
