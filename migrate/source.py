@@ -45,7 +45,7 @@ from minivmm.events import EventBus
 from migrate import clock, events as mev
 from migrate.digest import PageHashes, hash_ram
 from migrate.errors import (CommitUnconfirmed, ConnectionLost, GuestStopped, MigrationError,
-                            PeerAborted, ProtocolError, Refused)
+                            PeerAborted, PeerTimeout, ProtocolError, Refused)
 from migrate.messages import (STATUS_NAMES, STATUS_OK, Digest, Hello, Resumed, RoundMark, Welcome,
                               decode_reason, encode_pages, encode_reason, encode_zero_pages)
 from migrate.precopy import PrecopyPolicy
@@ -97,14 +97,15 @@ class Source:
         ch = None
         committed = False
         gc_was_on = False
+        opened: list = []               # the channel, as soon as the helper thread has one
         try:
             try:
-                sock = socket.create_connection(addr, timeout=self.connect_timeout)
-            except OSError as exc:
-                raise ConnectionLost(f"cannot connect to {peer}: {exc.strerror or exc}") from None
-            ch = self.channel(sock, timeout=self.timeout)
-            self._emit(mev.Connected, peer=peer)
-            self._handshake(ch, peer)
+                # Connect and handshake beside the running guest: a peer that
+                # never answers (any non-VMM server) must not freeze it.
+                ch = self._beside_guest(lambda: self._open(addr, peer, opened),
+                                        cancel=lambda: [c.close() for c in opened])
+            finally:
+                ch = ch or (opened[0] if opened else None)
             remaining = self._precopy(ch, report)
             gc_was_on = gc.isenabled()
             gc.disable()        # no collector pause inside the downtime
@@ -199,11 +200,63 @@ class Source:
         return rec
 
     # -------------------------------------------------------------- handshake
+    def _beside_guest(self, work, *, cancel):
+        """Run ``work()`` on a helper thread while the guest keeps running its
+        slices on this thread (the only one that calls into Unicorn); return
+        its result or raise its exception.  If the guest stops or fails
+        first, ``cancel()`` unblocks the helper (closes its socket)."""
+        result: list = []
+        failure: list[BaseException] = []
+
+        def body():
+            try:
+                result.append(work())
+            except BaseException as exc:        # noqa: BLE001 - handed to the guest thread
+                failure.append(exc)
+        th = threading.Thread(target=body, name="migrate-handshake", daemon=True)
+        th.start()
+        m = self.machine
+        try:
+            while th.is_alive():
+                if m.halted:
+                    raise GuestStopped(f"the guest stopped ({m.halted}) before the migration began; "
+                                       f"it finished on the source")
+                m.step()
+                time.sleep(0)
+        except BaseException:
+            cancel()
+            th.join(self.connect_timeout + 1)
+            raise
+        th.join()
+        if failure:
+            raise failure[0]
+        return result[0]
+
+    def _open(self, addr, peer: str, opened: list) -> Channel:
+        """On the helper thread: connect, HELLO, WELCOME."""
+        try:
+            sock = socket.create_connection(addr, timeout=self.connect_timeout)
+        except OSError as exc:
+            raise ConnectionLost(f"cannot connect to {peer}: {exc.strerror or exc}") from None
+        ch = self.channel(sock, timeout=self.timeout)
+        opened.append(ch)
+        self._emit(mev.Connected, peer=peer)
+        self._handshake(ch, peer)
+        return ch
+
     def _handshake(self, ch: Channel, peer: str) -> None:
         m = self.machine
         info = {"vm": m.image.name, "vclock": m.vclock, "source": socket.gethostname()}
         ch.send(RecordType.HELLO, Hello(m.ram.size, info).encode())
-        welcome = Welcome.decode(self._expect(ch, RecordType.WELCOME).body)
+        try:
+            rec = self._expect(ch, RecordType.WELCOME)
+        except PeerTimeout as exc:
+            raise PeerTimeout(f"{peer} accepted the connection but did not answer HELLO: it does not "
+                              f"speak the minivmm migration protocol ({exc})") from None
+        except ConnectionLost as exc:
+            raise ConnectionLost(f"{peer} hung up without answering HELLO: it does not speak the "
+                                 f"minivmm migration protocol ({exc})") from None
+        welcome = Welcome.decode(rec.body)
         if welcome.status != STATUS_OK:
             raise Refused(f"destination {peer} refused the migration "
                           f"({STATUS_NAMES[welcome.status]}): {welcome.reason}")
