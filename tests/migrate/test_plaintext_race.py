@@ -10,6 +10,7 @@ Every PAGES record is scanned on its way to the socket.
 """
 
 import threading
+import time
 
 import numpy as np
 
@@ -69,6 +70,9 @@ def test_a_frame_protected_and_dropped_within_one_round_never_crosses_in_plainte
     class Driven(Machine):
         """The guest's thread: its ordinary slices, plus waits in between."""
         def step(self):
+            if not self.ram.dirty.enabled:      # the handshake: hold the keeper back until
+                time.sleep(0.001)               # round 0's snapshot is taken
+                return
             super().step()
             proc = self.protection.procs.get(KEEPER)
             if not ready.is_set() and proc is not None and SECRET in bytes(self.ram.view):
