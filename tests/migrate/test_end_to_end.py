@@ -236,18 +236,22 @@ def test_protected_process_migrates_without_plaintext_on_the_wire(tmp_path, imag
     checks its secret: it goes on intact at the destination, and not one
     record on the wire holds its plaintext (protected frames are sent as the
     ciphertext sealed between slices).  Unprotected, the same secret does
-    cross in clear: the check is real."""
-    img = images(f"keeper{protect}", [Program.builtin("keeper", data_pages=3, args=(60, protect)),
-                                      Program.builtin("counter", args=(60, 150_000))])
-    ref = reference_run(tmp_path, img)
-    assert ref.returncode == 0 and "keeper: round 60, secret intact" in ref.stdout, ref.stderr
-    dst, port = serve(tmp_path)
+    cross in clear: the check is real.
+
+    Not timing-dependent: the keeper runs (practically) forever, so however
+    long the migration takes under load it is still running when it lands;
+    the destination runs it 20 more ticks (a guest-visible bound).  Its round
+    numbers across both hosts must run on without gap or repeat."""
+    img = images(f"keeper{protect}", [Program.builtin("keeper", data_pages=3, args=(1_000_000, protect))])
+    dst, port = serve(tmp_path, "--ticks", "20")
     proxy = Proxy(port)
     src = Vmm("run", img, "--migrate-to", f"127.0.0.1:{proxy.port}", "--after", "15", "--check-ram",
               cwd=tmp_path, name="src")
-    assert src.finish() == 0 and dst.finish() == 0, src.stderr + dst.stderr
+    assert src.finish() == 0, src.stderr + dst.stderr
+    assert dst.finish() == 3, dst.stderr            # the --ticks bound, not a crash
     assert "this VMM is done" in src.stderr
-    assert src.stdout + dst.stdout == ref.stdout
-    assert "keeper" in dst.stdout and "SECRET CHANGED" not in dst.stdout
-    assert ("keeper: protected by the VMM" in ref.stdout) == bool(protect)
+    rounds = [int(n) for n in re.findall(r"keeper: round (\d+), secret intact", src.stdout + dst.stdout)]
+    assert rounds == list(range(1, len(rounds) + 1)) and len(rounds) >= 20
+    assert "keeper: round" in dst.stdout and "SECRET CHANGED" not in src.stdout + dst.stdout
+    assert ("keeper: protected by the VMM" in src.stdout) == bool(protect)
     assert (SECRET in proxy.recorded) == (not protect)
