@@ -286,6 +286,8 @@ class Source:
                                           bytes_sent=ch.bytes_sent, ram_size=m.ram.size)
             if decision.stop:
                 report.stop_reason = decision.reason
+                report.target_met = decision.target_met
+                report.estimated_pages_seconds = decision.estimate
                 self._emit(mev.StopAndCopy, reason=decision.reason, remaining=len(dirty))
                 return dirty
             pfns, rnd = dirty, rnd + 1
