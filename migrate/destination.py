@@ -6,10 +6,13 @@ this order, for every record: the record layer's bounds and sequence
 numbers; that the type is allowed in the current state; the body's own
 checks (``migrate/messages.py``); and the cross-record rules -- rounds
 numbered 0, 1, 2, ... with exactly the announced number of pages, the state
-document within its bound and exactly ``state_len`` bytes, every page
-received at least once, and the final digest equal to the one computed over
-what was stored.  Only then is the machine rebuilt (``Machine.restore``
-adopting the received RAM), PREPARED sent, and COMMIT awaited.  Any failure
+document within what a machine state of that RAM size can need and exactly
+``state_len`` bytes, every page received at least once, and the final digest
+equal to the one computed over what was stored.  Then the state document is
+parsed within bounds and validated field by field (``migrate/statecheck.py``)
+before anything else reads it.  Only then is the machine rebuilt
+(``Machine.restore`` adopting the received RAM), PREPARED sent, and COMMIT
+awaited.  Any failure
 before COMMIT raises :class:`MigrationError` and drops everything received:
 nothing is resumed.  On COMMIT the destination resumes (returns the machine)
 and tells the source when, so the source can measure the downtime.
