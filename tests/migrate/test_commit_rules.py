@@ -13,7 +13,7 @@
 import pytest
 
 from guests.catalog import get_guest
-from migrate.errors import CommitUnconfirmed, ConnectionLost, MigrationError, PeerAborted, ProtocolError
+from migrate.errors import CommitUnconfirmed, ConnectionLost, PeerAborted, ProtocolError
 from migrate.messages import RoundMark
 from migrate.server import Server
 from migrate.source import MIGRATED, Source
@@ -99,7 +99,7 @@ def test_the_scripted_destination_really_reaches_prepared_and_commit():
 
 
 # ----------------------------------------------- the destination's round rules
-def _round(rnd, recs_of_round0, pfns_pages=None):
+def _round(rnd, recs_of_round0):
     """Round ``rnd`` re-sending round 0's records (same pages, same data)."""
     out = []
     for t, b in recs_of_round0:

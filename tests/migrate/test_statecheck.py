@@ -3,6 +3,7 @@ each rejection names the field; the issue's examples first."""
 
 import copy
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -86,7 +87,7 @@ CASES = [
 def test_each_bad_field_is_named(doc, path, value, why):
     bad = copy.deepcopy(doc)
     _set(bad, path, value)
-    with pytest.raises(ProtocolError, match="state document: .*" + __import__("re").escape(why)):
+    with pytest.raises(ProtocolError, match="state document: .*" + re.escape(why)):
         check_state_doc(bad, RAM)
 
 
