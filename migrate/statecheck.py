@@ -33,6 +33,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import time
 
 from minivmm import abi
 from minivmm.cloak import KEY_BYTES, NONCE_BYTES, TAG_BYTES
@@ -106,6 +107,8 @@ def parse_state(data, ram_size: int, deadline: float | None = None) -> dict:
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"state document: not JSON ({exc})") from None
     check_state_doc(doc, ram_size)
+    if deadline is not None and time.monotonic() > deadline:
+        raise ProtocolError("state document: the session deadline passed while it was checked")
     return doc
 
 
