@@ -10,6 +10,8 @@ One concept per module:
 | ``precopy`` | the round policy: when pre-copy stops |
 | ``source`` | pre-copy with the guest running, stop-and-copy, commit |
 | ``destination`` | receive, verify, rebuild, resume exactly once |
+| ``statecheck`` | the state document a destination accepts: its bounds and one strict validator |
+| ``jsonscan`` | a bounded JSON parse: depth and object counts measured before ``json.loads`` |
 | ``server`` | the listening socket: one migration at a time, others refused |
 | ``report`` / ``events`` | the migration report and typed events |
 | ``measure`` | measuring the VMM into its TPM at start (issue 4) |

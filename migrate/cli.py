@@ -10,11 +10,8 @@ entry-point group (``minivmm`` never imports this package).
 * ``minivmm demo`` -- the README's main job (``migrate/demo.py``).
 * ``minivmm bench-migrate`` -- the migration benchmark (``migrate/bench.py``).
 
-Exit status of ``run --migrate-to`` and ``serve``: 0 the guest shut down
-cleanly, or left for the destination which confirmed it resumed; 1 the guest
-crashed; 2 bad input; 3 a ``--ticks``/``--instructions`` bound was reached;
-4 the source committed but the destination never confirmed (the VM may be
-lost -- never duplicated).
+Exit status of ``run --migrate-to`` (and ``serve --migrate-to``): see
+``EXIT_STATUS`` below (also in ``--help`` and the README).
 """
 
 from __future__ import annotations
@@ -38,7 +35,12 @@ from migrate.measure import PROTECTION_POLICY, default_tpm_dir, measure_start
 from migrate.precopy import PrecopyPolicy
 from migrate.wire import VERSION, parse_address
 
-EXIT_OK, EXIT_CRASH, EXIT_BADINPUT, EXIT_BOUND, EXIT_UNCONFIRMED = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_CRASH, EXIT_BADINPUT, EXIT_BOUND, EXIT_UNCONFIRMED, EXIT_NOT_MIGRATED = 0, 1, 2, 3, 4, 5
+EXIT_STATUS = ("exit status with --migrate-to: 0 migrated (the destination confirmed it resumed the "
+               "guest); 5 not migrated (the migration failed or was abandoned, or the guest shut down "
+               "first: it ran here instead, to its end or a bound); 4 committed but unconfirmed (the "
+               "guest may run there or nowhere, never twice; its paused state is saved here); 1 the "
+               "guest crashed (here); 2 bad input")
 
 
 def parse_after(text: str) -> tuple[str, float]:
@@ -79,7 +81,7 @@ def _say(role: str, text: str) -> None:
 
 
 def _migration_options(p: argparse.ArgumentParser, *, source: bool) -> None:
-    g = p.add_argument_group("live migration (migrate package)")
+    g = p.add_argument_group("live migration (migrate package)", EXIT_STATUS if source else None)
     if source:
         g.add_argument("--migrate-to", type=_address, metavar="HOST:PORT",
                        help="live-migrate the running guest to a 'minivmm serve' there")
@@ -172,9 +174,14 @@ def _save_for_recovery(machine, args) -> None:
                 f"continue it with: minivmm run {path} --restore")
 
 
-def run_guest(machine, args, *, role: str) -> int:
+def _report_to_stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)        # stdout is the guest's console
+
+
+def run_guest(machine, args, *, role: str, show_report=_report_to_stderr) -> int:
     """Run ``machine``; with ``args.migrate_to``, migrate it after ``args.after``.
-    On any migration failure before commit the guest simply carries on here."""
+    On any migration failure before commit the guest simply carries on here.
+    ``show_report(text)`` prints the migration report (``demo`` puts it on stdout)."""
     from migrate.source import Source
     say = "run" if role == "source" else "serve"
     if getattr(args, "migrate_to", None):
@@ -196,6 +203,7 @@ def run_guest(machine, args, *, role: str) -> int:
         except GuestError as exc:
             _say(say, str(exc))
             return EXIT_CRASH
+        not_migrated = True         # unless the destination confirms below
         if result == "shutdown":
             _say(say, "the guest shut down before --after; nothing to migrate")
         else:
@@ -205,7 +213,7 @@ def run_guest(machine, args, *, role: str) -> int:
             try:
                 report = src.migrate(args.migrate_to)
             except CommitUnconfirmed as exc:
-                print(exc.report.format(), file=sys.stderr, flush=True)
+                show_report(exc.report.format())
                 _say(say, f"{exc}")
                 _save_for_recovery(machine, args)
                 return EXIT_UNCONFIRMED
@@ -214,15 +222,17 @@ def run_guest(machine, args, *, role: str) -> int:
             except MigrationError as exc:
                 report = getattr(exc, "report", None)
                 if report is not None:
-                    print(report.format(), file=sys.stderr, flush=True)
+                    show_report(report.format())
                 _say(say, f"migration to {args.migrate_to} failed: {exc}; the guest continues here")
             except GuestError as exc:
                 _say(say, f"migration abandoned, {exc}")
                 return EXIT_CRASH
             else:
-                print(report.format(), file=sys.stderr, flush=True)
+                show_report(report.format())
                 _say(say, f"the guest now runs at {args.migrate_to}; this VMM is done")
                 return EXIT_OK
+    else:
+        not_migrated = False
     until_tick = getattr(args, "until_tick", None)
     try:
         if machine.halted == "shutdown":
@@ -240,6 +250,9 @@ def run_guest(machine, args, *, role: str) -> int:
         if getattr(args, "save_state", None) and machine.halted != "migrated":
             machine.save(args.save_state)
     _summary(say, machine, result)
+    if not_migrated:
+        _say(say, f"not migrated (exit status {EXIT_NOT_MIGRATED}): the guest ran here")
+        return EXIT_NOT_MIGRATED
     return EXIT_OK if result == "shutdown" else EXIT_BOUND
 
 
@@ -289,10 +302,16 @@ def cmd_serve(args) -> int:
                 ch.close()
             server.set_busy_reason("busy: running a migrated guest")
             m = incoming.machine
-            print(incoming.report.format(), file=sys.stderr, flush=True)
+            print(incoming.report.format(), file=sys.stderr, flush=True)     # stdout is the guest's console
             _say("serve", f"resumed guest {m.image.name!r} at tick {m.ticks}, vclock {m.vclock}")
             _stream(m, args)
-            rc = run_guest(m, args, role="destination")
+            try:
+                rc = run_guest(m, args, role="destination")
+            except Exception as exc:        # noqa: BLE001 - a VMM error in one guest must not end the server
+                traceback.print_exception(exc, file=sys.stderr)
+                _say("serve", f"the received guest stopped on a VMM error: {type(exc).__name__}: {exc}; "
+                              f"serving on")
+                rc = EXIT_CRASH
             status = max(status, rc)
             done += 1
     finally:

@@ -88,7 +88,10 @@ def main(args) -> int:
             info.write(f"booting {args.guest!r} on A; live migration to B after "
                        f"{n} {'ticks' if kind == 'ticks' else 'seconds'}\n")
             ns = _DemoArgs(f"127.0.0.1:{port}", args.after)
-            rc = run_guest(machine, ns, role="source")
+            # A's report goes to standard output beside B's (whose stderr is
+            # relayed there with "B ! "), so "minivmm demo > out.txt" keeps both.
+            report = _Lines("A ! ")
+            rc = run_guest(machine, ns, role="source", show_report=lambda text: report.write(text + "\n"))
             # A migration can fall between two write()s of one line ("counter "
             # on A, "11" on B): say so rather than print a line that looks whole.
             a.flush(CONTINUED if machine.halted == "migrated" else "")

@@ -6,10 +6,13 @@ this order, for every record: the record layer's bounds and sequence
 numbers; that the type is allowed in the current state; the body's own
 checks (``migrate/messages.py``); and the cross-record rules -- rounds
 numbered 0, 1, 2, ... with exactly the announced number of pages, the state
-document within its bound and exactly ``state_len`` bytes, every page
-received at least once, and the final digest equal to the one computed over
-what was stored.  Only then is the machine rebuilt (``Machine.restore``
-adopting the received RAM), PREPARED sent, and COMMIT awaited.  Any failure
+document within what a machine state of that RAM size can need and exactly
+``state_len`` bytes, every page received at least once, and the final digest
+equal to the one computed over what was stored.  Then the state document is
+parsed within bounds and validated field by field (``migrate/statecheck.py``)
+before anything else reads it.  Only then is the machine rebuilt
+(``Machine.restore`` adopting the received RAM), PREPARED sent, and COMMIT
+awaited.  Any failure
 before COMMIT raises :class:`MigrationError` and drops everything received:
 nothing is resumed.  On COMMIT the destination resumes (returns the machine)
 and tells the source when, so the source can measure the downtime.
@@ -18,7 +21,6 @@ and tells the source when, so the source can measure the downtime.
 from __future__ import annotations
 
 import gc
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,9 +40,9 @@ from migrate.messages import (STATUS_OK, STATUS_UNSUPPORTED, STATUS_VERSION, Dig
                               decode_reason, decode_zero_pages, encode_reason)
 from migrate.report import MigrationReport, RoundStats
 from migrate.residency import Prefaulter
+from migrate.statecheck import parse_state, state_limit
 from migrate.wire import Channel, RecordType
 
-MAX_STATE = 128 << 20       # state document bound (console history is the big part)
 MAX_ROUNDS = 10_000
 MIN_SESSION_RATE = 2 << 20  # bytes/s: a session slower than this on average is cut off
 
@@ -157,6 +159,7 @@ class Destination:
                 npages = ram.npages
                 hashes = PageHashes(npages)
                 written = np.zeros(npages, dtype=bool)      # pages holding received data
+                max_state = state_limit(hello.ram_size)
                 report.ram_size = hello.ram_size
                 # The whole session is bounded too: a source that sends one
                 # small record just inside the timeout, forever, must not keep
@@ -219,14 +222,15 @@ class Destination:
             elif t is RecordType.STATE:
                 if not rec.body:
                     raise ProtocolError("empty STATE record")
-                if len(doc) + len(rec.body) > MAX_STATE:
-                    raise ProtocolError(f"state document exceeds its bound of {MAX_STATE} bytes")
+                if len(doc) + len(rec.body) > max_state:
+                    raise ProtocolError(f"state document exceeds the {max_state} bytes a machine state of "
+                                        f"{hello.ram_size >> 20} MiB can need")
                 doc += rec.body
                 state = STATE
             elif t is RecordType.DIGEST:
                 prefault.stop()
                 hasher.submit(lambda: None).result()       # every page hashed, in order
-                machine = self._prepare(Digest.decode(rec.body), bytes(doc), hashes, ram, hello)
+                machine = self._prepare(Digest.decode(rec.body), doc, hashes, ram, hello, ch.deadline)
                 report.state_bytes = len(doc)
                 if report.rounds:
                     report.rounds[-1].final = True
@@ -248,7 +252,8 @@ class Destination:
                 self._emit(mev.Resumed, vclock=machine.vclock)
                 return Incoming(machine, hello, report, resumed_at)
 
-    def _prepare(self, digest: Digest, doc: bytes, hashes: PageHashes, ram: GuestRAM, hello: Hello) -> Machine:
+    def _prepare(self, digest: Digest, doc: bytearray, hashes: PageHashes, ram: GuestRAM, hello: Hello,
+                 deadline: float | None) -> Machine:
         if digest.state_len != len(doc):
             raise DigestMismatch(f"state document of {len(doc)} bytes, the source sent {digest.state_len}")
         missing = hashes.missing()
@@ -257,8 +262,10 @@ class Destination:
             raise DigestMismatch(f"{missing} pages never arrived (first: frame {first})")
         if hashes.final(doc) != digest.digest:
             raise DigestMismatch("final digest mismatch: the VM did not arrive whole")
+        # Parsed within bounds and checked field by field (migrate/statecheck.py)
+        # before MachineState or the VMM sees a byte of it.
+        parsed = parse_state(doc, hello.ram_size, deadline)
         try:
-            parsed = json.loads(doc.decode("utf-8"))
             st = MachineState.from_doc(parsed, hello.ram_size, where="migrated state")
             return Machine.restore(st, ram=ram)
         except (StateError, VmmError, ValueError, UnicodeDecodeError) as exc:

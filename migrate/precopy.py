@@ -17,6 +17,9 @@ rule that holds, in this order:
 4. ``max_bytes_ratio``: the bytes sent so far plus the remaining set would
    exceed this multiple of guest RAM.
 
+Rules 3 and 4 stop with the target *not met* (``Decision.target_met`` is
+False): the report says so, with the estimate and how far over it is.
+
 The downtime target covers the pages only; the final state document, the
 destination's rebuild of the machine and two round trips come on top (the
 report shows the real downtime).
@@ -36,6 +39,7 @@ class Decision:
     stop: bool
     reason: str
     estimate: float                 # seconds to send the remaining set
+    target_met: bool = True         # False: stopped at a bound with more left than the target allows
 
 
 @dataclass(frozen=True)
@@ -64,11 +68,12 @@ class PrecopyPolicy:
                             estimate)
         if rounds_done >= self.max_rounds:
             return Decision(True, f"round bound reached ({self.max_rounds} rounds); "
-                                  f"{remaining} pages left", estimate)
+                                  f"{remaining} pages left", estimate, target_met=False)
         limit = self.max_bytes_ratio * ram_size
         if bytes_sent + remaining * PAGE_SIZE > limit:
             return Decision(True, f"byte bound reached ({bytes_sent / ram_size:.2f} x RAM sent, "
-                                  f"limit {self.max_bytes_ratio:g} x RAM); {remaining} pages left", estimate)
+                                  f"limit {self.max_bytes_ratio:g} x RAM); {remaining} pages left", estimate,
+                            target_met=False)
         return Decision(False, f"{remaining} pages dirty, estimated {estimate * 1e3:.1f} ms", estimate)
 
     def to_dict(self) -> dict:

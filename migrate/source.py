@@ -45,7 +45,7 @@ from minivmm.events import EventBus
 from migrate import clock, events as mev
 from migrate.digest import PageHashes, hash_ram
 from migrate.errors import (CommitUnconfirmed, ConnectionLost, GuestStopped, MigrationError,
-                            PeerAborted, ProtocolError, Refused)
+                            PeerAborted, PeerTimeout, ProtocolError, Refused)
 from migrate.messages import (STATUS_NAMES, STATUS_OK, Digest, Hello, Resumed, RoundMark, Welcome,
                               decode_reason, encode_pages, encode_reason, encode_zero_pages)
 from migrate.precopy import PrecopyPolicy
@@ -97,14 +97,15 @@ class Source:
         ch = None
         committed = False
         gc_was_on = False
+        opened: list = []               # the channel, as soon as the helper thread has one
         try:
             try:
-                sock = socket.create_connection(addr, timeout=self.connect_timeout)
-            except OSError as exc:
-                raise ConnectionLost(f"cannot connect to {peer}: {exc.strerror or exc}") from None
-            ch = self.channel(sock, timeout=self.timeout)
-            self._emit(mev.Connected, peer=peer)
-            self._handshake(ch, peer)
+                # Connect and handshake beside the running guest: a peer that
+                # never answers (any non-VMM server) must not freeze it.
+                ch = self._beside_guest(lambda: self._open(addr, peer, opened),
+                                        cancel=lambda: [c.close() for c in opened])
+            finally:
+                ch = ch or (opened[0] if opened else None)
             remaining = self._precopy(ch, report)
             gc_was_on = gc.isenabled()
             gc.disable()        # no collector pause inside the downtime
@@ -199,11 +200,63 @@ class Source:
         return rec
 
     # -------------------------------------------------------------- handshake
+    def _beside_guest(self, work, *, cancel):
+        """Run ``work()`` on a helper thread while the guest keeps running its
+        slices on this thread (the only one that calls into Unicorn); return
+        its result or raise its exception.  If the guest stops or fails
+        first, ``cancel()`` unblocks the helper (closes its socket)."""
+        result: list = []
+        failure: list[BaseException] = []
+
+        def body():
+            try:
+                result.append(work())
+            except BaseException as exc:        # noqa: BLE001 - handed to the guest thread
+                failure.append(exc)
+        th = threading.Thread(target=body, name="migrate-handshake", daemon=True)
+        th.start()
+        m = self.machine
+        try:
+            while th.is_alive():
+                if m.halted:
+                    raise GuestStopped(f"the guest stopped ({m.halted}) before the migration began; "
+                                       f"it finished on the source")
+                m.step()
+                time.sleep(0)
+        except BaseException:
+            cancel()
+            th.join(self.connect_timeout + 1)
+            raise
+        th.join()
+        if failure:
+            raise failure[0]
+        return result[0]
+
+    def _open(self, addr, peer: str, opened: list) -> Channel:
+        """On the helper thread: connect, HELLO, WELCOME."""
+        try:
+            sock = socket.create_connection(addr, timeout=self.connect_timeout)
+        except OSError as exc:
+            raise ConnectionLost(f"cannot connect to {peer}: {exc.strerror or exc}") from None
+        ch = self.channel(sock, timeout=self.timeout)
+        opened.append(ch)
+        self._emit(mev.Connected, peer=peer)
+        self._handshake(ch, peer)
+        return ch
+
     def _handshake(self, ch: Channel, peer: str) -> None:
         m = self.machine
         info = {"vm": m.image.name, "vclock": m.vclock, "source": socket.gethostname()}
         ch.send(RecordType.HELLO, Hello(m.ram.size, info).encode())
-        welcome = Welcome.decode(self._expect(ch, RecordType.WELCOME).body)
+        try:
+            rec = self._expect(ch, RecordType.WELCOME)
+        except PeerTimeout as exc:
+            raise PeerTimeout(f"{peer} accepted the connection but did not answer HELLO: it does not "
+                              f"speak the minivmm migration protocol ({exc})") from None
+        except ConnectionLost as exc:
+            raise ConnectionLost(f"{peer} hung up without answering HELLO: it does not speak the "
+                                 f"minivmm migration protocol ({exc})") from None
+        welcome = Welcome.decode(rec.body)
         if welcome.status != STATUS_OK:
             raise Refused(f"destination {peer} refused the migration "
                           f"({STATUS_NAMES[welcome.status]}): {welcome.reason}")
@@ -233,6 +286,8 @@ class Source:
                                           bytes_sent=ch.bytes_sent, ram_size=m.ram.size)
             if decision.stop:
                 report.stop_reason = decision.reason
+                report.target_met = decision.target_met
+                report.estimated_pages_seconds = decision.estimate
                 self._emit(mev.StopAndCopy, reason=decision.reason, remaining=len(dirty))
                 return dirty
             pfns, rnd = dirty, rnd + 1
@@ -256,18 +311,25 @@ class Source:
             data[hit] = copies[pos[hit]]
 
     def _blank_late_protected(self, sel: np.ndarray, data: np.ndarray) -> None:
-        """After copying: frames that became protected since this round's
-        snapshot (HC_PROTECT, a page adopted, a cloaked page decrypted in a new
-        frame) may have been copied in plaintext.  Send zeros in their place
-        (the round still carries every page it announced); the frames are
-        logged dirty and go again next round, sealed, and the destination's
-        digest only counts the last copy of a page.  Checked after the copy,
-        so a frame protected later was copied before it held anything
-        protected."""
+        """After copying: any frame outside this round's protected snapshot
+        that was protected at *any* moment since the snapshot may have been
+        copied in plaintext, even if it is not protected any more by now (its
+        owner exited and its entry was dropped).  The record of "at any
+        moment" is the dirty log: protection marks every frame it takes on
+        (HC_PROTECT, a page adopted, a page decrypted into a new frame) dirty
+        before anything protected is in it, and the bit stays set until the
+        guest's thread fetches the log, after this round's sender is done.
+        So every copied frame whose bit is set now is sent as zeros (the
+        round still carries every page it announced); it goes again next
+        round (sealed, if protected), and the destination's digest counts
+        only the last copy.  The guest dirtied those pages anyway: the zeros
+        cost nothing that the next round would not resend.  Frames protected
+        now count too (belt and braces: a frame in ``protection.frames`` whose
+        bit was cleared by a fetch belongs to the snapshot)."""
         m = self.machine
-        if not m.protection.active:
-            return
-        late = np.fromiter((m.is_protected_frame(int(f)) for f in sel), dtype=bool, count=len(sel))
+        late = m.ram.dirty.bitmap[sel].copy()
+        if m.protection.frames:
+            late |= np.fromiter((m.is_protected_frame(int(f)) for f in sel), dtype=bool, count=len(sel))
         snap = self._protected[0]
         if len(snap):
             late &= ~np.isin(sel, snap)
@@ -317,6 +379,7 @@ class Source:
         return stats
 
     def _send_pages(self, ch: Channel, rnd: int, pfns: np.ndarray, stats: RoundStats) -> None:
+        final = stats.final
         ch.send(RecordType.ROUND_BEGIN, RoundMark(rnd, len(pfns)).encode())
         pages = self.machine.ram.array.reshape(-1, PAGE_SIZE)
         fresh = None
@@ -342,7 +405,8 @@ class Source:
             for b in range(0, len(sel), MAX_BATCH):
                 s = sel[b:b + MAX_BATCH]
                 d = pages[s] if copies is None else copies[b:b + MAX_BATCH]   # private copy:
-                self._blank_late_protected(s, d)
+                if not final:           # paused: nothing changes under the copy
+                    self._blank_late_protected(s, d)
                 self._overlay_protected(s, d)
                 self.hashes.update(s, d)                                       # hashed and sent
                 ch.send(RecordType.PAGES, *encode_pages(s, d))                 # as one

@@ -53,9 +53,11 @@ class GuestRAM:
 
     def write(self, paddr: int, data: bytes) -> None:
         self._check(paddr, len(data))
-        self.view[paddr:paddr + len(data)] = data
+        # Logged before the bytes land: a reader on another thread (live
+        # migration's sender) that copies the new bytes then sees the bit.
         if data:
             self.dirty.mark_range(paddr, len(data))
+        self.view[paddr:paddr + len(data)] = data
 
     def u32(self, paddr: int) -> int:
         self._check(paddr, 4)

@@ -115,7 +115,7 @@ def test_destination_killed_mid_precopy_source_continues(tmp_path, images):
     proxy = Proxy(port, cut_at=RecordType.PAGES, on_cut=dst.kill)
     src = Vmm("run", img, "--ram", "64", "--migrate-to", f"127.0.0.1:{proxy.port}", "--after", "15",
               cwd=tmp_path, name="src")
-    assert src.finish() == 0, src.stderr
+    assert src.finish() == 5, src.stderr
     assert proxy.cut.is_set() and dst.proc.returncode == -signal.SIGKILL
     assert "failed" in src.stderr and "the guest continues here" in src.stderr
     assert "pre-copy stopped" not in src.stderr            # it never left pre-copy
@@ -129,7 +129,7 @@ def test_connection_cut_in_stop_and_copy_source_resumes(tmp_path):
     proxy = Proxy(port, cut_at=RecordType.STATE)          # STATE is sent with the guest paused
     src = Vmm("run", "counter", "--migrate-to", f"127.0.0.1:{proxy.port}", "--after", "20",
               cwd=tmp_path, name="src")
-    assert src.finish() == 0, src.stderr
+    assert src.finish() == 5, src.stderr
     assert proxy.cut.is_set()
     assert "pre-copy stopped" in src.stderr and "the guest continues here" in src.stderr
     assert src.stdout == ref.stdout
@@ -162,7 +162,7 @@ def test_silent_peer_times_out_and_second_migration_is_refused(tmp_path):
     assert busy.recv().type is RecordType.WELCOME
     # ... so a second, concurrent one is refused clearly; its guest carries on at home
     src = Vmm("run", "counter", "--migrate-to", f"127.0.0.1:{port}", "--after", "5", cwd=tmp_path, name="src")
-    assert src.finish() == 0, src.stderr
+    assert src.finish() == 5, src.stderr
     assert "refused" in src.stderr and "busy" in src.stderr, src.stderr + "\n--- dst:\n" + dst.stderr
     assert counter_lines(src.stdout) == list(range(1, 101))
     busy.close()
@@ -179,9 +179,14 @@ def test_source_facing_a_silent_destination_keeps_its_guest(tmp_path):
     t0 = time.monotonic()
     src = Vmm("run", "counter", "--migrate-to", f"127.0.0.1:{port}", "--after", "5", "--timeout", "1",
               cwd=tmp_path, name="src")
-    assert src.finish() == 0, src.stderr
+    assert src.finish() == 5, src.stderr
     assert time.monotonic() - t0 < 60
-    assert "timed out" in src.stderr and "the guest continues here" in src.stderr
+    # The guest runs on while the source waits for the handshake (issue 10,
+    # item 5), so it may even finish before the timeout: both end here.
+    assert ("does not speak the minivmm migration protocol" in src.stderr
+            and "the guest continues here" in src.stderr) or \
+        "stopped (shutdown) before the migration began; it finished on the source" in src.stderr, src.stderr
+    assert "not migrated (exit status 5)" in src.stderr
     assert counter_lines(src.stdout) == list(range(1, 101))
     listener.close()
 
@@ -189,8 +194,10 @@ def test_source_facing_a_silent_destination_keeps_its_guest(tmp_path):
 def test_demo_command_runs_a_live_migration(tmp_path):
     v = Vmm("demo", cwd=tmp_path, name="demo")
     assert v.finish() == 0, v.stderr
-    out = v.stdout + v.stderr
-    assert "migration report (source" in out and "completed" in out
+    # both reports on standard output ("minivmm demo > out.txt" keeps the downtime)
+    assert "A ! migration report (source" in v.stdout and "completed" in v.stdout
+    assert re.search(r"^A !   downtime [\d.]+ ms", v.stdout, re.M), v.stdout
+    assert "B ! migration report (destination" in v.stdout
     from migrate.demo import CONTINUED
     a = "\n".join(line[4:] for line in v.stdout.splitlines() if line.startswith("A | "))
     b = "".join(line[4:] + "\n" for line in v.stdout.splitlines() if line.startswith("B | "))
@@ -236,18 +243,22 @@ def test_protected_process_migrates_without_plaintext_on_the_wire(tmp_path, imag
     checks its secret: it goes on intact at the destination, and not one
     record on the wire holds its plaintext (protected frames are sent as the
     ciphertext sealed between slices).  Unprotected, the same secret does
-    cross in clear: the check is real."""
-    img = images(f"keeper{protect}", [Program.builtin("keeper", data_pages=3, args=(60, protect)),
-                                      Program.builtin("counter", args=(60, 150_000))])
-    ref = reference_run(tmp_path, img)
-    assert ref.returncode == 0 and "keeper: round 60, secret intact" in ref.stdout, ref.stderr
-    dst, port = serve(tmp_path)
+    cross in clear: the check is real.
+
+    Not timing-dependent: the keeper runs (practically) forever, so however
+    long the migration takes under load it is still running when it lands;
+    the destination runs it 20 more ticks (a guest-visible bound).  Its round
+    numbers across both hosts must run on without gap or repeat."""
+    img = images(f"keeper{protect}", [Program.builtin("keeper", data_pages=3, args=(1_000_000, protect))])
+    dst, port = serve(tmp_path, "--ticks", "20")
     proxy = Proxy(port)
     src = Vmm("run", img, "--migrate-to", f"127.0.0.1:{proxy.port}", "--after", "15", "--check-ram",
               cwd=tmp_path, name="src")
-    assert src.finish() == 0 and dst.finish() == 0, src.stderr + dst.stderr
+    assert src.finish() == 0, src.stderr + dst.stderr
+    assert dst.finish() == 3, dst.stderr            # the --ticks bound, not a crash
     assert "this VMM is done" in src.stderr
-    assert src.stdout + dst.stdout == ref.stdout
-    assert "keeper" in dst.stdout and "SECRET CHANGED" not in dst.stdout
-    assert ("keeper: protected by the VMM" in ref.stdout) == bool(protect)
+    rounds = [int(n) for n in re.findall(r"keeper: round (\d+), secret intact", src.stdout + dst.stdout)]
+    assert rounds == list(range(1, len(rounds) + 1)) and len(rounds) >= 20
+    assert "keeper: round" in dst.stdout and "SECRET CHANGED" not in src.stdout + dst.stdout
+    assert ("keeper: protected by the VMM" in src.stdout) == bool(protect)
     assert (SECRET in proxy.recorded) == (not protect)

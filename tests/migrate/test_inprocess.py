@@ -14,6 +14,7 @@ from migrate.precopy import PrecopyPolicy
 from migrate.server import Server
 from migrate.source import MIGRATED, Source
 from minivmm.events import EventBus
+from minivmm.errors import VmmError
 from minivmm.machine import Machine
 
 from inproc import receive_in_thread
@@ -40,7 +41,7 @@ def test_events_report_and_exactly_one_copy():
     assert report.downtime_seconds is not None and report.downtime_seconds > 0
     # the source copy can never run again; the destination's ran to the end
     assert m.halted == MIGRATED
-    with pytest.raises(Exception, match="halted"):
+    with pytest.raises(VmmError, match="halted"):
         m.step()
     d = result["incoming"].machine
     assert d.console.text() == ref.console.text() and d.exits == ref.exits

@@ -59,3 +59,42 @@ def test_parse_after():
     for bad in ("x", "-1", "1.5", "2h", "sig"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_after(bad)
+
+
+def test_a_bound_stops_with_the_target_not_met():
+    assert decide(remaining=100).target_met and decide(remaining=0).target_met
+    for kw in (dict(rounds_done=30), dict(bytes_sent=3 * RAM)):
+        d = decide(remaining=4000, cost_per_page=1e-3, **kw)
+        assert d.stop and not d.target_met and d.estimate == pytest.approx(4.0)
+
+
+def test_the_report_says_when_and_by_how_much_the_target_was_missed():
+    r = MigrationReport("source", "h:1", RAM, policy=PrecopyPolicy().to_dict(),
+                        rounds=[RoundStats(0, 4096, 10, 4086, 50_000, 0.01, 0.001, 4000),
+                                RoundStats(1, 4000, 4000, 0, 16_400_000, 0.2, final=True)],
+                        stop_reason="round bound reached", target_met=False, estimated_pages_seconds=0.25,
+                        outcome="completed", total_seconds=0.5, downtime_seconds=0.26,
+                        downtime_method="one clock", bytes_sent=16_500_000)
+    text = r.format()
+    assert "downtime target NOT met" in text and "estimated at 250.0 ms, 220.0 ms over the 30 ms target" in text
+    assert "downtime 260.00 ms" in text and "230.00 ms over the 30 ms target" in text
+    r.target_met, r.downtime_seconds = True, 0.02
+    assert "NOT met" not in r.format() and "over the" not in r.format()
+
+
+def test_an_aborted_report_without_transfer_is_sane():
+    r = MigrationReport("source", "h:1", RAM, policy=PrecopyPolicy().to_dict(), outcome="aborted",
+                        error="ConnectionLost: refused", total_seconds=0.01)
+    text = r.format()
+    assert "aborted -- ConnectionLost: refused" in text and "nothing was transferred" in text
+    assert "throughput" not in text and "round   pages" not in text
+
+
+def test_run_help_lists_the_migration_exit_statuses():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "minivmm", "run", "--help"], capture_output=True, text=True)
+    text = " ".join(out.stdout.split())
+    assert out.returncode == 0
+    for needle in ("0 migrated", "5 not migrated", "4 committed but unconfirmed"):
+        assert needle in text, needle

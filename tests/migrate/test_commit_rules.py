@@ -1,0 +1,161 @@
+"""Who runs the guest after COMMIT, and the destination's round rules
+(issue 19's migration classes), as explicit, deterministic attacks.
+
+* After COMMIT the source never takes its guest back on a later failure,
+  only on the destination's ABORT (it gave up and discarded the VM): a real
+  destination resumes, then its RESUMED reply is lost, cut, corrupted,
+  replaced or withheld -- each case, not a random sample of them.
+* An ABORT already waiting when the source is about to send COMMIT stops
+  it: COMMIT is never sent.
+* The destination checks round order and page counts.
+"""
+
+import pytest
+
+from guests.catalog import get_guest
+from migrate.errors import CommitUnconfirmed, ConnectionLost, PeerAborted, ProtocolError
+from migrate.messages import RoundMark
+from migrate.server import Server
+from migrate.source import MIGRATED, Source
+from migrate.wire import Channel, RecordType
+from minivmm.errors import VmmError
+from minivmm.machine import Machine
+
+from inproc import receive_in_thread
+from scripted import ScriptedDestination
+from test_stream_fuzz import RECORDS, check, encode, feed
+
+IMAGE = get_guest("counter").build()
+
+
+def fresh_guest():
+    m = Machine(IMAGE)
+    m.run(max_ticks=3)
+    return m
+
+
+def resumed_reply_meddled(how):
+    """A destination channel that, once the VM is resumed, does ``how`` to
+    the RESUMED reply."""
+    class Meddling(Channel):
+        def send(self, rtype, *parts):
+            if rtype is not RecordType.RESUMED:
+                return super().send(rtype, *parts)
+            if how == "close":
+                self.close()
+                raise ConnectionLost("meddler: closed instead of RESUMED")
+            if how == "garbage":
+                return super().send(rtype, b"not json at all")
+            if how == "wrong-type":
+                return super().send(RecordType.PREPARED)
+            if how == "cut":
+                raw = b"\x0b\x00" + b"\x40\x00\x00\x00"          # half a header, then the end
+                self.sock.sendall(raw)
+                self.close()
+                raise ConnectionLost("meddler: cut RESUMED")
+            assert how == "silence"
+            return None                                           # never sent; the line stays open
+    return Meddling
+
+
+@pytest.mark.parametrize("how", ["close", "garbage", "wrong-type", "cut", "silence"])
+def test_after_commit_a_lost_resumed_never_gives_the_guest_back(how):
+    server = Server("127.0.0.1:0", timeout=5, channel=resumed_reply_meddled(how))
+    res = {}
+    t = receive_in_thread(server, res, timeout=5, run_ticks=None)
+    m = fresh_guest()
+    with pytest.raises(CommitUnconfirmed, match="did not confirm"):
+        Source(m, timeout=2).migrate(server.label)
+    t.join(30)
+    server.close()
+    assert "incoming" in res, res.get("error")       # the destination runs the VM ...
+    assert m.halted == MIGRATED                      # ... so this copy never does
+    with pytest.raises(VmmError, match="halted"):
+        m.step()
+    assert res["incoming"].machine.run(max_ticks=100_000) == "shutdown"
+
+
+def test_an_abort_already_waiting_stops_the_commit():
+    """The destination says PREPARED and, in the same breath, ABORT (it
+    found something wrong just after): COMMIT must never go out."""
+    peer = ScriptedDestination(after_prepared=[(RecordType.ABORT, b"changed my mind")])
+    m = fresh_guest()
+    with pytest.raises(PeerAborted, match="before COMMIT"):
+        Source(m, timeout=5).migrate(peer.address)
+    peer.close()
+    assert RecordType.DIGEST in peer.received and RecordType.COMMIT not in peer.received
+    assert m.halted is None and not m.ram.dirty.enabled
+    assert m.run(max_ticks=100_000) == "shutdown" and "counter 100" in m.console.text()
+
+
+def test_the_scripted_destination_really_reaches_prepared_and_commit():
+    """The hostile-destination tests below corrupt this script's replies; untouched it completes."""
+    peer = ScriptedDestination()
+    m = fresh_guest()
+    report = Source(m, timeout=5).migrate(peer.address)
+    peer.close()
+    assert report.outcome == "completed" and m.halted == MIGRATED
+    assert peer.received[0] is RecordType.HELLO and peer.received[-1] is RecordType.COMMIT
+
+
+# ----------------------------------------------- the destination's round rules
+def _round(rnd, recs_of_round0):
+    """Round ``rnd`` re-sending round 0's records (same pages, same data)."""
+    out = []
+    for t, b in recs_of_round0:
+        if t in (RecordType.ROUND_BEGIN, RecordType.ROUND_END):
+            b = RoundMark(rnd, RoundMark.decode(b, "x").pages).encode()
+        out.append((t, b))
+    return out
+
+
+HELLO = RECORDS[:1]
+ROUND0 = [r for r in RECORDS if r[0] in (RecordType.ROUND_BEGIN, RecordType.PAGES,
+                                          RecordType.ZERO_PAGES, RecordType.ROUND_END)]
+TAIL = [r for r in RECORDS if r[0] in (RecordType.STATE, RecordType.DIGEST, RecordType.COMMIT)]
+
+
+def test_two_rounds_in_order_resume():
+    assert check(feed(encode(HELLO + _round(0, ROUND0) + _round(1, ROUND0) + TAIL)))
+
+
+@pytest.mark.parametrize("order, why", [
+    ((1,), "ROUND_BEGIN 1, expected round 0"),
+    ((0, 0), "ROUND_BEGIN 0, expected round 1"),
+    ((0, 2), "ROUND_BEGIN 2, expected round 1"),
+    ((0, 1, 1), "ROUND_BEGIN 1, expected round 2"),
+])
+def test_rounds_out_of_order_are_refused(order, why):
+    recs = HELLO + [r for n in order for r in _round(n, ROUND0)] + TAIL
+    out = feed(encode(recs))
+    assert isinstance(out, ProtocolError) and why in str(out), out
+
+
+def _with_marks(begin, end):
+    recs = list(ROUND0)
+    recs[0] = (RecordType.ROUND_BEGIN, RoundMark(0, begin).encode())
+    recs[-1] = (RecordType.ROUND_END, RoundMark(0, end).encode())
+    return HELLO + recs + TAIL
+
+
+NPAGES = RoundMark.decode(ROUND0[0][1], "x").pages
+
+
+@pytest.mark.parametrize("begin, end, why", [
+    (NPAGES - 1, NPAGES - 1, f"more than the {NPAGES - 1} pages it announced"),
+    (NPAGES, NPAGES - 1, "does not close round 0"),
+    (NPAGES - 1, NPAGES, "more than the"),
+])
+def test_round_page_counts_are_checked(begin, end, why):
+    out = feed(encode(_with_marks(begin, end)))
+    assert isinstance(out, ProtocolError) and why in str(out), out
+
+
+def test_a_round_that_carries_fewer_pages_than_it_announced_is_refused():
+    recs = list(ROUND0)
+    first = next(i for i, (t, _) in enumerate(recs) if t is RecordType.PAGES)
+    dropped = (len(recs[first][1]) - 4) // 4100
+    del recs[first]
+    out = feed(encode(HELLO + recs + TAIL))
+    assert isinstance(out, ProtocolError), out
+    assert f"({NPAGES - dropped} of {NPAGES} pages received)" in str(out)
