@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from cryptography.exceptions import InvalidTag
-from unicorn.x86_const import UC_X86_REG_EFLAGS, UC_X86_REG_EIP
+from unicorn.x86_const import UC_X86_REG_CR3, UC_X86_REG_EFLAGS, UC_X86_REG_EIP, UC_X86_REG_SS
 
 from minivmm import abi
 from minivmm import events as ev
@@ -359,6 +359,22 @@ class Protection:
         if held is not None and held[1].state == PLAINTEXT:
             by = "kernel" if not user else f"pid {self._pid_of(cr3)}"
             self.cloak(held[0], held[1], reason=f"{by} access")
+        return None
+
+    def on_physical(self, uc, paddr: int, write: bool):
+        """A fill with CR0.PG clear: ``paddr`` is reached physically.  That is
+        never the owner's access (its pages live at user virtual addresses):
+        a protected plaintext frame there is cloaked first, exactly as for the
+        kernel.  A protected process itself running with paging off would
+        see its memory through no translation the VMM checked: stopped.
+        Returns None to grant or a #PF error code to refuse."""
+        if uc.reg_read(UC_X86_REG_SS) & 3 == 3:
+            owner = self.by_cr3.get(uc.reg_read(UC_X86_REG_CR3) & 0xFFFFF000)
+            if owner is not None and not owner.exited:
+                if not owner.stopped:
+                    self._violation(owner, paddr, write, "resumed with paging off (CR0.PG clear)")
+                return PF_P | PF_U | (PF_W if write else 0)
+        self.touch_frame(paddr >> 12, "physical access (paging off)")
         return None
 
     def _adopt(self, proc: ProtectedProcess, vaddr: int, frame: int):
