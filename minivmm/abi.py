@@ -37,6 +37,7 @@ EINVAL = 22
 ENOSYS = 38
 EPERM = 1
 EEXIST = 17
+E2BIG = 7       # HC_PROTECT: more pages mapped than one hypercall may protect
 
 # --- Hypercalls (int 0x82): eax = number, ebx/ecx/edx = arguments, eax = result.
 HC_VERSION = 0x01        # any ring  -> ABI_VERSION

@@ -67,6 +67,10 @@ MAX_PROTECTED = abi.NPROC
 MAX_EXITED = abi.NPROC          # exited processes kept for the view; older ones are dropped
 DETACHED = -1                   # ppn of a cloaked page whose ciphertext the kernel moved away
 MAX_PAGES = (abi.USER_END - abi.USER_BASE) // PAGE
+# At most this many pages per HC_PROTECT (64 MiB of a process): the walk, the
+# measurement and the bookkeeping are linear in it, so this bounds what one
+# hypercall -- repeated by a kernel as often as it likes -- costs the VMM.
+MAX_PROTECT = 16384
 
 
 # --------------------------------------------------------------- metadata
@@ -262,15 +266,19 @@ class Protection:
                 or shared_vaddr == abi.INFO_VADDR:
             return -abi.EINVAL
         mapped = self._user_pages(cr3)
+        if mapped is None:
+            return -abi.E2BIG                       # more than one hypercall may cost (see MAX_PROTECT)
         shared = mapped.get(shared_vaddr >> 12)
         if shared is None or not shared[1]:
             return -abi.EINVAL                      # the shared page must be mapped writable
         pages: dict[int, PageMeta] = {}
+        owned: set[int] = {shared[0]}               # frames taken so far: linear, not quadratic
         for vpn, (ppn, _) in sorted(mapped.items()):
             if vpn in (abi.INFO_VADDR >> 12, shared_vaddr >> 12):
                 continue
-            if ppn in self.frames or any(m.ppn == ppn for m in pages.values()) or ppn == shared[0]:
+            if ppn in self.frames or ppn in owned:
                 return -abi.EINVAL                  # a frame mapped twice cannot be owned once
+            owned.add(ppn)
             pages[vpn] = PageMeta(vpn, ppn)
         if len([p for p in self.procs.values() if not p.exited]) >= MAX_PROTECTED:
             return -abi.EINVAL
@@ -300,8 +308,10 @@ class Protection:
                          shared_vaddr=shared_vaddr)
         return 0
 
-    def _user_pages(self, cr3: int) -> dict[int, tuple[int, bool]]:
-        """vpn -> (frame, writable) for every present user page of [USER_BASE, USER_END)."""
+    def _user_pages(self, cr3: int) -> dict[int, tuple[int, bool]] | None:
+        """vpn -> (frame, writable) for every present user page of [USER_BASE, USER_END);
+        None once more than MAX_PROTECT pages are mapped (the walk stops there:
+        one hypercall's cost is bounded whatever the kernel maps)."""
         out: dict[int, tuple[int, bool]] = {}
         view, size = self.ram.view, self.ram.size
         pd = cr3 & 0xFFFFF000
@@ -316,6 +326,8 @@ class Protection:
                 for i in range(1024):
                     if (base + i + 1) * PAGE <= size:
                         out[(pdi << 10) | i] = (base + i, bool(pde & PTE_W))
+                if len(out) > MAX_PROTECT:
+                    return None
                 continue
             pt = pde & 0xFFFFF000
             if pt + PAGE > size:
@@ -328,6 +340,8 @@ class Protection:
                 if (frame + 1) * PAGE > size:
                     continue
                 out[(pdi << 10) | pti] = (frame, bool(pde & pte & PTE_W))
+            if len(out) > MAX_PROTECT:
+                return None
         return out
 
     # -------------------------------------------------------- the fill hook

@@ -75,3 +75,49 @@ def test_paging_off_writes_are_caught_at_the_owners_next_touch(protection):
         assert "SECRET CHANGED" not in m.console.text(1)
         [v] = [e for e in seen if isinstance(e, ev.IntegrityViolation)]
         assert v.vaddr == 0x40801000 and "MAC" in v.reason
+
+
+# Before the program asks for protection, maps 17 large pages (17 * 1024
+# frames, all the same 4 MiB of low RAM) into its address space.
+MAP_HUGE = r"""
+syscall_hook:
+    cmp dword ptr [INFO_NARGS_ADDR], 0
+    je mh_out
+    mov eax, [esi+PROC_CR3]
+    mov ecx, 17
+    lea ebx, [eax+0x480]                 ; PDE of 0x48000000
+mh_loop:
+    mov dword ptr [ebx], 0x00000087      ; 4 MiB page at 0, user, writable, present
+    add ebx, 4
+    dec ecx
+    jnz mh_loop
+    mov eax, cr3
+    mov cr3, eax
+mh_out:
+    ret
+"""
+
+ASKS_AFTER_A_YIELD = r"""
+_start:
+    mov eax, SYS_YIELD
+    int 0x80
+    call ulib_protect
+    neg eax
+    call ulib_putdec
+    xor eax, eax
+    call ulib_exit
+.include "_ulib.s"
+"""
+
+
+def test_one_hc_protect_is_bounded_whatever_the_kernel_maps():
+    from guests.build import build_image, kernel_text
+    from guesthelp import prog
+    from minivmm import abi
+    from minivmm.machine import Machine
+    source = kernel_text().replace('.include "hook_none.s"', MAP_HUGE)
+    m = Machine(build_image([prog("big", ASKS_AFTER_A_YIELD, data_pages=1, args=(1,))],
+                            kernel_source=source))
+    assert m.run(max_ticks=500) == "shutdown"
+    assert m.console.text(1) == str(abi.E2BIG)        # refused before any work beyond the bound
+    assert not m.protection.view()
