@@ -23,11 +23,11 @@ from unicorn import (UC_ARCH_X86, UC_ERR_EXCEPTION, UC_HOOK_INSN, UC_HOOK_INSN_I
 from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 from unicorn.x86_const import UC_X86_INS_IN, UC_X86_INS_OUT, UC_X86_REG_EAX, UC_X86_REG_EBX, \
     UC_X86_REG_ECX, UC_X86_REG_EDX, UC_X86_REG_EFLAGS, UC_X86_REG_EIP, UC_X86_REG_SS, \
-    UC_X86_REG_CR3
+    UC_X86_REG_CR3, UC_X86_REG_DR6
 
-from minivmm import abi, events as ev, regcache
+from minivmm import abi, events as ev, prot_pinned, regcache
 from minivmm.console import Console
-from minivmm.cpu import CpuState, read_cpu, write_cpu
+from minivmm.cpu import SEG_REGS, CpuState, read_cpu, write_cpu
 from minivmm.errors import (GuestError, GuestHang, KernelPanic, StateError, TripleFault, VmmError,
                             VmmInternalError)
 from minivmm.image import GuestImage, ImageProcess
@@ -41,6 +41,9 @@ from minivmm.timer import Timer
 regcache.install()          # ~30% off every VMM exit (see regcache.py)
 
 EFLAGS_IF = 1 << 9
+EFLAGS_RF = 1 << 16
+EFLAGS_TF = 1 << 8
+DR6_HITS = 0xF                      # B0-B3: which of DR0-DR3 matched
 DETERMINISTIC, FAST = "deterministic", "fast"
 MAX_SLICE = 1_000_000
 
@@ -91,6 +94,7 @@ class Machine:
         self.halt_detail = ""
         self.shutdown_status: int | None = None
         self.slices = 0
+        self.debug_traps_hidden = 0             # breakpoint hits swallowed in protected processes
         self._trap: _Trap | None = None
         self._stop_reason: str | None = None
         self._hook_error: BaseException | None = None
@@ -99,6 +103,7 @@ class Machine:
                                      key_source=seeded_keys(key_seed) if key_seed else os.urandom,
                                      before_event=self._flush_console)
         self.mmu.protection = self.protection
+        self.protection.reload_data_segments = self._reload_data_segments
         self._uc = self._make_uc()
         self._clean = self._uc.context_save()   # pristine: see interrupts.deliver
         if _boot:
@@ -149,11 +154,52 @@ class Machine:
             return
         if self.mmu.fault is not None:          # a refused fill, reported as #PF
             return
+        if intno == abi.VEC_DB and self._debug_trap_in_protected(uc):
+            return
         # Vectors the CPU raises itself have EIP at the faulting instruction;
         # int n / int3 / into leave it after the instruction.
         software = intno >= 32 or intno in (abi.VEC_BP, abi.VEC_OF)
         self._trap = _Trap(intno, software, 0 if intno in abi.ERROR_CODE_VECTORS else None)
         uc.emu_stop()
+
+    def _debug_trap_in_protected(self, uc) -> bool:
+        """A hardware breakpoint (DR0-DR3, armed by the kernel's DR7) hit by a
+        protected process: Unicorn honours instruction breakpoints (data
+        breakpoints it ignores), and neither writing DR7 nor restoring a
+        context removes one the guest armed.  So the hit is swallowed: DR6's
+        hit bits are cleared, and EFLAGS.RF lets the instruction run once;
+        the kernel never learns the process got there.  (A process's own
+        ``int1``/icebp is swallowed too.)"""
+        if uc.reg_read(UC_X86_REG_SS) & 3 != 3:
+            return False
+        proc = self.protection.by_cr3.get(uc.reg_read(UC_X86_REG_CR3) & 0xFFFFF000)
+        eflags = uc.reg_read(UC_X86_REG_EFLAGS)
+        if proc is None or proc.exited or eflags & EFLAGS_TF:
+            # Single-stepping: the process's own trap flag (a kernel that sets
+            # it is caught at the return, as a changed eflags).
+            return False
+        # Not DR6 to tell a breakpoint: QEMU raises the trap for a breakpoint
+        # it still holds even once DR7 (restored from a clean context) no
+        # longer enables it, and then sets no B0-B3 bit.
+        uc.reg_write(UC_X86_REG_DR6, uc.reg_read(UC_X86_REG_DR6) & ~DR6_HITS)
+        uc.reg_write(UC_X86_REG_EFLAGS, eflags | EFLAGS_RF)
+        self.debug_traps_hidden += 1
+        self._stop_reason = "debug-trap-hidden"
+        uc.emu_stop()
+        return True
+
+    def _reload_data_segments(self, uc, selectors: dict[str, int]) -> None:
+        """Load data segment registers from the guest's tables, from inside a
+        hook: the descriptor reads are fills that must not be refused."""
+        self.mmu.machine_call = True
+        try:
+            for name, sel in selectors.items():
+                uc.reg_write(SEG_REGS[name], sel)
+        finally:
+            self.mmu.machine_call = False
+        if self.mmu.bad_machine_access is not None:
+            raise VmmInternalError(f"validated descriptor table unreadable at "
+                                   f"{self.mmu.bad_machine_access:#x}")
 
     def _on_invalid(self, uc, user_data):
         self._trap = _Trap(abi.VEC_UD, False)
@@ -197,7 +243,8 @@ class Machine:
                 return -abi.EPERM
             cr3 = uc.reg_read(UC_X86_REG_CR3) & 0xFFFFF000
             pid = self.pids.get(cr3, 0)
-            return self.protection.protect(cr3, pid, self.names.get(pid, "?"), a[0], a[1])
+            pinned = prot_pinned.snapshot(uc, self.ram, self._vmm_touch)
+            return self.protection.protect(cr3, pid, self.names.get(pid, "?"), a[0], a[1], pinned)
         if nr in (abi.HC_SHUTDOWN, abi.HC_PANIC, abi.HC_PROC_START, abi.HC_PROC_EXIT) and not kernel:
             return -abi.EPERM
         if nr == abi.HC_SHUTDOWN:

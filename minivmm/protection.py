@@ -48,7 +48,7 @@ from typing import Callable
 from cryptography.exceptions import InvalidTag
 from unicorn.x86_const import UC_X86_REG_CR3, UC_X86_REG_EFLAGS, UC_X86_REG_EIP, UC_X86_REG_SS
 
-from minivmm import abi
+from minivmm import abi, prot_pinned
 from minivmm import events as ev
 from minivmm.cloak import KEY_BYTES, NONCE_BYTES, TAG_BYTES, PageCipher, associated_data, nonce_for
 from minivmm.cpu import GP_REGS, SEG_REGS, CpuState
@@ -62,6 +62,7 @@ PF_P, PF_W, PF_U = 1, 2, 4
 GP = ("eax", "ebx", "ecx", "edx", "esi", "edi", "ebp")
 SYSCALL_VISIBLE = ("eax", "ebx", "ecx", "edx")
 CONTROL = ("eip", "esp", "eflags", "cs", "ss", "ds", "es", "fs", "gs")
+EFLAGS_STATUS = 0x8D5           # CF PF AF ZF SF OF: scrubbed at kernel entry, restored on return
 
 MAX_PROTECTED = abi.NPROC
 MAX_EXITED = abi.NPROC          # exited processes kept for the view; older ones are dropped
@@ -102,6 +103,7 @@ class ProtectedProcess:
     shown: CpuState | None = None  # what the kernel was shown
     stopped: str | None = None     # integrity violation that stopped it
     exited: bool = False
+    pinned: dict | None = None     # descriptors and CR0 bits recorded at HC_PROTECT (prot_pinned)
 
 
 # ---------------------------------------------------- read-only view
@@ -143,7 +145,7 @@ class ProcessView:
 class ProtectionState:
     """Versioned, explicit state (keys included: it never leaves the VMM
     except inside the secure migration channel or a local state file)."""
-    VERSION = 1
+    VERSION = 2         # 2: each process carries its pinned descriptors
     enabled: bool
     next_handle: int
     keys: dict[int, bytes]
@@ -174,7 +176,7 @@ def _proc_to_dict(p: ProtectedProcess) -> dict:
             "nonce_counter": p.nonce_counter, "in_kernel": p.in_kernel, "syscall": p.syscall,
             "saved": p.saved.to_dict() if p.saved else None,
             "shown": p.shown.to_dict() if p.shown else None,
-            "stopped": p.stopped, "exited": p.exited,
+            "stopped": p.stopped, "exited": p.exited, "pinned": p.pinned,
             "pages": [[m.vpn, m.ppn, m.state, m.version, m.nonce.hex(), m.tag.hex()]
                       for m in p.pages.values()]}
 
@@ -197,7 +199,8 @@ def _proc_from_dict(d: dict) -> ProtectedProcess:
         in_kernel=bool(d["in_kernel"]), syscall=bool(d["syscall"]),
         saved=CpuState.from_dict(d["saved"]) if d["saved"] else None,
         shown=CpuState.from_dict(d["shown"]) if d["shown"] else None,
-        stopped=d["stopped"], exited=bool(d["exited"]))
+        stopped=d["stopped"], exited=bool(d["exited"]),
+        pinned=prot_pinned.check(d["pinned"]) if d["pinned"] is not None else None)
 
 
 def seeded_keys(seed: bytes) -> Callable[[int], bytes]:
@@ -242,6 +245,10 @@ class Protection:
         self._next_handle = 1
         self._nonce_prefix = int.from_bytes(key_source(4), "little")   # fresh per VMM instance
         self.resume_pending: ProtectedProcess | None = None   # set by on_fill, see machine
+        # reload_data_segments(uc, {"ds": sel, ...}): loads them from the
+        # guest's tables from inside the fill hook (the machine guards the
+        # nested descriptor fills); None: always restore between slices.
+        self.reload_data_segments: Callable | None = None
 
     def _emit(self, cls, **fields) -> None:
         self._before_event()
@@ -252,8 +259,11 @@ class Protection:
         return bool(self.frames) or bool(self.by_cr3)
 
     # ------------------------------------------------------------ protect
-    def protect(self, cr3: int, pid: int, name: str, shared_vaddr: int, flags: int) -> int:
-        """HC_PROTECT from ring 3.  Returns 0 or a negative errno (see abi)."""
+    def protect(self, cr3: int, pid: int, name: str, shared_vaddr: int, flags: int,
+                pinned: dict | None = None) -> int:
+        """HC_PROTECT from ring 3.  Returns 0 or a negative errno (see abi).
+        ``pinned``: the caller's descriptors now (``prot_pinned.snapshot``),
+        checked on every return to it."""
         if not self.enabled:
             return -abi.ENOSYS
         if pid == 0:
@@ -293,7 +303,7 @@ class Protection:
         proc = ProtectedProcess(pid=pid, cr3=cr3 & 0xFFFFF000, name=name,
                                 ident=int.from_bytes(self._key_source(8), "little"),
                                 key_handle=handle, measurement=measure.digest(),
-                                shared_vaddr=shared_vaddr, pages=pages)
+                                shared_vaddr=shared_vaddr, pages=pages, pinned=pinned)
         self.procs.pop(pid, None)       # an exited namesake: replaced
         self.procs[pid] = proc
         self.by_cr3[proc.cr3] = proc
@@ -359,9 +369,11 @@ class Protection:
                 self._violation(owner, vaddr, write, "resumed after the kernel reported it exited")
             if owner.stopped:
                 return PF_P | PF_U | (PF_W if write else 0)
-            if owner.in_kernel and fetch and not self._resume_in_hook(uc, owner):
-                self.resume_pending = owner
-                return "resume"
+            if owner.in_kernel and fetch:
+                verdict = self._returned(uc, owner, vaddr)
+                if verdict is not None:
+                    return verdict
+                # restored in place: the page itself still goes through the policy below
             meta = owner.pages.get(vaddr >> 12)
             if meta is None:
                 meta = self._adopt(owner, vaddr, frame)
@@ -539,7 +551,10 @@ class Protection:
             cpu = self.resume_context(proc, cpu)
         syscall = software and vector == abi.VEC_SYSCALL
         keep = SYSCALL_VISIBLE if syscall else ()
-        shown = cpu.replace(**{r: 0 for r in GP if r not in keep})
+        # Every general register but the system-call arguments, and the
+        # arithmetic flags (a compare on a secret leaves its result there).
+        shown = cpu.replace(eflags=cpu.eflags & ~EFLAGS_STATUS,
+                            **{r: 0 for r in GP if r not in keep})
         proc.saved, proc.shown, proc.syscall, proc.in_kernel = cpu, shown, syscall, True
         self._flush()       # its return will then start with a ring-3 fill (see module doc)
         return shown
@@ -556,24 +571,44 @@ class Protection:
                        detail=detail)
         return diffs
 
-    def _resume_in_hook(self, uc, proc: ProtectedProcess) -> bool:
-        """The first ring-3 fetch of ``proc`` after a kernel entry.  Restore its
-        general registers here when the kernel returned to the right place;
-        return False when the whole context must be restored between slices."""
+    def _returned(self, uc, proc: ProtectedProcess, vaddr: int):
+        """The first ring-3 fetch of ``proc`` after a kernel entry.  Report any
+        register the kernel changed; stop the process if the descriptors or
+        CR0 bits behind its addresses differ from those pinned at HC_PROTECT;
+        otherwise restore its registers: here, or (when the kernel changed
+        eip, esp, eflags or a selector: the translation under way is for the
+        wrong place) by refusing the fill with ``"resume"``, so that between
+        slices the machine loads the saved context (``resume_context``).
+        Either way every data segment is reloaded from the validated tables."""
         current = {n: uc.reg_read(r) for n, r in GP_REGS.items()}
         current.update({n: uc.reg_read(r) for n, r in SEG_REGS.items()})
         current["eip"] = uc.reg_read(UC_X86_REG_EIP)
         current["eflags"] = uc.reg_read(UC_X86_REG_EFLAGS)
-        diffs = self._check_return(proc, current)
-        if any(d in CONTROL for d in diffs):
-            return False
+        redirected = any(d in CONTROL for d in self._check_return(proc, current))
+        if proc.pinned is not None:
+            diffs = prot_pinned.differences(
+                proc.pinned, prot_pinned.snapshot(uc, self.ram, lambda f: self.touch_frame(
+                    f, "vmm descriptor check")))
+            if diffs:
+                proc.in_kernel = False
+                return self._violation(proc, vaddr, False,
+                                       "descriptors changed behind its selectors: " + "; ".join(diffs))
+        if redirected or self.reload_data_segments is None:
+            self.resume_pending = proc
+            return "resume"
+        # The kernel came back to the right place (iretd has just loaded CS
+        # and SS from the tables validated above): restore the registers and
+        # flags here, and reload DS/ES/FS/GS, whose caches the kernel may have
+        # loaded from a table it then changed back.  (Cheaper than the
+        # between-slices path, which reloads everything.)
         saved = proc.saved
+        self.reload_data_segments(uc, {n: getattr(saved, n) for n in ("ds", "es", "fs", "gs")})
         for name in GP:
-            if name == "eax" and proc.syscall:
-                continue
-            uc.reg_write(GP_REGS[name], getattr(saved, name))
+            if not (name == "eax" and proc.syscall):
+                uc.reg_write(GP_REGS[name], getattr(saved, name))
+        uc.reg_write(UC_X86_REG_EFLAGS, saved.eflags)
         proc.in_kernel = False
-        return True
+        return None
 
     def resume_context(self, proc: ProtectedProcess, current: CpuState) -> CpuState:
         """The context to load when the kernel returned to the wrong place (or

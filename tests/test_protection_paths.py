@@ -55,13 +55,14 @@ WRITE = "    mov dword ptr [ebx], 0x4b434148\n"
 
 @pytest.mark.parametrize("protection", [False, True])
 def test_paging_off_reads_see_only_ciphertext(protection):
-    m, seen = keeper_under(PAGING_OFF.replace("    MODE\n", READ), protection=protection)
+    m, seen = keeper_under(PAGING_OFF.replace("    MODE\n", READ), protection=protection,
+                           key_seed=b"paging-off")          # reproducible ciphertext
     assert m.run(max_ticks=3000) == "shutdown"
     kernel = m.console.text(0).encode("utf-8", "replace")
     if not protection:
         assert b"|" + SECRET + b"|" in kernel
     else:
-        assert b"swordfish" not in kernel and kernel.count(b"|") == 2
+        assert b"swordfish" not in kernel and b"|\n" in kernel        # it read, and saw noise
         assert m.exits == {1: 0} and not [e for e in seen if isinstance(e, ev.IntegrityViolation)]
 
 
