@@ -101,7 +101,9 @@ class Machine:
         self.protection = Protection(self.ram, self.events, flush=self.flush_tlb,
                                      clock=lambda: self.timer.vclock, enabled=protection,
                                      key_source=seeded_keys(key_seed) if key_seed else os.urandom,
-                                     before_event=self._flush_console)
+                                     before_event=self._flush_console,
+                                     invalidate_code=self.flush_translations,
+                                     stop_slice=self._stop_for_translations)
         self.mmu.protection = self.protection
         self.protection.reload_data_segments = self._reload_data_segments
         self._uc = self._make_uc()
@@ -187,6 +189,12 @@ class Machine:
         self._stop_reason = "debug-trap-hidden"
         uc.emu_stop()
         return True
+
+    def _stop_for_translations(self) -> None:
+        """From a fill hook: end the slice after this block (see Protection)."""
+        if self._stop_reason is None:
+            self._stop_reason = "translations"
+        self._uc.emu_stop()
 
     def _reload_data_segments(self, uc, selectors: dict[str, int]) -> None:
         """Load data segment registers from the guest's tables, from inside a
@@ -326,6 +334,7 @@ class Machine:
         except UcError as exc:
             error = exc
         self.slices += 1
+        self.protection.settle_translations()
         self._flush_console()
         if self._hook_error is not None:
             exc, self._hook_error = self._hook_error, None
@@ -420,10 +429,12 @@ class Machine:
             try:
                 uc.emu_start(eip, 0, count=4)
             except UcError:
+                self.protection.settle_translations()
                 # It did not stay halted: whatever stopped the probe (a fault, a
                 # refused fill) happens again, and is handled, in the next step.
                 self._trap = None
                 return
+            self.protection.settle_translations()
             if self._trap is not None or self._stop_reason is not None:
                 self._trap = self._stop_reason = None   # the same: the next step redoes it
                 return
@@ -488,6 +499,13 @@ class Machine:
 
     def flush_tlb(self) -> None:
         self._uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+
+    def flush_translations(self) -> None:
+        """Drop all translated code (safe inside hooks).  Neither uc.mem_write
+        nor a write through the RAM buffer does it (DESIGN §8); by virtual
+        range (ctl_remove_cache) would miss the other addresses a frame is
+        mapped at, so it is all of them."""
+        self._uc.ctl_flush_tb()
 
     # ------------------------------------------------------------ save/restore
     def save_state(self, *, ram: bool = True) -> MachineState:

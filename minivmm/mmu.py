@@ -116,7 +116,7 @@ class Mmu:
                 if self.machine_call:
                     prot.touch_frame(vaddr >> 12, "vmm descriptor load")
                 else:
-                    verdict = prot.on_physical(uc, vaddr, write)
+                    verdict = prot.on_physical(uc, vaddr, write, access == UC_MEM_FETCH)
                     if verdict is not None:
                         return self._refuse(entry, vaddr, verdict)
             entry.paddr = vaddr

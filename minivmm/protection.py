@@ -229,12 +229,28 @@ class Protection:
     def __init__(self, ram, events: ev.EventBus, *, flush: Callable[[], None],
                  clock: Callable[[], int], enabled: bool = True,
                  key_source: Callable[[int], bytes] = os.urandom,
-                 before_event: Callable[[], None] = lambda: None):
+                 before_event: Callable[[], None] = lambda: None,
+                 invalidate_code: Callable[[], None] = lambda: None,
+                 stop_slice: Callable[[], None] = lambda: None):
         self.ram = ram
         self.events = events
         self._before_event = before_event     # e.g. flush console output first, to keep order
         self.enabled = enabled
         self._flush = flush
+        # Drops every translation the emulator made from guest code: after the
+        # VMM rewrites a frame (cloak, uncloak, restore), a translation of its
+        # old bytes must not run again -- under any virtual address, in any
+        # address space, hence all of them, not a range by virtual address.
+        self._invalidate_code = invalidate_code
+        self._stop_slice = stop_slice
+        self.code_invalidations = 0
+        # Inside a data-access fill a translated block is executing: dropping
+        # translations under it is not safe, so the drop waits for the end of
+        # that block (the slice is stopped there; the machine then calls
+        # settle_translations).  A fetch fill comes before the block is looked
+        # up, so there it happens at once: the stale block never runs.
+        self._in_data_fill = False
+        self.code_flush_pending = False
         self._clock = clock
         self._key_source = key_source
         self.procs: dict[int, ProtectedProcess] = {}
@@ -363,6 +379,14 @@ class Protection:
         ``"resume"`` to refuse so that the machine restores a protected
         process's context (see the module doc).
         """
+        self._in_data_fill = not fetch
+        try:
+            return self._on_fill(uc, vaddr, frame, user, write, fetch, cr3)
+        finally:
+            self._in_data_fill = False
+
+    def _on_fill(self, uc, vaddr: int, frame: int, user: bool, write: bool, fetch: bool,
+                 cr3: int):
         owner = self.by_cr3.get(cr3 & 0xFFFFF000) if user else None
         if owner is not None:
             if owner.exited and not owner.stopped:
@@ -387,7 +411,7 @@ class Protection:
             self.cloak(held[0], held[1], reason=f"{by} access")
         return None
 
-    def on_physical(self, uc, paddr: int, write: bool):
+    def on_physical(self, uc, paddr: int, write: bool, fetch: bool):
         """A fill with CR0.PG clear: ``paddr`` is reached physically.  That is
         never the owner's access (its pages live at user virtual addresses):
         a protected plaintext frame there is cloaked first, exactly as for the
@@ -400,7 +424,11 @@ class Protection:
                 if not owner.stopped:
                     self._violation(owner, paddr, write, "resumed with paging off (CR0.PG clear)")
                 return PF_P | PF_U | (PF_W if write else 0)
-        self.touch_frame(paddr >> 12, "physical access (paging off)")
+        self._in_data_fill = not fetch
+        try:
+            self.touch_frame(paddr >> 12, "physical access (paging off)")
+        finally:
+            self._in_data_fill = False
         return None
 
     def _adopt(self, proc: ProtectedProcess, vaddr: int, frame: int):
@@ -471,6 +499,7 @@ class Protection:
         self.frames[ppn] = (proc, meta)
         meta.state = PLAINTEXT
         self._flush()
+        self._rewrote_code()    # a translation of the ciphertext must not run either
         self._emit(ev.PageUncloaked, pid=proc.pid, vaddr=meta.vpn << 12,
                          frame=ppn, version=meta.version)
         return None
@@ -492,8 +521,24 @@ class Protection:
         self.ram.write(meta.ppn << 12, ct)
         meta.state, meta.version, meta.nonce, meta.tag = CLOAKED, version, nonce, tag
         self._flush()           # the owner's TLB entry to the plaintext must go
+        self._rewrote_code()    # and so must every translation of the plaintext
         self._emit(ev.PageCloaked, pid=proc.pid, vaddr=meta.vpn << 12,
                          frame=meta.ppn, version=version, reason=reason)
+
+    def _rewrote_code(self) -> None:
+        self.code_invalidations += 1
+        if self._in_data_fill:
+            if not self.code_flush_pending:
+                self.code_flush_pending = True
+                self._stop_slice()
+            return
+        self._invalidate_code()
+
+    def settle_translations(self) -> None:
+        """Between slices: the drop a data-access fill deferred."""
+        if self.code_flush_pending:
+            self.code_flush_pending = False
+            self._invalidate_code()
 
     def touch_frame(self, ppn: int, reason: str) -> None:
         """A VMM reader is about to read frame ``ppn``: cloak it if it is protected plaintext."""
@@ -666,3 +711,4 @@ class Protection:
                     raise ValueError(f"protection state: frame {meta.ppn:#x} owned twice or outside RAM")
                 self.frames[meta.ppn] = (p, meta)
         self._flush()
+        self._rewrote_code()
