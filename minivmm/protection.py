@@ -693,15 +693,23 @@ class Protection:
 
     def restore(self, st: ProtectionState) -> None:
         procs = [_proc_from_dict(d) for d in st.processes]
+        handles: set[int] = set()
         for p in procs:
             if not p.exited and p.key_handle not in st.keys:
                 raise ValueError(f"protection state: pid {p.pid} names a missing key")
+            if not p.exited and p.key_handle in handles:
+                # (one process's exit would destroy the other's key)
+                raise ValueError(f"protection state: pid {p.pid} shares a key with another process")
+            handles.add(p.key_handle)
+        live = [p for p in procs if not p.exited]
+        if len({p.pid for p in procs}) != len(procs) or len({p.cr3 for p in live}) != len(live):
+            raise ValueError("protection state: a pid or a live address space named twice")
         self.enabled = st.enabled
         self._next_handle = st.next_handle
         self._keys = dict(st.keys)
         self._ciphers = {h: PageCipher(k) for h, k in self._keys.items()}
         self.procs = {p.pid: p for p in procs}
-        self.by_cr3 = {p.cr3: p for p in procs}
+        self.by_cr3 = {p.cr3: p for p in sorted(procs, key=lambda p: not p.exited)}   # live ones win
         self.frames = {}
         for p in procs:
             for meta in p.pages.values():
