@@ -584,8 +584,21 @@ class Machine:
         return m
 
     def save(self, path) -> None:
-        with open(path, "wb") as f:
-            f.write(self.save_state().to_bytes())
+        """Write the state to ``path``, readable and writable by the owner only
+        (0600): it holds process keys, real registers and plaintext.  The
+        file is created 0600 (no moment with wider permissions), and an
+        existing file is narrowed to 0600 before anything is written to it.
+        (Sealing it to a TPM belongs to the secure protocol.)"""
+        data = self.save_state().to_bytes()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                fd = -1                 # the file object owns it now
+                f.write(data)
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
     @classmethod
     def load(cls, path) -> "Machine":
