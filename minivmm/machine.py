@@ -95,6 +95,7 @@ class Machine:
         self.shutdown_status: int | None = None
         self.slices = 0
         self.debug_traps_hidden = 0             # breakpoint hits swallowed in protected processes
+        self.trusted_output: list[tuple[int, int, str]] = []   # (pid, ident, text), HC_TRUSTED_WRITE
         self._trap: _Trap | None = None
         self._stop_reason: str | None = None
         self._hook_error: BaseException | None = None
@@ -253,6 +254,8 @@ class Machine:
             pid = self.pids.get(cr3, 0)
             pinned = prot_pinned.snapshot(uc, self.ram, self._vmm_touch)
             return self.protection.protect(cr3, pid, self.names.get(pid, "?"), a[0], a[1], pinned)
+        if nr == abi.HC_TRUSTED_WRITE:
+            return -abi.EPERM if kernel else self._trusted_write(uc, a[0], a[1])
         if nr in (abi.HC_SHUTDOWN, abi.HC_PANIC, abi.HC_PROC_START, abi.HC_PROC_EXIT) and not kernel:
             return -abi.EPERM
         if nr == abi.HC_SHUTDOWN:
@@ -278,6 +281,20 @@ class Machine:
             self.events.emit(ev.ProcessExit, self.timer.vclock, pid=a[0], status=a[1])
             return 0
         return -abi.ENOSYS
+
+    def _trusted_write(self, uc, vaddr: int, length: int) -> int:
+        """HC_TRUSTED_WRITE: a protected process's output, shown by the VMM
+        with its identity (see Protection.trusted_read)."""
+        cr3 = uc.reg_read(UC_X86_REG_CR3) & 0xFFFFF000
+        data = self.protection.trusted_read(cr3, vaddr, length)
+        if isinstance(data, int):
+            return data
+        proc = self.protection.by_cr3[cr3]
+        text = data.decode("utf-8", "replace")
+        self.trusted_output.append((proc.pid, proc.ident, text))
+        self.events.emit(ev.TrustedOutput, self.timer.vclock, pid=proc.pid, name=proc.name,
+                         ident=proc.ident, text=text)
+        return length
 
     def _vmm_touch(self, frame: int) -> None:
         """The VMM itself is about to read or write ``frame`` (bypassing the TLB):

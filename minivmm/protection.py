@@ -52,6 +52,7 @@ from minivmm import abi, prot_pinned
 from minivmm import events as ev
 from minivmm.cloak import KEY_BYTES, NONCE_BYTES, TAG_BYTES, PageCipher, associated_data, nonce_for
 from minivmm.cpu import GP_REGS, SEG_REGS, CpuState
+from minivmm.mmu import WalkFault, walk
 
 PLAINTEXT, CLOAKED = "plaintext", "cloaked"
 PAGE = abi.PAGE_SIZE
@@ -509,6 +510,47 @@ class Protection:
         self._emit(ev.IntegrityViolation, pid=proc.pid, name=proc.name,
                          vaddr=vaddr & 0xFFFFF000, reason=reason)
         return PF_P | PF_U | (PF_W if write else 0)
+
+    # ------------------------------------------------------- trusted output
+    def trusted_read(self, cr3: int, vaddr: int, length: int) -> bytes | int:
+        """HC_TRUSTED_WRITE from ring 3: the bytes at ``vaddr`` as the calling
+        protected process holds them, or a negative errno.  Only from its own
+        protected pages (not the shared page, which the kernel may rewrite
+        between the process's store and the hypercall); a cloaked page is
+        verified and decrypted into a copy, a frame that is not the one the
+        VMM knows is refused.  The kernel is never asked: it can neither
+        forge this output nor drop it."""
+        proc = self.by_cr3.get(cr3 & 0xFFFFF000)
+        if proc is None or proc.exited or proc.stopped:
+            return -abi.EPERM
+        if not 0 <= length <= abi.TRUSTED_WRITE_MAX or not 0 <= vaddr <= 0xFFFFFFFF - length:
+            return -abi.EINVAL
+        out = bytearray()
+        while length > 0:
+            chunk = min(length, PAGE - (vaddr & 0xFFF))
+            meta = proc.pages.get(vaddr >> 12)
+            if meta is None:
+                return -abi.EFAULT
+            try:
+                ppn = walk(self.ram, proc.cr3, vaddr, write=False, user=True)[0] >> 12
+            except WalkFault:
+                return -abi.EFAULT
+            if ppn != meta.ppn or self.frames.get(ppn, (None, None))[1] is not meta:
+                return -abi.EFAULT          # not the frame the VMM gave it there
+            if meta.state == PLAINTEXT:
+                page = self.ram.page(ppn)
+            else:
+                try:
+                    page = self._ciphers[proc.key_handle].open(
+                        self.ram.page(ppn), meta.tag, meta.nonce,
+                        associated_data(proc.ident, meta.vpn, meta.version))
+                except InvalidTag:
+                    self._violation(proc, vaddr, False, "MAC check failed (trusted write)")
+                    return -abi.EFAULT
+            off = vaddr & 0xFFF
+            out += bytes(page[off:off + chunk])
+            vaddr, length = vaddr + chunk, length - chunk
+        return bytes(out)
 
     # -------------------------------------------------------- cloak / uncloak
     def cloak(self, proc: ProtectedProcess, meta: PageMeta, *, reason: str) -> None:
