@@ -18,18 +18,20 @@ with respect to it:
   Every state change flushes the whole TLB: that keeps the invariant that
   nobody but the owner holds a TLB entry to a plaintext frame.
 
-* **Registers.**  On every kernel entry from a protected process the VMM
-  saves its registers and shows the kernel scrubbed ones (zero), except the
-  system-call number and arguments (eax, ebx, ecx, edx) on ``int 0x80``.
-  The return is found without any guest cooperation (DESIGN §5): the entry
-  flushes the TLB, so the first ring-3 instruction fetch under the process's
-  CR3 afterwards is a fill.  There the VMM compares what the kernel hands
-  back with what it showed it (only eax, the system-call result, may
-  change), reports any difference as tampering, and restores the saved
-  registers.  General registers are restored inside the hook; when the
-  kernel changed eip, esp, eflags or a segment (the translation already
-  under way is for the wrong place), the fill is refused and the machine
-  restores the whole context between slices (:meth:`resume_context`).
+* **Registers** (``prot_regs.py``): scrubbed at every kernel entry, checked
+  and restored at the return, with the descriptors behind the selectors
+  (``prot_pinned.py``).
+
+* **Every path to a frame**: the fill hook with paging on or off
+  (:meth:`Protection.on_fill`, :meth:`Protection.on_physical`), the VMM's own
+  readers (:meth:`Protection.touch_frame`), and translated code (every VMM
+  rewrite of a frame drops the emulator's translations).
+
+The modules by concept: ``prot_state.py`` (metadata and the saved state),
+``prot_view.py`` (read-only views), ``prot_regs.py`` (registers),
+``prot_pinned.py`` (descriptors), this file (the engine: the fill-hook
+policy, cloak/uncloak, trusted output).  The names other code imports from
+here still work.
 
 Everything here is VMM state: it saves to and restores from
 :class:`ProtectionState`, and migrates with the machine.
@@ -37,190 +39,39 @@ Everything here is VMM state: it saves to and restores from
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import hmac
 import os
 import struct
-from dataclasses import dataclass
 from typing import Callable
 
 from cryptography.exceptions import InvalidTag
-from unicorn.x86_const import UC_X86_REG_CR3, UC_X86_REG_EFLAGS, UC_X86_REG_EIP, UC_X86_REG_SS
+from unicorn.x86_const import UC_X86_REG_CR3, UC_X86_REG_SS
 
-from minivmm import abi, prot_pinned
+from minivmm import abi
 from minivmm import events as ev
-from minivmm.cloak import KEY_BYTES, NONCE_BYTES, TAG_BYTES, PageCipher, associated_data, nonce_for
-from minivmm.cpu import GP_REGS, SEG_REGS, CpuState
+from minivmm.cloak import KEY_BYTES, PageCipher, associated_data, nonce_for
 from minivmm.mmu import WalkFault, walk
+from minivmm.prot_regs import CONTROL, EFLAGS_STATUS, GP, SYSCALL_VISIBLE, RegisterProtection
+from minivmm.prot_state import (CLOAKED, DETACHED, MAX_EXITED, MAX_PAGES, MAX_PROTECTED, PAGE,
+                                PLAINTEXT, PageMeta, ProtectedProcess, ProtectionState,
+                                proc_from_dict, proc_to_dict, seeded_keys)
+from minivmm.prot_view import PageView, ProcessView, views
 
-PLAINTEXT, CLOAKED = "plaintext", "cloaked"
-PAGE = abi.PAGE_SIZE
+__all__ = ["CLOAKED", "CONTROL", "DETACHED", "EFLAGS_STATUS", "GP", "MAX_EXITED", "MAX_PAGES",
+           "MAX_PROTECT", "MAX_PROTECTED", "PLAINTEXT", "SYSCALL_VISIBLE", "PageMeta", "PageView",
+           "ProcessView", "ProtectedProcess", "Protection", "ProtectionState", "seeded_keys"]
+
 _U32 = struct.Struct("<I").unpack_from
 PTE_P, PTE_W, PTE_U, PTE_PS = 1, 2, 4, 0x80
 PF_P, PF_W, PF_U = 1, 2, 4
-
-GP = ("eax", "ebx", "ecx", "edx", "esi", "edi", "ebp")
-SYSCALL_VISIBLE = ("eax", "ebx", "ecx", "edx")
-CONTROL = ("eip", "esp", "eflags", "cs", "ss", "ds", "es", "fs", "gs")
-EFLAGS_STATUS = 0x8D5           # CF PF AF ZF SF OF: scrubbed at kernel entry, restored on return
-
-MAX_PROTECTED = abi.NPROC
-MAX_EXITED = abi.NPROC          # exited processes kept for the view; older ones are dropped
-DETACHED = -1                   # ppn of a cloaked page whose ciphertext the kernel moved away
-MAX_PAGES = (abi.USER_END - abi.USER_BASE) // PAGE
 # At most this many pages per HC_PROTECT (64 MiB of a process): the walk, the
 # measurement and the bookkeeping are linear in it, so this bounds what one
 # hypercall -- repeated by a kernel as often as it likes -- costs the VMM.
 MAX_PROTECT = 16384
 
 
-# --------------------------------------------------------------- metadata
-@dataclass
-class PageMeta:
-    """What the VMM knows about one protected page (VMM-internal, mutable)."""
-    vpn: int
-    ppn: int               # the frame that held it when the VMM last saw it
-    state: str = PLAINTEXT
-    version: int = 0       # bumped on every cloak; bound into the AEAD
-    nonce: bytes = b""
-    tag: bytes = b""
-
-
-@dataclass
-class ProtectedProcess:
-    pid: int
-    cr3: int
-    name: str
-    ident: int             # the identity bound into every page's AEAD
-    key_handle: int
-    measurement: bytes     # SHA-256 of its image pages at protect time
-    shared_vaddr: int
-    pages: dict[int, PageMeta]
-    nonce_counter: int = 0
-    in_kernel: bool = False
-    syscall: bool = False          # the pending kernel entry is int 0x80
-    saved: CpuState | None = None  # its real registers while the kernel runs
-    shown: CpuState | None = None  # what the kernel was shown
-    stopped: str | None = None     # integrity violation that stopped it
-    exited: bool = False
-    pinned: dict | None = None     # descriptors and CR0 bits recorded at HC_PROTECT (prot_pinned)
-
-
-# ---------------------------------------------------- read-only view
-@dataclass(frozen=True)
-class PageView:
-    owner: int
-    vaddr: int
-    vpn: int
-    frame: int
-    state: str
-    version: int
-    nonce: str
-    mac: str
-
-
-@dataclass(frozen=True)
-class ProcessView:
-    pid: int
-    name: str
-    ident: int
-    measurement: str
-    key_handle: int
-    shared_vaddr: int
-    in_kernel: bool
-    saved_context: CpuState | None
-    stopped: str | None
-    exited: bool
-    pages: tuple[PageView, ...]
-
-    def page(self, vaddr: int) -> PageView:
-        for p in self.pages:
-            if p.vpn == vaddr >> 12:
-                return p
-        raise KeyError(f"{vaddr:#x} is not a protected page of pid {self.pid}")
-
-
-# ------------------------------------------------------------- state
-@dataclass(frozen=True)
-class ProtectionState:
-    """Versioned, explicit state (keys included: it never leaves the VMM
-    except inside the secure migration channel or a local state file)."""
-    VERSION = 2         # 2: each process carries its pinned descriptors
-    enabled: bool
-    next_handle: int
-    keys: dict[int, bytes]
-    processes: tuple[dict, ...] = ()
-
-    def to_dict(self) -> dict:
-        return {"version": self.VERSION, "enabled": self.enabled, "next_handle": self.next_handle,
-                "keys": {str(h): base64.b64encode(k).decode() for h, k in self.keys.items()},
-                "processes": list(self.processes)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ProtectionState":
-        if d.get("version") != cls.VERSION:
-            raise ValueError(f"protection state version {d.get('version')!r}, expected {cls.VERSION}")
-        keys = {int(h): base64.b64decode(k, validate=True) for h, k in d["keys"].items()}
-        if len(keys) > MAX_PROTECTED or any(len(k) != KEY_BYTES for k in keys.values()):
-            raise ValueError("protection state: bad key table")
-        procs = tuple(d["processes"])
-        if len(procs) > MAX_PROTECTED + MAX_EXITED:
-            raise ValueError("protection state: too many protected processes")
-        return cls(enabled=bool(d["enabled"]), next_handle=int(d["next_handle"]), keys=keys,
-                   processes=procs)
-
-
-def _proc_to_dict(p: ProtectedProcess) -> dict:
-    return {"pid": p.pid, "cr3": p.cr3, "name": p.name, "ident": p.ident, "key_handle": p.key_handle,
-            "measurement": p.measurement.hex(), "shared_vaddr": p.shared_vaddr,
-            "nonce_counter": p.nonce_counter, "in_kernel": p.in_kernel, "syscall": p.syscall,
-            "saved": p.saved.to_dict() if p.saved else None,
-            "shown": p.shown.to_dict() if p.shown else None,
-            "stopped": p.stopped, "exited": p.exited, "pinned": p.pinned,
-            "pages": [[m.vpn, m.ppn, m.state, m.version, m.nonce.hex(), m.tag.hex()]
-                      for m in p.pages.values()]}
-
-
-def _proc_from_dict(d: dict) -> ProtectedProcess:
-    pages = {}
-    if len(d["pages"]) > MAX_PAGES:
-        raise ValueError("protection state: too many pages")
-    for vpn, ppn, state, version, nonce, tag in d["pages"]:
-        if state not in (PLAINTEXT, CLOAKED):
-            raise ValueError(f"protection state: page state {state!r}")
-        meta = PageMeta(int(vpn), int(ppn), state, int(version), bytes.fromhex(nonce), bytes.fromhex(tag))
-        if state == CLOAKED and (len(meta.nonce) != NONCE_BYTES or len(meta.tag) != TAG_BYTES):
-            raise ValueError("protection state: cloaked page without nonce and tag")
-        pages[meta.vpn] = meta
-    return ProtectedProcess(
-        pid=int(d["pid"]), cr3=int(d["cr3"]), name=str(d["name"]), ident=int(d["ident"]),
-        key_handle=int(d["key_handle"]), measurement=bytes.fromhex(d["measurement"]),
-        shared_vaddr=int(d["shared_vaddr"]), pages=pages, nonce_counter=int(d["nonce_counter"]),
-        in_kernel=bool(d["in_kernel"]), syscall=bool(d["syscall"]),
-        saved=CpuState.from_dict(d["saved"]) if d["saved"] else None,
-        shown=CpuState.from_dict(d["shown"]) if d["shown"] else None,
-        stopped=d["stopped"], exited=bool(d["exited"]),
-        pinned=prot_pinned.check(d["pinned"]) if d["pinned"] is not None else None)
-
-
-def seeded_keys(seed: bytes) -> Callable[[int], bytes]:
-    """A deterministic key source (HMAC-SHA256 in counter mode) for reproducible
-    teaching runs and tests.  Anyone who knows the seed knows every key."""
-    counter = 0
-
-    def source(n: int) -> bytes:
-        nonlocal counter
-        out = b""
-        while len(out) < n:
-            counter += 1
-            out += hmac.new(seed, b"minivmm-keys" + counter.to_bytes(8, "little"), "sha256").digest()
-        return out[:n]
-    return source
-
-
 # ------------------------------------------------------------ the engine
-class Protection:
+class Protection(RegisterProtection):
     """The protection engine of one machine.
 
     ``flush`` flushes the whole TLB (safe inside hooks); ``clock`` returns
@@ -624,102 +475,9 @@ class Protection:
         if old is not None and old.exited:
             del self.by_cr3[old.cr3]
 
-    # ---------------------------------------------------------- registers
-    def enter_kernel(self, cpu: CpuState, vector: int, software: bool) -> CpuState:
-        """A kernel entry from ring 3: returns the state the kernel may see."""
-        proc = self.by_cr3.get(cpu.cr3 & 0xFFFFF000)
-        if proc is None or cpu.cpl != 3:
-            return cpu
-        if proc.in_kernel:
-            # The kernel returned to it, but a slice ended between that iret and
-            # its first fetch, and now an interrupt comes first: settle the
-            # return here, or the scrubbed registers would be saved as real ones.
-            self._check_return(proc, cpu.to_dict())
-            cpu = self.resume_context(proc, cpu)
-        syscall = software and vector == abi.VEC_SYSCALL
-        keep = SYSCALL_VISIBLE if syscall else ()
-        # Every general register but the system-call arguments, and the
-        # arithmetic flags (a compare on a secret leaves its result there).
-        shown = cpu.replace(eflags=cpu.eflags & ~EFLAGS_STATUS,
-                            **{r: 0 for r in GP if r not in keep})
-        proc.saved, proc.shown, proc.syscall, proc.in_kernel = cpu, shown, syscall, True
-        self._flush()       # its return will then start with a ring-3 fill (see module doc)
-        return shown
-
-    def _check_return(self, proc: ProtectedProcess, current: dict[str, int]) -> list[str]:
-        """Compare what the kernel hands back with what it was shown; report
-        any difference (only eax after a system call may change)."""
-        shown = proc.shown
-        diffs = [name for name in GP + CONTROL
-                 if not (name == "eax" and proc.syscall) and current[name] != getattr(shown, name)]
-        if diffs:
-            detail = ", ".join(f"{n} {getattr(shown, n):#x} -> {current[n]:#x}" for n in diffs)
-            self._emit(ev.RegisterTamper, pid=proc.pid, name=proc.name, registers=tuple(diffs),
-                       detail=detail)
-        return diffs
-
-    def _returned(self, uc, proc: ProtectedProcess, vaddr: int):
-        """The first ring-3 fetch of ``proc`` after a kernel entry.  Report any
-        register the kernel changed; stop the process if the descriptors or
-        CR0 bits behind its addresses differ from those pinned at HC_PROTECT;
-        otherwise restore its registers: here, or (when the kernel changed
-        eip, esp, eflags or a selector: the translation under way is for the
-        wrong place) by refusing the fill with ``"resume"``, so that between
-        slices the machine loads the saved context (``resume_context``).
-        Either way every data segment is reloaded from the validated tables."""
-        current = {n: uc.reg_read(r) for n, r in GP_REGS.items()}
-        current.update({n: uc.reg_read(r) for n, r in SEG_REGS.items()})
-        current["eip"] = uc.reg_read(UC_X86_REG_EIP)
-        current["eflags"] = uc.reg_read(UC_X86_REG_EFLAGS)
-        redirected = any(d in CONTROL for d in self._check_return(proc, current))
-        if proc.pinned is not None:
-            diffs = prot_pinned.differences(
-                proc.pinned, prot_pinned.snapshot(uc, self.ram, lambda f: self.touch_frame(
-                    f, "vmm descriptor check")))
-            if diffs:
-                proc.in_kernel = False
-                return self._violation(proc, vaddr, False,
-                                       "descriptors changed behind its selectors: " + "; ".join(diffs))
-        if redirected or self.reload_data_segments is None:
-            self.resume_pending = proc
-            return "resume"
-        # The kernel came back to the right place (iretd has just loaded CS
-        # and SS from the tables validated above): restore the registers and
-        # flags here, and reload DS/ES/FS/GS, whose caches the kernel may have
-        # loaded from a table it then changed back.  (Cheaper than the
-        # between-slices path, which reloads everything.)
-        saved = proc.saved
-        self.reload_data_segments(uc, {n: getattr(saved, n) for n in ("ds", "es", "fs", "gs")})
-        for name in GP:
-            if not (name == "eax" and proc.syscall):
-                uc.reg_write(GP_REGS[name], getattr(saved, name))
-        uc.reg_write(UC_X86_REG_EFLAGS, saved.eflags)
-        proc.in_kernel = False
-        return None
-
-    def resume_context(self, proc: ProtectedProcess, current: CpuState) -> CpuState:
-        """The context to load when the kernel returned to the wrong place (or
-        when the return is settled outside the hook): its saved registers,
-        with the system-call result.  Already checked by ``_check_return``."""
-        saved = proc.saved
-        restore = {n: getattr(saved, n) for n in GP + CONTROL}
-        if proc.syscall:
-            restore["eax"] = current.eax
-        proc.in_kernel = False
-        return current.replace(**restore)
-
     # ------------------------------------------------------------- views
     def view(self) -> tuple[ProcessView, ...]:
-        return tuple(
-            ProcessView(pid=p.pid, name=p.name, ident=p.ident, measurement=p.measurement.hex(),
-                        key_handle=p.key_handle, shared_vaddr=p.shared_vaddr, in_kernel=p.in_kernel,
-                        saved_context=p.saved if p.in_kernel else None, stopped=p.stopped,
-                        exited=p.exited,
-                        pages=tuple(PageView(owner=p.pid, vaddr=m.vpn << 12, vpn=m.vpn, frame=m.ppn,
-                                             state=m.state, version=m.version, nonce=m.nonce.hex(),
-                                             mac=m.tag.hex())
-                                    for m in sorted(p.pages.values(), key=lambda m: m.vpn)))
-            for p in sorted(self.procs.values(), key=lambda p: p.pid))
+        return views(self.procs.values())
 
     def process(self, pid: int) -> ProcessView:
         for p in self.view():
@@ -731,10 +489,10 @@ class Protection:
     def save(self) -> ProtectionState:
         return ProtectionState(enabled=self.enabled, next_handle=self._next_handle,
                                keys=dict(self._keys),
-                               processes=tuple(_proc_to_dict(p) for p in self.procs.values()))
+                               processes=tuple(proc_to_dict(p) for p in self.procs.values()))
 
     def restore(self, st: ProtectionState) -> None:
-        procs = [_proc_from_dict(d) for d in st.processes]
+        procs = [proc_from_dict(d) for d in st.processes]
         handles: set[int] = set()
         for p in procs:
             if not p.exited and p.key_handle not in st.keys:
