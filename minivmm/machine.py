@@ -372,6 +372,7 @@ class Machine:
                 st = self.protection.resume_context(proc, read_cpu(uc))
                 uc.context_restore(self._clean)     # upstream #1883, as for faults
                 write_cpu(uc, self.mmu, st)
+                self.protection.restore_extended(uc, proc)
                 return
             if error.errno == UC_ERR_EXCEPTION and self.mmu.fault is not None:
                 cr2, code = self.mmu.fault
@@ -422,7 +423,8 @@ class Machine:
     def _deliver(self, vector, error_code, *, software, cpu=None, clean=False) -> None:
         if self.protection.active:
             # A kernel entry from a protected process: the kernel gets scrubbed registers.
-            cpu = self.protection.enter_kernel(cpu or read_cpu(self._uc), vector, software)
+            cpu = self.protection.enter_kernel(cpu or read_cpu(self._uc), vector, software,
+                                               uc=self._uc)
         try:
             deliver(self._uc, self.ram, self.mmu, vector, error_code=error_code, software=software,
                     cpu=cpu, clean_context=self._clean if clean else None, touch=self._vmm_touch)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from unicorn.x86_const import UC_X86_REG_EFLAGS, UC_X86_REG_EIP
 
-from minivmm import abi, prot_pinned
+from minivmm import abi, prot_fpu, prot_pinned
 from minivmm import events as ev
 from minivmm.cpu import GP_REGS, SEG_REGS, CpuState
 from minivmm.prot_state import ProtectedProcess
@@ -37,12 +37,14 @@ class RegisterProtection:
     ``_emit``, ``_violation``, ``touch_frame``, ``resume_pending`` and
     ``reload_data_segments``."""
 
-    def enter_kernel(self, cpu: CpuState, vector: int, software: bool) -> CpuState:
-        """A kernel entry from ring 3: returns the state the kernel may see."""
+    def enter_kernel(self, cpu: CpuState, vector: int, software: bool, uc=None) -> CpuState:
+        """A kernel entry from ring 3: returns the state the kernel may see.
+        With ``uc``, its x87/SSE registers are saved and reset too (prot_fpu)."""
         proc = self.by_cr3.get(cpu.cr3 & 0xFFFFF000)
         if proc is None or cpu.cpl != 3:
             return cpu
-        if proc.in_kernel:
+        settling = proc.in_kernel
+        if settling:
             # The kernel returned to it, but a slice ended between that iret and
             # its first fetch, and now an interrupt comes first: settle the
             # return here, or the scrubbed registers would be saved as real ones.
@@ -54,6 +56,11 @@ class RegisterProtection:
         # arithmetic flags (a compare on a secret leaves its result there).
         shown = cpu.replace(eflags=cpu.eflags & ~EFLAGS_STATUS,
                             **{r: 0 for r in GP if r not in keep})
+        if uc is not None and not settling:
+            # (settling: it never ran since the last entry, whose save stands)
+            proc.fpu = prot_fpu.save(uc)
+            if proc.fpu is not None:
+                prot_fpu.scrub(uc)
         proc.saved, proc.shown, proc.syscall, proc.in_kernel = cpu, shown, syscall, True
         self._flush()       # its return will then start with a ring-3 fill (see module doc)
         return shown
@@ -106,8 +113,15 @@ class RegisterProtection:
             if not (name == "eax" and proc.syscall):
                 uc.reg_write(GP_REGS[name], getattr(saved, name))
         uc.reg_write(UC_X86_REG_EFLAGS, saved.eflags)
+        self.restore_extended(uc, proc)
         proc.in_kernel = False
         return None
+
+    def restore_extended(self, uc, proc: ProtectedProcess) -> None:
+        """Load its x87/SSE registers back, if it had any to hide."""
+        if proc.fpu is not None:
+            prot_fpu.load(uc, proc.fpu)
+            proc.fpu = None
 
     def resume_context(self, proc: ProtectedProcess, current: CpuState) -> CpuState:
         """The context to load when the kernel returned to the wrong place (or

@@ -11,7 +11,7 @@ import hmac
 from dataclasses import dataclass
 from typing import Callable
 
-from minivmm import abi, prot_pinned
+from minivmm import abi, prot_fpu, prot_pinned
 from minivmm.cloak import KEY_BYTES, NONCE_BYTES, TAG_BYTES
 from minivmm.cpu import CpuState
 
@@ -53,6 +53,7 @@ class ProtectedProcess:
     stopped: str | None = None     # integrity violation that stopped it
     exited: bool = False
     pinned: dict | None = None     # descriptors and CR0 bits recorded at HC_PROTECT (prot_pinned)
+    fpu: tuple | None = None       # its x87/SSE registers while the kernel runs (prot_fpu)
 
 
 # ------------------------------------------------------------- state
@@ -92,6 +93,7 @@ def proc_to_dict(p: ProtectedProcess) -> dict:
             "saved": p.saved.to_dict() if p.saved else None,
             "shown": p.shown.to_dict() if p.shown else None,
             "stopped": p.stopped, "exited": p.exited, "pinned": p.pinned,
+            "fpu": prot_fpu.to_json(p.fpu),
             "pages": [[m.vpn, m.ppn, m.state, m.version, m.nonce.hex(), m.tag.hex()]
                       for m in p.pages.values()]}
 
@@ -115,7 +117,8 @@ def proc_from_dict(d: dict) -> ProtectedProcess:
         saved=CpuState.from_dict(d["saved"]) if d["saved"] else None,
         shown=CpuState.from_dict(d["shown"]) if d["shown"] else None,
         stopped=d["stopped"], exited=bool(d["exited"]),
-        pinned=prot_pinned.check(d["pinned"]) if d["pinned"] is not None else None)
+        pinned=prot_pinned.check(d["pinned"]) if d["pinned"] is not None else None,
+        fpu=prot_fpu.from_json(d["fpu"]))
 
 
 def seeded_keys(seed: bytes) -> Callable[[int], bytes]:

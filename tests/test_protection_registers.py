@@ -227,3 +227,70 @@ def test_kernel_breakpoints_do_not_reach_into_a_protected_process(protection):
     else:
         assert m.console.text(1).count("secret intact") == 5 and m.exits == {1: 0}
         assert not faults and m.debug_traps_hidden >= 1
+
+
+# ------------------------------------------------------- x87 / MMX registers
+# The victim keeps secrets in MM0 (= ST0's mantissa) and in ST1 (an integer
+# loaded by the x87) across a system call; the kernel reads them at entry.
+FPU_VICTIM = """
+_start:
+    mov eax, 1
+    call ulib_arg
+    test eax, eax
+    jz go
+    call ulib_protect
+go:
+    fild dword ptr [secret2]       ; ST0 = 0x5EC2, then ST1 after the next load
+    movd mm0, dword ptr [secret1]  ; MMX: ST0's mantissa (the x87 stack is full now)
+    mov eax, SYS_GETPID
+    int 0x80
+    movd eax, mm0
+    cmp eax, 0x5EC0F0F0
+    jne bad
+    xor eax, eax
+    call ulib_exit
+bad:
+    mov eax, 3
+    call ulib_exit
+secret1: .long 0x5EC0F0F0
+secret2: .long 0x5EC2
+.include "_ulib.s"
+"""
+
+FPU_SPY = """
+syscall_hook:
+    cmp dword ptr [esi+PF_EAX], SYS_GETPID
+    jne fs_out
+    movd eax, mm0
+    mov [fs_seen], eax
+fs_out:
+    ret
+fs_seen: .long 0
+"""
+
+
+@pytest.mark.parametrize("protect", [0, 1])
+def test_the_kernel_sees_no_x87_or_mmx_register_of_a_protected_process(protect):
+    image = build_image([prog("fpu", FPU_VICTIM, data_pages=1, args=(1, protect))],
+                        kernel_source=custom(FPU_SPY))
+    m = Machine(image)
+    m.run(max_ticks=500)
+    seen = m.read_virtual(m.cpu().cr3, image.kernel_symbols["fs_seen"], 4, user=False)
+    assert m.exits == {1: 0}                       # its own registers came back intact
+    if not protect:
+        assert seen == (0x5EC0F0F0).to_bytes(4, "little")
+    else:
+        assert seen == bytes(4)
+
+
+def test_saved_x87_registers_survive_a_save_and_restore_inside_the_kernel():
+    from minivmm.state import MachineState
+    image = build_image([prog("fpu", FPU_VICTIM, data_pages=1, args=(1, 1))],
+                        kernel_source=custom(FPU_SPY))
+    m = Machine(image)
+    m.run(until=lambda m: 1 in m.protection.procs and m.protection.procs[1].fpu is not None)
+    assert m.protection.procs[1].in_kernel
+    r = Machine.restore(MachineState.from_bytes(m.save_state().to_bytes()))
+    assert r.protection.procs[1].fpu == m.protection.procs[1].fpu
+    r.run(max_ticks=500)
+    assert r.exits == {1: 0}
