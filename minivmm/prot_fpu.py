@@ -62,23 +62,39 @@ def _probe():
     return defaults, offsets
 
 
+def _spans(offsets):
+    """Contiguous [start, end) runs of the offsets (fewer, faster compares)."""
+    out = []
+    for i in offsets:
+        if out and out[-1][1] == i:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1])
+    return [tuple(s) for s in out]
+
+
 DEFAULTS, _OFFSETS = _probe()
+_SPANS = _spans(_OFFSETS) if _OFFSETS is not None else None
 _DEFAULT_PRINT = None
 
 
 def _fingerprint(uc):
-    raw = _raw(uc.context_save())
-    return bytes(raw[i] for i in _OFFSETS)
+    ctx = getattr(uc, "_minivmm_fpu_ctx", None)    # one context per engine, reused
+    if ctx is None:
+        ctx = uc._minivmm_fpu_ctx = uc.context_save()
+    else:
+        uc.context_update(ctx)
+    raw = ctypes.string_at(ctx.context.value, ctx.size)
+    return b"".join(raw[a:b] for a, b in _SPANS)
 
 
 def in_use(uc) -> bool:
     """Whether any of them may differ from its reset value (a cheap check)."""
     global _DEFAULT_PRINT
-    if _OFFSETS is None:
+    if _SPANS is None:
         return True
     if _DEFAULT_PRINT is None:
-        scratch = Uc(UC_ARCH_X86, UC_MODE_32)
-        _DEFAULT_PRINT = _fingerprint(scratch)
+        _DEFAULT_PRINT = _fingerprint(Uc(UC_ARCH_X86, UC_MODE_32))
     return _fingerprint(uc) != _DEFAULT_PRINT
 
 

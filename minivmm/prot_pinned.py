@@ -32,30 +32,48 @@ CR0_PINNED = (1 << 0) | (1 << 16) | (1 << 31)      # PE, WP, PG: how addresses t
 NULL, OUTSIDE, UNMAPPED = "null", "outside the table", "table not mapped"
 
 
-def snapshot(uc, ram, touch) -> dict:
-    """The pinned state now (JSON-able: it is part of the protection state)."""
+def snapshot(uc, ram, touch, selectors: dict[str, int] | None = None, cr3: int | None = None) -> dict:
+    """The pinned state now (JSON-able: it is part of the protection state).
+    ``selectors``/``cr3``: already read by the caller (saves engine calls on
+    the return path).  Each table is read once, over the span its selectors
+    cover."""
     cr0 = uc.reg_read(UC_X86_REG_CR0)
-    _, gbase, glimit, _ = uc.reg_read(UC_X86_REG_GDTR)
-    _, lbase, llimit, _ = uc.reg_read(UC_X86_REG_LDTR)
-    cpu = CpuState(cr0=cr0, cr3=uc.reg_read(UC_X86_REG_CR3))
-    segs = {}
-    for name, reg in SEGMENTS:
-        sel = uc.reg_read(reg) & 0xFFFF
-        base, limit = (lbase, llimit) if sel & 4 else (gbase, glimit)
-        if sel & ~3 == 0:
-            desc = NULL
-        elif (sel & ~7) + 7 > limit:
-            desc = OUTSIDE
-        else:
-            try:
-                raw = bytearray(kernel_read(ram, cpu, base + (sel & ~7), 8, touch))
-            except DeliveryError:
-                desc = UNMAPPED
+    cpu = CpuState(cr0=cr0, cr3=uc.reg_read(UC_X86_REG_CR3) if cr3 is None else cr3)
+    if selectors is None:
+        selectors = {name: uc.reg_read(reg) for name, reg in SEGMENTS}
+    sels = {name: selectors[name] & 0xFFFF for name, _ in SEGMENTS}
+    segs: dict[str, list] = {}
+    for ldt in (False, True):
+        wanted = [n for n, sel in sels.items() if bool(sel & 4) == ldt]
+        if not wanted:
+            continue
+        _, base, limit, _ = uc.reg_read(UC_X86_REG_LDTR if ldt else UC_X86_REG_GDTR)
+        inside = []
+        for name in wanted:
+            sel = sels[name]
+            if sel & ~3 == 0:
+                segs[name] = [sel, NULL]
+            elif (sel & ~7) + 7 > limit:
+                segs[name] = [sel, OUTSIDE]
             else:
-                raw[5] &= 0xFE
-                desc = raw.hex()
-        segs[name] = [sel, desc]
-    return {"cr0": cr0 & CR0_PINNED, "segments": segs}
+                inside.append(name)
+        if not inside:
+            continue
+        lo = min(sels[n] & ~7 for n in inside)
+        hi = max(sels[n] & ~7 for n in inside) + 8
+        try:
+            table = kernel_read(ram, cpu, base + lo, hi - lo, touch)
+        except DeliveryError:
+            table = None
+        for name in inside:
+            sel = sels[name]
+            if table is None:
+                segs[name] = [sel, UNMAPPED]
+                continue
+            raw = bytearray(table[(sel & ~7) - lo:(sel & ~7) - lo + 8])
+            raw[5] &= 0xFE
+            segs[name] = [sel, raw.hex()]
+    return {"cr0": cr0 & CR0_PINNED, "segments": {n: segs[n] for n, _ in SEGMENTS}}
 
 
 def differences(pinned: dict, now: dict) -> list[str]:

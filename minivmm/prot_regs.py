@@ -94,7 +94,7 @@ class RegisterProtection:
         if proc.pinned is not None:
             diffs = prot_pinned.differences(
                 proc.pinned, prot_pinned.snapshot(uc, self.ram, lambda f: self.touch_frame(
-                    f, "vmm descriptor check")))
+                    f, "vmm descriptor check"), current, proc.cr3))
             if diffs:
                 proc.in_kernel = False
                 return self._violation(proc, vaddr, False,
@@ -108,7 +108,9 @@ class RegisterProtection:
         # loaded from a table it then changed back.  (Cheaper than the
         # between-slices path, which reloads everything.)
         saved = proc.saved
-        self.reload_data_segments(uc, {n: getattr(saved, n) for n in ("ds", "es", "fs", "gs")})
+        # (A null selector is not reloaded: a correct program cannot address through one.)
+        self.reload_data_segments(uc, {n: getattr(saved, n) for n in ("ds", "es", "fs", "gs")
+                                       if getattr(saved, n) & ~3})
         for name in GP:
             if not (name == "eax" and proc.syscall):
                 uc.reg_write(GP_REGS[name], getattr(saved, name))
