@@ -65,7 +65,7 @@ class Program:
         return Program(self.name, self.source, self.filename, self.data_pages, tuple(args))
 
 
-DEFAULT_DATA_PAGES = {"dirtier": 64, "memcheck": 64}
+DEFAULT_DATA_PAGES = {"dirtier": 64, "memcheck": 64, "oracle": 4}
 
 
 def builtin_programs() -> list[str]:
@@ -140,7 +140,7 @@ class _AddressSpace:
         self.phys.u32(self.pts[pdi] + 4 * pti, paddr | flags)
 
 
-HOSTILE_KERNELS = ("snoop", "tamper", "regs", "swap")
+HOSTILE_KERNELS = ("snoop", "tamper", "regs", "swap", "channel")
 _HOOK_INCLUDE = '.include "hook_none.s"'
 
 

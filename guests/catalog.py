@@ -59,6 +59,9 @@ GUESTS = {g.name: g for g in [
     _lab("tamper", "overwrites"),
     _lab("regs", "changes the saved registers of"),
     _lab("swap", "swaps the pages of"),
+    Guest("attack-channel", "attack lab: a kernel that learns the protected oracle's secret byte "
+          "from its page faults (the controlled channel)",
+          lambda: [P("oracle"), P("counter", args=(8, 100_000))], kernel="channel"),
 ]}
 
 

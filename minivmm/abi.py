@@ -37,6 +37,7 @@ EINVAL = 22
 ENOSYS = 38
 EPERM = 1
 EEXIST = 17
+E2BIG = 7       # HC_PROTECT: more pages mapped than one hypercall may protect
 
 # --- Hypercalls (int 0x82): eax = number, ebx/ecx/edx = arguments, eax = result.
 HC_VERSION = 0x01        # any ring  -> ABI_VERSION
@@ -45,6 +46,8 @@ HC_PANIC = 0x11          # kernel    ebx = vector, ecx = eip: the kernel gave up
 HC_PROC_START = 0x12     # kernel    ebx = pid, ecx = cr3, edx = name (kernel vaddr)
 HC_PROC_EXIT = 0x13      # kernel    ebx = pid, ecx = status
 HC_PROTECT = 0x20        # user      reserved for process protection (cloaking)
+HC_TRUSTED_WRITE = 0x21  # user      ebx = buffer, ecx = length: output the kernel cannot forge or drop
+TRUSTED_WRITE_MAX = 256  # bytes per HC_TRUSTED_WRITE
 
 # --- Memory layout (virtual addresses seen by every process).
 PAGE_SIZE = 0x1000

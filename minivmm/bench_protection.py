@@ -34,16 +34,20 @@ def _run(program: str, iterations: int, protect: int) -> float:
     return elapsed
 
 
-def page_costs(samples: int = 400) -> tuple[float, float]:
-    """Median microseconds of one cloak and one uncloak of a protected page."""
+def page_costs(samples: int = 400) -> tuple[float, float, float]:
+    """Median microseconds of one cloak and one uncloak of a protected page
+    (each includes dropping all translated code), and of that drop alone."""
     from minivmm import abi
     m = _machine("compute", 1000, 1)
     m.run(until=lambda m: bool(m.protection.view()))
     prot = m.protection
     proc = prot.procs[1]
     meta = proc.pages[abi.IMAGE_VADDR >> 12]
-    cloak, uncloak = [], []
+    cloak, uncloak, flush = [], [], []
     for _ in range(samples):
+        t0 = time.perf_counter()
+        m.flush_translations()
+        flush.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         prot.cloak(proc, meta, reason="bench")
         t1 = time.perf_counter()
@@ -52,7 +56,8 @@ def page_costs(samples: int = 400) -> tuple[float, float]:
         t2 = time.perf_counter()
         cloak.append(t1 - t0)
         uncloak.append(t2 - t1)
-    return statistics.median(cloak) * 1e6, statistics.median(uncloak) * 1e6
+    return (statistics.median(cloak) * 1e6, statistics.median(uncloak) * 1e6,
+            statistics.median(flush) * 1e6)
 
 
 def measure(repeat: int = 3, syscalls: int = 20_000, compute: int = 3_000_000) -> dict:
@@ -62,9 +67,9 @@ def measure(repeat: int = 3, syscalls: int = 20_000, compute: int = 3_000_000) -
         best["sys_prot"] = min(best["sys_prot"], _run("sysloop", syscalls, 1))
         best["cpu_plain"] = min(best["cpu_plain"], _run("compute", compute, 0))
         best["cpu_prot"] = min(best["cpu_prot"], _run("compute", compute, 1))
-    cloak_us, uncloak_us = page_costs()
+    cloak_us, uncloak_us, flush_us = page_costs()
     return {"syscalls": syscalls, "compute": compute, "seconds": best,
-            "cloak_us": cloak_us, "uncloak_us": uncloak_us,
+            "cloak_us": cloak_us, "uncloak_us": uncloak_us, "flush_tb_us": flush_us,
             "syscall_ratio": best["sys_prot"] / best["sys_plain"],
             "compute_ratio": best["cpu_prot"] / best["cpu_plain"]}
 
@@ -75,6 +80,7 @@ def report(r: dict) -> str:
         "process protection",
         f"  cloak one page (median)   : {r['cloak_us']:7.1f} us",
         f"  uncloak one page (median) : {r['uncloak_us']:7.1f} us",
+        f"  of which dropping translated code (flush_tb, median): {r['flush_tb_us']:5.1f} us",
         f"  {r['syscalls']:,} getpid calls      : {s['sys_plain'] * 1e6 / r['syscalls']:6.1f} us/call plain, "
         f"{s['sys_prot'] * 1e6 / r['syscalls']:6.1f} us/call protected   "
         f"slowdown {r['syscall_ratio']:.2f}x (goal <= 2)",

@@ -51,8 +51,12 @@ def _ram(value: str) -> int:
 def protection_report(e) -> str | None:
     """The line ``minivmm run`` prints for a protection event (None: not one to report)."""
     if isinstance(e, ev.ProcessProtected):
-        return (f"minivmm: protecting pid {e.pid} ({e.name}): {e.pages} pages, shared page "
-                f"{e.shared_vaddr:#x}, measurement {e.measurement[:16]}...")
+        return (f"minivmm: protecting pid {e.pid} ({e.name}) #{e.ident:016x}: {e.pages} pages, "
+                f"shared page {e.shared_vaddr:#x}, measurement {e.measurement[:16]}...")
+    if isinstance(e, ev.TrustedOutput):
+        # On stderr, which only the VMM writes: the guest's console is stdout.
+        text = e.text.rstrip("\n").replace("\n", "\n    ")
+        return f"minivmm: [pid {e.pid} {e.name} #{e.ident:016x} verified] {text}"
     if isinstance(e, ev.IntegrityViolation):
         return (f"minivmm: INTEGRITY VIOLATION: pid {e.pid} ({e.name}) page {e.vaddr:#x}: "
                 f"{e.reason}; process stopped")

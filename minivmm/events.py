@@ -81,6 +81,16 @@ class Halted(Event):
 
 
 @dataclass(frozen=True)
+class TrustedOutput(Event):
+    """A protected process's own output (HC_TRUSTED_WRITE): read by the VMM
+    from the process's protected pages, never through the kernel."""
+    pid: int
+    name: str
+    ident: int            # the identity HC_PROTECT gave it (ProcessProtected.ident)
+    text: str
+
+
+@dataclass(frozen=True)
 class ProcessProtected(Event):
     """A process asked for protection (HC_PROTECT) and got it."""
     pid: int

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import struct
 
+from unicorn import UcError
+
 from minivmm import abi
 from minivmm.cpu import CpuState, read_cpu, write_cpu
 from minivmm.errors import TripleFault
@@ -35,6 +37,8 @@ def kernel_read(ram, cpu: CpuState, vaddr: int, length: int, touch=None) -> byte
     hostile kernel may point its IDT, TSS or kernel stack at a protected page)."""
     if not cpu.cr0 & (1 << 31):
         start = vaddr & 0xFFFFFFFF
+        if start + length > ram.size:
+            raise DeliveryError(f"physical range at {start:#x} is outside RAM (paging off)")
         if touch is not None:
             last = start + max(length, 1) - 1
             for frame in range(start >> 12, (last >> 12) + 1):
@@ -62,6 +66,8 @@ def kernel_write(ram, cpu: CpuState, vaddr: int, data: bytes, touch=None) -> Non
 def _translate(ram, cpu: CpuState, vaddr: int, write: bool) -> int:
     vaddr &= 0xFFFFFFFF
     if not cpu.cr0 & (1 << 31):
+        if vaddr + 0x1000 - (vaddr & 0xFFF) > ram.size:
+            raise DeliveryError(f"physical address {vaddr:#x} is outside RAM (paging off)")
         return vaddr
     try:
         page, _ = walk(ram, cpu.cr3, vaddr, write=write, user=False, wp=bool(cpu.cr0 & (1 << 16)))
@@ -93,11 +99,43 @@ def deliver(uc, ram, mmu, vector: int, *, error_code: int | None = None,
                               f"eip {cpu.eip:#x} cr0 {cpu.cr0:#x} cr2 {cpu.cr2:#x}") from None
     if clean_context is not None:
         uc.context_restore(clean_context)
-    write_cpu(uc, mmu, new)
+    try:
+        write_cpu(uc, mmu, new)
+    except UcError as exc:
+        # A descriptor the checks above let through that the CPU still
+        # refuses: the guest's tables are broken; a real CPU would shut down.
+        raise TripleFault(f"loading the handler's state for vector {vector:#x} failed: {exc}") from None
     if mmu.bad_machine_access is not None:
         addr, mmu.bad_machine_access = mmu.bad_machine_access, None
         raise TripleFault(f"descriptor load for vector {vector:#x} read unmapped {addr:#x}")
     return new
+
+
+CODE, STACK = "code", "stack"
+
+
+def _check_descriptor(ram, cpu: CpuState, selector: int, kind: str, touch, what: str) -> None:
+    """The checks the CPU makes before it loads a handler's CS or its SS0
+    (Intel SDM vol. 3, 6.12.1), for the one shape the VMM delivers to: a
+    ring-0 handler.  CS: a present code segment of DPL 0; SS0: RPL 0, a
+    present writable data segment of DPL 0.  Any other is a fault in the
+    delivery (then #DF, then a triple fault), never a VMM error."""
+    if selector & ~7 == 0:
+        raise DeliveryError(f"{what} {selector:#x} is a null selector")
+    if selector & 4:
+        raise DeliveryError(f"{what} {selector:#x} is in the LDT (only GDT handlers are delivered)")
+    if (selector & ~7) + 7 > cpu.gdt_limit:
+        raise DeliveryError(f"{what} {selector:#x} is beyond the GDT limit {cpu.gdt_limit:#x}")
+    lo, hi = struct.unpack("<II", kernel_read(ram, cpu, cpu.gdt_base + (selector & ~7), 8, touch))
+    present, dpl, system, code = hi & 0x8000, (hi >> 13) & 3, not hi & 0x1000, hi & 0x800
+    if not present:
+        raise DeliveryError(f"{what} {selector:#x}: descriptor not present")
+    if system or dpl != 0:
+        raise DeliveryError(f"{what} {selector:#x}: not a DPL 0 code or data segment")
+    if kind == CODE and not code:
+        raise DeliveryError(f"{what} {selector:#x}: not a code segment")
+    if kind == STACK and (code or not hi & 0x200 or selector & 3):
+        raise DeliveryError(f"{what} {selector:#x}: not a writable ring-0 data segment")
 
 
 def _frame(ram, cpu: CpuState, vector: int, error_code: int | None, software: bool,
@@ -116,8 +154,7 @@ def _frame(ram, cpu: CpuState, vector: int, error_code: int | None, software: bo
         return _frame(ram, cpu, abi.VEC_GP, vector * 8 + 2, False, touch)
     selector = (lo >> 16) & 0xFFFF
     handler = (hi & 0xFFFF0000) | (lo & 0xFFFF)
-    if selector & ~7 == 0 or (selector & ~7) + 7 > cpu.gdt_limit:
-        raise DeliveryError(f"IDT gate {vector:#x} names bad code selector {selector:#x}")
+    _check_descriptor(ram, cpu, selector, CODE, touch, f"IDT gate {vector:#x}'s code selector")
 
     words: list[int] = []
     if cpl != 0:
@@ -126,8 +163,7 @@ def _frame(ram, cpu: CpuState, vector: int, error_code: int | None, software: bo
             raise DeliveryError("no TSS loaded: cannot find the kernel stack")
         esp0, ss0 = struct.unpack("<II", kernel_read(ram, cpu, cpu.tr_base + 4, 8, touch))
         ss0 &= 0xFFFF
-        if ss0 & ~7 == 0:
-            raise DeliveryError(f"TSS SS0 {ss0:#x} is a null selector")
+        _check_descriptor(ram, cpu, ss0, STACK, touch, "TSS SS0")
         words += [cpu.ss, cpu.esp]
         esp, ss = esp0, ss0
     else:

@@ -23,11 +23,11 @@ from unicorn import (UC_ARCH_X86, UC_ERR_EXCEPTION, UC_HOOK_INSN, UC_HOOK_INSN_I
 from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 from unicorn.x86_const import UC_X86_INS_IN, UC_X86_INS_OUT, UC_X86_REG_EAX, UC_X86_REG_EBX, \
     UC_X86_REG_ECX, UC_X86_REG_EDX, UC_X86_REG_EFLAGS, UC_X86_REG_EIP, UC_X86_REG_SS, \
-    UC_X86_REG_CR3
+    UC_X86_REG_CR3, UC_X86_REG_DR6
 
-from minivmm import abi, events as ev, regcache
+from minivmm import abi, events as ev, prot_pinned, regcache
 from minivmm.console import Console
-from minivmm.cpu import CpuState, read_cpu, write_cpu
+from minivmm.cpu import SEG_REGS, CpuState, read_cpu, write_cpu
 from minivmm.errors import (GuestError, GuestHang, KernelPanic, StateError, TripleFault, VmmError,
                             VmmInternalError)
 from minivmm.image import GuestImage, ImageProcess
@@ -41,6 +41,9 @@ from minivmm.timer import Timer
 regcache.install()          # ~30% off every VMM exit (see regcache.py)
 
 EFLAGS_IF = 1 << 9
+EFLAGS_RF = 1 << 16
+EFLAGS_TF = 1 << 8
+DR6_HITS = 0xF                      # B0-B3: which of DR0-DR3 matched
 DETERMINISTIC, FAST = "deterministic", "fast"
 MAX_SLICE = 1_000_000
 
@@ -91,14 +94,19 @@ class Machine:
         self.halt_detail = ""
         self.shutdown_status: int | None = None
         self.slices = 0
+        self.debug_traps_hidden = 0             # breakpoint hits swallowed in protected processes
+        self.trusted_output: list[tuple[int, int, str]] = []   # (pid, ident, text), HC_TRUSTED_WRITE
         self._trap: _Trap | None = None
         self._stop_reason: str | None = None
         self._hook_error: BaseException | None = None
         self.protection = Protection(self.ram, self.events, flush=self.flush_tlb,
                                      clock=lambda: self.timer.vclock, enabled=protection,
                                      key_source=seeded_keys(key_seed) if key_seed else os.urandom,
-                                     before_event=self._flush_console)
+                                     before_event=self._flush_console,
+                                     invalidate_code=self.flush_translations,
+                                     stop_slice=self._stop_for_translations)
         self.mmu.protection = self.protection
+        self.protection.reload_data_segments = self._reload_data_segments
         self._uc = self._make_uc()
         self._clean = self._uc.context_save()   # pristine: see interrupts.deliver
         if _boot:
@@ -149,11 +157,58 @@ class Machine:
             return
         if self.mmu.fault is not None:          # a refused fill, reported as #PF
             return
+        if intno == abi.VEC_DB and self._debug_trap_in_protected(uc):
+            return
         # Vectors the CPU raises itself have EIP at the faulting instruction;
         # int n / int3 / into leave it after the instruction.
         software = intno >= 32 or intno in (abi.VEC_BP, abi.VEC_OF)
         self._trap = _Trap(intno, software, 0 if intno in abi.ERROR_CODE_VECTORS else None)
         uc.emu_stop()
+
+    def _debug_trap_in_protected(self, uc) -> bool:
+        """A hardware breakpoint (DR0-DR3, armed by the kernel's DR7) hit by a
+        protected process: Unicorn honours instruction breakpoints (data
+        breakpoints it ignores), and neither writing DR7 nor restoring a
+        context removes one the guest armed.  So the hit is swallowed: DR6's
+        hit bits are cleared, and EFLAGS.RF lets the instruction run once;
+        the kernel never learns the process got there.  (A process's own
+        ``int1``/icebp is swallowed too.)"""
+        if uc.reg_read(UC_X86_REG_SS) & 3 != 3:
+            return False
+        proc = self.protection.by_cr3.get(uc.reg_read(UC_X86_REG_CR3) & 0xFFFFF000)
+        eflags = uc.reg_read(UC_X86_REG_EFLAGS)
+        if proc is None or proc.exited or eflags & EFLAGS_TF:
+            # Single-stepping: the process's own trap flag (a kernel that sets
+            # it is caught at the return, as a changed eflags).
+            return False
+        # Not DR6 to tell a breakpoint: QEMU raises the trap for a breakpoint
+        # it still holds even once DR7 (restored from a clean context) no
+        # longer enables it, and then sets no B0-B3 bit.
+        uc.reg_write(UC_X86_REG_DR6, uc.reg_read(UC_X86_REG_DR6) & ~DR6_HITS)
+        uc.reg_write(UC_X86_REG_EFLAGS, eflags | EFLAGS_RF)
+        self.debug_traps_hidden += 1
+        self._stop_reason = "debug-trap-hidden"
+        uc.emu_stop()
+        return True
+
+    def _stop_for_translations(self) -> None:
+        """From a fill hook: end the slice after this block (see Protection)."""
+        if self._stop_reason is None:
+            self._stop_reason = "translations"
+        self._uc.emu_stop()
+
+    def _reload_data_segments(self, uc, selectors: dict[str, int]) -> None:
+        """Load data segment registers from the guest's tables, from inside a
+        hook: the descriptor reads are fills that must not be refused."""
+        self.mmu.machine_call = True
+        try:
+            for name, sel in selectors.items():
+                uc.reg_write(SEG_REGS[name], sel)
+        finally:
+            self.mmu.machine_call = False
+        if self.mmu.bad_machine_access is not None:
+            raise VmmInternalError(f"validated descriptor table unreadable at "
+                                   f"{self.mmu.bad_machine_access:#x}")
 
     def _on_invalid(self, uc, user_data):
         self._trap = _Trap(abi.VEC_UD, False)
@@ -197,7 +252,10 @@ class Machine:
                 return -abi.EPERM
             cr3 = uc.reg_read(UC_X86_REG_CR3) & 0xFFFFF000
             pid = self.pids.get(cr3, 0)
-            return self.protection.protect(cr3, pid, self.names.get(pid, "?"), a[0], a[1])
+            pinned = prot_pinned.snapshot(uc, self.ram, self._vmm_touch)
+            return self.protection.protect(cr3, pid, self.names.get(pid, "?"), a[0], a[1], pinned)
+        if nr == abi.HC_TRUSTED_WRITE:
+            return -abi.EPERM if kernel else self._trusted_write(uc, a[0], a[1])
         if nr in (abi.HC_SHUTDOWN, abi.HC_PANIC, abi.HC_PROC_START, abi.HC_PROC_EXIT) and not kernel:
             return -abi.EPERM
         if nr == abi.HC_SHUTDOWN:
@@ -223,6 +281,20 @@ class Machine:
             self.events.emit(ev.ProcessExit, self.timer.vclock, pid=a[0], status=a[1])
             return 0
         return -abi.ENOSYS
+
+    def _trusted_write(self, uc, vaddr: int, length: int) -> int:
+        """HC_TRUSTED_WRITE: a protected process's output, shown by the VMM
+        with its identity (see Protection.trusted_read)."""
+        cr3 = uc.reg_read(UC_X86_REG_CR3) & 0xFFFFF000
+        data = self.protection.trusted_read(cr3, vaddr, length)
+        if isinstance(data, int):
+            return data
+        proc = self.protection.by_cr3[cr3]
+        text = data.decode("utf-8", "replace")
+        self.trusted_output.append((proc.pid, proc.ident, text))
+        self.events.emit(ev.TrustedOutput, self.timer.vclock, pid=proc.pid, name=proc.name,
+                         ident=proc.ident, text=text)
+        return length
 
     def _vmm_touch(self, frame: int) -> None:
         """The VMM itself is about to read or write ``frame`` (bypassing the TLB):
@@ -279,6 +351,7 @@ class Machine:
         except UcError as exc:
             error = exc
         self.slices += 1
+        self.protection.settle_translations()
         self._flush_console()
         if self._hook_error is not None:
             exc, self._hook_error = self._hook_error, None
@@ -299,6 +372,7 @@ class Machine:
                 st = self.protection.resume_context(proc, read_cpu(uc))
                 uc.context_restore(self._clean)     # upstream #1883, as for faults
                 write_cpu(uc, self.mmu, st)
+                self.protection.restore_extended(uc, proc)
                 return
             if error.errno == UC_ERR_EXCEPTION and self.mmu.fault is not None:
                 cr2, code = self.mmu.fault
@@ -349,7 +423,8 @@ class Machine:
     def _deliver(self, vector, error_code, *, software, cpu=None, clean=False) -> None:
         if self.protection.active:
             # A kernel entry from a protected process: the kernel gets scrubbed registers.
-            cpu = self.protection.enter_kernel(cpu or read_cpu(self._uc), vector, software)
+            cpu = self.protection.enter_kernel(cpu or read_cpu(self._uc), vector, software,
+                                               uc=self._uc)
         try:
             deliver(self._uc, self.ram, self.mmu, vector, error_code=error_code, software=software,
                     cpu=cpu, clean_context=self._clean if clean else None, touch=self._vmm_touch)
@@ -373,10 +448,12 @@ class Machine:
             try:
                 uc.emu_start(eip, 0, count=4)
             except UcError:
+                self.protection.settle_translations()
                 # It did not stay halted: whatever stopped the probe (a fault, a
                 # refused fill) happens again, and is handled, in the next step.
                 self._trap = None
                 return
+            self.protection.settle_translations()
             if self._trap is not None or self._stop_reason is not None:
                 self._trap = self._stop_reason = None   # the same: the next step redoes it
                 return
@@ -441,6 +518,13 @@ class Machine:
 
     def flush_tlb(self) -> None:
         self._uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+
+    def flush_translations(self) -> None:
+        """Drop all translated code (safe inside hooks).  Neither uc.mem_write
+        nor a write through the RAM buffer does it (DESIGN §8); by virtual
+        range (ctl_remove_cache) would miss the other addresses a frame is
+        mapped at, so it is all of them."""
+        self._uc.ctl_flush_tb()
 
     # ------------------------------------------------------------ save/restore
     def save_state(self, *, ram: bool = True) -> MachineState:
@@ -519,8 +603,21 @@ class Machine:
         return m
 
     def save(self, path) -> None:
-        with open(path, "wb") as f:
-            f.write(self.save_state().to_bytes())
+        """Write the state to ``path``, readable and writable by the owner only
+        (0600): it holds process keys, real registers and plaintext.  The
+        file is created 0600 (no moment with wider permissions), and an
+        existing file is narrowed to 0600 before anything is written to it.
+        (Sealing it to a TPM belongs to the secure protocol.)"""
+        data = self.save_state().to_bytes()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                fd = -1                 # the file object owns it now
+                f.write(data)
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
     @classmethod
     def load(cls, path) -> "Machine":

@@ -108,6 +108,17 @@ class Mmu:
         if not cr0 & CR0_PG:                # paging off: physical = linear
             if vaddr + 0x1000 > self.ram.size:
                 return self._refuse(entry, vaddr, PF_W if write else 0)
+            prot = self.protection
+            if prot is not None and prot.active:
+                # Still the fill hook (virtual-TLB mode calls it with paging
+                # off too): a physical access is never the owner's, so it
+                # goes through the same policy as anyone else's.
+                if self.machine_call:
+                    prot.touch_frame(vaddr >> 12, "vmm descriptor load")
+                else:
+                    verdict = prot.on_physical(uc, vaddr, write, access == UC_MEM_FETCH)
+                    if verdict is not None:
+                        return self._refuse(entry, vaddr, verdict)
             entry.paddr = vaddr
             entry.perms = UC_PROT_ALL
             if write:

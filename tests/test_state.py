@@ -128,3 +128,24 @@ def test_register_class_cache_is_installed_and_agrees_with_unicorn():
     for name, reg in vars(x86_const).items():
         if name.startswith("UC_X86_REG_") and isinstance(reg, int):
             assert cached(reg) is original(UcIntel, reg), name
+
+
+def test_a_saved_state_is_private_to_its_owner(tmp_path):
+    # It holds process keys, real registers and plaintext (issue 9 item 7).
+    import os
+    import stat
+    from guests.build import Program, build_image
+    from minivmm.machine import Machine
+    m = Machine(build_image([Program.builtin("hello")]))
+    fresh, old = tmp_path / "fresh.mvstate", tmp_path / "old.mvstate"
+    old.write_bytes(b"x")
+    old.chmod(0o644)
+    mask = os.umask(0)                  # even with nothing masked
+    try:
+        m.save(fresh)
+        m.save(old)
+    finally:
+        os.umask(mask)
+    for path in (fresh, old):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert Machine.load(path).cpu() == m.cpu()

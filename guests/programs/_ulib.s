@@ -50,6 +50,23 @@ ulib_putdec_div:
     pop ebx
     ret
 
+ulib_trusted:               ; esi -> NUL-terminated string in protected memory:
+    push ebx                    ; HC_TRUSTED_WRITE it (the VMM shows it, marked with
+    push ecx                    ; this process's identity; the kernel never sees it).
+    mov ebx, esi                ; eax = length, or -EPERM when not protected
+    xor ecx, ecx
+ulib_trusted_len:
+    cmp byte ptr [ebx+ecx], 0
+    je ulib_trusted_go
+    inc ecx
+    jmp ulib_trusted_len
+ulib_trusted_go:
+    mov eax, HC_TRUSTED_WRITE
+    int 0x82
+    pop ecx
+    pop ebx
+    ret
+
 ulib_arg:                   ; eax = index -> eax = args[index] from the info page
     mov eax, [INFO_ARGS_ADDR + eax*4]
     ret

@@ -6,7 +6,10 @@
 ; Every round it sleeps one tick (a system call with the round counter N
 ; live in edi: what the register attack changes), checks the secret page
 ; against its own copy and prints "keeper: round N, secret intact".  A changed secret prints "keeper: SECRET CHANGED"
-; and exits 1; otherwise it exits 0 after the last round.
+; and exits 1; otherwise it exits 0 after the last round.  Protected, it also
+; gives each verdict through HC_TRUSTED_WRITE ("secret intact" per round,
+; "done: ..." at the end): the VMM shows those marked with its identity, and
+; the kernel can neither forge nor drop them (docs/lab-attacks.md).
 .equ SECRET_PAGE, 0x40801000
 .equ DECOY_PAGE, 0x40802000
 .equ SECRET_LEN, 32
@@ -49,6 +52,8 @@ kp_cmp:
     inc ebx
     dec ecx
     jnz kp_cmp
+    mov esi, msg_verified
+    call ulib_trusted               ; the verdict the kernel cannot forge (protected only)
     mov esi, msg_round
     call ulib_puts
     mov eax, edi
@@ -61,6 +66,8 @@ kp_cmp:
     jb kp_loop
     mov esi, msg_done
     call ulib_puts
+    mov esi, msg_done_verified
+    call ulib_trusted
     xor eax, eax
     call ulib_exit
 kp_changed:
@@ -85,5 +92,7 @@ msg_refused:   .asciz "keeper: protection refused, running unprotected\n"
 msg_round:     .asciz "keeper: round "
 msg_intact:    .asciz ", secret intact\n"
 msg_done:      .asciz "keeper: done\n"
+msg_verified:  .asciz "secret intact"
+msg_done_verified: .asciz "done: the secret was intact every round"
 msg_changed:   .asciz "keeper: SECRET CHANGED\n"
 .include "_ulib.s"
