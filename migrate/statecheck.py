@@ -40,6 +40,8 @@ from minivmm.cloak import KEY_BYTES, NONCE_BYTES, TAG_BYTES
 from minivmm.console import MAX_CONSOLE
 from minivmm.cpu import CpuState
 from minivmm.image import MAX_META as IMAGE_MAX_META, MAX_RAM as IMAGE_MAX_RAM
+from minivmm import prot_fpu, prot_pinned
+from minivmm.prot_state import ProtectionState
 from minivmm.protection import DETACHED, MAX_EXITED, MAX_PAGES, MAX_PROTECTED
 from migrate.errors import ProtocolError
 from migrate.jsonscan import Limits, ScanError, loads_bounded
@@ -369,6 +371,44 @@ def _pages(path, v, ram_size: int, ctx) -> None:
         ctx["frames"].append((ppn, at))
 
 
+def _pinned(path, v, _ram_size, _ctx) -> None:
+    """The descriptors pinned at HC_PROTECT (``minivmm/prot_pinned.py``):
+    CR0's translation bits and, per segment register, [selector, the 8
+    descriptor bytes in hex or a marker saying why there are none]."""
+    if v is None:
+        return
+    _obj(path, v, ("cr0", "segments"))
+    _int(f"{path}.cr0", v["cr0"], 0, prot_pinned.CR0_PINNED)
+    if v["cr0"] & ~prot_pinned.CR0_PINNED:
+        raise _bad(f"{path}.cr0", f"{v['cr0']:#x} has bits outside {prot_pinned.CR0_PINNED:#x}")
+    segs = _obj(f"{path}.segments", v["segments"], [n for n, _ in prot_pinned.SEGMENTS])
+    for name, entry in segs.items():
+        at = f"{path}.segments.{name}"
+        if len(_list(at, entry, 2)) != 2:
+            raise _bad(at, "a pinned segment is [selector, descriptor]")
+        _int(f"{at}[0]", entry[0], 0, 0xFFFF)
+        if entry[1] not in (prot_pinned.NULL, prot_pinned.OUTSIDE, prot_pinned.UNMAPPED):
+            _hex(f"{at}[1]", entry[1], {8})
+
+
+def _fpu(path, v, _ram_size, _ctx) -> None:
+    """The x87/SSE registers saved at a kernel entry (``minivmm/prot_fpu.py``):
+    [mantissa, exponent] per x87 register, then XMM and status values."""
+    if v is None:
+        return
+    if len(_list(path, v, len(prot_fpu.REGS))) != len(prot_fpu.REGS):
+        raise _bad(path, f"{len(prot_fpu.REGS)} registers")
+    for name, reg, value in zip(prot_fpu.NAMES, prot_fpu.REGS, v):
+        at = f"{path}.{name}"
+        if reg in prot_fpu.FP:
+            if len(_list(at, value, 2)) != 2:
+                raise _bad(at, "an x87 register is [mantissa, exponent]")
+            _int(f"{at}[0]", value[0], 0, U64)
+            _int(f"{at}[1]", value[1], 0, 0xFFFF)
+        else:
+            _int(at, value, 0, (1 << 128) - 1)
+
+
 # One checker per field of a protected process (``_proc_to_dict``); a field
 # added to the protection state is one line here.
 PROCESS_FIELDS = {
@@ -386,6 +426,8 @@ PROCESS_FIELDS = {
     "shown": _cpu_or_none,
     "stopped": lambda p, v, r, c: _str(p, v, MAX_TEXT, none=True),
     "exited": lambda p, v, r, c: _bool(p, v),
+    "pinned": _pinned,
+    "fpu": _fpu,
     "pages": _pages,
 }
 
@@ -397,8 +439,9 @@ def check_protection(path, prot, ram_size: int, pids: dict) -> None:
     if prot is None:
         return
     _obj(path, prot, PROTECTION_FIELDS)
-    if prot["version"] != 1 or type(prot["version"]) is not int:
-        raise _bad(f"{path}.version", f"{str(prot['version'])[:16]}, this VMM reads version 1")
+    if prot["version"] != ProtectionState.VERSION or type(prot["version"]) is not int:
+        raise _bad(f"{path}.version",
+                   f"{str(prot['version'])[:16]}, this VMM reads version {ProtectionState.VERSION}")
     _bool(f"{path}.enabled", prot["enabled"])
     next_handle = _int(f"{path}.next_handle", prot["next_handle"], 1, U32)
     keys = _table(f"{path}.keys", prot["keys"], MAX_PROTECTED)
