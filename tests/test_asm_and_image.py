@@ -124,3 +124,18 @@ def test_malformed_images_get_clear_errors():
     with pytest.raises(ImageError, match="outside"):
         bad.validate()
     assert HEADER.size == 64
+
+
+@pytest.mark.parametrize("line", ["mov [eax], 1", "add [ebx+4], 0x10", "inc [ecx]", "mov [eax], ticks"])
+def test_a_sizeless_memory_operand_error_hints_at_ptr(line):
+    from guests.asm import AsmError, assemble
+    with pytest.raises(AsmError, match=r"write 'dword ptr \[\.\.\.\]'") as info:
+        assemble("nop\n" + line, 0x1000, externs={"ticks": 5})
+    assert info.value.line == 2
+
+
+def test_other_operand_errors_get_no_ptr_hint():
+    from guests.asm import AsmError, assemble
+    with pytest.raises(AsmError) as info:
+        assemble("mov eax, [ebx], 3", 0x1000)
+    assert "ptr" not in str(info.value)

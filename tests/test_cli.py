@@ -72,7 +72,7 @@ def test_bad_input_exits_two_with_a_clear_message(tmp_path):
     out = cli("run", str(tmp_path / "missing.mvstate"), "--restore")
     assert out.returncode == 2 and "No such file" in out.stderr and "Traceback" not in out.stderr
     out = cli("run", "hello", "--tick", "5")
-    assert out.returncode == 2 and "timer period" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "argument --tick: must be 1000.." in out.stderr and "Traceback" not in out.stderr
 
 
 def test_build_then_run_an_image_file(tmp_path):
@@ -112,3 +112,83 @@ def test_timer_interrupt_events_name_the_interrupted_privilege_level():
     m.events.subscribe(ticks.append, ev.Interrupt)
     m.run(max_ticks=1000)
     assert ticks and {e.cpl for e in ticks} == {3}     # a busy counter is always in user mode
+
+
+# ------------------------------------------------------ messages a person understands
+def test_the_summary_says_which_bound_stopped_the_run():
+    out = cli("run", "counter", "--ticks", "20")
+    assert out.returncode == 3
+    assert "stopped after 20 more ticks (--ticks 20)" in out.stderr
+    out = cli("run", "counter", "--instructions", "5000")
+    assert out.returncode == 3 and "(--instructions 5000)" in out.stderr
+    out = cli("run", "hello")
+    assert "the guest shut down cleanly" in out.stderr
+
+
+@pytest.mark.parametrize("args, option", [
+    (("--ticks", "-5"), "--ticks"), (("--instructions", "-1"), "--instructions"),
+    (("--tick", "0"), "--tick"), (("--tick", "99"), "--tick"), (("--ticks", "many"), "--ticks"),
+    (("--ram", "abc"), "--ram"), (("--ram", "8"), "--ram"),
+])
+def test_impossible_numbers_are_refused_naming_the_option(args, option):
+    out = cli("run", "hello", *args)
+    assert out.returncode == 2, out.stderr
+    assert f"argument {option}:" in out.stderr and "Traceback" not in out.stderr
+    assert "_ram" not in out.stderr and "invalid" not in out.stderr   # no internal names
+    assert out.stdout == ""                                             # the guest never ran
+
+
+@pytest.mark.parametrize("command", [("bench", "--iterations", "0"), ("bench", "--repeat", "0"),
+                                     ("demo", "--ram", "5"), ("serve", "--listen", "127.0.0.1:0", "--ticks", "-1")])
+def test_other_commands_refuse_impossible_numbers(command):
+    out = cli(*command)
+    assert out.returncode == 2 and f"argument {command[-2]}:" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_state_file_without_restore_suggests_restore(tmp_path):
+    state = tmp_path / "c.mvstate"
+    assert cli("run", "counter", "--ticks", "2", "--save-state", str(state)).returncode == 3
+    out = cli("run", str(state))
+    assert out.returncode == 2
+    assert f"continue it with 'minivmm run {state} --restore'" in out.stderr
+    image = tmp_path / "h.mvimg"
+    assert cli("build", "hello", "-o", str(image)).returncode == 0
+    out = cli("run", str(image), "--restore")
+    assert out.returncode == 2 and "run it without --restore" in out.stderr
+
+
+def test_restore_refuses_options_it_would_ignore(tmp_path):
+    state = tmp_path / "c.mvstate"
+    assert cli("run", "counter", "--ticks", "2", "--save-state", str(state)).returncode == 3
+    out = cli("run", str(state), "--restore", "--ram", "32", "--mode", "fast")
+    assert out.returncode == 2 and "--ram, --mode cannot change a saved machine" in out.stderr
+
+
+def test_an_unwritable_save_state_is_refused_before_the_guest_runs(tmp_path):
+    out = cli("run", "hello", "--save-state", str(tmp_path / "no-such-dir" / "x.mvstate"))
+    assert out.returncode == 2 and "--save-state" in out.stderr and "cannot write there" in out.stderr
+    assert out.stdout == ""                                  # refused before booting
+    out = cli("run", "hello", "--save-state", str(tmp_path))
+    assert out.returncode == 2 and "is a directory" in out.stderr and out.stdout == ""
+    out = cli("build", "hello", "-o", str(tmp_path / "no-such-dir" / "h.mvimg"))
+    assert out.returncode == 2 and "-o" in out.stderr and "cannot write there" in out.stderr
+    keep = tmp_path / "keep.mvstate"                         # the probe loses nothing
+    keep.write_bytes(b"precious")
+    out = cli("run", "hello", "--save-state", str(keep), "--ram", "8")
+    assert out.returncode == 2 and keep.read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("option", [("--after", "3"), ("--after", "10"), ("--check-ram",),
+                                    ("--max-rounds", "4")])
+def test_migration_options_without_migrate_to_are_an_error(option):
+    out = cli("run", "hello", *option)
+    assert out.returncode == 2 and f"{option[0]} only mean something with --migrate-to" in out.stderr
+    assert out.stdout == ""
+
+
+def test_demo_with_an_unknown_guest_fails_before_starting_the_second_vmm(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "minivmm", "demo", "--guest", "nosuch",
+                          "--tpm-dir", str(tmp_path / "tpm")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "no built-in guest 'nosuch'" in out.stderr
+    assert "VMM B" not in out.stdout + out.stderr and "listening" not in out.stdout + out.stderr
+    assert not (tmp_path / "tpm").exists()                  # nothing measured, nothing started
