@@ -150,13 +150,10 @@ def _measure(role: str, args):
 
 
 def _stream(machine, args) -> None:
-    def show(e):
-        if isinstance(e, ev.ConsoleOutput):
-            sys.stdout.write(e.text)
-            sys.stdout.flush()
-        elif getattr(args, "events", False):
-            print(f"  [event] {e}", file=sys.stderr, flush=True)
-    machine.events.subscribe(show)
+    # minivmm's printer: the console on stdout, --events one per line on
+    # stderr, never in the middle of a console line.
+    from minivmm.cli import EventPrinter
+    EventPrinter("text" if getattr(args, "events", False) else None, reports=False).attach(machine)
 
 
 def _events_printer(args):

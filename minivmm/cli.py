@@ -79,6 +79,14 @@ def count(low: int = 0, high: int | None = None, what: str = "a whole number"):
     return conv
 
 
+def events_format(value: str) -> str:
+    """``--events`` (text) or ``--events json``."""
+    if value not in ("text", "json"):
+        raise argparse.ArgumentTypeError(f"takes nothing or 'json', not {value!r} (write the guest "
+                                         f"before --events: 'minivmm run {value} --events')")
+    return value
+
+
 def outcome(result: str, machine, args=None) -> str:
     """How a run ended, in words, with the totals since boot (for the summary line)."""
     ticks = getattr(args, "ticks", None)
@@ -159,21 +167,63 @@ def protection_report(e) -> str | None:
     return None
 
 
-def _stream(machine, args) -> None:
-    out = sys.stdout
+class EventPrinter:
+    """The console on stdout; protection reports and (``--events``) every
+    event on stderr, one per line.  On a terminal both streams share the
+    screen, so a line for stderr never goes out while the console is in the
+    middle of a line: it waits for the console's newline (or the end of the
+    run: ``close``), and keeps its order.  Each event carries its virtual
+    time, so where it happened inside the line is still known."""
 
-    def show(e):
+    def __init__(self, events: str | None = None, *, reports: bool = True, out=None, err=None):
+        from minivmm import eventformat
+        self.out, self.err = out or sys.stdout, err or sys.stderr
+        self.format = {"text": eventformat.to_text, "json": eventformat.to_json}.get(events or "")
+        self.json = events == "json"
+        self.reports = reports
+        self.mid_line = False
+        self.pending: list[str] = []
+
+    def attach(self, machine) -> "EventPrinter":
+        machine.events.subscribe(self)
+        return self
+
+    def __call__(self, e) -> None:
         if isinstance(e, ev.ConsoleOutput):
-            out.write(e.text)
-            out.flush()
-            return
-        report = protection_report(e)
-        if report:
-            out.flush()
-            print(report, file=sys.stderr, flush=True)
-        elif args.events:
-            print(f"  [event] {e}", file=sys.stderr)
-    machine.events.subscribe(show)
+            self.out.write(e.text)
+            self.out.flush()
+            if e.text:
+                self.mid_line = not e.text.endswith("\n")
+            if not self.mid_line:
+                self._drain()
+            if not self.json:
+                return
+        line = protection_report(e) if self.reports else None
+        if line:
+            self._say(line)
+        if self.format is not None:
+            self._say(self.format(e))
+        if isinstance(e, ev.Halted):
+            self.close()
+
+    def _say(self, line: str) -> None:
+        self.pending.append(line)
+        if not self.mid_line:
+            self._drain()
+
+    def _drain(self) -> None:
+        if self.pending:
+            self.err.write("".join(f"{line}\n" for line in self.pending))
+            self.err.flush()
+            self.pending.clear()
+
+    def close(self) -> None:
+        """Print what waited for a newline the console never wrote."""
+        self._drain()
+
+
+def _stream(machine, args) -> EventPrinter:
+    return EventPrinter(getattr(args, "events", None)).attach(machine)
 
 
 RESTORE_FIXED = (("ram", "--ram"), ("mode", "--mode"), ("tick", "--tick"),
@@ -212,7 +262,7 @@ def cmd_run(args) -> int:
     interrupt = Interrupt()
     try:
         machine = machine_from_args(args)
-        _stream(machine, args)
+        printer = _stream(machine, args)
         try:
             result = machine.run(until=interrupt, max_ticks=args.ticks, max_instructions=args.instructions)
         except GuestError as exc:
@@ -224,6 +274,8 @@ def cmd_run(args) -> int:
                 print(f"minivmm: machine state saved to {args.save_state}", file=sys.stderr)
     finally:
         interrupt.close()
+        if "printer" in locals():
+            printer.close()
     if result == "condition":
         result = "interrupted"
     print(f"minivmm: {outcome(result, machine, args)}", file=sys.stderr)
@@ -281,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ticks", type=count(0), metavar="N", help="stop after N more timer ticks")
     r.add_argument("--instructions", type=count(0), metavar="N",
                    help="stop after N more virtual instructions")
-    r.add_argument("--events", action="store_true", help="also print every VMM event to stderr")
+    r.add_argument("--events", nargs="?", const="text", type=events_format, metavar="json",
+                   help="also print every VMM event to stderr, one per line ('--events=json': "
+                        "JSON Lines for tools; format in minivmm/eventformat.py)")
     r.add_argument("--no-protection", action="store_true",
                    help="run without process protection: HC_PROTECT fails with -ENOSYS, so the "
                         "attack-* guests show what a hostile kernel gets away with")

@@ -1,5 +1,7 @@
 """The command line, run as a user would run it (a real subprocess)."""
 
+import json
+import re
 import subprocess
 import sys
 
@@ -192,3 +194,57 @@ def test_demo_with_an_unknown_guest_fails_before_starting_the_second_vmm(tmp_pat
     assert out.returncode == 2 and "no built-in guest 'nosuch'" in out.stderr
     assert "VMM B" not in out.stdout + out.stderr and "listening" not in out.stdout + out.stderr
     assert not (tmp_path / "tpm").exists()                  # nothing measured, nothing started
+
+
+# ------------------------------------------------------------- --events format
+EVENT_LINE = re.compile(r"^event (\d+) @(\d+) ([A-Z]\w+)((?: [a-z_0-9]+=(?:\"(?:[^\"\\]|\\.)*\"|\S+))*)$")
+
+
+def test_events_never_break_a_console_line():
+    plain = cli("run", "multi")
+    merged = subprocess.run([sys.executable, "-m", "minivmm", "run", "multi", "--events"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert merged.returncode == 0
+    lines = merged.stdout.splitlines(keepends=True)
+    console = [line for line in lines if not EVENT_LINE.match(line.rstrip("\n"))
+               and not line.startswith("minivmm: ")]
+    assert "".join(console) == plain.stdout          # every console line whole, in order
+    events = [EVENT_LINE.match(line.rstrip("\n")) for line in lines if line.startswith("event ")]
+    assert all(events) and len(events) > 500
+    seqs = [int(m.group(1)) for m in events]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+
+def test_event_lines_name_syscalls_and_print_addresses_in_hex():
+    out = cli("run", "hello", "--events")
+    lines = [line for line in out.stderr.splitlines() if line.startswith("event ")]
+    assert all(EVENT_LINE.match(line) for line in lines), lines
+    write = next(line for line in lines if " Syscall " in line and "write" in line)
+    assert re.search(r" pid=1 call=write\(2\) args=0x4000101a,0xd,0x0$", write), write
+    assert any(re.search(r" ProcessStart pid=1 name=hello cr3=0x[0-9a-f]+$", line) for line in lines)
+    assert any(" Halted reason=shutdown detail=\"status 0\"" in line for line in lines)
+
+
+def test_event_text_format_is_stable():
+    from minivmm.eventformat import to_text
+    e = ev.Fault(seq=7, vtime=1200, pid=3, vector=14, eip=0x40001234, error_code=6, address=0x60000000)
+    assert to_text(e) == ("event 7 @1200 Fault pid=3 vector=#PF(14) eip=0x40001234 error_code=0x6 "
+                          "address=0x60000000")
+    e = ev.PageCloaked(seq=8, vtime=5, pid=1, vaddr=0x40801000, frame=0x123000, version=2, reason="kernel access")
+    assert to_text(e) == ('event 8 @5 PageCloaked pid=1 vaddr=0x40801000 frame=0x123000 version=2 '
+                          'reason="kernel access"')
+    e = ev.Syscall(seq=9, vtime=6, pid=2, number=99, args=(1, 2, 3))
+    assert to_text(e) == "event 9 @6 Syscall pid=2 call=unknown(99) args=0x1,0x2,0x3"
+
+
+def test_events_json_is_one_object_per_line():
+    out = cli("run", "hello", "--events", "json")
+    assert out.returncode == 0
+    docs = [json.loads(line) for line in out.stderr.splitlines() if line.startswith("{")]
+    assert [d["seq"] for d in docs] == sorted(d["seq"] for d in docs)
+    assert "".join(d["text"] for d in docs if d["type"] == "ConsoleOutput") == out.stdout
+    write = next(d for d in docs if d["type"] == "Syscall" and d["call"] == "write")
+    assert write["pid"] == 1 and write["number"] == 2 and write["args"][1] == 13
+    assert docs[-1]["type"] == "Halted" and docs[-1]["reason"] == "shutdown"
+    bad = cli("run", "--events", "hello")
+    assert bad.returncode == 2 and "write the guest before --events" in bad.stderr
