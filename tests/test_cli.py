@@ -248,3 +248,37 @@ def test_events_json_is_one_object_per_line():
     assert docs[-1]["type"] == "Halted" and docs[-1]["reason"] == "shutdown"
     bad = cli("run", "--events", "hello")
     assert bad.returncode == 2 and "write the guest before --events" in bad.stderr
+
+
+# ----------------------------------------------------- benchmarks: progress, verdicts
+def test_goal_verdicts_say_met_or_by_how_much_missed():
+    from minivmm.verdict import Goal, summary
+    ratio = Goal("fast mode", ">=", 0.8)
+    assert ratio.verdict(0.9) == "met (goal >= 0.8)"
+    assert ratio.verdict(0.6) == "*** MISSED by 0.2 (25% of the goal; goal >= 0.8) ***"
+    downtime = Goal("downtime", "<=", 30, " ms")
+    assert downtime.verdict(30) == "met (goal <= 30 ms)"
+    assert "MISSED by 15 ms (50% of the goal" in downtime.verdict(45)
+    assert summary([(ratio, 0.9), (downtime, 45)]) == "goals: 1 of 2 met; *** MISSED: downtime ***"
+
+
+def test_bench_shows_progress_and_a_verdict_per_goal():
+    out = cli("bench", "--part", "compute", "--iterations", "100000", "--repeat", "1")
+    assert out.returncode == 0, out.stderr
+    steps = [line for line in out.stderr.splitlines() if line.startswith("bench compute: [")]
+    assert [s.split("]")[0] for s in steps[::2]] == ["bench compute: [1/3", "bench compute: [2/3",
+                                                     "bench compute: [3/3"]
+    assert all(s.endswith(" ...") for s in steps[::2]) and all(s.endswith(" s") for s in steps[1::2])
+    verdicts = re.findall(r"ratio \d\.\d\d  (met \(goal >= [\d.]+\)|\*\*\* MISSED by .*\*\*\*)$", out.stdout, re.M)
+    assert len(verdicts) == 2, out.stdout
+    assert re.search(r"^goals: \d of 2 met", out.stdout, re.M)
+
+
+def test_bench_migrate_shows_progress_and_verdicts(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "minivmm", "bench-migrate", "--sizes", "64", "--repeat", "1"],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "bench-migrate: [1/6] loopback TCP ceiling" in out.stderr
+    assert "bench-migrate: [6/6] 64 MiB counter guest" in out.stderr
+    assert re.search(r"64 MiB counter guest, downtime: [\d.]+ ms  (met|\*\*\* MISSED)", out.stdout)
+    assert re.search(r"^goals: \d of 1 met", out.stdout, re.M)
