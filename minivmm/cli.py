@@ -18,6 +18,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -140,7 +141,9 @@ class Interrupt:
 
     def __init__(self):
         self.asked = False
-        self._old = signal.signal(signal.SIGINT, self._handler)
+        self._old = None
+        if threading.current_thread() is threading.main_thread():   # signals reach only it
+            self._old = signal.signal(signal.SIGINT, self._handler)
 
     def _handler(self, signum, frame):
         self.asked = True
@@ -150,7 +153,8 @@ class Interrupt:
         return self.asked
 
     def close(self) -> None:
-        signal.signal(signal.SIGINT, self._old)
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
 
 
 def protection_report(e) -> str | None:
