@@ -47,7 +47,11 @@ def interrupted_run(image, state, wait_for: str):
         assert line and time.monotonic() < deadline, f"{wait_for!r} never came: {out!r}"
         out += line
     proc.send_signal(signal.SIGINT)
-    rest, err = proc.communicate(timeout=300)
+    # Go on reading through the same file object: communicate() would read
+    # the pipe underneath it and lose what readline() had buffered already.
+    rest = proc.stdout.read()
+    err = proc.stderr.read()            # small: the run's few report lines
+    proc.wait(timeout=300)
     return proc.returncode, out + rest, err
 
 
