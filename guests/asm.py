@@ -200,5 +200,18 @@ def _locate(filename, lines, body, prelude, program, base, exc) -> AsmError:
         try:
             probe.asm(prelude + "\n" + stmt, 0)
         except KsError as err:
-            return AsmError(filename, i, lines[i - 1], str(err))
+            return AsmError(filename, i, lines[i - 1], str(err) + _hint(stmt))
     return AsmError(filename, None, "", str(exc))
+
+
+_SIZELESS = re.compile(r"^\s*\w+\s+\[[^\]]*\]\s*(?:,\s*([^,\[\]]+?))?\s*$", re.I)
+
+
+def _hint(stmt: str) -> str:
+    """What keystone's bare 'Invalid operand' most often means in Intel syntax:
+    ``mov [eax], 1`` names no register, so nothing says how wide the store is."""
+    m = _SIZELESS.match(stmt)
+    if m and "ptr" not in stmt.lower() and (m.group(1) or "").strip().lower() not in _REGS:
+        return ("; a memory operand without a register operand has no size: write "
+                "'dword ptr [...]' (or 'word ptr', 'byte ptr')")
+    return ""

@@ -38,6 +38,8 @@ GUESTS = {g.name: g for g in [
           lambda: [P("hello")]),
     Guest("counter", "one counter printing 1..100 (continuity is guest-visible)",
           lambda: [P("counter", args=(100, 100_000))]),
+    Guest("ticker", "a slow counter printing 1..60 for several seconds (for --after Ns)",
+          lambda: [P("counter", args=(60, 2_500_000))]),
     Guest("multi", "three counters that the timer interleaves",
           lambda: [P("counter", args=(20, 300_000), as_name="counter-a"),
                    P("counter", args=(20, 300_000), as_name="counter-b"),

@@ -22,6 +22,11 @@ ceiling: guest RAM migrated per second (zero pages count, as in QEMU's and
 Xen's figures; it can exceed the ceiling, since zero pages barely cross) and
 bytes on the wire per second.  With ``--repeat K`` each case runs K times and
 the run with the lowest downtime is shown.
+
+Each case announces itself on stderr before it runs; the two goals (a 256
+MiB idle guest at >= 50% of the ceiling, downtime <= 30 ms for a 64 MiB
+guest running the counter) get a verdict (``minivmm/verdict.py``) when their
+case was measured.
 """
 
 from __future__ import annotations
@@ -40,6 +45,10 @@ from guests.build import Program, build_image
 from migrate.precopy import PrecopyPolicy
 from migrate.source import Source
 from minivmm.machine import Machine
+from minivmm.verdict import Goal, Progress, summary
+
+GOALS = {(256, "idle"): (Goal("256 MiB idle guest, RAM migrated vs loopback ceiling", ">=", 50, "%"), "ram_pct"),
+         (64, "counter"): (Goal("64 MiB counter guest, downtime", "<=", 30, " ms"), "downtime_ms")}
 
 SINK = textwrap.dedent("""
     import socket, sys
@@ -119,18 +128,23 @@ def main(args) -> int:
                     return 1
                 time.sleep(0.02)
             address = f"127.0.0.1:{int(port_file.read_text())}"
-            ceiling = loopback_ceiling()
+            progress = Progress("bench-migrate", 1 + len(sizes) * len(cases) * args.repeat)
+            with progress.step("loopback TCP ceiling, 256 MiB between two processes"):
+                ceiling = loopback_ceiling()
             print(f"loopback TCP ceiling (two processes, 1 MiB sendall): {ceiling / 1e6:.0f} MB/s")
             print(f"pre-copy policy: {PrecopyPolicy().to_dict()}")
             print(f"{'RAM':>4} {'workload':10} {'total ms':>9} {'downtime ms':>11} {'bytes sent':>11} "
                   f"{'rounds':>6} {'RAM MB/s':>8} {'RAM/ceil':>8} {'wire MB/s':>9} {'wire/ceil':>9}  "
                   f"dirty rate (pages/s)  stop")
+            verdicts = []
             for mib in sizes:
                 for case in cases:
                     best = None
-                    for _ in range(args.repeat):
-                        m = prepare(case, mib << 20)
-                        report = Source(m).migrate(address)
+                    for k in range(args.repeat):
+                        with progress.step(f"{mib} MiB {case} guest: boot, run 20 ticks, migrate"
+                                           + (f" (run {k + 1} of {args.repeat})" if args.repeat > 1 else "")):
+                            m = prepare(case, mib << 20)
+                            report = Source(m).migrate(address)
                         if best is None or report.downtime_seconds < best.downtime_seconds:
                             best = report
                         time.sleep(0.2)         # let B finish its one tick and listen again
@@ -143,6 +157,15 @@ def main(args) -> int:
                           f"{r.bytes_sent:11d} {r.precopy_rounds:6d} {ram_rate / 1e6:8.0f} "
                           f"{100 * ram_rate / ceiling:7.0f}% {wire_rate / 1e6:9.0f} {100 * wire_rate / ceiling:8.0f}%  "
                           f"{rate:20.0f}  {stop}", flush=True)
+                    if (mib, case) in GOALS:
+                        goal, key = GOALS[mib, case]
+                        value = {"ram_pct": 100 * ram_rate / ceiling, "downtime_ms": r.downtime_seconds * 1e3}[key]
+                        verdicts.append((goal, value))
+                        print(f"     {goal.name}: {value:.1f}{goal.unit}  {goal.verdict(value)}", flush=True)
+            if verdicts:
+                print(summary(verdicts))
+            else:
+                print("goals: none measured (they need --sizes with 256 (idle) and 64 (counter))")
         finally:
             dest.kill()
             dest.wait()

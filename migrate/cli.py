@@ -28,6 +28,7 @@ import traceback
 from pathlib import Path
 
 from minivmm import events as ev
+from minivmm.cli import count, mib
 from minivmm.errors import GuestError
 from migrate import events as mev
 from migrate.errors import CommitUnconfirmed, GuestStopped, InternalError, MigrationError
@@ -85,7 +86,7 @@ def _migration_options(p: argparse.ArgumentParser, *, source: bool) -> None:
     if source:
         g.add_argument("--migrate-to", type=_address, metavar="HOST:PORT",
                        help="live-migrate the running guest to a 'minivmm serve' there")
-        g.add_argument("--after", type=parse_after, default=("ticks", 10), metavar="N|Ns|signal",
+        g.add_argument("--after", type=parse_after, default=None, metavar="N|Ns|signal",
                        help="start migrating after N timer ticks (default 10), after N seconds "
                             "('2s', '500ms'), or when the VMM receives SIGUSR1 ('signal')")
         g.add_argument("--downtime-ms", type=_positive(float), default=30.0, metavar="MS",
@@ -102,6 +103,20 @@ def _migration_options(p: argparse.ArgumentParser, *, source: bool) -> None:
     g.add_argument("--tpm-dir", metavar="DIR",
                    help="this VMM's software TPM state directory (default: $MINIVMM_TPM_STATE/<role> "
                         "or .minivmm-tpm/<role>, role = source or destination)")
+
+
+DEFAULT_AFTER = ("ticks", 10)
+SOURCE_ONLY = ("--after", "--downtime-ms", "--max-rounds", "--max-bytes-ratio", "--check-ram")
+
+
+def _refuse_source_options_without_target(parser: argparse.ArgumentParser, args) -> None:
+    """``--after 3`` without ``--migrate-to`` would be silently ignored: refuse it."""
+    if getattr(args, "migrate_to", None):
+        return
+    given = [opt for opt in SOURCE_ONLY
+             if getattr(args, opt[2:].replace("-", "_")) != parser.get_default(opt[2:].replace("-", "_"))]
+    if given:
+        parser.error(f"{', '.join(given)} only mean something with --migrate-to HOST:PORT")
 
 
 def _policy(args) -> PrecopyPolicy:
@@ -137,13 +152,10 @@ def _measure(role: str, args):
 
 
 def _stream(machine, args) -> None:
-    def show(e):
-        if isinstance(e, ev.ConsoleOutput):
-            sys.stdout.write(e.text)
-            sys.stdout.flush()
-        elif getattr(args, "events", False):
-            print(f"  [event] {e}", file=sys.stderr, flush=True)
-    machine.events.subscribe(show)
+    # minivmm's printer: the console on stdout, --events one per line on
+    # stderr, never in the middle of a console line.
+    from minivmm.cli import EventPrinter
+    EventPrinter("text" if getattr(args, "events", False) else None, reports=False).attach(machine)
 
 
 def _events_printer(args):
@@ -154,9 +166,9 @@ def _events_printer(args):
     return bus
 
 
-def _summary(role: str, machine, result: str) -> None:
-    exits = ", ".join(f"pid {p}={s}" for p, s in sorted(machine.exits.items())) or "none"
-    _say(role, f"{result} after {machine.ticks} ticks, {machine.vclock} virtual instructions; exits: {exits}")
+def _summary(role: str, machine, result: str, args=None) -> None:
+    from minivmm.cli import outcome
+    _say(role, outcome(result, machine, args))
 
 
 def _save_for_recovery(machine, args) -> None:
@@ -185,7 +197,7 @@ def run_guest(machine, args, *, role: str, show_report=_report_to_stderr) -> int
     from migrate.source import Source
     say = "run" if role == "source" else "serve"
     if getattr(args, "migrate_to", None):
-        kind, n = args.after
+        kind, n = args.after or DEFAULT_AFTER
         tick0, t0 = machine.ticks, time.monotonic()
         if kind == "signal":
             # The migrate command: SIGUSR1 only sets a flag; the run loop looks
@@ -249,7 +261,7 @@ def run_guest(machine, args, *, role: str, show_report=_report_to_stderr) -> int
     finally:
         if getattr(args, "save_state", None) and machine.halted != "migrated":
             machine.save(args.save_state)
-    _summary(say, machine, result)
+    _summary(say, machine, result, args)
     if not_migrated:
         _say(say, f"not migrated (exit status {EXIT_NOT_MIGRATED}): the guest ran here")
         return EXIT_NOT_MIGRATED
@@ -262,9 +274,11 @@ def _extend_run(run_parser: argparse.ArgumentParser) -> None:
     plain_run = run_parser.get_default("func")
 
     def cmd_run(args) -> int:
+        _refuse_source_options_without_target(run_parser, args)
         if not args.migrate_to:
             return plain_run(args)
-        from minivmm.cli import machine_from_args
+        from minivmm.cli import check_run_args, machine_from_args
+        check_run_args(run_parser, args)
         _measure("source", args)
         machine = machine_from_args(args)
         _stream(machine, args)
@@ -277,6 +291,7 @@ def _extend_run(run_parser: argparse.ArgumentParser) -> None:
 def cmd_serve(args) -> int:
     from migrate.destination import Destination
     from migrate.server import Server
+    _refuse_source_options_without_target(args.parser, args)
     _measure("destination", args)
     gc.freeze()             # start-up objects never need collecting: cheap collections later
     server = Server(args.listen, timeout=args.timeout)
@@ -333,13 +348,13 @@ def _add_serve(sub) -> None:
     s.add_argument("--port-file", metavar="FILE", help="write the port number to FILE once listening")
     s.add_argument("--save-state", metavar="FILE",
                    help="save each received guest's final machine state to FILE (overwritten)")
-    s.add_argument("--ticks", type=int, metavar="N", help="stop each received guest after N more ticks")
-    s.add_argument("--until-tick", type=int, metavar="T",
+    s.add_argument("--ticks", type=count(0), metavar="N", help="stop each received guest after N more ticks")
+    s.add_argument("--until-tick", type=count(0), metavar="T",
                    help="stop each received guest when its timer has delivered T ticks since boot "
                         "(compare with 'minivmm run GUEST --ticks T')")
     s.add_argument("--events", action="store_true", help="print VMM and migration events to stderr")
     _migration_options(s, source=True)
-    s.set_defaults(func=cmd_serve)
+    s.set_defaults(func=cmd_serve, parser=s)
 
 
 # ---------------------------------------------------------------- demo/bench
@@ -351,7 +366,7 @@ def _add_demo(sub) -> None:
     d.add_argument("--guest", default="demo", metavar="GUEST", help="guest to migrate (default demo)")
     d.add_argument("--after", type=parse_after, default=("ticks", 20), metavar="N|Ns",
                    help="migrate after N ticks (default 20)")
-    d.add_argument("--ram", type=int, default=16, metavar="MIB", help="guest RAM in MiB (default 16)")
+    d.add_argument("--ram", type=mib, default=16, metavar="MIB", help="guest RAM in MiB (16..256, default 16)")
     d.add_argument("--tpm-dir", metavar="DIR", help="base directory of the two TPMs "
                    "(default $MINIVMM_TPM_STATE or .minivmm-tpm; source/ and destination/ below it)")
 

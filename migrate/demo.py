@@ -59,6 +59,7 @@ def main(args) -> int:
     base = Path(args.tpm_dir) if args.tpm_dir else Path(os.environ.get("MINIVMM_TPM_STATE", ".minivmm-tpm"))
     ram = args.ram << 20
     a, b, info = _Lines("A | "), _Lines("B | "), _Lines("   ")
+    image = _load_image(args.guest, ram)        # a bad --guest fails before VMM B starts
     with tempfile.TemporaryDirectory(prefix="minivmm-demo-") as tmp:
         port_file = Path(tmp) / "port"
         child = subprocess.Popen(
@@ -81,7 +82,6 @@ def main(args) -> int:
                        f"(pid {os.getpid()})\n")
             m = measure_start(base / "source", {"role": "source", "demo": True})
             info.write(f"VMM A {m.describe()}\n")
-            image = _load_image(args.guest, ram)
             machine = Machine(image, ram_size=ram)
             machine.events.subscribe(lambda e: a.write(e.text), ev.ConsoleOutput)
             kind, n = args.after

@@ -9,7 +9,8 @@ until a ``hlt``.  The VMM runs the toy kernel with *two* compute processes
 exit), in deterministic and in fast mode.  Each configuration is measured
 ``repeat`` times, interleaved, and the best time is kept, so the ratios are
 taken side by side on the same (shared, noisy) machine.  Nothing here is a
-pass/fail test: the figures are reported.
+pass/fail test: the figures are reported, each beside a verdict on its goal
+(``minivmm/verdict.py``), with a progress line on stderr per measurement.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ import time
 
 from unicorn import UC_ARCH_X86, UC_MODE_32, UC_PROT_ALL, Uc
 from unicorn.x86_const import UC_X86_REG_ESP
+
+from minivmm.verdict import Goal, Progress, summary
+
+GOAL_DETERMINISTIC = Goal("deterministic mode vs bare Unicorn", ">=", 0.35)
+GOAL_FAST = Goal("fast mode vs bare Unicorn", ">=", 0.80)
 
 def _loop_source() -> str:
     """The compute program's loop, verbatim (between its bench-loop markers)."""
@@ -60,13 +66,17 @@ def vmm(iterations: int, mode: str) -> float:
     return elapsed
 
 
-def measure(iterations: int = 3_000_000, repeat: int = 3) -> dict:
+def measure(iterations: int = 3_000_000, repeat: int = 3, progress: Progress | None = None) -> dict:
     total = PER_ITERATION * 2 * iterations                  # guest instructions of the two loops
     best = {"bare": float("inf"), "deterministic": float("inf"), "fast": float("inf")}
-    for _ in range(repeat):
-        best["bare"] = min(best["bare"], bare_unicorn(2 * iterations))
-        best["deterministic"] = min(best["deterministic"], vmm(iterations, "deterministic"))
-        best["fast"] = min(best["fast"], vmm(iterations, "fast"))
+    progress = progress or Progress("bench compute", 3 * repeat)
+    for k in range(repeat):
+        with progress.step(f"bare Unicorn, {total:,} instructions (run {k + 1} of {repeat})"):
+            best["bare"] = min(best["bare"], bare_unicorn(2 * iterations))
+        with progress.step(f"VMM deterministic mode (run {k + 1} of {repeat})"):
+            best["deterministic"] = min(best["deterministic"], vmm(iterations, "deterministic"))
+        with progress.step(f"VMM fast mode (run {k + 1} of {repeat})"):
+            best["fast"] = min(best["fast"], vmm(iterations, "fast"))
     ips = {k: total / v for k, v in best.items()}
     return {"instructions": total, "seconds": best, "ips": ips,
             "ratio_deterministic": ips["deterministic"] / ips["bare"],
@@ -77,17 +87,27 @@ def report(r: dict) -> str:
     lines = [f"compute loop, {r['instructions']:,} guest instructions (2 processes under the VMM)",
              f"  bare Unicorn, no hooks : {r['ips']['bare'] / 1e6:7.1f} M instr/s",
              f"  VMM deterministic mode : {r['ips']['deterministic'] / 1e6:7.1f} M instr/s"
-             f"   ratio {r['ratio_deterministic']:.2f}  (goal >= 0.35)",
+             f"   ratio {r['ratio_deterministic']:.2f}  {GOAL_DETERMINISTIC.verdict(r['ratio_deterministic'])}",
              f"  VMM fast mode          : {r['ips']['fast'] / 1e6:7.1f} M instr/s"
-             f"   ratio {r['ratio_fast']:.2f}  (goal >= 0.80)"]
+             f"   ratio {r['ratio_fast']:.2f}  {GOAL_FAST.verdict(r['ratio_fast'])}"]
     return "\n".join(lines)
+
+
+def goals(r: dict) -> list:
+    return [(GOAL_DETERMINISTIC, r["ratio_deterministic"]), (GOAL_FAST, r["ratio_fast"])]
 
 
 def main(args) -> int:
     part = getattr(args, "part", "all")
+    results = []
     if part in ("all", "compute"):
-        print(report(measure(args.iterations, args.repeat)))
+        r = measure(args.iterations, args.repeat)
+        print(report(r), flush=True)
+        results += goals(r)
     if part in ("all", "protection"):
-        from minivmm.bench_protection import measure as pmeasure, report as preport
-        print(preport(pmeasure(repeat=args.repeat)))
+        from minivmm.bench_protection import goals as pgoals, measure as pmeasure, report as preport
+        r = pmeasure(repeat=args.repeat)
+        print(preport(r), flush=True)
+        results += pgoals(r)
+    print(summary(results))
     return 0

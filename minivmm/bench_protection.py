@@ -15,6 +15,11 @@ from __future__ import annotations
 import statistics
 import time
 
+from minivmm.verdict import Goal, Progress
+
+GOAL_SYSCALLS = Goal("protected system calls vs plain", "<=", 2.0, "x")
+GOAL_COMPUTE = Goal("protected compute vs plain", "<=", 1.1, "x")
+
 
 def _machine(program: str, iterations: int, protect: int):
     from guests.build import Program, build_image
@@ -60,14 +65,22 @@ def page_costs(samples: int = 400) -> tuple[float, float, float]:
             statistics.median(flush) * 1e6)
 
 
-def measure(repeat: int = 3, syscalls: int = 20_000, compute: int = 3_000_000) -> dict:
+def measure(repeat: int = 3, syscalls: int = 20_000, compute: int = 3_000_000,
+            progress: Progress | None = None) -> dict:
     best = {k: float("inf") for k in ("sys_plain", "sys_prot", "cpu_plain", "cpu_prot")}
-    for _ in range(repeat):
-        best["sys_plain"] = min(best["sys_plain"], _run("sysloop", syscalls, 0))
-        best["sys_prot"] = min(best["sys_prot"], _run("sysloop", syscalls, 1))
-        best["cpu_plain"] = min(best["cpu_plain"], _run("compute", compute, 0))
-        best["cpu_prot"] = min(best["cpu_prot"], _run("compute", compute, 1))
-    cloak_us, uncloak_us, flush_us = page_costs()
+    progress = progress or Progress("bench protection", 4 * repeat + 1)
+    for k in range(repeat):
+        of = f"(run {k + 1} of {repeat})"
+        with progress.step(f"{syscalls:,} system calls, unprotected {of}"):
+            best["sys_plain"] = min(best["sys_plain"], _run("sysloop", syscalls, 0))
+        with progress.step(f"{syscalls:,} system calls, protected {of}"):
+            best["sys_prot"] = min(best["sys_prot"], _run("sysloop", syscalls, 1))
+        with progress.step(f"compute loop, unprotected {of}"):
+            best["cpu_plain"] = min(best["cpu_plain"], _run("compute", compute, 0))
+        with progress.step(f"compute loop, protected {of}"):
+            best["cpu_prot"] = min(best["cpu_prot"], _run("compute", compute, 1))
+    with progress.step("cloak and uncloak one page, 400 times each"):
+        cloak_us, uncloak_us, flush_us = page_costs()
     return {"syscalls": syscalls, "compute": compute, "seconds": best,
             "cloak_us": cloak_us, "uncloak_us": uncloak_us, "flush_tb_us": flush_us,
             "syscall_ratio": best["sys_prot"] / best["sys_plain"],
@@ -83,6 +96,10 @@ def report(r: dict) -> str:
         f"  of which dropping translated code (flush_tb, median): {r['flush_tb_us']:5.1f} us",
         f"  {r['syscalls']:,} getpid calls      : {s['sys_plain'] * 1e6 / r['syscalls']:6.1f} us/call plain, "
         f"{s['sys_prot'] * 1e6 / r['syscalls']:6.1f} us/call protected   "
-        f"slowdown {r['syscall_ratio']:.2f}x (goal <= 2)",
+        f"slowdown {r['syscall_ratio']:.2f}x  {GOAL_SYSCALLS.verdict(r['syscall_ratio'])}",
         f"  compute loop ({r['compute']:,} it.) : {s['cpu_plain']:.3f} s plain, {s['cpu_prot']:.3f} s protected"
-        f"   slowdown {r['compute_ratio']:.2f}x (goal <= 1.1)"])
+        f"   slowdown {r['compute_ratio']:.2f}x  {GOAL_COMPUTE.verdict(r['compute_ratio'])}"])
+
+
+def goals(r: dict) -> list:
+    return [(GOAL_SYSCALLS, r["syscall_ratio"]), (GOAL_COMPUTE, r["compute_ratio"])]

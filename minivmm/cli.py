@@ -3,7 +3,9 @@
 Exit status of ``minivmm run``: 0 the guest shut down cleanly; 1 the guest
 crashed (kernel panic, triple fault, hang); 2 bad input (unknown guest,
 malformed image or state file, bad arguments); 3 a bound (``--ticks``,
-``--instructions``) was reached before the guest shut down.
+``--instructions``) was reached before the guest shut down; 130 interrupted
+(Ctrl-C: the run stops between two slices, so a ``--save-state`` file holds a
+consistent machine that continues exactly as if never stopped).
 
 Later layers add subcommands without ``minivmm`` importing them: a package
 registers a function ``register(subparsers)`` under the entry-point group
@@ -13,25 +15,32 @@ registers a function ``register(subparsers)`` under the entry-point group
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
 from importlib.metadata import entry_points
 from pathlib import Path
 
 from minivmm import events as ev
 from minivmm.errors import GuestError, ImageError, StateError, VmmError
 
-EXIT_OK, EXIT_CRASH, EXIT_BADINPUT, EXIT_BOUND = 0, 1, 2, 3
+EXIT_OK, EXIT_CRASH, EXIT_BADINPUT, EXIT_BOUND, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+STATE_MAGIC = b"MVMSTATE"           # minivmm/state.py's file magic
 
 
 def _load_image(spec: str, ram_size: int):
     """A built-in guest name, or the path of an image file."""
     path = Path(spec)
-    if path.suffix == ".mvimg" or path.exists():
+    if path.suffix in (".mvimg", ".mvstate") or path.exists():
         from minivmm.image import GuestImage
         try:
             data = path.read_bytes()
         except OSError as exc:
             raise ImageError(f"{spec}: cannot read: {exc.strerror}") from None
+        if data.startswith(STATE_MAGIC):
+            raise ImageError(f"{spec} is a saved machine state, not an image: continue it with "
+                             f"'minivmm run {spec} --restore'")
         return GuestImage.from_bytes(data, str(path))
     from guests.catalog import get_guest
     try:
@@ -42,10 +51,110 @@ def _load_image(spec: str, ram_size: int):
 
 
 def _ram(value: str) -> int:
-    mib = int(value)
-    if not 16 <= mib <= 256:
-        raise argparse.ArgumentTypeError("RAM must be 16..256 MiB")
-    return mib << 20
+    """``--ram MIB`` → bytes."""
+    return mib(value) << 20
+
+
+def mib(value: str) -> int:
+    """A guest RAM size in MiB, 16..256 (argparse names the option in its error)."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes a whole number of MiB (16..256), not {value!r}") from None
+    if not 16 <= n <= 256:
+        raise argparse.ArgumentTypeError(f"guest RAM must be 16..256 MiB, not {n}")
+    return n
+
+
+def count(low: int = 0, high: int | None = None, what: str = "a whole number"):
+    """An argparse type: an integer in ``low..high`` (``high`` None: no upper bound)."""
+    def conv(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes {what}, not {value!r}") from None
+        if n < low or (high is not None and n > high):
+            bound = f">= {low}" if high is None else f"{low}..{high}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, not {n}")
+        return n
+    return conv
+
+
+def events_format(value: str) -> str:
+    """``--events`` (text) or ``--events json``."""
+    if value not in ("text", "json"):
+        raise argparse.ArgumentTypeError(f"takes nothing or 'json', not {value!r} (write the guest "
+                                         f"before --events: 'minivmm run {value} --events')")
+    return value
+
+
+def outcome(result: str, machine, args=None) -> str:
+    """How a run ended, in words, with the totals since boot (for the summary line)."""
+    ticks = getattr(args, "ticks", None)
+    until_tick = getattr(args, "until_tick", None)
+    how = {"shutdown": "the guest shut down cleanly (shutdown)",
+           "interrupted": "interrupted (Ctrl-C)",
+           "instructions": f"stopped at the instruction bound (--instructions "
+                           f"{getattr(args, 'instructions', None)})",
+           }.get(result)
+    if how is None and result == "ticks":
+        how = (f"stopped at tick {until_tick} (--until-tick)" if until_tick is not None
+               else f"stopped after {ticks} more ticks (--ticks {ticks})" if ticks is not None
+               else "stopped by a tick bound")
+    exits = ", ".join(f"pid {p}={s}" for p, s in sorted(machine.exits.items())) or "none"
+    return (f"{how or result}; {machine.ticks} ticks, {machine.vclock} virtual instructions since "
+            f"boot; exits: {exits}")
+
+
+def check_writable(path: str, option: str) -> None:
+    """Refuse a FILE we could not write *before* the guest runs, without
+    truncating or leaving anything behind (an existing file is kept as is)."""
+    p = Path(path)
+    if p.is_dir():
+        raise VmmError(f"{option} {path}: is a directory")
+    existed = p.exists()
+    try:
+        with open(p, "ab"):
+            pass
+    except OSError as exc:
+        raise VmmError(f"{option} {path}: cannot write there: {exc.strerror}") from None
+    if not existed:
+        p.unlink()
+
+
+def save_atomically(machine, path: str) -> None:
+    """Write the state beside ``path`` and rename it into place: a run stopped
+    during the save (a second Ctrl-C, a full disk) never leaves half a file."""
+    tmp = Path(f"{path}.tmp-{os.getpid()}")
+    try:
+        machine.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class Interrupt:
+    """Ctrl-C as a request, not an exception: SIGINT only sets a flag that the
+    run loop checks between slices (``run(until=...)``), so the machine stops
+    at a consistent point -- a KeyboardInterrupt raised inside a slice would
+    stop it half way through a timer tick.  A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.asked = False
+        self._old = None
+        if threading.current_thread() is threading.main_thread():   # signals reach only it
+            self._old = signal.signal(signal.SIGINT, self._handler)
+
+    def _handler(self, signum, frame):
+        self.asked = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __call__(self, machine) -> bool:
+        return self.asked
+
+    def close(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
 
 
 def protection_report(e) -> str | None:
@@ -66,21 +175,79 @@ def protection_report(e) -> str | None:
     return None
 
 
-def _stream(machine, args) -> None:
-    out = sys.stdout
+class EventPrinter:
+    """The console on stdout; protection reports and (``--events``) every
+    event on stderr, one per line.  On a terminal both streams share the
+    screen, so a line for stderr never goes out while the console is in the
+    middle of a line: it waits for the console's newline (or the end of the
+    run: ``close``), and keeps its order.  Each event carries its virtual
+    time, so where it happened inside the line is still known."""
 
-    def show(e):
+    def __init__(self, events: str | None = None, *, reports: bool = True, out=None, err=None):
+        from minivmm import eventformat
+        self.out, self.err = out or sys.stdout, err or sys.stderr
+        self.format = {"text": eventformat.to_text, "json": eventformat.to_json}.get(events or "")
+        self.json = events == "json"
+        self.reports = reports
+        self.mid_line = False
+        self.pending: list[str] = []
+
+    def attach(self, machine) -> "EventPrinter":
+        machine.events.subscribe(self)
+        return self
+
+    def __call__(self, e) -> None:
         if isinstance(e, ev.ConsoleOutput):
-            out.write(e.text)
-            out.flush()
-            return
-        report = protection_report(e)
-        if report:
-            out.flush()
-            print(report, file=sys.stderr, flush=True)
-        elif args.events:
-            print(f"  [event] {e}", file=sys.stderr)
-    machine.events.subscribe(show)
+            self.out.write(e.text)
+            self.out.flush()
+            if e.text:
+                self.mid_line = not e.text.endswith("\n")
+            if not self.mid_line:
+                self._drain()
+            if not self.json:
+                return
+        line = protection_report(e) if self.reports else None
+        if line:
+            self._say(line)
+        if self.format is not None:
+            self._say(self.format(e))
+        if isinstance(e, ev.Halted):
+            self.close()
+
+    def _say(self, line: str) -> None:
+        self.pending.append(line)
+        if not self.mid_line:
+            self._drain()
+
+    def _drain(self) -> None:
+        if self.pending:
+            self.err.write("".join(f"{line}\n" for line in self.pending))
+            self.err.flush()
+            self.pending.clear()
+
+    def close(self) -> None:
+        """Print what waited for a newline the console never wrote."""
+        self._drain()
+
+
+def _stream(machine, args) -> EventPrinter:
+    return EventPrinter(getattr(args, "events", None)).attach(machine)
+
+
+RESTORE_FIXED = (("ram", "--ram"), ("mode", "--mode"), ("tick", "--tick"),
+                 ("no_protection", "--no-protection"), ("key_seed", "--key-seed"))
+
+
+def check_run_args(parser: argparse.ArgumentParser, args) -> None:
+    """Refuse option combinations ``run`` would otherwise silently ignore."""
+    if args.restore:
+        fixed = [opt for dest, opt in RESTORE_FIXED
+                 if getattr(args, dest) != parser.get_default(dest)]
+        if fixed:
+            parser.error(f"{', '.join(fixed)} cannot change a saved machine: --restore takes "
+                         f"them from the state file")
+    if args.save_state:
+        check_writable(args.save_state, "--save-state")
 
 
 def machine_from_args(args):
@@ -89,6 +256,8 @@ def machine_from_args(args):
     protection options.  Plugins that extend ``run`` build theirs here too."""
     from minivmm.machine import Machine
     if args.restore:
+        if Path(args.guest).suffix == ".mvimg" and Path(args.guest).exists():
+            raise StateError(f"{args.guest} is a guest image, not a saved state: run it without --restore")
         return Machine.load(args.guest)
     image = _load_image(args.guest, args.ram)
     return Machine(image, ram_size=args.ram, mode=args.mode, tick_instructions=args.tick,
@@ -97,21 +266,28 @@ def machine_from_args(args):
 
 
 def cmd_run(args) -> int:
-    machine = machine_from_args(args)
-    _stream(machine, args)
+    check_run_args(args.parser, args)
+    interrupt = Interrupt()
     try:
-        result = machine.run(max_ticks=args.ticks, max_instructions=args.instructions)
-    except GuestError as exc:
-        print(f"minivmm: {exc}", file=sys.stderr)
-        return EXIT_CRASH
+        machine = machine_from_args(args)
+        printer = _stream(machine, args)
+        try:
+            result = machine.run(until=interrupt, max_ticks=args.ticks, max_instructions=args.instructions)
+        except GuestError as exc:
+            print(f"minivmm: {exc}", file=sys.stderr)
+            return EXIT_CRASH
+        finally:
+            if args.save_state:
+                save_atomically(machine, args.save_state)
+                print(f"minivmm: machine state saved to {args.save_state}", file=sys.stderr)
     finally:
-        if args.save_state:
-            machine.save(args.save_state)
-            print(f"minivmm: machine state saved to {args.save_state}", file=sys.stderr)
-    summary = (f"minivmm: {result} after {machine.ticks} ticks, {machine.vclock} virtual "
-               f"instructions; exits: " + (", ".join(f"pid {p}={s}" for p, s in sorted(machine.exits.items())) or "none"))
-    print(summary, file=sys.stderr)
-    return EXIT_OK if result == "shutdown" else EXIT_BOUND
+        interrupt.close()
+        if "printer" in locals():
+            printer.close()
+    if result == "condition":
+        result = "interrupted"
+    print(f"minivmm: {outcome(result, machine, args)}", file=sys.stderr)
+    return {"shutdown": EXIT_OK, "interrupted": EXIT_INTERRUPTED}.get(result, EXIT_BOUND)
 
 
 def cmd_guests(args) -> int:
@@ -126,6 +302,7 @@ def cmd_guests(args) -> int:
 
 
 def cmd_build(args) -> int:
+    check_writable(args.output, "-o")
     image = _load_image(args.guest, args.ram)
     Path(args.output).write_bytes(image.to_bytes())
     print(f"{args.output}: image {image.name!r}, {len(image.processes)} processes, "
@@ -159,11 +336,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mode", choices=["deterministic", "fast"], default="deterministic",
                    help="deterministic: instruction-count slices, reproducible (default); "
                         "fast: host-timeout slices, quicker, not reproducible")
-    r.add_argument("--tick", type=int, default=100_000, metavar="N",
-                   help="timer period in guest instructions (default 100000)")
-    r.add_argument("--ticks", type=int, metavar="N", help="stop after N timer ticks")
-    r.add_argument("--instructions", type=int, metavar="N", help="stop after N virtual instructions")
-    r.add_argument("--events", action="store_true", help="also print every VMM event to stderr")
+    r.add_argument("--tick", type=count(1000, 1 << 30), default=100_000, metavar="N",
+                   help="timer period in guest instructions (1000..2**30, default 100000)")
+    r.add_argument("--ticks", type=count(0), metavar="N", help="stop after N more timer ticks")
+    r.add_argument("--instructions", type=count(0), metavar="N",
+                   help="stop after N more virtual instructions")
+    r.add_argument("--events", nargs="?", const="text", type=events_format, metavar="json",
+                   help="also print every VMM event to stderr, one per line ('--events=json': "
+                        "JSON Lines for tools; format in minivmm/eventformat.py)")
     r.add_argument("--no-protection", action="store_true",
                    help="run without process protection: HC_PROTECT fails with -ENOSYS, so the "
                         "attack-* guests show what a hostile kernel gets away with")
@@ -172,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "ciphertext a snooping kernel prints (labs; never for real secrets)")
     r.add_argument("--save-state", metavar="FILE", help="save the machine state to FILE when the run ends")
     r.add_argument("--restore", action="store_true", help="GUEST is a state file from --save-state: continue it")
-    r.set_defaults(func=cmd_run)
+    r.set_defaults(func=cmd_run, parser=r)
 
     g = sub.add_parser("guests", help="list the built-in guest images and programs",
                        description="List the built-in guest images and user programs.")
@@ -190,9 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "loop under the full VMM vs bare Unicorn, as ratios; the cost "
                                        "of process protection (per page, and protected vs "
                                        "unprotected programs in the same run).")
-    bench.add_argument("--iterations", type=int, default=3_000_000, metavar="N",
-                       help="loop iterations per process (default 3000000)")
-    bench.add_argument("--repeat", type=int, default=3, metavar="K", help="take the best of K runs (default 3)")
+    bench.add_argument("--iterations", type=count(1000), default=3_000_000, metavar="N",
+                       help="loop iterations per process (>= 1000, default 3000000)")
+    bench.add_argument("--repeat", type=count(1), default=3, metavar="K", help="take the best of K runs (default 3)")
     bench.add_argument("--part", choices=["all", "compute", "protection"], default="all",
                        help="compute: VMM vs bare Unicorn; protection: cloak/uncloak cost and "
                             "protected vs unprotected programs (default: all)")
@@ -217,11 +397,16 @@ def main(argv=None) -> int:
     except BrokenPipeError:                     # `minivmm guests | head`: not an error
         sys.stdout = None
         return EXIT_OK
-    except (ValueError, OSError) as exc:        # bad numbers, unreadable files
+    except OSError as exc:                      # unreadable or unwritable files
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"minivmm: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_BADINPUT
+    except ValueError as exc:                   # bad numbers
         print(f"minivmm: {exc}", file=sys.stderr)
         return EXIT_BADINPUT
     except KeyboardInterrupt:
-        return 130
+        print("minivmm: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
