@@ -68,7 +68,7 @@ CASES = [
     (("dirty", "dirty_pfns"), [4096], "dirty.dirty_pfns[0]"),
     (("image", "processes", 0, "cr3"), 1 << 30, "image.processes[0].cr3"),
     (("image", "min_ram"), 1 << 30, "image.min_ram"),
-    (("protection", "version"), 2, "protection.version"),
+    (("protection", "version"), 1, "protection.version"),
     (PROC + ("pages", 0, 3), -1, "protection.processes[0].pages[0].version: -1 outside"),
     (PROC + ("pages", 0, 3), 1 << 32, "pages[0].version"),
     (PROC + ("pages", 0, 1), 4096, "pages[0].frame"),
@@ -80,6 +80,13 @@ CASES = [
     (PROC + ("saved", "eax"), "x", "processes[0].saved.eax"),
     (PROC + ("exited",), KeyError, "processes[0]: fields differ: missing ['exited']"),
     (("protection", "keys", "1"), "AAAA", "protection.keys[1]"),
+    (PROC + ("pinned", "cr0"), 1 << 5, "processes[0].pinned.cr0"),
+    (PROC + ("pinned", "cr0"), True, "processes[0].pinned.cr0: bool"),
+    (PROC + ("pinned", "segments", "ss"), [0x23, "zz"], "pinned.segments.ss[1]"),
+    (PROC + ("pinned", "segments", "ds"), [1 << 16, "null"], "pinned.segments.ds[0]"),
+    (PROC + ("pinned", "segments"), {}, "pinned.segments: fields differ"),
+    (PROC + ("fpu",), [0, 0, 0], "processes[0].fpu: 18 registers"),
+    (PROC + ("fpu",), [[0, 0]] * 8 + [1 << 128] + [0] * 9, "processes[0].fpu.xmm0"),
 ]
 
 
