@@ -38,6 +38,7 @@ from migrate.messages import (STATUS_OK, STATUS_UNSUPPORTED, STATUS_VERSION, Dig
                               decode_reason, decode_zero_pages, encode_reason)
 from migrate.report import MigrationReport, RoundStats
 from migrate.residency import Prefaulter
+from migrate.secure.mode import PlainMode
 from migrate.wire import Channel, RecordType
 
 MAX_STATE = 128 << 20       # state document bound (console history is the big part)
@@ -72,7 +73,8 @@ class Incoming:
 
 class Destination:
     def __init__(self, *, timeout: float = 10.0, events: EventBus | None = None,
-                 min_rate: float = MIN_SESSION_RATE):
+                 min_rate: float = MIN_SESSION_RATE, mode=None):
+        self.mode = mode or PlainMode()     # the secure layer's seams (migrate/secure/mode.py)
         self.timeout = timeout
         self.min_rate = min_rate
         self.events = events or EventBus()
@@ -162,6 +164,7 @@ class Destination:
                 # small record just inside the timeout, forever, must not keep
                 # this destination busy (and every other source refused).
                 ch.deadline = time.monotonic() + session_limit(hello.ram_size, self.timeout, self.min_rate)
+                self.mode.destination_handshake(ch, hello, rec.body)    # secure: keys + attestation
                 ch.send(RecordType.WELCOME, Welcome(STATUS_OK).encode())
                 self._emit(mev.Handshake, peer=peer, ram_size=hello.ram_size, info=hello.info)
                 state = PRECOPY
@@ -226,7 +229,7 @@ class Destination:
             elif t is RecordType.DIGEST:
                 prefault.stop()
                 hasher.submit(lambda: None).result()       # every page hashed, in order
-                machine = self._prepare(Digest.decode(rec.body), bytes(doc), hashes, ram, hello)
+                machine = self._prepare(Digest.decode(rec.body), bytes(doc), hashes, ram, hello, ch)
                 report.state_bytes = len(doc)
                 if report.rounds:
                     report.rounds[-1].final = True
@@ -234,6 +237,7 @@ class Destination:
                 self._emit(mev.Prepared)
                 state = PREPARED
             elif t is RecordType.COMMIT:
+                self.mode.check_commit(rec.body)        # secure: the commit token
                 resumed_at = clock.now()
                 self._vclock = machine.vclock
                 report.vclock_resume = report.vclock_pause = machine.vclock
@@ -245,10 +249,12 @@ class Destination:
                     ch.send(RecordType.RESUMED, Resumed(machine.vclock, resumed_at, clock.boot_id()).encode())
                 except MigrationError:
                     pass
+                self.mode.resumed(machine)              # secure: the VM's generation accepted
                 self._emit(mev.Resumed, vclock=machine.vclock)
                 return Incoming(machine, hello, report, resumed_at)
 
-    def _prepare(self, digest: Digest, doc: bytes, hashes: PageHashes, ram: GuestRAM, hello: Hello) -> Machine:
+    def _prepare(self, digest: Digest, doc: bytes, hashes: PageHashes, ram: GuestRAM, hello: Hello,
+                 ch: Channel | None = None) -> Machine:
         if digest.state_len != len(doc):
             raise DigestMismatch(f"state document of {len(doc)} bytes, the source sent {digest.state_len}")
         missing = hashes.missing()
@@ -257,8 +263,9 @@ class Destination:
             raise DigestMismatch(f"{missing} pages never arrived (first: frame {first})")
         if hashes.final(doc) != digest.digest:
             raise DigestMismatch("final digest mismatch: the VM did not arrive whole")
+        secret = self.mode.destination_final(ch)        # secure: fresh quote, then the keys
         try:
-            parsed = json.loads(doc.decode("utf-8"))
+            parsed = self.mode.merge_state(json.loads(doc.decode("utf-8")), secret)
             st = MachineState.from_doc(parsed, hello.ram_size, where="migrated state")
             return Machine.restore(st, ram=ram)
         except (StateError, VmmError, ValueError, UnicodeDecodeError) as exc:

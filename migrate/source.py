@@ -51,6 +51,7 @@ from migrate.messages import (STATUS_NAMES, STATUS_OK, Digest, Hello, Resumed, R
 from migrate.precopy import PrecopyPolicy
 from migrate.report import MigrationReport, RoundStats
 from migrate.residency import untouched
+from migrate.secure.mode import PlainMode
 from migrate.wire import MAX_BATCH, MAX_CHUNK, MAX_ZERO_BATCH, PAGE_SIZE, Channel, RecordType, parse_address
 
 MIGRATED = "migrated"
@@ -64,13 +65,14 @@ class _Stopped(Exception):
 class Source:
     def __init__(self, machine, *, policy: PrecopyPolicy | None = None, timeout: float = 10.0,
                  connect_timeout: float = 5.0, check_ram: bool = False, events: EventBus | None = None,
-                 channel=Channel):
+                 channel=None, mode=None):
         self.machine = machine
         self.policy = policy or PrecopyPolicy()
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.check_ram = check_ram
-        self.channel = channel          # Channel(sock, timeout=...): the secure mode brings its own
+        self.mode = mode or PlainMode()     # the secure layer's seams (migrate/secure/mode.py)
+        self.channel = channel or (lambda sock, timeout: self.mode.channel(sock, timeout=timeout, role="source"))
         self.events = events or EventBus()
         self.hashes = PageHashes(machine.ram.npages)
         self._stop = threading.Event()
@@ -123,11 +125,19 @@ class Source:
             # Marked before the send: an interrupt during it must not resume us.
             committed = True
             m.halted, m.halt_detail = MIGRATED, f"migrated to {peer}"
+            try:        # secure: keys sealed away and destroyed, migrated-away marked, durably
+                self.mode.before_commit(m, peer)
+            except Exception:
+                self.mode.undo_commit(m)
+                m.halted, m.halt_detail = None, ""
+                committed = False
+                raise
             try:
-                ch.send(RecordType.COMMIT)
+                ch.send(RecordType.COMMIT, self.mode.commit_token())
             except MigrationError:
                 # The send failed, so no whole COMMIT reached the destination
                 # (a record is all or nothing to its parser): it cannot resume.
+                self.mode.undo_commit(m)
                 m.halted, m.halt_detail = None, ""
                 committed = False
                 raise
@@ -138,6 +148,8 @@ class Source:
                 # The destination gave up before our COMMIT reached it (its own
                 # wait for COMMIT timed out) and discarded the VM: it will
                 # never resume, so this copy is the only one.  Take it back.
+                # (Secure mode: that ABORT came sealed, from the destination.)
+                self.mode.undo_commit(m)
                 m.halted, m.halt_detail = None, ""
                 committed = False
                 raise PeerAborted(f"{exc} (after COMMIT: the destination discarded the VM; "
@@ -201,8 +213,11 @@ class Source:
     # -------------------------------------------------------------- handshake
     def _handshake(self, ch: Channel, peer: str) -> None:
         m = self.machine
-        info = {"vm": m.image.name, "vclock": m.vclock, "source": socket.gethostname()}
-        ch.send(RecordType.HELLO, Hello(m.ram.size, info).encode())
+        info = {"vm": m.image.name, "vclock": m.vclock, "source": socket.gethostname(),
+                **self.mode.hello_info(m)}
+        hello = Hello(m.ram.size, info).encode()
+        ch.send(RecordType.HELLO, hello)
+        self.mode.source_handshake(ch, hello)       # secure: key exchange + mutual attestation
         welcome = Welcome.decode(self._expect(ch, RecordType.WELCOME).body)
         if welcome.status != STATUS_OK:
             raise Refused(f"destination {peer} refused the migration "
@@ -413,11 +428,12 @@ class Source:
             if len(bad):
                 raise MigrationError(f"{len(bad)} pages differ from what was sent (first: frame "
                                      f"{int(bad[0])}): the dirty log missed a write")
-        doc = json.dumps(m.save_state(ram=False).to_doc(), sort_keys=True,
-                         separators=(",", ":")).encode()
+        public, secret = self.mode.split_state(m.save_state(ram=False).to_doc())
+        doc = json.dumps(public, sort_keys=True, separators=(",", ":")).encode()
         for off in range(0, len(doc), MAX_CHUNK):
             ch.send(RecordType.STATE, doc[off:off + MAX_CHUNK])
         digest = self.hashes.final(doc)
         ch.send(RecordType.DIGEST, Digest(len(doc), digest).encode())
+        self.mode.source_final(ch, secret)          # secure: fresh quote, then the keys
         report.state_bytes = len(doc)
         self._emit(mev.StateSent, state_bytes=len(doc), digest=digest.hex())
