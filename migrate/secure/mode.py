@@ -205,17 +205,16 @@ class SecureMode(PlainMode):
         if len(rec.body) < keyrelease.PUB:
             raise ProtocolError("FINAL_QUOTE too short")
         r_pub, evidence = bytes(rec.body[:keyrelease.PUB]), bytes(rec.body[keyrelease.PUB:])
-        if self.on("toctou"):
+        if self.on("toctou") and self.peer is not None:     # (--insecure attestation: no peer to compare)
             try:
                 final = self.attestor.verify(evidence, nonce, keyrelease.binding(self.keys.transcript, r_pub),
                                              who="destination (final quote)")
             except AttestationFailed as exc:
                 raise KeyReleaseRefused(f"no process key released: {exc}") from None
-            if self.peer is not None:
-                diff = same_state(self.peer, final)
-                if diff:
-                    raise KeyReleaseRefused(f"no process key released: the destination's {diff} "
-                                            f"(time-of-check/time-of-use)")
+            diff = same_state(self.peer, final)
+            if diff:
+                raise KeyReleaseRefused(f"no process key released: the destination's {diff} "
+                                        f"(time-of-check/time-of-use)")
         ch.send(RecordType.KEY_RELEASE, keyrelease.wrap(secret, r_pub, self.keys))
         self._time("key_release", t0)
 
