@@ -90,7 +90,7 @@ class Destination:
         discards everything if it does not arrive whole and committed."""
         self._t0 = clock.now()
         ch.timeout = self.timeout
-        report = MigrationReport(role="destination", peer=peer, ram_size=0)
+        report = MigrationReport(role="destination", peer=peer, ram_size=0, mode=self.mode.describe())
         try:
             try:
                 incoming = self._receive(ch, peer, report)
@@ -106,6 +106,7 @@ class Destination:
                 except MigrationError:
                     pass
             report.outcome, report.error = "aborted", f"{type(exc).__name__}: {exc}"
+            report.phases = dict(self.mode.phases)
             report.total_seconds = clock.now() - self._t0
             exc.report = report
             self._emit(mev.Aborted, reason=report.error)
@@ -244,6 +245,7 @@ class Destination:
                 report.outcome = "completed"
                 report.total_seconds = resumed_at - self._t0
                 report.bytes_sent, report.bytes_received = ch.bytes_sent, ch.bytes_received
+                report.phases = dict(self.mode.phases)
                 self._emit(mev.Committed)
                 try:            # the source has committed: we run it whatever happens to this reply
                     ch.send(RecordType.RESUMED, Resumed(machine.vclock, resumed_at, clock.boot_id()).encode())

@@ -182,6 +182,7 @@ class Source:
             if gc_was_on:
                 gc.enable()
             report.total_seconds = clock.now() - self._t0
+            report.mode, report.phases = self.mode.describe(), dict(self.mode.phases)
             if ch is not None:
                 report.bytes_sent, report.bytes_received = ch.bytes_sent, ch.bytes_received
                 ch.close()

@@ -21,9 +21,20 @@ from migrate.wire import HEADER, RecordType
 ROOT = Path(__file__).resolve().parents[2]
 
 
+MIGRATING = ("serve", "run", "demo")
+
+
 class Vmm:
-    def __init__(self, *args, cwd: Path, name: str = "vmm"):
+    """``trust``: None runs the plain engine (``--plain``, what these tests were
+    written for); a directory made by ``migrate.secure.setup.setup`` runs the
+    secure protocol with its issuer and policy."""
+
+    def __init__(self, *args, cwd: Path, name: str = "vmm", trust: Path | None = None):
         env = dict(os.environ, MINIVMM_TPM_STATE=str(cwd / f"tpm-{name}"), PYTHONUNBUFFERED="1")
+        if args and args[0] in MIGRATING:
+            mode = (["--plain"] if trust is None else
+                    ["--issuer", str(Path(trust) / "issuer"), "--attest-policy", str(Path(trust) / "policy.json")])
+            args = (args[0], *mode, *args[1:])
         self.name = name
         self.args = args
         self.proc = subprocess.Popen([sys.executable, "-m", "minivmm", *args], cwd=cwd, env=env,
@@ -90,8 +101,8 @@ class Vmm:
         return "".join(self.err_lines)
 
 
-def serve(cwd: Path, *extra, name="dst") -> tuple[Vmm, int]:
-    v = Vmm("serve", "--listen", "127.0.0.1:0", *extra, cwd=cwd, name=name)
+def serve(cwd: Path, *extra, name="dst", trust: Path | None = None) -> tuple[Vmm, int]:
+    v = Vmm("serve", "--listen", "127.0.0.1:0", *extra, cwd=cwd, name=name, trust=trust)
     return v, v.port()
 
 

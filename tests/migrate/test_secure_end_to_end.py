@@ -1,0 +1,158 @@
+"""The secure protocol end to end: real VMM OS processes over real loopback TCP,
+a man in the middle recording (and in the attack cases changing) every byte."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from guests.build import Program, build_image
+from migrate.secure.setup import setup
+from migrate.wire import HEADER, RecordType
+from minivmm.protection import seeded_keys
+
+from mitm import Mitm
+from vmmproc import Vmm, reference_run, serve
+
+pytestmark = pytest.mark.slow
+
+SECRET = b"swordfish: launch code"      # guests/programs/keeper.s
+SEED = "e2e-visible-seed"               # so the test knows the process keys to look for
+
+
+@pytest.fixture
+def keeper(tmp_path):
+    path = tmp_path / "keeper.mvimg"
+    path.write_bytes(build_image([Program.builtin("keeper", data_pages=3, args=(150, 1)),
+                                  Program.builtin("counter", args=(60, 150_000))],
+                                 name="keeper", ram_size=16 << 20).to_bytes())
+    return str(path)
+
+
+def trust(tmp_path, *configs):
+    base = tmp_path / "trust"
+    setup(base, [{}, {"key_seed": SEED}, *configs])
+    return base
+
+
+def test_protected_keeper_goes_a_to_b_to_a_and_no_secret_or_key_crosses(tmp_path, keeper):
+    t = trust(tmp_path)
+    ref = reference_run(tmp_path, keeper)
+    assert ref.returncode == 0 and "keeper: round 150, secret intact" in ref.stdout, ref.stderr
+    a2, p_a2 = serve(tmp_path, name="a2", trust=t)
+    hop2 = Mitm(p_a2)
+    b, p_b = serve(tmp_path, "--migrate-to", f"127.0.0.1:{hop2.port}", "--after", "10", name="b", trust=t)
+    hop1 = Mitm(p_b)
+    a1 = Vmm("run", keeper, "--key-seed", SEED, "--migrate-to", f"127.0.0.1:{hop1.port}", "--after", "15",
+             cwd=tmp_path, name="a1", trust=t)
+    for v in (a1, b, a2):
+        assert v.finish() == 0, v.stderr
+    for v in (a1, b):
+        assert "mode: secure" in v.stderr and "secure phases: attestation" in v.stderr, v.stderr
+    assert "migration mode: secure" in a2.stderr and "secure mode" in a2.stderr
+    out = a1.stdout + b.stdout + a2.stdout
+    assert out == ref.stdout
+    assert "keeper" in a2.stdout and "SECRET CHANGED" not in out
+    assert "exits: pid 1=0, pid 2=0" in a2.stderr
+    keys = seeded_keys(SEED.encode())
+    process_keys = [keys(32) for _ in range(4)]
+    for hop in (hop1, hop2):
+        wire = hop.wire
+        assert len(wire) > 64 << 10                    # the guest crossed here
+        assert SECRET not in wire
+        assert b"counter \0" not in wire               # every page travels sealed
+        for k in process_keys:
+            assert k not in wire
+        kinds = {r for r, _ in hop.seen}
+        assert {RecordType.KEY_SHARE, RecordType.QUOTE, RecordType.KEY_RELEASE, RecordType.COMMIT} <= kinds
+
+
+def test_a_plain_source_is_refused_by_a_secure_destination_and_keeps_its_guest(tmp_path):
+    t = trust(tmp_path)
+    dst, port = serve(tmp_path, "--count", "1", name="dst", trust=t)
+    src = Vmm("run", "counter", "--migrate-to", f"127.0.0.1:{port}", "--after", "5", cwd=tmp_path, name="src")
+    assert src.finish() == 0, src.stderr
+    assert "accepts only the secure protocol" in src.stderr and "the guest continues here" in src.stderr
+    assert re.findall(r"^counter (\d+)$", src.stdout, re.M)[-1] == "100"
+    dst.kill()
+
+
+def _modify_first_pages(seen, rtype, raw):
+    if rtype == RecordType.PAGES and not any(r == RecordType.PAGES for r, _ in seen):
+        bad = bytearray(raw)
+        bad[HEADER.size + 100] ^= 1
+        return [bytes(bad)]
+    return [raw]
+
+
+def _duplicate_first_pages(seen, rtype, raw):
+    if rtype == RecordType.PAGES and not any(r == RecordType.PAGES for r, _ in seen):
+        return [raw, raw]
+    return [raw]
+
+
+@pytest.mark.parametrize("meddle, failure", [
+    (_modify_first_pages, "PAGES record number"),           # ... failed authentication
+    (_duplicate_first_pages, "out of sequence"),
+])
+def test_a_record_modified_or_replayed_on_the_wire_is_rejected_and_the_guest_stays(tmp_path, meddle, failure):
+    t = trust(tmp_path)
+    dst, port = serve(tmp_path, name="dst", trust=t)
+    mitm = Mitm(port, meddle)
+    src = Vmm("run", "counter", "--migrate-to", f"127.0.0.1:{mitm.port}", "--after", "5",
+              cwd=tmp_path, name="src", trust=t)
+    assert src.finish() == 0, src.stderr
+    assert "the guest continues here" in src.stderr
+    assert re.findall(r"^counter (\d+)$", src.stdout, re.M)[-1] == "100"
+    dst.wait_for(failure)
+    dst.wait_for("nothing resumed")
+    dst.kill()
+
+
+def test_with_replay_off_a_duplicated_record_passes_the_record_layer(tmp_path):
+    """--insecure replay on both ends (and a policy approving it): the same
+    duplicate is no longer stopped by the sealed channel; only the engine's own
+    page accounting (defence in depth) notices the extra pages."""
+    t = trust(tmp_path, {"insecure": ("replay",)})
+    dst, port = serve(tmp_path, "--insecure", "replay", name="dst", trust=t)
+    mitm = Mitm(port, _duplicate_first_pages)
+    src = Vmm("run", "counter", "--insecure", "replay", "--migrate-to", f"127.0.0.1:{mitm.port}",
+              "--after", "5", cwd=tmp_path, name="src", trust=t)
+    assert src.finish() == 0, src.stderr
+    assert "BUT INSECURE: defence(s) OFF: replay" in src.stderr
+    line = dst.wait_for("nothing resumed")
+    assert "out of sequence" not in dst.stderr and "carries more than" in line
+    dst.kill()
+
+
+def test_with_encryption_off_an_eavesdropper_reads_the_pages(tmp_path):
+    t = trust(tmp_path, {"insecure": ("encryption",)})
+    dst, port = serve(tmp_path, "--insecure", "encryption", name="dst", trust=t)
+    mitm = Mitm(port)
+    src = Vmm("run", "counter", "--insecure", "encryption", "--migrate-to", f"127.0.0.1:{mitm.port}",
+              "--after", "5", cwd=tmp_path, name="src", trust=t)
+    assert src.finish() == 0 and dst.finish() == 0, src.stderr + dst.stderr
+    assert b"counter \0" in mitm.wire
+
+
+def test_a_vmm_with_a_defence_off_is_refused_by_a_secure_peer(tmp_path):
+    t = trust(tmp_path)
+    dst, port = serve(tmp_path, name="dst", trust=t)
+    src = Vmm("run", "counter", "--insecure", "toctou", "--migrate-to", f"127.0.0.1:{port}", "--after", "5",
+              cwd=tmp_path, name="src", trust=t)
+    assert src.finish() == 0, src.stderr
+    assert "BUT INSECURE" in src.stderr
+    dst.wait_for("attestation of the source failed: measurement not approved by the policy")
+    assert "the guest continues here" in src.stderr
+    dst.kill()
+
+
+def test_the_demo_runs_the_secure_protocol_by_default(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "minivmm", "demo", "--tpm-dir", str(tmp_path / "d")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "migration mode: secure" in out and "mode: secure mode" in out
+    assert "secure phases: attestation" in out and "key release" in out
+    assert (tmp_path / "d" / "policy.json").exists() and (tmp_path / "d" / "issuer").is_dir()
