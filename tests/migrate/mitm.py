@@ -25,9 +25,11 @@ class Mitm:
     """``meddle(seen, rtype, raw) -> list[bytes]``: what to forward in place of
     the source's record ``raw`` (``seen``: the source's records so far)."""
 
-    def __init__(self, dest_port: int, meddle=None):
+    def __init__(self, dest_port: int, meddle=None, meddle_back=None):
         self.dest_port = dest_port
         self.meddle = meddle
+        self.meddle_back = meddle_back          # the same, destination -> source
+        self.seen_back: list[tuple[RecordType, bytes]] = []
         self.seen: list[tuple[RecordType, bytes]] = []
         self.to_dest = bytearray()
         self.to_source = bytearray()
@@ -69,8 +71,16 @@ class Mitm:
 
     def _back(self, dst, src):
         try:
-            while data := dst.recv(65536):
-                self.to_source += data
-                src.sendall(data)
+            while True:
+                header = _read(dst, HEADER.size)
+                if header is None:
+                    return
+                rtype, _, length, _ = HEADER.unpack(header)
+                raw = header + (_read(dst, length) or b"" if length else b"")
+                out = [raw] if self.meddle_back is None else self.meddle_back(self.seen_back, RecordType(rtype), raw)
+                self.seen_back.append((RecordType(rtype), raw))
+                for r in out:
+                    self.to_source += r
+                    src.sendall(r)
         except OSError:
             return
