@@ -145,6 +145,8 @@ class Destination:
             rec = ch.recv()
             if rec.type is RecordType.ABORT:
                 raise PeerAborted(f"source aborted: {decode_reason(rec.body)}")
+            if state in (PRECOPY, IN_ROUND, STATE) and self.mode.take(ch, rec):
+                continue                                # secure: FRESH_NONCE, the final quote starts
             if rec.type not in ALLOWED[state]:
                 raise ProtocolError(f"unexpected {rec.type.name} record in state {state}")
             t = rec.type

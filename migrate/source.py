@@ -115,6 +115,9 @@ class Source:
             # guest paused: past it the source aborts and resumes (DESIGN §6.4).
             ch.deadline = time.monotonic() + self.timeout
             self._stop_and_copy(ch, report, remaining)
+            # Secure: process keys sealed away and destroyed, the migrated-away mark
+            # made durable -- while the destination opens the keys and restores.
+            self.mode.before_commit(m, peer)
             self._expect(ch, RecordType.PREPARED)
             self._emit(mev.Prepared)
             ch.deadline = None
@@ -125,13 +128,6 @@ class Source:
             # Marked before the send: an interrupt during it must not resume us.
             committed = True
             m.halted, m.halt_detail = MIGRATED, f"migrated to {peer}"
-            try:        # secure: keys sealed away and destroyed, migrated-away marked, durably
-                self.mode.before_commit(m, peer)
-            except Exception:
-                self.mode.undo_commit(m)
-                m.halted, m.halt_detail = None, ""
-                committed = False
-                raise
             try:
                 ch.send(RecordType.COMMIT, self.mode.commit_token())
             except MigrationError:
@@ -192,6 +188,7 @@ class Source:
     def _abort(self, ch, report, exc) -> None:
         """Before COMMIT: tell the peer (best effort), give the guest back."""
         reason = f"{type(exc).__name__}: {exc}"
+        self.mode.undo_commit(self.machine)     # secure: keys back from the TPM, mark undone
         if ch is not None and not isinstance(exc, (ConnectionLost, PeerAborted)):
             try:
                 ch.timeout = min(ch.timeout, 1.0)
@@ -414,6 +411,7 @@ class Source:
     def _stop_and_copy(self, ch: Channel, report: MigrationReport, remaining: np.ndarray) -> None:
         m = self.machine
         self._t_pause = clock.now()         # the guest runs no further slice here
+        self.mode.at_pause(ch)              # secure: the fresh nonce for the final quote
         report.vclock_pause = m.vclock
         m.seal_for_export()
         mask = np.zeros(m.ram.npages, dtype=bool)

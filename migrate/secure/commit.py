@@ -75,36 +75,66 @@ def restore_keys(machine, tpm, blob: bytes) -> None:
     prot._ciphers.update({h: PageCipher(k) for h, k in keys.items()})
 
 
-def unmark(directory: Path | str, vm_id: str) -> None:
+class MigrationMark:
+    """The durable migrated-away mark of one VM on the source host.
+
+    A fixed-size file, created and fsync'ed (file and directory) at the
+    handshake as ``pending``, outside the downtime; at commit it is rewritten
+    in place as ``migrated-away`` -- generation, destination, and the process
+    keys *sealed to this host's TPM* (the only way back to them) -- with one
+    ``fdatasync`` (~2 ms here, against ~10 ms for a new file).  After a crash:
+    ``migrated-away`` means the VM left (never resume it here), ``pending``
+    means ask the destination first, ``aborted`` or no file means it never left.
+    """
+    SIZE = 16384
+
+    def __init__(self, directory: Path | str, vm_id: str):
+        self.directory = Path(directory)
+        self.path = self.directory / f"migration-{vm_id}.mark"
+        self.vm_id = vm_id
+        self._fd = None
+
+    def _write(self, doc: dict, *, sync) -> None:
+        data = json.dumps(doc, sort_keys=True).encode()
+        if len(data) > self.SIZE:
+            raise ValueError("migration mark too large")
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.pwrite(self._fd, data.ljust(self.SIZE, b" "), 0)
+        sync(self._fd)
+
+    def prepare(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._write({"state": "pending", "vm_id": self.vm_id, "at": time.time()}, sync=os.fsync)
+        dfd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def commit(self, generation: int, peer: str, sealed_keys: bytes) -> None:
+        self._write({"state": "migrated-away", "vm_id": self.vm_id, "generation": generation, "to": peer,
+                     "at": time.time(), "sealed_keys": base64.b64encode(sealed_keys).decode()},
+                    sync=os.fdatasync)
+        self.close()
+
+    def undo(self) -> None:
+        self._write({"state": "aborted", "vm_id": self.vm_id, "at": time.time()}, sync=os.fdatasync)
+        self.close()
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def read_mark(directory: Path | str, vm_id: str) -> dict | None:
     try:
-        (Path(directory) / f"migrated-away-{vm_id}.json").unlink()
-    except OSError:
-        pass
-
-
-def mark_migrated_away(directory: Path | str, vm_id: str, generation: int, peer: str) -> Path:
-    """Durably record that this VM left (written and fsync'ed before COMMIT)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"migrated-away-{vm_id}.json"
-    tmp = path.with_suffix(".tmp")
-    data = json.dumps({"vm_id": vm_id, "generation": generation, "to": peer, "at": time.time()}).encode()
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return path
-
-
-def migrated_away(directory: Path | str, vm_id: str) -> dict | None:
-    path = Path(directory) / f"migrated-away-{vm_id}.json"
-    try:
-        return json.loads(path.read_text())
+        return json.loads((Path(directory) / f"migration-{vm_id}.mark").read_bytes().rstrip(b" "))
     except (OSError, ValueError):
         return None

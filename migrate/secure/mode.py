@@ -10,13 +10,15 @@ seam                      where                                   plain mode
 ``hello_info(machine)``   fields added to HELLO's info            ``{}``
 ``source_handshake``      source, after HELLO, before WELCOME     nothing
 ``destination_handshake`` destination, after HELLO, before WELCOME nothing
+``at_pause(ch)``           source, the guest just paused           nothing
+``take(ch, rec)``         destination, a record outside the engine ``False`` (not ours)
 ``split_state(doc)``      source, the state document at pause     ``(doc, None)``
 ``source_final``          source, after DIGEST, before PREPARED   nothing
 ``destination_final``     destination, digest checked, pre-restore ``None``
 ``merge_state``           destination, before ``Machine.restore`` the document as is
-``before_commit``         source, after PREPARED, before COMMIT   nothing
+``before_commit``         source, key release sent, before PREPARED nothing
 ``commit_token``          COMMIT's body                           ``b""``
-``undo_commit``           source, COMMIT not delivered / aborted  nothing
+``undo_commit``           source, any failure before COMMIT went   nothing
 ``check_commit``          destination, on COMMIT                  nothing
 ``resumed(machine)``      destination, after it resumed           nothing
 =======================  ======================================  =====================
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from migrate.errors import ProtocolError, Refused
@@ -67,6 +70,12 @@ class PlainMode:
 
     def destination_handshake(self, ch, hello, hello_body: bytes) -> None:
         pass
+
+    def at_pause(self, ch) -> None:
+        pass
+
+    def take(self, ch, rec) -> bool:
+        return False
 
     def split_state(self, doc: dict):
         return doc, None
@@ -115,6 +124,10 @@ class SecureMode(PlainMode):
         self.peer = None            # AttestationResult of the handshake
         self.vm = None              # (vm_id, generation)
         self._escrow = None
+        self._mark = None
+        self._release = None        # destination: its release key (made at the handshake)
+        self._final_quote = None    # destination: the final quote, made while the last pages arrive
+        self._nonce = None          # source: the fresh nonce sent at pause
 
     def on(self, defence: str) -> bool:
         return defence not in self.insecure
@@ -162,6 +175,9 @@ class SecureMode(PlainMode):
             self.peer = self.attestor.verify(rec.body, eph.share.nonce, th, who="destination")
         ch.send(RecordType.QUOTE, self.attestor.quote(peer_share.nonce, th))
         ch.seal(self.keys)                  # WELCOME and everything after: sealed
+        if self.on("ordering"):             # the durable mark exists before the guest pauses
+            self._mark = commit.MigrationMark(self.state_dir, self.vm[0])
+            self._mark.prepare()
         self._time("attestation", t0)
 
     def destination_handshake(self, ch, hello, hello_body: bytes) -> None:
@@ -184,6 +200,9 @@ class SecureMode(PlainMode):
         if self.on("replay"):
             generation.check(self.attestor.tpm, vm_id, gen)
         self.vm = (vm_id, gen)
+        # The release key, sealed now to the attested PCR values: it opens at key
+        # release only if PCRs 8-10 never changed since (they only ever extend).
+        self._release = keyrelease.ReleaseKey(self.attestor.tpm, seal=self.on("toctou"))
         self._time("attestation", t0)
 
     # ------------------------------------------------------------ final phase
@@ -195,10 +214,29 @@ class SecureMode(PlainMode):
         public["protection"] = None
         return public, _canonical(secret)
 
+    def at_pause(self, ch) -> None:
+        """The fresh nonce goes out the moment the guest pauses, so the destination
+        quotes while the last pages, the state and the digest arrive (its TPM
+        needs ~10 ms per quote: it would otherwise sit in the downtime)."""
+        t0 = time.perf_counter()
+        self._nonce = keyrelease.fresh_nonce()
+        ch.send(RecordType.FRESH_NONCE, self._nonce)
+        self._time("key_release", t0)
+
+    def take(self, ch, rec) -> bool:
+        if rec.type is not RecordType.FRESH_NONCE:
+            return False
+        if self._final_quote is not None or len(rec.body) != 32:
+            raise ProtocolError("FRESH_NONCE repeated or of the wrong size")
+        nonce, binding = bytes(rec.body), keyrelease.binding(self.keys.transcript, self._release.public)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="secure-quote")
+        self._final_quote = pool.submit(self.attestor.quote, nonce, binding)
+        pool.shutdown(wait=False)
+        return True
+
     def source_final(self, ch, secret: bytes) -> None:
         t0 = time.perf_counter()
-        nonce = keyrelease.fresh_nonce()
-        ch.send(RecordType.FRESH_NONCE, nonce)
+        nonce = self._nonce
         rec = ch.recv(only=frozenset({RecordType.FINAL_QUOTE, RecordType.ABORT}))
         if rec.type is RecordType.ABORT:
             raise SecurityError(f"destination aborted before key release: {decode_reason(rec.body)}")
@@ -220,12 +258,10 @@ class SecureMode(PlainMode):
 
     def destination_final(self, ch):
         t0 = time.perf_counter()
-        rec = ch.recv(only=frozenset({RecordType.FRESH_NONCE}))
-        if len(rec.body) != 32:
-            raise ProtocolError("FRESH_NONCE of the wrong size")
-        release = keyrelease.ReleaseKey(self.attestor.tpm, seal=self.on("toctou"))
-        evidence = self.attestor.quote(bytes(rec.body), keyrelease.binding(self.keys.transcript, release.public))
-        ch.send(RecordType.FINAL_QUOTE, release.public, evidence)
+        if self._final_quote is None:
+            raise ProtocolError("the source never sent its fresh nonce (FRESH_NONCE) for the final quote")
+        release = self._release
+        ch.send(RecordType.FINAL_QUOTE, release.public, self._final_quote.result())
         rec = ch.recv(only=frozenset({RecordType.KEY_RELEASE}))
         secret = release.open(rec.body, self.keys)
         self._time("key_release", t0)
@@ -249,8 +285,7 @@ class SecureMode(PlainMode):
         t0 = time.perf_counter()
         if self.on("ordering"):
             self._escrow = commit.escrow_keys(machine, self.attestor.tpm)
-            vm_id, gen = self.vm
-            commit.mark_migrated_away(self.state_dir, vm_id, gen, peer)
+            self._mark.commit(self.vm[1], peer, self._escrow)
             commit.destroy_keys(machine)
         self._time("commit", t0)
 
@@ -260,8 +295,10 @@ class SecureMode(PlainMode):
     def undo_commit(self, machine) -> None:
         if self._escrow is not None:
             commit.restore_keys(machine, self.attestor.tpm, self._escrow)
-            commit.unmark(self.state_dir, self.vm[0])
             self._escrow = None
+        if self._mark is not None:
+            self._mark.undo()
+            self._mark = None
 
     def check_commit(self, body: bytes) -> None:
         if self.on("ordering"):

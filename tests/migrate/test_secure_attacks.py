@@ -102,13 +102,25 @@ def test_with_attestation_off_an_unapproved_destination_is_accepted(tmp_path):
 
 
 # -------------------------------------------------------------------- TOCTOU
+def _reconfigure(tpm):
+    tpm.extend(9, hashlib.sha256(b"reconfigured").digest(), event_type=EventType.MANUAL,
+               data=b"reconfigured after attestation")
+
+
 class ChangesAfterAttestation(SecureMode):
-    """A destination whose measured state changes between the handshake and key
-    release (someone extends a PCR: loads a module, reconfigures the VMM).
+    """A destination whose measured state changes between the handshake and the
+    final quote (someone extends a PCR: loads a module, reconfigures the VMM).
     PCR 9 is quoted but not judged by the policy: only the TOCTOU check sees it."""
+    def take(self, ch, rec):
+        _reconfigure(self.attestor.tpm)
+        return super().take(ch, rec)
+
+
+class ChangesAfterFinalQuote(SecureMode):
+    """... or between the final quote and the use of the released keys."""
     def destination_final(self, ch):
-        self.attestor.tpm.extend(9, hashlib.sha256(b"reconfigured").digest(), event_type=EventType.MANUAL,
-                                 data=b"reconfigured after attestation")
+        self._final_quote.result()
+        _reconfigure(self.attestor.tpm)
         return super().destination_final(ch)
 
 
@@ -122,6 +134,19 @@ def test_a_destination_whose_pcrs_changed_gets_no_key(tmp_path):
     err = res["source_error"]
     assert isinstance(err, KeyReleaseRefused)
     assert "no process key released" in str(err) and "PCR 9 changed since attestation" in str(err)
+    assert_home_intact(m, keys, res)
+
+
+def test_a_destination_changed_after_its_final_quote_cannot_open_the_keys(tmp_path):
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    m = guest()
+    keys = dict(m.protection._keys)
+    attestor_b = trust.mode(b).attestor
+    m, res = migrate(trust, trust.mode(a), lambda: ChangesAfterFinalQuote(attestor_b))
+    assert isinstance(res["error"], KeyReleaseRefused)
+    assert "refuses to unseal the release key" in str(res["error"])
+    assert "refuses to unseal" in str(res["source_error"])            # told (sealed ABORT)
     assert_home_intact(m, keys, res)
 
 

@@ -5,6 +5,7 @@ import pytest
 
 from guests.build import Program, build_image
 from migrate.secure.channel import SealedChannel
+from migrate.secure.commit import read_mark
 from migrate.server import Server
 from migrate.source import MIGRATED, Source
 from minivmm.machine import Machine
@@ -61,5 +62,6 @@ def test_protected_keeper_migrates_secure_and_no_secret_or_key_on_the_wire(tmp_p
     for k in keys.values():
         assert k not in Recorder.wire
     assert not m.protection._keys, "the source destroyed its process keys before COMMIT"
-    assert (tmp_path / "a" / f"migrated-away-{mode.vm[0]}.json").exists()
+    mark = read_mark(tmp_path / "a", mode.vm[0])
+    assert mark["state"] == "migrated-away" and mark["generation"] == 1 and mark["sealed_keys"]
     assert d.migration_identity == mode.vm and mode.vm[1] == 1
