@@ -166,11 +166,16 @@ def _summary(role: str, machine, result: str) -> None:
     _say(role, f"{result} after {machine.ticks} ticks, {machine.vclock} virtual instructions; exits: {exits}")
 
 
-def _save_for_recovery(machine, args) -> None:
+def _save_for_recovery(machine, args, mode=None) -> None:
     """After an unconfirmed commit the guest may run nowhere: keep its paused
     state, runnable, for an operator who has checked that the destination
-    did not resume it (resuming both would run two copies)."""
+    did not resume it (resuming both would run two copies).  Secure mode: the
+    file holds the process keys, so it is sealed to this host's TPM."""
     path = getattr(args, "save_state", None) or f"unconfirmed-{machine.image.name}-{os.getpid()}.mvstate"
+    hint = mode.save_recovery(machine, path + ".sealed") if mode is not None else None
+    if hint:
+        _say("run", hint)
+        return
     halted, detail = machine.halted, machine.halt_detail
     machine.halted, machine.halt_detail = None, ""
     try:
@@ -216,7 +221,7 @@ def run_guest(machine, args, *, role: str) -> int:
             except CommitUnconfirmed as exc:
                 print(exc.report.format(), file=sys.stderr, flush=True)
                 _say(say, f"{exc}")
-                _save_for_recovery(machine, args)
+                _save_for_recovery(machine, args, src.mode)
                 return EXIT_UNCONFIRMED
             except GuestStopped as exc:
                 _say(say, f"migration abandoned: {exc}")
@@ -377,5 +382,6 @@ def register(sub) -> None:
     _extend_run(sub.choices["run"])
     _add_serve(sub)
     secure_cli.add_setup_command(sub)
+    secure_cli.add_recover_command(sub)
     _add_demo(sub)
     _add_bench(sub)

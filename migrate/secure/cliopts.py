@@ -128,3 +128,33 @@ def add_setup_command(sub) -> None:
               + "".join(f"; and with --insecure {d}" for d in a.approve_insecure) + ")")
         return 0
     s.set_defaults(func=run)
+
+
+def add_recover_command(sub) -> None:
+    r = sub.add_parser("recover", help="continue a guest sealed after an unconfirmed secure commit",
+                       description="Open a recovery file written after a secure migration whose commit "
+                                   "was never confirmed (this host's TPM must still hold the measured "
+                                   "state it was sealed under) and run the guest to the end. ONLY if "
+                                   "the destination did not resume it: otherwise two copies run.")
+    r.add_argument("file", help="the .sealed recovery file")
+    r.add_argument("--tpm-dir", metavar="DIR", help="this host's TPM (default: the source role's)")
+    r.add_argument("--save-state", metavar="FILE", help="save the final machine state (no migration)")
+
+    def run(a) -> int:
+        from minivmm.machine import Machine
+        from minivmm.state import MachineState
+        from migrate.measure import default_tpm_dir
+        from migrate.secure.commit import open_recovery
+        from tpm import SoftTpm
+        from tpm.errors import TpmError
+        tpm_dir = Path(a.tpm_dir) if a.tpm_dir else default_tpm_dir("source")
+        try:
+            data = open_recovery(a.file, SoftTpm.open(tpm_dir, startup=None, create=False))
+        except TpmError as exc:
+            raise ValueError(f"this host's TPM refuses to open {a.file}: {exc}") from None
+        machine = Machine.restore(MachineState.from_bytes(data, where=a.file))
+        from migrate.cli import _stream, run_guest
+        a.migrate_to = None
+        _stream(machine, a)
+        return run_guest(machine, a, role="source")
+    r.set_defaults(func=run)

@@ -25,6 +25,9 @@ import os
 import time
 from pathlib import Path
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from minivmm.cloak import PageCipher
 from migrate.secure.attest import QUOTED_PCRS
 from migrate.secure.errors import BadToken
@@ -138,3 +141,48 @@ def read_mark(directory: Path | str, vm_id: str) -> dict | None:
         return json.loads((Path(directory) / f"migration-{vm_id}.mark").read_bytes().rstrip(b" "))
     except (OSError, ValueError):
         return None
+
+
+# ------------------------------------------------------------------ recovery
+RECOVERY_MAGIC = b"MVRECOV1"
+
+
+def seal_recovery(machine, tpm, escrow: bytes, path: Path | str) -> Path:
+    """After an unconfirmed commit: write the paused VM, process keys included,
+    so that only this host's TPM (while PCRs 8-10 are unchanged) can open it:
+    ``magic || u32 len || TPM-sealed AES key || AES-256-GCM(state file bytes)``.
+    The keys come back from the escrow for the save and are destroyed again."""
+    restore_keys(machine, tpm, escrow)
+    halted, detail = machine.halted, machine.halt_detail
+    machine.halted, machine.halt_detail = None, ""
+    try:
+        data = machine.save_state(ram=True).to_bytes()
+    finally:
+        machine.halted, machine.halt_detail = halted, detail
+        destroy_keys(machine)
+    key = os.urandom(32)
+    blob = tpm.seal(key, list(QUOTED_PCRS))
+    sealed = AESGCM(key).encrypt(bytes(12), data, RECOVERY_MAGIC)
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(RECOVERY_MAGIC + len(blob).to_bytes(4, "little") + blob + sealed)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def open_recovery(path: Path | str, tpm) -> bytes:
+    """The state file bytes of a sealed recovery file (raises if this TPM refuses)."""
+    data = Path(path).read_bytes()
+    if data[:8] != RECOVERY_MAGIC or len(data) < 12:
+        raise ValueError(f"{path}: not a sealed minivmm recovery file")
+    n = int.from_bytes(data[8:12], "little")
+    if n > 1 << 16 or len(data) < 12 + n + 16:
+        raise ValueError(f"{path}: truncated recovery file")
+    key = tpm.unseal(data[12:12 + n])
+    try:
+        return AESGCM(key).decrypt(bytes(12), data[12 + n:], RECOVERY_MAGIC)
+    except InvalidTag:
+        raise ValueError(f"{path}: recovery file failed authentication") from None

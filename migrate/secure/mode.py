@@ -104,6 +104,10 @@ class PlainMode:
     def resumed(self, machine) -> None:
         pass
 
+    def save_recovery(self, machine, path) -> str | None:
+        """After an unconfirmed commit: None (the caller saves a plain state file)."""
+        return None
+
     def describe(self) -> str:
         return "plain mode (no attestation, no encryption)"
 
@@ -299,6 +303,14 @@ class SecureMode(PlainMode):
         if self._mark is not None:
             self._mark.undo()
             self._mark = None
+
+    def save_recovery(self, machine, path) -> str | None:
+        """The paused VM with its process keys, sealed to this host's TPM."""
+        if self._escrow is None:
+            return None
+        path = commit.seal_recovery(machine, self.attestor.tpm, self._escrow, path)
+        return (f"the paused guest and its process keys are sealed to this host's TPM in {path}; ONLY if "
+                f"the destination did not resume it, continue it with: minivmm recover {path}")
 
     def check_commit(self, body: bytes) -> None:
         if self.on("ordering"):

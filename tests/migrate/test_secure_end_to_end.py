@@ -189,3 +189,54 @@ def test_a_forged_abort_after_commit_cannot_make_two_copies(tmp_path, secure, of
     else:
         assert src_rc == 0 and "forged: destination discarded" in src.stderr
         assert ran_at_source[-1] == "100"                       # two copies ran to the end
+
+
+def _drop_commit(seen, rtype, raw):
+    return [] if rtype == RecordType.COMMIT else [raw]
+
+
+def _cut_at_commit(seen, rtype, raw):
+    if rtype == RecordType.COMMIT:
+        raise OSError("cut")               # the man in the middle closes both connections
+    return [raw]
+
+
+def test_a_lost_commit_the_destination_gives_up_on_resumes_the_source(tmp_path, keeper):
+    """The destination waits for COMMIT in vain and sends its (sealed) ABORT:
+    the abort token.  The source, which had destroyed its keys, gets them back
+    from its TPM and runs on: exactly one copy."""
+    t = trust(tmp_path)
+    dst, port = serve(tmp_path, "--timeout", "1", name="dst", trust=t)
+    mitm = Mitm(port, _drop_commit)
+    src = Vmm("run", keeper, "--timeout", "5", "--migrate-to", f"127.0.0.1:{mitm.port}", "--after", "5",
+              cwd=tmp_path, name="src", trust=t)
+    assert src.finish() == 0, src.stderr
+    assert "the guest resumes here" in src.stderr
+    # the protected keeper goes on with its key (back from the TPM) and its secret
+    assert "keeper: round 1500, secret intact" in src.stdout and "SECRET CHANGED" not in src.stdout
+    assert re.findall(r"^counter (\d+)$", src.stdout, re.M)[-1] == "60"
+    dst.wait_for("nothing resumed")
+    dst.kill()
+    assert "counter" not in dst.stdout
+
+
+def test_an_unconfirmed_commit_leaves_no_copy_and_a_sealed_recovery(tmp_path):
+    """The connection dies right after COMMIT left the source: the source never
+    resumes (exit 4), the destination never got COMMIT and discards; the paused
+    guest and its keys are sealed to the source's TPM, and 'minivmm recover'
+    continues it there -- with no process key and no secret on disk in clear."""
+    t = trust(tmp_path)
+    dst, port = serve(tmp_path, name="dst", trust=t)
+    mitm = Mitm(port, _cut_at_commit)
+    src = Vmm("run", "counter", "--migrate-to", f"127.0.0.1:{mitm.port}", "--after", "5",
+              cwd=tmp_path, name="src", trust=t)
+    assert src.finish() == 4, src.stderr
+    dst.wait_for("nothing resumed")
+    dst.kill()
+    line = src.wait_for("minivmm recover ")
+    path = line.rsplit("minivmm recover ", 1)[1].strip()
+    assert path.endswith(".sealed") and b"counter \0" not in (tmp_path / path).read_bytes()
+    rec = Vmm("recover", path, cwd=tmp_path, name="src")          # same host: same TPM state dir
+    assert rec.finish() == 0, rec.stderr
+    lines = re.findall(r"^counter (\d+)$", src.stdout + rec.stdout, re.M)
+    assert [int(n) for n in lines] == list(range(1, 101))
