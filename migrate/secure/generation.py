@@ -7,8 +7,10 @@ travel in HELLO's info, which the transcript hash covers and both quotes
 bind, so they are authenticated once attestation succeeds.  The destination
 keeps, per VM, the last generation it accepted in its TPM's monotonic NV
 counter ``vm-<id>`` (it survives a restart of the VMM and of the TPM), and
-refuses a generation that is not newer.  The counter is advanced when the
-destination resumes the VM (on a valid COMMIT).
+refuses a generation that is not newer.  The counter is advanced as soon as
+the source is attested (so a replay of the same stream is stale from then on,
+and the TPM's writes stay out of the downtime); the source uses up one
+generation per attempt, so a retry after a failed attempt is newer still.
 """
 
 from __future__ import annotations

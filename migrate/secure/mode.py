@@ -151,6 +151,9 @@ class SecureMode(PlainMode):
     def hello_info(self, machine) -> dict:
         vm_id, gen = getattr(machine, "migration_identity", None) or (generation.new_identity(), 0)
         self.vm = (vm_id, gen + 1)
+        # Every attempt uses up a generation (the destination records it at the
+        # handshake, outside the downtime), so a retry after a failure is newer.
+        machine.migration_identity = self.vm
         return {"mode": "secure", "vm_id": vm_id, "generation": gen + 1}
 
     # -------------------------------------------------------------- handshake
@@ -172,16 +175,23 @@ class SecureMode(PlainMode):
         peer_share = KeyShare.decode(rec.body)
         th = transcript_hash(hello_body, eph.share.encode(), peer_share.encode())
         self.keys = derive(eph.exchange(peer_share.public), th)
-        rec = ch.recv(only=frozenset({RecordType.QUOTE, RecordType.ABORT}))
-        if rec.type is RecordType.ABORT:
-            raise SecurityError(f"destination aborted the handshake: {decode_reason(rec.body)}")
-        if self.on("attestation"):
-            self.peer = self.attestor.verify(rec.body, eph.share.nonce, th, who="destination")
-        ch.send(RecordType.QUOTE, self.attestor.quote(peer_share.nonce, th))
+        # Our quote (and the durable mark) are made while the destination's quote
+        # is on its way: a TPM quote costs ~10 ms here (the TPM persists its clock).
+        pool = ThreadPoolExecutor(1, thread_name_prefix="secure-quote")
+        try:
+            own = pool.submit(self.attestor.quote, peer_share.nonce, th)
+            if self.on("ordering"):         # the durable mark exists before the guest pauses
+                self._mark = commit.MigrationMark(self.state_dir, self.vm[0])
+                pool.submit(self._mark.prepare)
+            rec = ch.recv(only=frozenset({RecordType.QUOTE, RecordType.ABORT}))
+            if rec.type is RecordType.ABORT:
+                raise SecurityError(f"destination aborted the handshake: {decode_reason(rec.body)}")
+            if self.on("attestation"):
+                self.peer = self.attestor.verify(rec.body, eph.share.nonce, th, who="destination")
+            ch.send(RecordType.QUOTE, own.result())
+        finally:
+            pool.shutdown(wait=True)
         ch.seal(self.keys)                  # WELCOME and everything after: sealed
-        if self.on("ordering"):             # the durable mark exists before the guest pauses
-            self._mark = commit.MigrationMark(self.state_dir, self.vm[0])
-            self._mark.prepare()
         self._time("attestation", t0)
 
     def destination_handshake(self, ch, hello, hello_body: bytes) -> None:
@@ -203,6 +213,7 @@ class SecureMode(PlainMode):
             self.peer = self.attestor.verify(rec.body, eph.share.nonce, th, who="source")
         if self.on("replay"):
             generation.check(self.attestor.tpm, vm_id, gen)
+            generation.accept(self.attestor.tpm, vm_id, gen)    # a replay of this stream is stale now
         self.vm = (vm_id, gen)
         # The release key, sealed now to the attested PCR values: it opens at key
         # release only if PCRs 8-10 never changed since (they only ever extend).
@@ -317,7 +328,4 @@ class SecureMode(PlainMode):
             commit.check_commit(self.keys, body)
 
     def resumed(self, machine) -> None:
-        vm_id, gen = self.vm
-        if self.on("replay"):
-            generation.accept(self.attestor.tpm, vm_id, gen)
-        machine.migration_identity = (vm_id, gen)
+        machine.migration_identity = self.vm

@@ -10,6 +10,7 @@ from guests.build import Program, build_image
 from migrate.errors import MigrationError
 from migrate.secure import generation, keyrelease
 from migrate.secure.channel import SealedChannel
+from migrate.secure.commit import read_mark
 from migrate.secure.errors import AttestationFailed, KeyReleaseRefused, StaleGeneration
 from migrate.secure.mode import SecureMode
 from migrate.server import Server
@@ -207,3 +208,32 @@ def test_generation_counter_moves_only_up(tmp_path):
         generation.check(tpm, vm, 3)
     with pytest.raises(StaleGeneration, match="too far"):
         generation.check(tpm, vm, 3 + generation.MAX_STEP + 1)
+
+
+# ---------------------------------------------------------- resumption order
+def test_with_ordering_on_the_source_keeps_nothing_that_could_run_a_second_copy(tmp_path):
+    trust = Trust(tmp_path, configurations=({}, {"insecure": ("ordering",)}))
+    for off in ((), ("ordering",)):
+        a = trust.host(f"a{len(off)}", insecure=off)
+        b = trust.host(f"b{len(off)}", insecure=off, role="destination")
+        mode = trust.mode(a, insecure=off)
+        m, res = migrate(trust, mode, lambda: trust.mode(b, insecure=off))
+        assert res["report"].outcome == "completed" and m.halted == MIGRATED
+        mark = read_mark(a, mode.vm[0])
+        if off:     # --insecure ordering: the keys stay here after COMMIT, and no mark says the VM left
+            assert m.protection._keys and mark is None
+        else:
+            assert not m.protection._keys and mark["state"] == "migrated-away"
+
+
+def test_a_commit_token_from_another_session_is_refused(tmp_path):
+    from migrate.secure.commit import check_commit, commit_token
+    from migrate.secure.errors import BadToken
+    from test_secure_channel import session
+    k1, _ = session()
+    k2, _ = session()
+    check_commit(k1, commit_token(k1))
+    with pytest.raises(BadToken):
+        check_commit(k1, commit_token(k2))
+    with pytest.raises(BadToken):
+        check_commit(k1, b"")
