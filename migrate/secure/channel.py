@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import socket
 import struct
-import time
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -134,7 +133,7 @@ class SealedChannel(Channel):
         sealed = self._read_exact(length, deadline, f"a sealed {rtype.name} body")
         counter = self.recv_seq if self.check_sequence else seq
         try:
-            body = self._recv_aead.decrypt(record_nonce(self._recv_dir, counter), bytes(sealed), header)
+            body = self._recv_aead.decrypt(record_nonce(self._recv_dir, counter), sealed, header)
         except InvalidTag:
             raise RecordRejected(f"{rtype.name} record number {seq} failed authentication "
                                  f"(modified, forged, replayed or out of order)") from None
@@ -180,7 +179,3 @@ class SealedChannel(Channel):
             self.pending_abort_record = rec
             return True
         raise ProtocolError(f"unexpected {rec.type.name} record before COMMIT")
-
-
-def deadline_in(seconds: float) -> float:
-    return time.monotonic() + seconds

@@ -1,8 +1,6 @@
 """The secure protocol, source and destination in one process over loopback TCP
 (real TPMs on disk, real keystone-built guests, real sockets)."""
 
-import pytest
-
 from guests.build import Program, build_image
 from migrate.secure.channel import SealedChannel
 from migrate.secure.commit import read_mark
