@@ -14,7 +14,7 @@ from migrate.secure.errors import RecordRejected
 from migrate.secure.keyschedule import Ephemeral, KeyShare, derive, mac, transcript_hash
 from migrate.wire import HEADER, Channel, RecordType
 
-FUZZ = settings(derandomize=True, max_examples=300, deadline=None)
+FUZZ = settings(derandomize=True, max_examples=1000, deadline=None)
 
 
 def session():

@@ -176,11 +176,15 @@ def test_a_forged_abort_after_commit_cannot_make_two_copies(tmp_path, secure, of
     not authenticated): the source believes it and resumes too."""
     t = trust(tmp_path, *[{"insecure": off}] if off else []) if secure else None
     insecure = [a for d in off for a in ("--insecure", d)]
-    dst, port = serve(tmp_path, *insecure, name="dst", trust=t)
+    # A patient destination: on a loaded machine its wait for COMMIT must not run out
+    # (it would discard the VM and wait for another one: not the case under test).
+    dst, port = serve(tmp_path, *insecure, "--timeout", "60", name="dst", trust=t)
     mitm = Mitm(port, meddle_back=_forge_abort_for_resumed)
-    src = Vmm("run", "counter", *insecure, "--migrate-to", f"127.0.0.1:{mitm.port}", "--after", "5",
-              cwd=tmp_path, name="src", trust=t)
-    src_rc, dst_rc = src.finish(), dst.finish()
+    src = Vmm("run", "counter", *insecure, "--timeout", "60", "--migrate-to", f"127.0.0.1:{mitm.port}",
+              "--after", "5", cwd=tmp_path, name="src", trust=t)
+    src_rc = src.finish()
+    dst.wait_for("resumed guest", timeout=120)          # (else: its stderr in the failure)
+    dst_rc = dst.finish()
     assert dst_rc == 0 and "resumed guest" in dst.stderr
     ran_at_source = re.findall(r"^counter (\d+)$", src.stdout, re.M)
     if secure and not off:
