@@ -45,6 +45,7 @@ class Mitm:
     def _run(self):
         src, _ = self.listener.accept()
         dst = socket.create_connection(("127.0.0.1", self.dest_port))
+        self._socks = (src, dst)
         threading.Thread(target=self._back, args=(dst, src), daemon=True).start()
         try:
             while True:
@@ -61,13 +62,17 @@ class Mitm:
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
+            self._cut()
             self.listener.close()
+
+    def _cut(self):
+        """Close both connections (a meddler raising OSError cuts here)."""
+        for s in self._socks:
+            try:        # shutdown first: close() alone does not wake a recv in another thread
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
 
     def _back(self, dst, src):
         try:
@@ -83,4 +88,4 @@ class Mitm:
                     self.to_source += r
                     src.sendall(r)
         except OSError:
-            return
+            self._cut()

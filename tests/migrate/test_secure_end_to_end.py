@@ -244,3 +244,36 @@ def test_an_unconfirmed_commit_leaves_no_copy_and_a_sealed_recovery(tmp_path):
     assert rec.finish() == 0, rec.stderr
     lines = re.findall(r"^counter (\d+)$", src.stdout + rec.stdout, re.M)
     assert [int(n) for n in lines] == list(range(1, 101))
+
+
+def _cut_when(kind):
+    def meddle(seen, rtype, raw):
+        if rtype == kind:
+            raise OSError("cut")
+        return [raw]
+    return meddle
+
+
+@pytest.mark.parametrize("direction, kind", [
+    ("to_dest", RecordType.KEY_SHARE), ("to_source", RecordType.QUOTE), ("to_dest", RecordType.QUOTE),
+    ("to_source", RecordType.WELCOME), ("to_dest", RecordType.FRESH_NONCE),
+    ("to_source", RecordType.FINAL_QUOTE), ("to_dest", RecordType.KEY_RELEASE),
+    ("to_source", RecordType.PREPARED),
+])
+def test_the_connection_dying_at_each_secure_step_leaves_exactly_one_copy_the_sources(tmp_path, keeper,
+                                                                                        direction, kind):
+    """Cut at every record of the secure protocol before COMMIT: the source runs
+    its protected keeper to the end with its keys (taken back from its TPM where
+    they were already escrowed), the destination discards everything."""
+    t = trust(tmp_path)
+    dst, port = serve(tmp_path, name="dst", trust=t)
+    meddle = _cut_when(kind)
+    mitm = Mitm(port, meddle=meddle) if direction == "to_dest" else Mitm(port, meddle_back=meddle)
+    src = Vmm("run", keeper, "--migrate-to", f"127.0.0.1:{mitm.port}", "--after", "5",
+              cwd=tmp_path, name="src", trust=t)
+    assert src.finish() == 0, src.stderr
+    assert "the guest continues here" in src.stderr or "resumes here" in src.stderr, src.stderr
+    assert "keeper: round 1500, secret intact" in src.stdout and "SECRET CHANGED" not in src.stdout
+    dst.wait_for("nothing resumed")
+    dst.kill()
+    assert "keeper" not in dst.stdout and "counter" not in dst.stdout
