@@ -253,7 +253,7 @@ class Destination:
                     ch.send(RecordType.RESUMED, Resumed(machine.vclock, resumed_at, clock.boot_id()).encode())
                 except MigrationError:
                     pass
-                self.mode.resumed(machine)              # secure: the VM's generation accepted
+                self.mode.resumed(machine)              # secure: the VM carries its identity on
                 self._emit(mev.Resumed, vclock=machine.vclock)
                 return Incoming(machine, hello, report, resumed_at)
 
