@@ -1,7 +1,13 @@
 """The secure protocol, source and destination in one process over loopback TCP
 (real TPMs on disk, real keystone-built guests, real sockets)."""
 
+import socket
+
+import pytest
+
 from guests.build import Program, build_image
+from guests.catalog import get_guest
+from migrate.errors import Refused
 from migrate.secure.channel import SealedChannel
 from migrate.secure.commit import read_mark
 from migrate.server import Server
@@ -63,3 +69,23 @@ def test_protected_keeper_migrates_secure_and_no_secret_or_key_on_the_wire(tmp_p
     mark = read_mark(tmp_path / "a", mode.vm[0])
     assert mark["state"] == "migrated-away" and mark["generation"] == 1 and mark["sealed_keys"]
     assert d.migration_identity == mode.vm and mode.vm[1] == 1
+
+
+def test_a_busy_destination_refuses_a_secure_source_clearly(tmp_path):
+    """The refusal (WELCOME BUSY, before any key exchange) reaches a secure source,
+    which keeps its guest; its KEY_SHARE, sent after HELLO, is left unread."""
+    trust = Trust(tmp_path)
+    a = trust.host("a")
+    server = server_for(trust, a)
+    hog = socket.create_connection(server.address)       # takes the one slot
+    try:
+        for _ in range(5):
+            m = Machine(get_guest("counter").build())
+            m.run(max_ticks=5)
+            with pytest.raises(Refused, match="busy"):
+                Source(m, mode=trust.mode(a)).migrate(server.label)
+            assert not m.halted and not m.ram.dirty.enabled
+        assert m.run(max_ticks=100_000) == "shutdown" and "counter 100" in m.console.text()
+    finally:
+        hog.close()
+        server.close()
