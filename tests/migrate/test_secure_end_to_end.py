@@ -78,6 +78,18 @@ def test_a_plain_source_is_refused_by_a_secure_destination_and_keeps_its_guest(t
     dst.kill()
 
 
+def test_a_secure_source_refuses_to_send_to_a_plain_destination(tmp_path):
+    t = trust(tmp_path)
+    dst, port = serve(tmp_path, name="dst")                       # --plain
+    src = Vmm("run", "counter", "--migrate-to", f"127.0.0.1:{port}", "--after", "5", cwd=tmp_path,
+              name="src", trust=t)
+    assert src.finish() == 0, src.stderr
+    assert "the destination answered in plain mode: refusing to send the VM" in src.stderr
+    assert re.findall(r"^counter (\d+)$", src.stdout, re.M)[-1] == "100"
+    dst.wait_for("nothing resumed")
+    dst.kill()
+
+
 def _modify_first_pages(seen, rtype, raw):
     if rtype == RecordType.PAGES and not any(r == RecordType.PAGES for r, _ in seen):
         bad = bytearray(raw)
