@@ -237,3 +237,28 @@ def test_a_commit_token_from_another_session_is_refused(tmp_path):
         check_commit(k1, commit_token(k2))
     with pytest.raises(BadToken):
         check_commit(k1, b"")
+
+
+class WrongCommitToken(SecureMode):
+    """A COMMIT that is not this session's (a stand-in for one a man in the middle
+    made without the commit key; the records are sealed, so only a source can try)."""
+    def commit_token(self):
+        return bytes(32)
+
+
+def test_a_commit_without_the_sessions_token_is_not_obeyed(tmp_path):
+    trust = Trust(tmp_path, configurations=({}, {"insecure": ("ordering",)}))
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    m = guest()
+    keys = dict(m.protection._keys)
+    m, res = migrate(trust, WrongCommitToken(trust.mode(a).attestor), lambda: trust.mode(b), m)
+    assert "COMMIT token does not verify" in str(res["error"])
+    assert "incoming" not in res
+    # the destination's sealed ABORT after COMMIT gave the guest (and its keys) back here
+    assert "the guest resumes here" in str(res["source_error"])
+    assert_home_intact(m, keys, res)
+    # --insecure ordering on the destination: it resumes on any COMMIT
+    a2, b2 = trust.host("a2"), trust.host("b2", insecure=("ordering",), role="destination")
+    m2, res2 = migrate(trust, WrongCommitToken(trust.mode(a2).attestor),
+                       lambda: trust.mode(b2, insecure=("ordering",)))
+    assert res2["report"].outcome == "completed" and "incoming" in res2
