@@ -27,6 +27,14 @@ Each case announces itself on stderr before it runs; the two goals (a 256
 MiB idle guest at >= 50% of the ceiling, downtime <= 30 ms for a 64 MiB
 guest running the counter) get a verdict (``minivmm/verdict.py``) when their
 case was measured.
+
+Secure vs plain: in the same run, a second destination (``serve`` in the
+secure mode, with an issuer and a policy made for the run) receives the same
+workloads -- plus ``protected``, a secret keeper under process protection
+beside the counter -- migrated alternately in plain and in secure mode, and
+the table gives secure/plain ratios of total time and downtime, with the
+handshake (key exchange + mutual attestation) and key-release (fresh quote,
+sealed release key, wrap) times on their own.
 """
 
 from __future__ import annotations
@@ -42,13 +50,19 @@ from pathlib import Path
 import numpy as np
 
 from guests.build import Program, build_image
+from migrate.measure import measure_start
 from migrate.precopy import PrecopyPolicy
+from migrate.secure.attest import Attestor
+from migrate.secure.mode import SecureMode
+from migrate.secure.setup import certify, protection_policy, setup
 from migrate.source import Source
 from minivmm.machine import Machine
 from minivmm.verdict import Goal, Progress, summary
 
 GOALS = {(256, "idle"): (Goal("256 MiB idle guest, RAM migrated vs loopback ceiling", ">=", 50, "%"), "ram_pct"),
          (64, "counter"): (Goal("64 MiB counter guest, downtime", "<=", 30, " ms"), "downtime_ms")}
+SECURE_GOALS = (Goal("64 MiB protected guest, secure/plain total time", "<=", 1.15, "x"),
+                Goal("64 MiB protected guest, secure/plain downtime", "<=", 1.25, "x"))
 
 SINK = textwrap.dedent("""
     import socket, sys
@@ -94,6 +108,8 @@ def workload(name: str, ram: int):
         progs = [busy, Program.builtin("dirtier", data_pages=2048, args=(2048, 0, 1))]
     elif name == "counter":
         progs = [busy]
+    elif name == "protected":
+        progs = [busy, Program.builtin("keeper", data_pages=64, args=(1000, 1))]
     else:
         raise ValueError(name)
     return build_image(progs, name=f"bench-{name}", ram_size=ram)
@@ -111,23 +127,68 @@ def prepare(name: str, ram: int) -> Machine:
     return m
 
 
+def _start_destination(tmp: Path, name: str, mode_args: list[str]):
+    port_file = tmp / f"port-{name}"
+    dest = subprocess.Popen([sys.executable, "-m", "minivmm", "serve", "--listen", "127.0.0.1:0",
+                             "--forever", "--ticks", "1", "--port-file", str(port_file),
+                             "--tpm-dir", str(tmp / f"tpm-{name}"), *mode_args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not port_file.exists():
+        if dest.poll() is not None or time.monotonic() > deadline:
+            return dest, None
+        time.sleep(0.02)
+    return dest, f"127.0.0.1:{int(port_file.read_text())}"
+
+
+def secure_vs_plain(sizes, cases, repeat, plain_addr, secure_addr, tmp: Path) -> list:
+    """Same guests, same run: plain and secure alternately; ratios and phase
+    times.  Returns the verdicts of the secure goals (64 MiB, protected)."""
+    verdicts: list = []
+    src_tpm = tmp / "tpm-source"
+    measure_start(src_tpm, {"role": "source", "bench": True}, protection_policy())
+    certify(src_tpm, tmp / "trust" / "issuer")
+    attestor = Attestor(src_tpm, tmp / "trust" / "issuer", tmp / "trust" / "policy.json")
+    print("\nsecure vs plain (same guests, alternating; best downtime of each kept)")
+    print(f"{'RAM':>4} {'workload':10} {'plain ms':>9} {'secure ms':>9} {'total x':>7} "
+          f"{'plain down':>10} {'secure down':>11} {'down x':>6} {'handshake ms':>12} {'key release ms':>14}")
+    for mib in sizes:
+        for case in cases:
+            best = {"plain": None, "secure": None}
+            for _ in range(repeat):
+                for kind in ("plain", "secure"):
+                    m = prepare(case, mib << 20)
+                    mode = SecureMode(attestor) if kind == "secure" else None
+                    r = Source(m, mode=mode).migrate(secure_addr if kind == "secure" else plain_addr)
+                    if best[kind] is None or r.downtime_seconds < best[kind].downtime_seconds:
+                        best[kind] = r
+                    time.sleep(0.2)
+            p, s = best["plain"], best["secure"]
+            print(f"{mib:4d} {case:10} {p.total_seconds * 1e3:9.1f} {s.total_seconds * 1e3:9.1f} "
+                  f"{s.total_seconds / p.total_seconds:7.2f} {p.downtime_seconds * 1e3:10.2f} "
+                  f"{s.downtime_seconds * 1e3:11.2f} {s.downtime_seconds / p.downtime_seconds:6.2f} "
+                  f"{s.phases.get('attestation', 0) * 1e3:12.1f} {s.phases.get('key_release', 0) * 1e3:14.1f}",
+                  flush=True)
+            if mib == 64 and case == "protected":
+                for goal, value in ((SECURE_GOALS[0], s.total_seconds / p.total_seconds),
+                                    (SECURE_GOALS[1], s.downtime_seconds / p.downtime_seconds)):
+                    verdicts.append((goal, value))
+                    print(f"     {goal.name}: {value:.2f}{goal.unit}  {goal.verdict(value)}", flush=True)
+    return verdicts
+
+
 def main(args) -> int:
     sizes = [16] if args.quick else [int(s) for s in str(args.sizes).split(",")]
     cases = ["idle", "counter"] if args.quick else ["idle", "idle-full", "dirty-low", "dirty-high", "counter"]
     with tempfile.TemporaryDirectory(prefix="minivmm-bench-") as tmp:
-        port_file = Path(tmp) / "port"
-        dest = subprocess.Popen([sys.executable, "-m", "minivmm", "serve", "--listen", "127.0.0.1:0",
-                                 "--forever", "--ticks", "1", "--port-file", str(port_file),
-                                 "--tpm-dir", str(Path(tmp) / "tpm")],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        tmp = Path(tmp)
+        issuer, policy = setup(tmp / "trust")
+        dest, address = _start_destination(tmp, "plain", ["--plain"])
+        sdest, saddress = _start_destination(tmp, "secure", ["--issuer", str(issuer), "--attest-policy", str(policy)])
         try:
-            deadline = time.monotonic() + 60
-            while not port_file.exists():
-                if dest.poll() is not None or time.monotonic() > deadline:
-                    print("bench-migrate: the destination VMM did not start", file=sys.stderr)
-                    return 1
-                time.sleep(0.02)
-            address = f"127.0.0.1:{int(port_file.read_text())}"
+            if address is None or saddress is None:
+                print("bench-migrate: a destination VMM did not start", file=sys.stderr)
+                return 1
             progress = Progress("bench-migrate", 1 + len(sizes) * len(cases) * args.repeat)
             with progress.step("loopback TCP ceiling, 256 MiB between two processes"):
                 ceiling = loopback_ceiling()
@@ -162,11 +223,15 @@ def main(args) -> int:
                         value = {"ram_pct": 100 * ram_rate / ceiling, "downtime_ms": r.downtime_seconds * 1e3}[key]
                         verdicts.append((goal, value))
                         print(f"     {goal.name}: {value:.1f}{goal.unit}  {goal.verdict(value)}", flush=True)
+            verdicts += secure_vs_plain(sizes, ["counter", "protected"] if args.quick
+                                        else ["idle-full", "counter", "protected"],
+                                        args.repeat, address, saddress, tmp)
             if verdicts:
                 print(summary(verdicts))
             else:
-                print("goals: none measured (they need --sizes with 256 (idle) and 64 (counter))")
+                print("goals: none measured (they need --sizes with 256 (idle) and 64 (counter, protected))")
         finally:
-            dest.kill()
-            dest.wait()
+            for d in (dest, sdest):
+                d.kill()
+                d.wait()
     return 0

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import os
 import re
 import signal
@@ -32,8 +31,10 @@ from minivmm.cli import count, mib
 from minivmm.errors import GuestError
 from migrate import events as mev
 from migrate.errors import CommitUnconfirmed, GuestStopped, InternalError, MigrationError
-from migrate.measure import PROTECTION_POLICY, default_tpm_dir, measure_start
+from migrate.measure import default_tpm_dir, measure_start
 from migrate.precopy import PrecopyPolicy
+from migrate.secure import cliopts as secure_cli
+from migrate.secure.setup import protection_policy
 from migrate.wire import VERSION, parse_address
 
 EXIT_OK, EXIT_CRASH, EXIT_BADINPUT, EXIT_BOUND, EXIT_UNCONFIRMED, EXIT_NOT_MIGRATED = 0, 1, 2, 3, 4, 5
@@ -103,6 +104,7 @@ def _migration_options(p: argparse.ArgumentParser, *, source: bool) -> None:
     g.add_argument("--tpm-dir", metavar="DIR",
                    help="this VMM's software TPM state directory (default: $MINIVMM_TPM_STATE/<role> "
                         "or .minivmm-tpm/<role>, role = source or destination)")
+    secure_cli.add_options(g)
 
 
 DEFAULT_AFTER = ("ticks", 10)
@@ -127,7 +129,8 @@ def _policy(args) -> PrecopyPolicy:
 def _config(role: str, args, machine_mode=None) -> dict:
     """The canonical configuration measured into PCR 9: what changes the
     VMM's behaviour, not where it listens."""
-    cfg = {"role": role, "migration_protocol": VERSION, "secure": False, "timeout": args.timeout}
+    cfg = {"role": role, "migration_protocol": VERSION, "secure": secure_cli.mode_name(args) == "secure",
+           "timeout": args.timeout}
     if getattr(args, "migrate_to", None):
         cfg["precopy"] = _policy(args).to_dict()
         cfg["check_ram"] = bool(args.check_ram)
@@ -137,17 +140,23 @@ def _config(role: str, args, machine_mode=None) -> dict:
     return cfg
 
 
+def _tpm_dir(args, role: str) -> Path:
+    return Path(args.tpm_dir) if args.tpm_dir else default_tpm_dir(role)
+
+
 def _measure(role: str, args):
-    tpm_dir = Path(args.tpm_dir) if args.tpm_dir else default_tpm_dir(role)
-    policy = dict(PROTECTION_POLICY)
-    if getattr(args, "no_protection", False):
-        policy["protection"] = "none"
-    if getattr(args, "key_seed", None):
-        # Keys derivable from a seed are a different protection: an attester
-        # must be able to tell (the seed's hash, never the seed).
-        policy["keys"] = "seeded " + hashlib.sha256(args.key_seed.encode()).hexdigest()
+    secure_cli.check(args)
+    tpm_dir = _tpm_dir(args, role)
+    # PCR 10: protection, key source, migration mode and any defence turned off
+    # (a seeded key source is measured as the seed's hash, never the seed).
+    policy = protection_policy(mode=secure_cli.mode_name(args), insecure=getattr(args, "insecure", ()),
+                               protection=not getattr(args, "no_protection", False),
+                               key_seed=getattr(args, "key_seed", None))
     m = measure_start(tpm_dir, _config(role, args), policy)
-    _say("serve" if role == "destination" else "run", m.describe())
+    who = "serve" if role == "destination" else "run"
+    _say(who, m.describe())
+    secure_cli.prepare(args, tpm_dir)       # secure: certify with a local issuer; trust files present?
+    _say(who, secure_cli.announce(args))
     return m
 
 
@@ -171,11 +180,16 @@ def _summary(role: str, machine, result: str, args=None) -> None:
     _say(role, outcome(result, machine, args))
 
 
-def _save_for_recovery(machine, args) -> None:
+def _save_for_recovery(machine, args, mode=None) -> None:
     """After an unconfirmed commit the guest may run nowhere: keep its paused
     state, runnable, for an operator who has checked that the destination
-    did not resume it (resuming both would run two copies)."""
+    did not resume it (resuming both would run two copies).  Secure mode: the
+    file holds the process keys, so it is sealed to this host's TPM."""
     path = getattr(args, "save_state", None) or f"unconfirmed-{machine.image.name}-{os.getpid()}.mvstate"
+    hint = mode.save_recovery(machine, path + ".sealed") if mode is not None else None
+    if hint:
+        _say("run", hint)
+        return
     halted, detail = machine.halted, machine.halt_detail
     machine.halted, machine.halt_detail = None, ""
     try:
@@ -221,13 +235,13 @@ def run_guest(machine, args, *, role: str, show_report=_report_to_stderr) -> int
         else:
             _say(say, f"migrating to {args.migrate_to} at tick {machine.ticks}, vclock {machine.vclock} ...")
             src = Source(machine, policy=_policy(args), timeout=args.timeout, check_ram=args.check_ram,
-                         events=_events_printer(args))
+                         events=_events_printer(args), mode=secure_cli.session_mode(args, _tpm_dir(args, role)))
             try:
                 report = src.migrate(args.migrate_to)
             except CommitUnconfirmed as exc:
                 show_report(exc.report.format())
                 _say(say, f"{exc}")
-                _save_for_recovery(machine, args)
+                _save_for_recovery(machine, args, src.mode)
                 return EXIT_UNCONFIRMED
             except GuestStopped as exc:
                 _say(say, f"migration abandoned: {exc}")
@@ -294,8 +308,9 @@ def cmd_serve(args) -> int:
     _refuse_source_options_without_target(args.parser, args)
     _measure("destination", args)
     gc.freeze()             # start-up objects never need collecting: cheap collections later
-    server = Server(args.listen, timeout=args.timeout)
-    _say("serve", f"listening on {server.label} (migration protocol v{VERSION}, plain mode)")
+    server = Server(args.listen, timeout=args.timeout, channel=secure_cli.channel_factory(args, "destination"))
+    _say("serve", f"listening on {server.label} (migration protocol v{VERSION}, "
+                  f"{secure_cli.mode_name(args)} mode)")
     if args.port_file:
         tmp = Path(str(args.port_file) + ".tmp")
         tmp.write_text(f"{server.address[1]}\n")
@@ -306,7 +321,9 @@ def cmd_serve(args) -> int:
             ch, peer = server.next_connection("busy: another migration is arriving")
             _say("serve", f"incoming migration from {peer}")
             try:
-                incoming = Destination(timeout=args.timeout, events=_events_printer(args)).receive(ch, peer)
+                mode = secure_cli.session_mode(args, _tpm_dir(args, "destination"))
+                incoming = Destination(timeout=args.timeout, events=_events_printer(args),
+                                       mode=mode).receive(ch, peer)
             except MigrationError as exc:
                 if isinstance(exc, InternalError):
                     traceback.print_exception(exc.__cause__ or exc, file=sys.stderr)
@@ -367,8 +384,11 @@ def _add_demo(sub) -> None:
     d.add_argument("--after", type=parse_after, default=("ticks", 20), metavar="N|Ns",
                    help="migrate after N ticks (default 20)")
     d.add_argument("--ram", type=mib, default=16, metavar="MIB", help="guest RAM in MiB (16..256, default 16)")
-    d.add_argument("--tpm-dir", metavar="DIR", help="base directory of the two TPMs "
-                   "(default $MINIVMM_TPM_STATE or .minivmm-tpm; source/ and destination/ below it)")
+    d.add_argument("--tpm-dir", metavar="DIR", help="base directory of the two TPMs, the issuer and the "
+                   "policy (default $MINIVMM_TPM_STATE or .minivmm-tpm; source/ and destination/ below it)")
+    d.add_argument("--plain", action="store_true", help="plain mode (no attestation, no encryption)")
+    d.add_argument("--insecure", action="append", default=[], choices=secure_cli.INSECURE, metavar="DEFENCE",
+                   help="turn one defence off on both VMMs (repeatable); the demo's policy approves it")
 
     def run(args):
         from migrate.demo import main
@@ -395,5 +415,7 @@ def _add_bench(sub) -> None:
 def register(sub) -> None:
     _extend_run(sub.choices["run"])
     _add_serve(sub)
+    secure_cli.add_setup_command(sub)
+    secure_cli.add_recover_command(sub)
     _add_demo(sub)
     _add_bench(sub)

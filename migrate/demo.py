@@ -20,6 +20,8 @@ from pathlib import Path
 from minivmm import events as ev
 from migrate.cli import EXIT_CRASH, EXIT_OK, run_guest
 from migrate.measure import measure_start
+from migrate.secure import cliopts as secure_cli
+from migrate.secure.setup import certify, protection_policy, setup
 
 START_TIMEOUT = 60.0
 
@@ -60,11 +62,19 @@ def main(args) -> int:
     ram = args.ram << 20
     a, b, info = _Lines("A | "), _Lines("B | "), _Lines("   ")
     image = _load_image(args.guest, ram)        # a bad --guest fails before VMM B starts
+    secure_cli.check(args)
+    insecure = sorted(set(args.insecure or ()))
+    mode_args = ["--plain"] if args.plain else [a for d in insecure for a in ("--insecure", d)]
+    if not args.plain:
+        # The demo is both hosts' administrator: one issuer, one policy that
+        # approves this build (and the defences the user turned off, for the lab).
+        issuer, policy = setup(base, [{"insecure": tuple(insecure)}] if insecure else [{}])
+        mode_args += ["--issuer", str(issuer), "--attest-policy", str(policy)]
     with tempfile.TemporaryDirectory(prefix="minivmm-demo-") as tmp:
         port_file = Path(tmp) / "port"
         child = subprocess.Popen(
             [sys.executable, "-m", "minivmm", "serve", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
-             "--tpm-dir", str(base / "destination")],
+             "--tpm-dir", str(base / "destination"), *mode_args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
         pumps = [threading.Thread(target=_pump, args=(child.stdout, b), daemon=True),
                  threading.Thread(target=_pump, args=(child.stderr, _Lines("B ! ")), daemon=True)]
@@ -80,14 +90,19 @@ def main(args) -> int:
             port = int(port_file.read_text())
             info.write(f"VMM B (pid {child.pid}) listens on 127.0.0.1:{port}; this process is VMM A "
                        f"(pid {os.getpid()})\n")
-            m = measure_start(base / "source", {"role": "source", "demo": True})
+            mode = "plain" if args.plain else "secure"
+            m = measure_start(base / "source", {"role": "source", "demo": True, "secure": mode == "secure"},
+                              protection_policy(mode=mode, insecure=insecure))
             info.write(f"VMM A {m.describe()}\n")
+            ns = _DemoArgs(f"127.0.0.1:{port}", args.after, base, args.plain, insecure)
+            if not args.plain:
+                certify(base / "source", base / "issuer")
+            info.write(f"VMM A {secure_cli.announce(ns)}\n")
             machine = Machine(image, ram_size=ram)
             machine.events.subscribe(lambda e: a.write(e.text), ev.ConsoleOutput)
             kind, n = args.after
             info.write(f"booting {args.guest!r} on A; live migration to B after "
                        f"{n} {'ticks' if kind == 'ticks' else 'seconds'}\n")
-            ns = _DemoArgs(f"127.0.0.1:{port}", args.after)
             # A's report goes to standard output beside B's (whose stderr is
             # relayed there with "B ! "), so "minivmm demo > out.txt" keeps both.
             report = _Lines("A ! ")
@@ -110,8 +125,11 @@ def main(args) -> int:
 class _DemoArgs:
     """The options ``run_guest`` reads, with the defaults of ``run --migrate-to``."""
 
-    def __init__(self, to: str, after):
+    def __init__(self, to: str, after, base: Path, plain: bool, insecure):
         self.migrate_to = to
+        self.tpm_dir = str(base / "source")
+        self.plain, self.insecure = plain, list(insecure)
+        self.issuer, self.attest_policy = str(base / "issuer"), str(base / "policy.json")
         self.after = after
         self.downtime_ms, self.max_rounds, self.max_bytes_ratio = 30.0, 30, 3.0
         self.check_ram = False

@@ -40,7 +40,8 @@ from migrate.messages import (STATUS_OK, STATUS_UNSUPPORTED, STATUS_VERSION, Dig
                               decode_reason, decode_zero_pages, encode_reason)
 from migrate.report import MigrationReport, RoundStats
 from migrate.residency import Prefaulter
-from migrate.statecheck import parse_state, state_limit
+from migrate.secure.mode import PlainMode
+from migrate.statecheck import check_state_doc, parse_state, state_limit
 from migrate.wire import Channel, RecordType
 
 MAX_ROUNDS = 10_000
@@ -74,7 +75,8 @@ class Incoming:
 
 class Destination:
     def __init__(self, *, timeout: float = 10.0, events: EventBus | None = None,
-                 min_rate: float = MIN_SESSION_RATE):
+                 min_rate: float = MIN_SESSION_RATE, mode=None):
+        self.mode = mode or PlainMode()     # the secure layer's seams (migrate/secure/mode.py)
         self.timeout = timeout
         self.min_rate = min_rate
         self.events = events or EventBus()
@@ -90,7 +92,7 @@ class Destination:
         discards everything if it does not arrive whole and committed."""
         self._t0 = clock.now()
         ch.timeout = self.timeout
-        report = MigrationReport(role="destination", peer=peer, ram_size=0)
+        report = MigrationReport(role="destination", peer=peer, ram_size=0, mode=self.mode.describe())
         try:
             try:
                 incoming = self._receive(ch, peer, report)
@@ -106,6 +108,7 @@ class Destination:
                 except MigrationError:
                     pass
             report.outcome, report.error = "aborted", f"{type(exc).__name__}: {exc}"
+            report.phases = dict(self.mode.phases)
             report.total_seconds = clock.now() - self._t0
             exc.report = report
             self._emit(mev.Aborted, reason=report.error)
@@ -144,6 +147,8 @@ class Destination:
             rec = ch.recv()
             if rec.type is RecordType.ABORT:
                 raise PeerAborted(f"source aborted: {decode_reason(rec.body)}")
+            if state in (PRECOPY, IN_ROUND, STATE) and self.mode.take(ch, rec):
+                continue                                # secure: FRESH_NONCE, the final quote starts
             if rec.type not in ALLOWED[state]:
                 raise ProtocolError(f"unexpected {rec.type.name} record in state {state}")
             t = rec.type
@@ -165,6 +170,7 @@ class Destination:
                 # small record just inside the timeout, forever, must not keep
                 # this destination busy (and every other source refused).
                 ch.deadline = time.monotonic() + session_limit(hello.ram_size, self.timeout, self.min_rate)
+                self.mode.destination_handshake(ch, hello, rec.body)    # secure: keys + attestation
                 ch.send(RecordType.WELCOME, Welcome(STATUS_OK).encode())
                 self._emit(mev.Handshake, peer=peer, ram_size=hello.ram_size, info=hello.info)
                 state = PRECOPY
@@ -230,7 +236,7 @@ class Destination:
             elif t is RecordType.DIGEST:
                 prefault.stop()
                 hasher.submit(lambda: None).result()       # every page hashed, in order
-                machine = self._prepare(Digest.decode(rec.body), doc, hashes, ram, hello, ch.deadline)
+                machine = self._prepare(Digest.decode(rec.body), doc, hashes, ram, hello, ch)
                 report.state_bytes = len(doc)
                 if report.rounds:
                     report.rounds[-1].final = True
@@ -238,22 +244,25 @@ class Destination:
                 self._emit(mev.Prepared)
                 state = PREPARED
             elif t is RecordType.COMMIT:
+                self.mode.check_commit(rec.body)        # secure: the commit token
                 resumed_at = clock.now()
                 self._vclock = machine.vclock
                 report.vclock_resume = report.vclock_pause = machine.vclock
                 report.outcome = "completed"
                 report.total_seconds = resumed_at - self._t0
                 report.bytes_sent, report.bytes_received = ch.bytes_sent, ch.bytes_received
+                report.phases = dict(self.mode.phases)
                 self._emit(mev.Committed)
                 try:            # the source has committed: we run it whatever happens to this reply
                     ch.send(RecordType.RESUMED, Resumed(machine.vclock, resumed_at, clock.boot_id()).encode())
                 except MigrationError:
                     pass
+                self.mode.resumed(machine)              # secure: the VM carries its identity on
                 self._emit(mev.Resumed, vclock=machine.vclock)
                 return Incoming(machine, hello, report, resumed_at)
 
     def _prepare(self, digest: Digest, doc: bytearray, hashes: PageHashes, ram: GuestRAM, hello: Hello,
-                 deadline: float | None) -> Machine:
+                 ch: Channel) -> Machine:
         if digest.state_len != len(doc):
             raise DigestMismatch(f"state document of {len(doc)} bytes, the source sent {digest.state_len}")
         missing = hashes.missing()
@@ -263,8 +272,13 @@ class Destination:
         if hashes.final(doc) != digest.digest:
             raise DigestMismatch("final digest mismatch: the VM did not arrive whole")
         # Parsed within bounds and checked field by field (migrate/statecheck.py)
-        # before MachineState or the VMM sees a byte of it.
-        parsed = parse_state(doc, hello.ram_size, deadline)
+        # before MachineState or the VMM sees a byte of it, and before the
+        # secure mode asks for the process keys.
+        public = parse_state(doc, hello.ram_size, ch.deadline)
+        secret = self.mode.destination_final(ch)        # secure: fresh quote, then the keys
+        parsed = self.mode.merge_state(public, secret)
+        if parsed is not public:                        # the secret part is hostile input too
+            check_state_doc(parsed, hello.ram_size)
         try:
             st = MachineState.from_doc(parsed, hello.ram_size, where="migrated state")
             return Machine.restore(st, ram=ram)

@@ -46,6 +46,8 @@ class MigrationReport:
     state_bytes: int = 0
     bytes_sent: int = 0                 # all records this side sent
     bytes_received: int = 0             # all records this side received
+    mode: str = "plain mode"            # which protocol ran (migrate/secure/mode.py describe())
+    phases: dict = field(default_factory=dict)  # secure phases: attestation, key_release, commit (s)
 
     @property
     def precopy_rounds(self) -> int:
@@ -61,6 +63,10 @@ class MigrationReport:
         mib = self.ram_size >> 20
         lines = [f"migration report ({self.role}, {mib} MiB guest, peer {self.peer}): {self.outcome}"
                  + (f" -- {self.error}" if self.error else "")]
+        lines.append(f"  mode: {self.mode}")
+        if self.phases:
+            lines.append("  secure phases: " + ", ".join(f"{k.replace('_', ' ')} {v * 1e3:.1f} ms"
+                                                         for k, v in self.phases.items()))
         if self.rounds:
             lines.append("  round   pages    data    zero      bytes     ms  dirtied  dirty rate (pages/s)")
         for r in self.rounds:

@@ -51,6 +51,7 @@ from migrate.messages import (STATUS_NAMES, STATUS_OK, Digest, Hello, Resumed, R
 from migrate.precopy import PrecopyPolicy
 from migrate.report import MigrationReport, RoundStats
 from migrate.residency import untouched
+from migrate.secure.mode import PlainMode
 from migrate.wire import MAX_BATCH, MAX_CHUNK, MAX_ZERO_BATCH, PAGE_SIZE, Channel, RecordType, parse_address
 
 MIGRATED = "migrated"
@@ -64,13 +65,14 @@ class _Stopped(Exception):
 class Source:
     def __init__(self, machine, *, policy: PrecopyPolicy | None = None, timeout: float = 10.0,
                  connect_timeout: float = 5.0, check_ram: bool = False, events: EventBus | None = None,
-                 channel=Channel):
+                 channel=None, mode=None):
         self.machine = machine
         self.policy = policy or PrecopyPolicy()
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.check_ram = check_ram
-        self.channel = channel          # Channel(sock, timeout=...): the secure mode brings its own
+        self.mode = mode or PlainMode()     # the secure layer's seams (migrate/secure/mode.py)
+        self.channel = channel or (lambda sock, timeout: self.mode.channel(sock, timeout=timeout, role="source"))
         self.events = events or EventBus()
         self.hashes = PageHashes(machine.ram.npages)
         self._stop = threading.Event()
@@ -114,6 +116,9 @@ class Source:
             # guest paused: past it the source aborts and resumes (DESIGN §6.4).
             ch.deadline = time.monotonic() + self.timeout
             self._stop_and_copy(ch, report, remaining)
+            # Secure: process keys sealed away and destroyed, the migrated-away mark
+            # made durable -- while the destination opens the keys and restores.
+            self.mode.before_commit(m, peer)
             self._expect(ch, RecordType.PREPARED)
             self._emit(mev.Prepared)
             ch.deadline = None
@@ -125,10 +130,11 @@ class Source:
             committed = True
             m.halted, m.halt_detail = MIGRATED, f"migrated to {peer}"
             try:
-                ch.send(RecordType.COMMIT)
+                ch.send(RecordType.COMMIT, self.mode.commit_token())
             except MigrationError:
                 # The send failed, so no whole COMMIT reached the destination
                 # (a record is all or nothing to its parser): it cannot resume.
+                self.mode.undo_commit(m)
                 m.halted, m.halt_detail = None, ""
                 committed = False
                 raise
@@ -139,6 +145,8 @@ class Source:
                 # The destination gave up before our COMMIT reached it (its own
                 # wait for COMMIT timed out) and discarded the VM: it will
                 # never resume, so this copy is the only one.  Take it back.
+                # (Secure mode: that ABORT came sealed, from the destination.)
+                self.mode.undo_commit(m)
                 m.halted, m.halt_detail = None, ""
                 committed = False
                 raise PeerAborted(f"{exc} (after COMMIT: the destination discarded the VM; "
@@ -171,6 +179,7 @@ class Source:
             if gc_was_on:
                 gc.enable()
             report.total_seconds = clock.now() - self._t0
+            report.mode, report.phases = self.mode.describe(), dict(self.mode.phases)
             if ch is not None:
                 report.bytes_sent, report.bytes_received = ch.bytes_sent, ch.bytes_received
                 ch.close()
@@ -180,6 +189,7 @@ class Source:
     def _abort(self, ch, report, exc) -> None:
         """Before COMMIT: tell the peer (best effort), give the guest back."""
         reason = f"{type(exc).__name__}: {exc}"
+        self.mode.undo_commit(self.machine)     # secure: keys back from the TPM, mark undone
         if ch is not None and not isinstance(exc, (ConnectionLost, PeerAborted)):
             try:
                 ch.timeout = min(ch.timeout, 1.0)
@@ -246,14 +256,19 @@ class Source:
 
     def _handshake(self, ch: Channel, peer: str) -> None:
         m = self.machine
-        info = {"vm": m.image.name, "vclock": m.vclock, "source": socket.gethostname()}
-        ch.send(RecordType.HELLO, Hello(m.ram.size, info).encode())
+        info = {"vm": m.image.name, "vclock": m.vclock, "source": socket.gethostname(),
+                **self.mode.hello_info(m)}
+        hello = Hello(m.ram.size, info).encode()
+        ch.send(RecordType.HELLO, hello)
         try:
+            self.mode.source_handshake(ch, hello)   # secure: key exchange + mutual attestation
             rec = self._expect(ch, RecordType.WELCOME)
-        except PeerTimeout as exc:
-            raise PeerTimeout(f"{peer} accepted the connection but did not answer HELLO: it does not "
-                              f"speak the minivmm migration protocol ({exc})") from None
-        except ConnectionLost as exc:
+        except (PeerTimeout, ConnectionLost) as exc:
+            if ch.recv_seq:         # it answered: a failure later in the handshake, said as it is
+                raise
+            if isinstance(exc, PeerTimeout):
+                raise PeerTimeout(f"{peer} accepted the connection but did not answer HELLO: it does "
+                                  f"not speak the minivmm migration protocol ({exc})") from None
             raise ConnectionLost(f"{peer} hung up without answering HELLO: it does not speak the "
                                  f"minivmm migration protocol ({exc})") from None
         welcome = Welcome.decode(rec.body)
@@ -462,6 +477,7 @@ class Source:
     def _stop_and_copy(self, ch: Channel, report: MigrationReport, remaining: np.ndarray) -> None:
         m = self.machine
         self._t_pause = clock.now()         # the guest runs no further slice here
+        self.mode.at_pause(ch)              # secure: the fresh nonce for the final quote
         report.vclock_pause = m.vclock
         m.seal_for_export()
         mask = np.zeros(m.ram.npages, dtype=bool)
@@ -477,11 +493,12 @@ class Source:
             if len(bad):
                 raise MigrationError(f"{len(bad)} pages differ from what was sent (first: frame "
                                      f"{int(bad[0])}): the dirty log missed a write")
-        doc = json.dumps(m.save_state(ram=False).to_doc(), sort_keys=True,
-                         separators=(",", ":")).encode()
+        public, secret = self.mode.split_state(m.save_state(ram=False).to_doc())
+        doc = json.dumps(public, sort_keys=True, separators=(",", ":")).encode()
         for off in range(0, len(doc), MAX_CHUNK):
             ch.send(RecordType.STATE, doc[off:off + MAX_CHUNK])
         digest = self.hashes.final(doc)
         ch.send(RecordType.DIGEST, Digest(len(doc), digest).encode())
+        self.mode.source_final(ch, secret)          # secure: fresh quote, then the keys
         report.state_bytes = len(doc)
         self._emit(mev.StateSent, state_bytes=len(doc), digest=digest.hex())

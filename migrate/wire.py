@@ -87,6 +87,8 @@ MAX_BATCH = 256                      # pages per PAGES record (1 MiB of data)
 MAX_ZERO_BATCH = 16384               # frame numbers per ZERO_PAGES record
 MAX_CHUNK = 1 << 20                  # STATE chunk
 MAX_SMALL = 4096                     # control records
+MAX_EVIDENCE = 256 << 10             # a TPM evidence bundle (quote, AK certificate, event log)
+MAX_KEY_RELEASE = 8 << 20            # sealed process keys and protection metadata
 
 
 class RecordType(IntEnum):
@@ -104,6 +106,12 @@ class RecordType(IntEnum):
     RESUMED = 11
     ABORT = 12
     ROUND_ACK = 13
+    # The secure protocol (migrate/secure/, docs/protocol.md)
+    KEY_SHARE = 14
+    QUOTE = 15
+    FRESH_NONCE = 16
+    FINAL_QUOTE = 17
+    KEY_RELEASE = 18
 
 
 # The bound on each type's body, checked before the body is read.
@@ -117,10 +125,15 @@ MAX_BODY = {
     RecordType.STATE: MAX_CHUNK,
     RecordType.DIGEST: 40,
     RecordType.PREPARED: 0,
-    RecordType.COMMIT: 0,
+    RecordType.COMMIT: 32,           # empty in plain mode; the commit token in secure mode
     RecordType.RESUMED: MAX_SMALL,
     RecordType.ABORT: MAX_SMALL,
     RecordType.ROUND_ACK: 8,
+    RecordType.KEY_SHARE: 64,
+    RecordType.QUOTE: MAX_EVIDENCE,
+    RecordType.FRESH_NONCE: 32,
+    RecordType.FINAL_QUOTE: 32 + MAX_EVIDENCE,
+    RecordType.KEY_RELEASE: MAX_KEY_RELEASE,
 }
 MAX_BODY_ANY = max(MAX_BODY.values())
 MAX_SKIPPED = 64                     # unknown optional records tolerated per session

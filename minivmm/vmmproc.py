@@ -34,11 +34,28 @@ def command(*args: str) -> list[str]:
     return [sys.executable, "-m", "minivmm", *args]
 
 
-class Vmm:
-    """``minivmm ARGS`` as a running OS process (see the module docstring)."""
+MIGRATING = ("serve", "run", "demo")      # the commands that take --plain / --issuer
 
-    def __init__(self, *args, cwd: Path, name: str = "vmm", env: dict | None = None):
+
+def mode_args(trust: Path | str | None) -> list[str]:
+    """``trust=None``: the plain engine (``--plain``: no attestation, nothing
+    to set up); a directory made by ``minivmm attest-setup`` (its ``issuer``
+    and ``policy.json``): the secure protocol, with that issuer and policy."""
+    if trust is None:
+        return ["--plain"]
+    return ["--issuer", str(Path(trust) / "issuer"), "--attest-policy", str(Path(trust) / "policy.json")]
+
+
+class Vmm:
+    """``minivmm ARGS`` as a running OS process (see the module docstring).
+    For ``serve``, ``run`` and ``demo`` the migration mode comes from
+    ``trust`` (:func:`mode_args`)."""
+
+    def __init__(self, *args, cwd: Path, name: str = "vmm", env: dict | None = None,
+                 trust: Path | str | None = None):
         cwd = Path(cwd)
+        if args and args[0] in MIGRATING:
+            args = (args[0], *mode_args(trust), *args[1:])
         env = dict(os.environ if env is None else env)
         env.setdefault("MINIVMM_TPM_STATE", str(cwd / f"tpm-{name}"))
         env["PYTHONUNBUFFERED"] = "1"
@@ -134,9 +151,9 @@ class Vmm:
         return "".join(self.err_lines)
 
 
-def serve(cwd: Path, *extra, name: str = "dst") -> tuple[Vmm, int]:
+def serve(cwd: Path, *extra, name: str = "dst", trust: Path | str | None = None) -> tuple[Vmm, int]:
     """``minivmm serve --listen 127.0.0.1:0 EXTRA``: the process and its port."""
-    v = Vmm("serve", "--listen", "127.0.0.1:0", *extra, cwd=cwd, name=name)
+    v = Vmm("serve", "--listen", "127.0.0.1:0", *extra, cwd=cwd, name=name, trust=trust)
     return v, v.port()
 
 

@@ -69,7 +69,7 @@ def test_serve_process_measures_itself_at_start(tmp_path):
 def test_a_key_seed_is_visible_in_the_measured_policy(tmp_path):
     from argparse import Namespace
     from migrate.cli import _measure
-    base = dict(timeout=10.0, migrate_to=None, no_protection=False)
+    base = dict(timeout=10.0, migrate_to=None, no_protection=False, plain=True)
     plain = _measure("destination", Namespace(tpm_dir=str(tmp_path / "a"), key_seed=None, **base))
     seeded = _measure("destination", Namespace(tpm_dir=str(tmp_path / "b"), key_seed="public", **base))
     assert plain.pcrs[9] == seeded.pcrs[9] and plain.pcrs[10] != seeded.pcrs[10]

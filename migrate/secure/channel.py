@@ -1,0 +1,181 @@
+"""The sealed record channel: every record after the handshake under AES-256-GCM.
+
+Same framing as ``migrate/wire.py`` (type u16, flags u16, length u32, seq u64,
+body); once :meth:`SealedChannel.seal` is called with the session keys, each
+record's body is ``AESGCM(key[direction]).encrypt(nonce, body, aad=header)``:
+
+* key: ``s2d`` for records from the source, ``d2s`` for the destination's;
+* nonce (12 bytes): direction u32 big-endian (1 source->destination,
+  2 destination->source) || sequence number u64 big-endian.  The sequence
+  number counts every record of the direction from the first (HELLO or
+  WELCOME), never repeats, and the receiver builds the nonce from the number
+  it *expects*, not from the header: a replayed, reordered, duplicated or
+  dropped record fails authentication even if an attacker rewrites its header;
+* associated data: the 16-byte header (its length field counts the 16-byte
+  tag), so the type, flags and length are authenticated too: an attacker
+  cannot turn PAGES into ABORT or cut a record short.
+
+Any failure raises :class:`RecordRejected` naming what happened; nothing from
+a rejected record is used.  Bounds are checked on the header before a body
+byte is read (the type's bound plus the tag).
+
+ABORT, COMMIT and RESUMED travel sealed like every other record, so neither
+can be forged by anyone without the session keys.  ``pending_abort`` (the
+source's last check before COMMIT) reads and authenticates a waiting record
+instead of peeking at a raw header.
+
+Teaching switches (``--insecure``): ``encryption`` sends records in clear
+(wire.Channel's behaviour); ``replay`` takes the sequence number from the
+header and does not require it to be the next one.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from migrate.errors import ConnectionLost, PeerTimeout, ProtocolError
+from migrate.secure.errors import RecordRejected
+from migrate.wire import (FLAG_OPTIONAL, HEADER, KNOWN_FLAGS, MAX_BODY, Channel, Record, RecordType)
+
+TAG = 16
+SOURCE_TO_DEST, DEST_TO_SOURCE = 1, 2
+_NONCE = struct.Struct(">IQ")
+
+
+def record_nonce(direction: int, seq: int) -> bytes:
+    return _NONCE.pack(direction, seq)
+
+
+class SealedChannel(Channel):
+    """A :class:`wire.Channel` that seals records once keys are installed.
+
+    ``role``: "source" or "destination" (which key and direction we send with).
+    """
+
+    def __init__(self, sock: socket.socket, *, timeout: float = 10.0, role: str = "source",
+                 encryption: bool = True, replay: bool = True):
+        super().__init__(sock, timeout=timeout)
+        if role not in ("source", "destination"):
+            raise ValueError(f"role {role!r}")
+        self.role = role
+        self.encryption = encryption
+        self.check_sequence = replay
+        self._send_aead = self._recv_aead = None
+        self.sealed = False
+
+    def seal(self, keys) -> None:
+        """Install the session keys: from the next record on, both directions sealed."""
+        send_key, recv_key = (keys.s2d, keys.d2s) if self.role == "source" else (keys.d2s, keys.s2d)
+        self._send_dir = SOURCE_TO_DEST if self.role == "source" else DEST_TO_SOURCE
+        self._recv_dir = DEST_TO_SOURCE if self.role == "source" else SOURCE_TO_DEST
+        if self.encryption:
+            self._send_aead, self._recv_aead = AESGCM(send_key), AESGCM(recv_key)
+        self.sealed = True
+
+    @property
+    def _aead_on(self) -> bool:
+        return self.sealed and self._send_aead is not None
+
+    # ------------------------------------------------------------------ send
+    def send(self, rtype: RecordType, *parts) -> None:
+        if not self._aead_on:
+            return super().send(rtype, *parts)
+        rtype = RecordType(rtype)
+        if rtype is RecordType.INVALID:
+            raise ValueError("record type 0 is invalid")
+        body = b"".join(memoryview(p).cast("B") for p in parts)
+        if len(body) > MAX_BODY[rtype]:
+            raise ValueError(f"{rtype.name} body of {len(body)} bytes exceeds its bound {MAX_BODY[rtype]}")
+        header = HEADER.pack(rtype, 0, len(body) + TAG, self.send_seq)
+        sealed = self._send_aead.encrypt(record_nonce(self._send_dir, self.send_seq), body, header)
+        try:
+            self._sendall([memoryview(header), memoryview(sealed)], self._deadline(self.timeout))
+        except (socket.timeout, TimeoutError):
+            raise PeerTimeout(f"peer did not take a {rtype.name} record of {len(sealed)} bytes within "
+                              f"{self.timeout:g} s (or the phase deadline)") from None
+        except OSError as exc:
+            raise ConnectionLost(f"connection lost while sending {rtype.name}: {exc.strerror or exc}") from None
+        self.send_seq += 1
+        self.bytes_sent += HEADER.size + len(sealed)
+
+    # ------------------------------------------------------------------ recv
+    def recv(self, *, timeout: float | None = None, only: frozenset | None = None,
+             max_body: int | None = None) -> Record:
+        if not self.sealed:
+            return super().recv(timeout=timeout, only=only, max_body=max_body)
+        if not self._aead_on:
+            if self.check_sequence:
+                return super().recv(timeout=timeout, only=only, max_body=max_body)
+            return self._recv_clear_any_seq(timeout, only, max_body)
+        deadline = self._deadline(self.timeout if timeout is None else timeout)
+        header = bytes(self._read_exact(HEADER.size, deadline, "a record header"))
+        tcode, flags, length, seq = HEADER.unpack(header)
+        try:
+            rtype = RecordType(tcode)
+        except ValueError:
+            # No unknown record is skipped once sealed: it could not be authenticated
+            # without reading it, and there is no optional secure record.
+            raise RecordRejected(f"unknown record type {tcode} in the sealed channel") from None
+        if rtype is RecordType.INVALID or flags & ~KNOWN_FLAGS or flags & FLAG_OPTIONAL:
+            raise RecordRejected(f"sealed record with bad type/flags {tcode}/{flags:#x}")
+        if self.check_sequence and seq != self.recv_seq:
+            raise RecordRejected(f"sealed record out of sequence: number {seq}, expected {self.recv_seq} "
+                                 f"(replayed, reordered, duplicated or dropped)")
+        bound = MAX_BODY[rtype] if max_body is None else min(max_body, MAX_BODY[rtype])
+        if not TAG <= length <= bound + TAG:
+            raise RecordRejected(f"sealed {rtype.name} record of {length} bytes outside 16..{bound + TAG}")
+        if only is not None and rtype not in only:
+            raise ProtocolError(f"unexpected {rtype.name} record")
+        sealed = self._read_exact(length, deadline, f"a sealed {rtype.name} body")
+        counter = self.recv_seq if self.check_sequence else seq
+        try:
+            body = self._recv_aead.decrypt(record_nonce(self._recv_dir, counter), sealed, header)
+        except InvalidTag:
+            raise RecordRejected(f"{rtype.name} record number {seq} failed authentication "
+                                 f"(modified, forged, replayed or out of order)") from None
+        self.recv_seq = max(self.recv_seq, seq) + 1 if not self.check_sequence else self.recv_seq + 1
+        return Record(rtype, body, seq, flags)
+
+    def _recv_clear_any_seq(self, timeout, only, max_body) -> Record:
+        """--insecure replay and encryption both off: any sequence number is taken."""
+        saved = self.recv_seq
+        deadline = self._deadline(self.timeout if timeout is None else timeout)
+        header = bytes(self._read_exact(HEADER.size, deadline, "a record header"))
+        tcode, flags, length, seq = HEADER.unpack(header)
+        try:
+            rtype = RecordType(tcode)
+        except ValueError:
+            raise ProtocolError(f"unknown record type {tcode}") from None
+        bound = MAX_BODY[rtype] if max_body is None else min(max_body, MAX_BODY[rtype])
+        if rtype is RecordType.INVALID or length > bound:
+            raise ProtocolError(f"record {tcode} of {length} bytes refused")
+        if only is not None and rtype not in only:
+            raise ProtocolError(f"unexpected {rtype.name} record")
+        body = self._read_exact(length, deadline, f"a {rtype.name} body") if length else b""
+        self.recv_seq = max(saved, seq + 1)
+        return Record(rtype, body, seq, flags)
+
+    def pending_abort(self) -> bool:
+        """Whether an authenticated ABORT is waiting: a waiting record is read and
+        authenticated (never judged by its raw header); anything else waiting
+        before COMMIT is a protocol error."""
+        if not self._aead_on:
+            return super().pending_abort()
+        try:
+            self.sock.settimeout(0)
+            head = self.sock.recv(HEADER.size, socket.MSG_PEEK)
+        except (BlockingIOError, socket.timeout, TimeoutError, InterruptedError):
+            return False
+        except OSError:
+            return False
+        if not head:
+            return False
+        rec = self.recv(timeout=min(self.timeout, 1.0))
+        if rec.type is RecordType.ABORT:
+            self.pending_abort_record = rec
+            return True
+        raise ProtocolError(f"unexpected {rec.type.name} record before COMMIT")

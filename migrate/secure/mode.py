@@ -1,0 +1,338 @@
+"""The mode: what the engine calls at its fixed points (DESIGN §6).
+
+``source.py``, ``destination.py`` and ``server.py`` call these and nothing
+else of the secure layer:
+
+=======================  ======================================  =====================
+seam                      where                                   plain mode
+=======================  ======================================  =====================
+``channel(sock, ...)``    a connection becomes a record channel   ``wire.Channel``
+``hello_info(machine)``   fields added to HELLO's info            ``{}``
+``source_handshake``      source, after HELLO, before WELCOME     nothing
+``destination_handshake`` destination, after HELLO, before WELCOME nothing
+``at_pause(ch)``           source, the guest just paused           nothing
+``take(ch, rec)``         destination, a record outside the engine ``False`` (not ours)
+``split_state(doc)``      source, the state document at pause     ``(doc, None)``
+``source_final``          source, after DIGEST, before PREPARED   nothing
+``destination_final``     destination, digest checked, pre-restore ``None``
+``merge_state``           destination, before ``Machine.restore`` the document as is
+``before_commit``         source, key release sent, before PREPARED nothing
+``commit_token``          COMMIT's body                           ``b""``
+``undo_commit``           source, any failure before COMMIT went   nothing
+``check_commit``          destination, on COMMIT                  nothing
+``resumed(machine)``      destination, after it resumed           nothing
+=======================  ======================================  =====================
+
+``SecureMode`` implements them with the modules of this package; each
+``--insecure DEFENCE`` turns exactly one defence off (``INSECURE``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from migrate.errors import ProtocolError, Refused
+from migrate.jsonscan import Limits, ScanError, loads_bounded
+from migrate.messages import STATUS_NAMES, STATUS_OK, Welcome, decode_reason
+from migrate.secure import commit, generation, keyrelease
+from migrate.secure.attest import Attestor, same_state
+from migrate.secure.channel import SealedChannel
+from migrate.secure.errors import AttestationFailed, KeyReleaseRefused, SecurityError
+from migrate.secure.keyschedule import Ephemeral, KeyShare, derive, transcript_hash
+from migrate.wire import Channel, RecordType
+
+INSECURE = ("attestation", "encryption", "toctou", "replay", "ordering")
+MAX_SECRET = 8 << 20
+# The protection section nests six deep (protection.processes[i].pages[j]);
+# a page entry is one list of ~110 bytes.
+SECRET_LIMITS = Limits(max_depth=8, max_containers=MAX_SECRET // 64, max_values=MAX_SECRET // 4,
+                       max_strings=MAX_SECRET // 16)
+
+
+def _canonical(doc) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+class PlainMode:
+    """Today's engine, unchanged: no attestation, no encryption."""
+    name = "plain"
+    insecure: frozenset = frozenset()
+
+    def __init__(self):
+        self.phases: dict[str, float] = {}
+
+    def channel(self, sock, *, timeout: float, role: str):
+        return Channel(sock, timeout=timeout)
+
+    def hello_info(self, machine) -> dict:
+        return {}
+
+    def source_handshake(self, ch, hello_body: bytes) -> None:
+        pass
+
+    def destination_handshake(self, ch, hello, hello_body: bytes) -> None:
+        pass
+
+    def at_pause(self, ch) -> None:
+        pass
+
+    def take(self, ch, rec) -> bool:
+        return False
+
+    def split_state(self, doc: dict):
+        return doc, None
+
+    def source_final(self, ch, secret) -> None:
+        pass
+
+    def destination_final(self, ch):
+        return None
+
+    def merge_state(self, doc: dict, secret) -> dict:
+        return doc
+
+    def before_commit(self, machine, peer: str) -> None:
+        pass
+
+    def commit_token(self) -> bytes:
+        return b""
+
+    def undo_commit(self, machine) -> None:
+        pass
+
+    def check_commit(self, body: bytes) -> None:
+        pass
+
+    def resumed(self, machine) -> None:
+        pass
+
+    def save_recovery(self, machine, path) -> str | None:
+        """After an unconfirmed commit: None (the caller saves a plain state file)."""
+        return None
+
+    def describe(self) -> str:
+        return "plain mode (no attestation, no encryption)"
+
+
+class SecureMode(PlainMode):
+    """The secure protocol.  One object per migration session (it holds the keys)."""
+    name = "secure"
+
+    def __init__(self, attestor: Attestor, *, insecure=(), state_dir: Path | str | None = None):
+        super().__init__()
+        bad = set(insecure) - set(INSECURE)
+        if bad:
+            raise ValueError(f"unknown defence(s) {sorted(bad)}; known: {', '.join(INSECURE)}")
+        self.attestor = attestor
+        self.insecure = frozenset(insecure)
+        self.state_dir = Path(state_dir) if state_dir else attestor.tpm_dir
+        self.keys = None
+        self.peer = None            # AttestationResult of the handshake
+        self.vm = None              # (vm_id, generation)
+        self._escrow = None
+        self._mark = None
+        self._release = None        # destination: its release key (made at the handshake)
+        self._final_quote = None    # destination: the final quote, made while the last pages arrive
+        self._nonce = None          # source: the fresh nonce sent at pause
+
+    def on(self, defence: str) -> bool:
+        return defence not in self.insecure
+
+    def describe(self) -> str:
+        off = ", ".join(sorted(self.insecure))
+        return "secure mode" + (f" WITH DEFENCES OFF: {off} (insecure, for teaching)" if off else "")
+
+    def _time(self, phase: str, t0: float) -> None:
+        self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - t0
+
+    # ---------------------------------------------------------------- channel
+    def channel(self, sock, *, timeout: float, role: str):
+        return SealedChannel(sock, timeout=timeout, role=role, encryption=self.on("encryption"),
+                             replay=self.on("replay"))
+
+    def hello_info(self, machine) -> dict:
+        vm_id, gen = getattr(machine, "migration_identity", None) or (generation.new_identity(), 0)
+        self.vm = (vm_id, gen + 1)
+        # Every attempt uses up a generation (the destination records it at the
+        # handshake, outside the downtime), so a retry after a failure is newer.
+        machine.migration_identity = self.vm
+        return {"mode": "secure", "vm_id": vm_id, "generation": gen + 1}
+
+    # -------------------------------------------------------------- handshake
+    def source_handshake(self, ch, hello_body: bytes) -> None:
+        t0 = time.perf_counter()
+        eph = Ephemeral()
+        ch.send(RecordType.KEY_SHARE, eph.share.encode())
+        rec = ch.recv()
+        if rec.type is RecordType.WELCOME:
+            w = Welcome.decode(rec.body)
+            if w.status != STATUS_OK:
+                raise Refused(f"destination refused the migration ({STATUS_NAMES[w.status]}): {w.reason}")
+            raise SecurityError("the destination answered in plain mode: refusing to send the VM "
+                                "without attestation and encryption (run both ends with --plain to do that)")
+        if rec.type is RecordType.ABORT:
+            raise SecurityError(f"destination aborted the handshake: {decode_reason(rec.body)}")
+        if rec.type is not RecordType.KEY_SHARE:
+            raise ProtocolError(f"expected KEY_SHARE, destination sent {rec.type.name}")
+        peer_share = KeyShare.decode(rec.body)
+        th = transcript_hash(hello_body, eph.share.encode(), peer_share.encode())
+        self.keys = derive(eph.exchange(peer_share.public), th)
+        # Our quote (and the durable mark) are made while the destination's quote
+        # is on its way: a TPM quote costs ~10 ms here (the TPM persists its clock).
+        pool = ThreadPoolExecutor(1, thread_name_prefix="secure-quote")
+        try:
+            own = pool.submit(self.attestor.quote, peer_share.nonce, th)
+            if self.on("ordering"):         # the durable mark exists before the guest pauses
+                self._mark = commit.MigrationMark(self.state_dir, self.vm[0])
+                pool.submit(self._mark.prepare)
+            rec = ch.recv(only=frozenset({RecordType.QUOTE, RecordType.ABORT}))
+            if rec.type is RecordType.ABORT:
+                raise SecurityError(f"destination aborted the handshake: {decode_reason(rec.body)}")
+            if self.on("attestation"):
+                self.peer = self.attestor.verify(rec.body, eph.share.nonce, th, who="destination")
+            ch.send(RecordType.QUOTE, own.result())
+        finally:
+            pool.shutdown(wait=True)
+        ch.seal(self.keys)                  # WELCOME and everything after: sealed
+        self._time("attestation", t0)
+
+    def destination_handshake(self, ch, hello, hello_body: bytes) -> None:
+        t0 = time.perf_counter()
+        if hello.info.get("mode") != "secure":
+            raise SecurityError("the source speaks plain mode; this destination accepts only the "
+                                "secure protocol (run both ends with --plain to allow it)")
+        vm_id, gen = generation.parse(hello.info)
+        rec = ch.recv(only=frozenset({RecordType.KEY_SHARE}))
+        peer_share = KeyShare.decode(rec.body)
+        eph = Ephemeral()
+        ch.send(RecordType.KEY_SHARE, eph.share.encode())
+        th = transcript_hash(hello_body, peer_share.encode(), eph.share.encode())
+        self.keys = derive(eph.exchange(peer_share.public), th)
+        ch.send(RecordType.QUOTE, self.attestor.quote(peer_share.nonce, th))
+        rec = ch.recv(only=frozenset({RecordType.QUOTE}))
+        ch.seal(self.keys)                  # our ABORT, if any, is sealed too
+        if self.on("attestation"):
+            self.peer = self.attestor.verify(rec.body, eph.share.nonce, th, who="source")
+        if self.on("replay"):
+            generation.check(self.attestor.tpm, vm_id, gen)
+            generation.accept(self.attestor.tpm, vm_id, gen)    # a replay of this stream is stale now
+        self.vm = (vm_id, gen)
+        # The release key, sealed now to the attested PCR values: it opens at key
+        # release only if PCRs 8-10 never changed since (they only ever extend).
+        self._release = keyrelease.ReleaseKey(self.attestor.tpm, seal=self.on("toctou"))
+        self._time("attestation", t0)
+
+    # ------------------------------------------------------------ final phase
+    def split_state(self, doc: dict):
+        """Public part (sent as STATE, digested) and secret part (process keys and
+        protection metadata: sent only wrapped in KEY_RELEASE)."""
+        public = dict(doc)
+        secret = {"protection": public.pop("protection", None)}
+        public["protection"] = None
+        return public, _canonical(secret)
+
+    def at_pause(self, ch) -> None:
+        """The fresh nonce goes out the moment the guest pauses, so the destination
+        quotes while the last pages, the state and the digest arrive (its TPM
+        needs ~10 ms per quote: it would otherwise sit in the downtime)."""
+        t0 = time.perf_counter()
+        self._nonce = keyrelease.fresh_nonce()
+        ch.send(RecordType.FRESH_NONCE, self._nonce)
+        self._time("key_release", t0)
+
+    def take(self, ch, rec) -> bool:
+        if rec.type is not RecordType.FRESH_NONCE:
+            return False
+        if self._final_quote is not None or len(rec.body) != 32:
+            raise ProtocolError("FRESH_NONCE repeated or of the wrong size")
+        nonce, binding = bytes(rec.body), keyrelease.binding(self.keys.transcript, self._release.public)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="secure-quote")
+        self._final_quote = pool.submit(self.attestor.quote, nonce, binding)
+        pool.shutdown(wait=False)
+        return True
+
+    def source_final(self, ch, secret: bytes) -> None:
+        t0 = time.perf_counter()
+        nonce = self._nonce
+        rec = ch.recv(only=frozenset({RecordType.FINAL_QUOTE, RecordType.ABORT}))
+        if rec.type is RecordType.ABORT:
+            raise SecurityError(f"destination aborted before key release: {decode_reason(rec.body)}")
+        if len(rec.body) < keyrelease.PUB:
+            raise ProtocolError("FINAL_QUOTE too short")
+        r_pub, evidence = bytes(rec.body[:keyrelease.PUB]), bytes(rec.body[keyrelease.PUB:])
+        if self.on("toctou") and self.peer is not None:     # (--insecure attestation: no peer to compare)
+            try:
+                final = self.attestor.verify(evidence, nonce, keyrelease.binding(self.keys.transcript, r_pub),
+                                             who="destination (final quote)")
+            except AttestationFailed as exc:
+                raise KeyReleaseRefused(f"no process key released: {exc}") from None
+            diff = same_state(self.peer, final)
+            if diff:
+                raise KeyReleaseRefused(f"no process key released: the destination's {diff} "
+                                        f"(time-of-check/time-of-use)")
+        ch.send(RecordType.KEY_RELEASE, keyrelease.wrap(secret, r_pub, self.keys))
+        self._time("key_release", t0)
+
+    def destination_final(self, ch):
+        t0 = time.perf_counter()
+        if self._final_quote is None:
+            raise ProtocolError("the source never sent its fresh nonce (FRESH_NONCE) for the final quote")
+        release = self._release
+        ch.send(RecordType.FINAL_QUOTE, release.public, self._final_quote.result())
+        rec = ch.recv(only=frozenset({RecordType.KEY_RELEASE}))
+        secret = release.open(rec.body, self.keys)
+        self._time("key_release", t0)
+        return secret
+
+    def merge_state(self, doc: dict, secret) -> dict:
+        if len(secret) > MAX_SECRET:
+            raise ProtocolError("secret part of the state too large")
+        try:       # bounded like the public part: no deep nesting, no swarm of empty lists
+            part = loads_bounded(secret, SECRET_LIMITS)
+        except ScanError as exc:
+            raise ProtocolError(f"secret part of the state: {exc}") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise ProtocolError(f"secret part of the state: not JSON ({exc})") from None
+        if not isinstance(part, dict) or set(part) != {"protection"}:
+            raise ProtocolError("secret part of the state must hold exactly 'protection'")
+        if doc.get("protection") is not None:
+            raise ProtocolError("public part of the state carries protection state (it must not)")
+        return {**doc, "protection": part["protection"]}
+
+    # ----------------------------------------------------------------- commit
+    def before_commit(self, machine, peer: str) -> None:
+        t0 = time.perf_counter()
+        if self.on("ordering"):
+            self._escrow = commit.escrow_keys(machine, self.attestor.tpm)
+            self._mark.commit(self.vm[1], peer, self._escrow)
+            commit.destroy_keys(machine)
+        self._time("commit", t0)
+
+    def commit_token(self) -> bytes:
+        return commit.commit_token(self.keys)
+
+    def undo_commit(self, machine) -> None:
+        if self._escrow is not None:
+            commit.restore_keys(machine, self.attestor.tpm, self._escrow)
+            self._escrow = None
+        if self._mark is not None:
+            self._mark.undo()
+            self._mark = None
+
+    def save_recovery(self, machine, path) -> str | None:
+        """The paused VM with its process keys, sealed to this host's TPM."""
+        if self._escrow is None:
+            return None
+        path = commit.seal_recovery(machine, self.attestor.tpm, self._escrow, path)
+        return (f"the paused guest and its process keys are sealed to this host's TPM in {path}; ONLY if "
+                f"the destination did not resume it, continue it with: minivmm recover {path}")
+
+    def check_commit(self, body: bytes) -> None:
+        if self.on("ordering"):
+            commit.check_commit(self.keys, body)
+
+    def resumed(self, machine) -> None:
+        machine.migration_identity = self.vm

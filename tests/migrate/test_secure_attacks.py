@@ -1,0 +1,264 @@
+"""Each obligation of the secure protocol attacked, in one process over loopback
+TCP with real TPM state on disk: the defence names the failure and the guest
+stays whole where it was; with the matching --insecure switch the attack works."""
+
+import hashlib
+
+import pytest
+
+from guests.build import Program, build_image
+from migrate.errors import MigrationError
+from migrate.secure import generation, keyrelease
+from migrate.secure.channel import SealedChannel
+from migrate.secure.commit import read_mark
+from migrate.secure.errors import AttestationFailed, KeyReleaseRefused, StaleGeneration
+from migrate.secure.mode import SecureMode
+from migrate.server import Server
+from migrate.source import MIGRATED, Source
+from minivmm.machine import Machine
+from tpm import EventType, Issuer, SoftTpm
+
+from securehelp import Trust, secure_receive_in_thread
+
+
+def guest():
+    img = build_image([Program.builtin("keeper", data_pages=3, args=(30, 1)),
+                       Program.builtin("counter", args=(30, 150_000))], name="k")
+    m = Machine(img)
+    m.run(max_ticks=6)
+    return m
+
+
+def migrate(trust, src_mode, dst_factory, m=None, insecure=()):
+    m = m or guest()
+    server = Server("127.0.0.1:0", timeout=5, channel=lambda sock, timeout: SealedChannel(
+        sock, timeout=timeout, role="destination", encryption="encryption" not in insecure,
+        replay="replay" not in insecure))
+    res = {}
+    t = secure_receive_in_thread(server, res, dst_factory, timeout=5)
+    try:
+        res["report"] = Source(m, mode=src_mode, timeout=5).migrate(server.label)
+    except MigrationError as exc:
+        res["source_error"] = exc
+    t.join(60)
+    server.close()
+    return m, res
+
+
+def assert_home_intact(m, keys, res):
+    """The migration failed before COMMIT: the source runs its guest, with its keys."""
+    assert "incoming" not in res
+    assert m.halted is None and m.protection._keys and set(m.protection._keys) >= set(keys)
+    m.run(max_ticks=100_000)
+    assert m.exits == {1: 0, 2: 0} and m.console.text(1).count("secret intact") == 30
+
+
+# ---------------------------------------------------------------- attestation
+def test_a_destination_with_a_defence_off_fails_attestation_by_name(tmp_path):
+    trust = Trust(tmp_path)
+    a = trust.host("a")
+    b = trust.host("b", insecure=("toctou",), role="destination")      # measured into PCR 10
+    m = guest()
+    keys = dict(m.protection._keys)
+    m, res = migrate(trust, trust.mode(a), lambda: trust.mode(b, insecure=("toctou",)), m)
+    err = res["source_error"]
+    assert isinstance(err, AttestationFailed)
+    assert "attestation of the destination failed: measurement not approved by the policy" in str(err)
+    assert "PCR 10" in str(err)
+    assert_home_intact(m, keys, res)
+
+
+def test_a_destination_certified_by_another_issuer_is_unknown(tmp_path):
+    trust = Trust(tmp_path)
+    a = trust.host("a")
+    b = tmp_path / "b"
+    from migrate.measure import measure_start
+    from migrate.secure.setup import protection_policy
+    measure_start(b, {"role": "destination"}, protection_policy())
+    SoftTpm.open(b, startup=None, issuer=Issuer.create(tmp_path / "rogue-issuer"))
+    m, res = migrate(trust, trust.mode(a), lambda: trust.mode(b))
+    assert "unknown issuer" in str(res["source_error"])
+    assert m.halted is None
+
+
+def test_a_source_the_destination_does_not_approve_is_refused(tmp_path):
+    trust = Trust(tmp_path)
+    a = trust.host("a", insecure=("ordering",))
+    b = trust.host("b", role="destination")
+    m, res = migrate(trust, trust.mode(a, insecure=("ordering",)), lambda: trust.mode(b))
+    assert isinstance(res["error"], AttestationFailed)
+    assert "attestation of the source failed: measurement not approved" in str(res["error"])
+    assert "attestation of the source failed" in str(res["source_error"])   # told, sealed
+    assert m.halted is None
+
+
+def test_with_attestation_off_an_unapproved_destination_is_accepted(tmp_path):
+    """--insecure attestation (and a policy that approves such a source)."""
+    trust = Trust(tmp_path, configurations=({}, {"insecure": ("attestation",)}))
+    a = trust.host("a", insecure=("attestation",))
+    b = trust.host("b", insecure=("toctou",), role="destination")
+    m, res = migrate(trust, trust.mode(a, insecure=("attestation",)),
+                     lambda: trust.mode(b, insecure=("toctou",)))
+    assert res["report"].outcome == "completed", res
+
+
+# -------------------------------------------------------------------- TOCTOU
+def _reconfigure(tpm):
+    tpm.extend(9, hashlib.sha256(b"reconfigured").digest(), event_type=EventType.MANUAL,
+               data=b"reconfigured after attestation")
+
+
+class ChangesAfterAttestation(SecureMode):
+    """A destination whose measured state changes between the handshake and the
+    final quote (someone extends a PCR: loads a module, reconfigures the VMM).
+    PCR 9 is quoted but not judged by the policy: only the TOCTOU check sees it."""
+    def take(self, ch, rec):
+        _reconfigure(self.attestor.tpm)
+        return super().take(ch, rec)
+
+
+class ChangesAfterFinalQuote(SecureMode):
+    """... or between the final quote and the use of the released keys."""
+    def destination_final(self, ch):
+        self._final_quote.result()
+        _reconfigure(self.attestor.tpm)
+        return super().destination_final(ch)
+
+
+def test_a_destination_whose_pcrs_changed_gets_no_key(tmp_path):
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    m = guest()
+    keys = dict(m.protection._keys)
+    attestor_b = trust.mode(b).attestor
+    m, res = migrate(trust, trust.mode(a), lambda: ChangesAfterAttestation(attestor_b))
+    err = res["source_error"]
+    assert isinstance(err, KeyReleaseRefused)
+    assert "no process key released" in str(err) and "PCR 9 changed since attestation" in str(err)
+    assert_home_intact(m, keys, res)
+
+
+def test_a_destination_changed_after_its_final_quote_cannot_open_the_keys(tmp_path):
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    m = guest()
+    keys = dict(m.protection._keys)
+    attestor_b = trust.mode(b).attestor
+    m, res = migrate(trust, trust.mode(a), lambda: ChangesAfterFinalQuote(attestor_b))
+    assert isinstance(res["error"], KeyReleaseRefused)
+    assert "refuses to unseal the release key" in str(res["error"])
+    assert "refuses to unseal" in str(res["source_error"])            # told (sealed ABORT)
+    assert_home_intact(m, keys, res)
+
+
+def test_with_toctou_off_the_changed_destination_gets_the_keys(tmp_path):
+    trust = Trust(tmp_path, configurations=({"insecure": ("toctou",)},))
+    a = trust.host("a", insecure=("toctou",))
+    b = trust.host("b", insecure=("toctou",), role="destination")
+    attestor_b = trust.mode(b).attestor
+    m, res = migrate(trust, trust.mode(a, insecure=("toctou",)),
+                     lambda: ChangesAfterAttestation(attestor_b, insecure=("toctou",)))
+    assert res["report"].outcome == "completed", res
+    d = res["incoming"].machine         # it ran the keeper to the end: it had the key
+    assert m.halted == MIGRATED and d.exits == {1: 0, 2: 0}
+    assert d.console.text(1).count("secret intact") == 30
+
+
+def test_the_release_key_only_opens_while_the_pcrs_hold(tmp_path):
+    """After the final quote: the release key's private half is TPM-sealed to
+    PCRs 8-10; a change makes the TPM refuse, so the keys cannot be opened."""
+    trust = Trust(tmp_path)
+    b = trust.host("b", role="destination")
+    tpm = SoftTpm.open(b, startup=None)
+    from test_secure_channel import session
+    keys, _ = session()
+    release = keyrelease.ReleaseKey(tpm)
+    body = keyrelease.wrap(b"process keys", release.public, keys)
+    assert release.open(body, keys) == b"process keys"
+    tpm.extend(8, bytes(32), event_type=EventType.MANUAL, data=b"patched")
+    with pytest.raises(KeyReleaseRefused, match="refuses to unseal"):
+        release.open(body, keys)
+
+
+# -------------------------------------------------------------------- replay
+def test_a_generation_not_newer_is_refused_and_survives_a_restart(tmp_path):
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    m, res = migrate(trust, trust.mode(a), lambda: trust.mode(b))
+    assert res["report"].outcome == "completed"
+    vm = res["incoming"].machine.migration_identity
+    assert vm[1] == 1
+    # The VMM and its TPM restart (a measured start: TPM reset): NV counters persist.
+    trust.host("b", role="destination")
+    stale = guest()
+    stale.migration_identity = (vm[0], 0)       # an old copy of the same VM: generation 1 again
+    keys = dict(stale.protection._keys)
+    stale, res = migrate(trust, trust.mode(a), lambda: trust.mode(b), stale)
+    assert isinstance(res["error"], StaleGeneration)
+    assert "generation 1 is not newer than 1" in str(res["error"])
+    assert_home_intact(stale, keys, res)
+
+
+def test_generation_counter_moves_only_up(tmp_path):
+    tpm = SoftTpm.open(tmp_path / "t")
+    vm = generation.new_identity()
+    generation.check(tpm, vm, 3)
+    generation.accept(tpm, vm, 3)
+    with pytest.raises(StaleGeneration):
+        generation.check(tpm, vm, 3)
+    with pytest.raises(StaleGeneration, match="too far"):
+        generation.check(tpm, vm, 3 + generation.MAX_STEP + 1)
+
+
+# ---------------------------------------------------------- resumption order
+def test_with_ordering_on_the_source_keeps_nothing_that_could_run_a_second_copy(tmp_path):
+    trust = Trust(tmp_path, configurations=({}, {"insecure": ("ordering",)}))
+    for off in ((), ("ordering",)):
+        a = trust.host(f"a{len(off)}", insecure=off)
+        b = trust.host(f"b{len(off)}", insecure=off, role="destination")
+        mode = trust.mode(a, insecure=off)
+        m, res = migrate(trust, mode, lambda: trust.mode(b, insecure=off))
+        assert res["report"].outcome == "completed" and m.halted == MIGRATED
+        mark = read_mark(a, mode.vm[0])
+        if off:     # --insecure ordering: the keys stay here after COMMIT, and no mark says the VM left
+            assert m.protection._keys and mark is None
+        else:
+            assert not m.protection._keys and mark["state"] == "migrated-away"
+
+
+def test_a_commit_token_from_another_session_is_refused(tmp_path):
+    from migrate.secure.commit import check_commit, commit_token
+    from migrate.secure.errors import BadToken
+    from test_secure_channel import session
+    k1, _ = session()
+    k2, _ = session()
+    check_commit(k1, commit_token(k1))
+    with pytest.raises(BadToken):
+        check_commit(k1, commit_token(k2))
+    with pytest.raises(BadToken):
+        check_commit(k1, b"")
+
+
+class WrongCommitToken(SecureMode):
+    """A COMMIT that is not this session's (a stand-in for one a man in the middle
+    made without the commit key; the records are sealed, so only a source can try)."""
+    def commit_token(self):
+        return bytes(32)
+
+
+def test_a_commit_without_the_sessions_token_is_not_obeyed(tmp_path):
+    trust = Trust(tmp_path, configurations=({}, {"insecure": ("ordering",)}))
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    m = guest()
+    keys = dict(m.protection._keys)
+    m, res = migrate(trust, WrongCommitToken(trust.mode(a).attestor), lambda: trust.mode(b), m)
+    assert "COMMIT token does not verify" in str(res["error"])
+    assert "incoming" not in res
+    # the destination's sealed ABORT after COMMIT gave the guest (and its keys) back here
+    assert "the guest resumes here" in str(res["source_error"])
+    assert_home_intact(m, keys, res)
+    # --insecure ordering on the destination: it resumes on any COMMIT
+    a2, b2 = trust.host("a2"), trust.host("b2", insecure=("ordering",), role="destination")
+    m2, res2 = migrate(trust, WrongCommitToken(trust.mode(a2).attestor),
+                       lambda: trust.mode(b2, insecure=("ordering",)))
+    assert res2["report"].outcome == "completed" and "incoming" in res2

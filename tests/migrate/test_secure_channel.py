@@ -1,0 +1,162 @@
+"""The key schedule and the sealed record channel, record by record.
+
+Records are sealed by a real SealedChannel into a socket, cut apart, then fed
+(modified, replayed, reordered, dropped) to a real receiving SealedChannel."""
+
+import socket
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from migrate.errors import MigrationError, ProtocolError
+from migrate.secure.channel import TAG, SealedChannel
+from migrate.secure.errors import RecordRejected
+from migrate.secure.keyschedule import Ephemeral, KeyShare, derive, mac, transcript_hash
+from migrate.wire import HEADER, Channel, RecordType
+
+FUZZ = settings(derandomize=True, max_examples=1000, deadline=None)
+
+
+def session():
+    s, d = Ephemeral(), Ephemeral()
+    th = transcript_hash(b"hello", s.share.encode(), d.share.encode())
+    ks = derive(s.exchange(d.share.public), th)
+    kd = derive(d.exchange(s.share.public), th)
+    return ks, kd
+
+
+def test_both_ends_derive_the_same_distinct_keys():
+    ks, kd = session()
+    assert ks == kd
+    assert len({ks.s2d, ks.d2s, ks.release, ks.commit}) == 4
+    ks2, _ = session()
+    assert ks2.s2d != ks.s2d and ks2.transcript != ks.transcript
+    assert "s2d" not in repr(ks) and ks.s2d.hex() not in repr(ks)
+
+
+def test_key_share_bounds_and_low_order_point_refused():
+    with pytest.raises(ProtocolError):
+        KeyShare.decode(b"x" * 63)
+    with pytest.raises(ProtocolError, match="refused"):
+        Ephemeral().exchange(bytes(32))          # the all-zero point: all-zero secret
+
+
+def test_transcript_binds_every_part_and_its_length():
+    assert transcript_hash(b"ab", b"c") != transcript_hash(b"a", b"bc")
+    assert mac(b"k" * 32, b"l", b"ab", b"c") != mac(b"k" * 32, b"l", b"a", b"bc")
+
+
+RECORDS = [(RecordType.ROUND_BEGIN, b"\0" * 8), (RecordType.PAGES, b"\1" * 4100),
+           (RecordType.ROUND_END, b"\0" * 8), (RecordType.STATE, b"{}"), (RecordType.PREPARED, b""),
+           (RecordType.ABORT, b"why")]
+
+
+def sealed_stream(records=RECORDS, keys=None):
+    """(keys, raw records as the source put them on the wire)."""
+    keys = keys or session()[0]
+    a, b = socket.socketpair()
+    tx = SealedChannel(a, role="source")
+    tx.seal(keys)
+    for rtype, body in records:
+        tx.send(rtype, body)
+    a.close()
+    raw = b""
+    while chunk := b.recv(1 << 20):
+        raw += chunk
+    b.close()
+    out, off = [], 0
+    while off < len(raw):
+        length = HEADER.unpack_from(raw, off)[2]
+        out.append(raw[off:off + HEADER.size + length])
+        off += HEADER.size + length
+    return keys, out
+
+
+def deliver(keys, raws, *, replay=True, encryption=True, n=None):
+    """Feed raw records to a sealed destination channel; return what it accepted
+    (or raise what it said)."""
+    a, b = socket.socketpair()
+    rx = SealedChannel(b, role="destination", timeout=2, replay=replay, encryption=encryption)
+    rx.seal(keys)
+    a.sendall(b"".join(raws))
+    a.close()
+    got = []
+    try:
+        for _ in range(len(raws) if n is None else n):
+            r = rx.recv()
+            got.append((r.type, bytes(r.body)))
+    finally:
+        rx.close()
+    return got
+
+
+def test_round_trip_and_the_body_is_not_in_clear():
+    keys, raws = sealed_stream()
+    assert deliver(keys, raws) == RECORDS
+    assert all(len(r) == HEADER.size + len(body) + TAG for r, (_, body) in zip(raws, RECORDS))
+    assert b"\1" * 64 not in b"".join(raws)
+
+
+def test_another_sessions_keys_cannot_open_it():
+    _, raws = sealed_stream()
+    with pytest.raises(RecordRejected, match="failed authentication"):
+        deliver(session()[0], raws)
+
+
+@pytest.mark.parametrize("attack, expect", [
+    (lambda r: r[:2] + [r[1]] + r[2:], "out of sequence"),             # duplicated
+    (lambda r: [r[0]] + r[2:], "out of sequence"),                     # dropped
+    (lambda r: [r[1], r[0]] + r[2:], "out of sequence"),               # reordered
+    (lambda r: r[:3] + [r[0]], "out of sequence"),                     # an earlier record replayed
+])
+def test_replayed_reordered_dropped_duplicated_records_are_rejected(attack, expect):
+    keys, raws = sealed_stream()
+    with pytest.raises(RecordRejected, match=expect):
+        deliver(keys, attack(raws))
+
+
+def test_a_rewritten_sequence_number_still_fails():
+    """Header says the expected number, but the record was sealed under another."""
+    keys, raws = sealed_stream()
+    forged = bytearray(raws[2])
+    HEADER.pack_into(forged, 0, *HEADER.unpack_from(raws[2])[:3], 1)
+    with pytest.raises(RecordRejected, match="failed authentication"):
+        deliver(keys, [raws[0], bytes(forged)])
+
+
+def test_with_replay_defence_off_a_replayed_record_is_accepted():
+    """--insecure replay: the teaching switch really opens the hole."""
+    keys, raws = sealed_stream()
+    got = deliver(keys, raws[:3] + [raws[0]], replay=False)
+    assert got[-1] == RECORDS[0]
+
+
+def test_a_forged_plaintext_abort_is_rejected():
+    """Anyone can write an ABORT in plain framing; the sealed channel refuses it."""
+    keys, raws = sealed_stream()
+    a, b = socket.socketpair()
+    Channel(a).send(RecordType.ABORT, b"forged")     # seq 0, no tag
+    forged = b.recv(4096)
+    with pytest.raises(RecordRejected):
+        deliver(keys, [forged])
+
+
+@FUZZ
+@given(st.data())
+def test_any_modified_byte_is_rejected(data):
+    keys, raws = sealed_stream()
+    i = data.draw(st.integers(0, len(raws) - 1))
+    pos = data.draw(st.integers(0, len(raws[i]) - 1))
+    xor = data.draw(st.integers(1, 255))
+    bad = bytearray(raws[i])
+    bad[pos] ^= xor
+    with pytest.raises(MigrationError):      # RecordRejected, or a bound/cut failure
+        deliver(keys, raws[:i] + [bytes(bad)] + raws[i + 1:])
+
+
+@FUZZ
+@given(st.lists(st.binary(max_size=200), min_size=1, max_size=4))
+def test_garbage_never_passes_as_a_record(junk):
+    keys, _ = sealed_stream([])
+    with pytest.raises(MigrationError):
+        deliver(keys, junk, n=len(junk))

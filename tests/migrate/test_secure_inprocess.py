@@ -1,0 +1,91 @@
+"""The secure protocol, source and destination in one process over loopback TCP
+(real TPMs on disk, real keystone-built guests, real sockets)."""
+
+import socket
+
+import pytest
+
+from guests.build import Program, build_image
+from guests.catalog import get_guest
+from migrate.errors import Refused
+from migrate.secure.channel import SealedChannel
+from migrate.secure.commit import read_mark
+from migrate.server import Server
+from migrate.source import MIGRATED, Source
+from minivmm.machine import Machine
+
+from securehelp import Trust, secure_receive_in_thread
+
+SECRET = b"swordfish: launch code"
+
+
+def keeper_image(rounds=30):
+    return build_image([Program.builtin("keeper", data_pages=3, args=(rounds, 1)),
+                        Program.builtin("counter", args=(rounds, 150_000))], name="k")
+
+
+def server_for(trust, tpm_dir, insecure=()):
+    enc, rep = "encryption" not in insecure, "replay" not in insecure
+    return Server("127.0.0.1:0", timeout=10,
+                  channel=lambda sock, timeout: SealedChannel(sock, timeout=timeout, role="destination",
+                                                              encryption=enc, replay=rep))
+
+
+class Recorder(SealedChannel):
+    """The source's channel, keeping every byte it put on the wire."""
+    wire = bytearray()
+
+    def _sendall(self, views, deadline):
+        for v in views:
+            Recorder.wire += bytes(v)
+        return super()._sendall(views, deadline)
+
+
+def test_protected_keeper_migrates_secure_and_no_secret_or_key_on_the_wire(tmp_path):
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    m = Machine(keeper_image())
+    m.run(max_ticks=8)
+    keys = dict(m.protection._keys)
+    assert keys, "the keeper is protected"
+    server, res = server_for(trust, b), {}
+    t = secure_receive_in_thread(server, res, lambda: trust.mode(b))
+    Recorder.wire = bytearray()
+    mode = trust.mode(a)
+    report = Source(m, mode=mode, check_ram=True,
+                    channel=lambda s, timeout: Recorder(s, timeout=timeout, role="source")).migrate(server.label)
+    t.join(60)
+    server.close()
+    assert "error" not in res, res.get("error")
+    assert report.outcome == "completed" and m.halted == MIGRATED
+    assert set(mode.phases) == {"attestation", "key_release", "commit"}
+    d = res["incoming"].machine
+    assert d.exits == {1: 0, 2: 0} and d.console.text(1).count("secret intact") == 30
+    assert SECRET not in Recorder.wire
+    assert b"counter \0" not in Recorder.wire, "unprotected pages travel encrypted too"
+    for k in keys.values():
+        assert k not in Recorder.wire
+    assert not m.protection._keys, "the source destroyed its process keys before COMMIT"
+    mark = read_mark(tmp_path / "a", mode.vm[0])
+    assert mark["state"] == "migrated-away" and mark["generation"] == 1 and mark["sealed_keys"]
+    assert d.migration_identity == mode.vm and mode.vm[1] == 1
+
+
+def test_a_busy_destination_refuses_a_secure_source_clearly(tmp_path):
+    """The refusal (WELCOME BUSY, before any key exchange) reaches a secure source,
+    which keeps its guest; its KEY_SHARE, sent after HELLO, is left unread."""
+    trust = Trust(tmp_path)
+    a = trust.host("a")
+    server = server_for(trust, a)
+    hog = socket.create_connection(server.address)       # takes the one slot
+    try:
+        for _ in range(5):
+            m = Machine(get_guest("counter").build())
+            m.run(max_ticks=5)
+            with pytest.raises(Refused, match="busy"):
+                Source(m, mode=trust.mode(a)).migrate(server.label)
+            assert not m.halted and not m.ram.dirty.enabled
+        assert m.run(max_ticks=100_000) == "shutdown" and "counter 100" in m.console.text()
+    finally:
+        hog.close()
+        server.close()
