@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from minivmm import events as ev
-from migrate.cli import EXIT_CRASH, EXIT_OK, run_guest
+from migrate.cli import EXIT_CRASH, EXIT_OK, EXIT_UNCONFIRMED, run_guest
 from migrate.measure import measure_start
 from migrate.secure import cliopts as secure_cli
 from migrate.secure.setup import certify, protection_policy, setup
@@ -110,7 +110,17 @@ def main(args) -> int:
             # A migration can fall between two write()s of one line ("counter "
             # on A, "11" on B): say so rather than print a line that looks whole.
             a.flush(CONTINUED if machine.halted == "migrated" else "")
-            child.wait(timeout=300)
+            if machine.halted != "migrated" and rc != EXIT_UNCONFIRMED:
+                # B never got the guest (the migration failed before COMMIT and
+                # the guest ran on here): it would wait for a VM forever.
+                info.write("the guest did not migrate: stopping VMM B, which never resumed it\n")
+                child.terminate()
+            try:
+                child.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                info.write("VMM B still runs after 300 s: stopping it\n")
+                child.terminate()
+                child.wait()
             for t in pumps:
                 t.join(timeout=5)
             b.flush()

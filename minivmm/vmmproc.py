@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 
@@ -35,6 +36,17 @@ def command(*args: str) -> list[str]:
 
 
 MIGRATING = ("serve", "run", "demo")      # the commands that take --plain / --issuer
+_started: "weakref.WeakSet[Vmm]" = weakref.WeakSet()
+
+
+def kill_all() -> int:
+    """Kill every VMM process this module started that still runs (a test
+    that failed before its ``kill()`` would otherwise leave a ``serve``
+    behind); returns how many there were.  Call it from a fixture's teardown."""
+    alive = [v for v in list(_started) if v.proc.poll() is None]
+    for v in alive:
+        v.kill()
+    return len(alive)
 
 
 def mode_args(trust: Path | str | None) -> list[str]:
@@ -70,6 +82,7 @@ class Vmm:
                          threading.Thread(target=self._read_out, daemon=True)]
         for t in self._threads:
             t.start()
+        _started.add(self)
 
     @property
     def pid(self) -> int:

@@ -20,8 +20,11 @@ Code manifest (deterministic: sorted relative names, content hashes)::
     <sha256 hex of file content>  <relative/posix/name>\\n     (one per file, sorted by name)
 
 Directories are expanded recursively (``__pycache__`` and ``*.pyc`` skipped).
-Relative names are taken from ``root`` (default: the common parent of the given
-paths), so the measurement does not depend on where the VMM is installed.
+Relative names are taken from ``root`` if given, else from each given path's
+own parent (``minivmm/cpu.py``, ``tpm/quote.py``), so the measurement does not
+depend on where the VMM is installed, nor on its packages being imported from
+different places (a checkout beside an install: a common parent would then be
+``/`` and every name would carry the install path).
 """
 
 from __future__ import annotations
@@ -86,17 +89,18 @@ def code_manifest(
     paths = [Path(p).absolute() for p in code_paths]
     if not paths:
         raise MeasurementError("no code paths to measure")
-    files = _expand(paths)
     if root is None:
-        anchors = [p.parent for p in paths]
-        root = Path(os.path.commonpath(anchors)) if anchors else Path("/")
-    root = Path(root).absolute()
+        named = [(f, p.parent) for p in paths for f in _expand([p])]
+    else:
+        named = [(f, Path(root).absolute()) for f in _expand(paths)]
     entries: dict[str, str] = {}
-    for f in files:
+    for f, anchor in named:
         try:
-            rel = f.relative_to(root).as_posix()
+            rel = f.relative_to(anchor).as_posix()
         except ValueError:
-            raise MeasurementError(f"{f} is not under the measurement root {root}") from None
+            raise MeasurementError(f"{f} is not under the measurement root {anchor}") from None
+        if rel in entries:
+            raise MeasurementError(f"two measured files are both named {rel!r}")
         if "\n" in rel or "\r" in rel:
             raise MeasurementError(f"cannot measure a file name containing a newline: {rel!r}")
         if rel.startswith(NATIVE_PREFIX):

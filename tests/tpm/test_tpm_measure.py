@@ -111,3 +111,25 @@ def test_a_package_file_cannot_pose_as_a_native_library(tmp_path):
     (root / "native:unicorn").write_text("x")
     with pytest.raises(MeasurementError, match="reserved"):
         code_manifest([root / "native:unicorn"], root=root)
+
+
+def test_manifest_names_do_not_depend_on_packages_living_apart(tmp_path, vmm_code):
+    """A checkout's package imported beside an installed one (python -m from a
+    checkout) must measure like both in one place: names are relative to each
+    package's own parent, never to a common root such as '/'."""
+    together = tmp_path / "together"
+    shutil.copytree(vmm_code, together / "minivmm")
+    shutil.copytree(vmm_code, together / "tpm")
+    apart_a = tmp_path / "a" / "deep" / "minivmm"
+    apart_b = tmp_path / "b" / "tpm"
+    shutil.copytree(vmm_code, apart_a)
+    shutil.copytree(vmm_code, apart_b)
+    assert code_manifest([together / "minivmm", together / "tpm"]) == code_manifest([apart_a, apart_b])
+    assert "tmp" not in code_manifest([apart_a, apart_b]).decode()
+
+
+def test_two_packages_of_one_name_are_refused(tmp_path, vmm_code):
+    other = tmp_path / "x" / "minivmm"
+    shutil.copytree(vmm_code, other)
+    with pytest.raises(MeasurementError, match="both named"):
+        code_manifest([vmm_code, other])
