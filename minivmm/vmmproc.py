@@ -39,11 +39,17 @@ MIGRATING = ("serve", "run", "demo")      # the commands that take --plain / --i
 _started: "weakref.WeakSet[Vmm]" = weakref.WeakSet()
 
 
-def kill_all() -> int:
-    """Kill every VMM process this module started that still runs (a test
-    that failed before its ``kill()`` would otherwise leave a ``serve``
-    behind); returns how many there were.  Call it from a fixture's teardown."""
-    alive = [v for v in list(_started) if v.proc.poll() is None]
+def running() -> list["Vmm"]:
+    """The VMM processes this module started that still run."""
+    return [v for v in list(_started) if v.proc.poll() is None]
+
+
+def kill_all(keep=()) -> int:
+    """Kill every VMM process this module started that still runs, except
+    those in ``keep`` (a test that failed before its ``kill()`` would
+    otherwise leave a ``serve`` behind); returns how many it killed.  A
+    fixture takes ``running()`` at setup and passes it as ``keep``."""
+    alive = [v for v in running() if v not in keep]
     for v in alive:
         v.kill()
     return len(alive)
