@@ -41,11 +41,11 @@ class Proxy:
         back.start()
         try:
             while True:
-                header = _read(src, HEADER.size)
+                header = read_exact(src, HEADER.size)
                 if header is None:
                     break
                 rtype, _, length, _ = HEADER.unpack(header)
-                body = _read(src, length) if length else b""
+                body = read_exact(src, length) if length else b""
                 self.seen.append(RecordType(rtype))
                 if self.cut_at is not None and rtype == self.cut_at:
                     if self.on_cut:
@@ -77,7 +77,8 @@ class Proxy:
             return
 
 
-def _read(sock, n):
+def read_exact(sock, n):
+    """``n`` bytes from ``sock``, or None if it closes first."""
     buf = bytearray()
     while len(buf) < n:
         chunk = sock.recv(n - len(buf))

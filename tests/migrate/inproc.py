@@ -6,15 +6,17 @@ from migrate.destination import Destination
 from migrate.errors import MigrationError
 
 
-def receive_in_thread(server, result, *, timeout=5.0, run_ticks=100_000):
+def receive_in_thread(server, result, *, timeout=5.0, run_ticks=100_000, mode_factory=None):
     """Take the next migration from ``server`` on a thread: ``result["incoming"]``
     once it resumed (then run up to ``run_ticks`` ticks; None: not at all), or
-    ``result["error"]``.  Returns the started thread."""
+    ``result["error"]``.  ``mode_factory``: a migration mode per session (kept
+    in ``result["mode"]``; None: plain).  Returns the started thread."""
     def body():
         ch = None
         try:
             ch, peer = server.next_connection("busy: test")
-            inc = Destination(timeout=timeout).receive(ch, peer)
+            mode = result["mode"] = mode_factory() if mode_factory else None
+            inc = Destination(timeout=timeout, mode=mode).receive(ch, peer)
             result["incoming"] = inc
             if run_ticks:
                 inc.machine.run(max_ticks=run_ticks)

@@ -8,17 +8,8 @@ from __future__ import annotations
 import socket
 import threading
 
+from migrate.proxy import read_exact as _read
 from migrate.wire import HEADER, RecordType
-
-
-def _read(sock, n):
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            return None
-        buf += chunk
-    return bytes(buf)
 
 
 class Mitm:

@@ -3,15 +3,14 @@ measured as a secure VMM would measure itself at start."""
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
-from migrate.destination import Destination
-from migrate.errors import MigrationError
 from migrate.measure import measure_start
 from migrate.secure.attest import Attestor
 from migrate.secure.mode import SecureMode
 from migrate.secure.setup import certify, protection_policy, setup
+
+from inproc import receive_in_thread
 
 
 class Trust:
@@ -33,20 +32,4 @@ class Trust:
 
 def secure_receive_in_thread(server, result, mode_factory, *, timeout=10.0, run_ticks=100_000):
     """As inproc.receive_in_thread, with a SecureMode per session."""
-    def body():
-        ch = None
-        try:
-            ch, peer = server.next_connection("busy: test")
-            mode = result["mode"] = mode_factory()
-            inc = Destination(timeout=timeout, mode=mode).receive(ch, peer)
-            result["incoming"] = inc
-            if run_ticks:
-                inc.machine.run(max_ticks=run_ticks)
-        except (MigrationError, OSError) as exc:
-            result["error"] = exc
-        finally:
-            if ch is not None:
-                ch.close()
-    t = threading.Thread(target=body, daemon=True)
-    t.start()
-    return t
+    return receive_in_thread(server, result, timeout=timeout, run_ticks=run_ticks, mode_factory=mode_factory)
