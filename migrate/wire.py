@@ -68,6 +68,7 @@ resumes (Intel TDX migration's model).
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 import time
@@ -171,6 +172,7 @@ class Channel:
         self.bytes_received = 0
         self.skipped = 0
         self.deadline: float | None = None
+        self.broken: str | None = None      # why a send failed (then nothing more is sent)
         try:        # small control records must not wait for Nagle
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
@@ -203,18 +205,31 @@ class Channel:
         return deadline if self.deadline is None else min(deadline, self.deadline)
 
     def _sendall(self, views: list, deadline: float) -> None:
+        """Write one whole record, or mark the stream broken.  A send that
+        failed (timeout, reset) may have put part of its record on the wire:
+        the framing is lost for the peer, and a sealed record's nonce is
+        spent.  So nothing more is ever sent on this stream -- not even a
+        best-effort ABORT, which under the secure channel would reuse the
+        failed record's sequence number as its AES-GCM nonce and give a man
+        in the middle the XOR of the two plaintexts."""
+        if self.broken:
+            raise BrokenPipeError(errno.EPIPE, f"nothing more is sent after a failed send ({self.broken})")
         views = [v for v in views if len(v)]
-        while views:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise socket.timeout()
-            self.sock.settimeout(left)
-            sent = self.sock.sendmsg(views)
-            while views and sent >= len(views[0]):
-                sent -= len(views[0])
-                views.pop(0)
-            if views and sent:
-                views[0] = views[0][sent:]
+        try:
+            while views:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise socket.timeout()
+                self.sock.settimeout(left)
+                sent = self.sock.sendmsg(views)
+                while views and sent >= len(views[0]):
+                    sent -= len(views[0])
+                    views.pop(0)
+                if views and sent:
+                    views[0] = views[0][sent:]
+        except BaseException as exc:
+            self.broken = type(exc).__name__
+            raise
 
     # ------------------------------------------------------------------ recv
     def pending_abort(self) -> bool:

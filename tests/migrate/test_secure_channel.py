@@ -160,3 +160,43 @@ def test_garbage_never_passes_as_a_record(junk):
     keys, _ = sealed_stream([])
     with pytest.raises(MigrationError):
         deliver(keys, junk, n=len(junk))
+
+
+@pytest.mark.parametrize("sealed", [True, False])
+def test_after_a_failed_send_nothing_more_is_sent(sealed):
+    """A send that timed out may have left part of its record on the wire.  A
+    second record -- the best-effort ABORT that source and destination send on
+    failure -- would reuse its sequence number: under the sealed channel the
+    same AES-GCM key and nonce for two plaintexts (a man in the middle who
+    throttles the connection gets their XOR; found by a hostile review).
+    So the channel refuses every later send, and the peer sees only the cut
+    first record."""
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    if sealed:
+        tx = SealedChannel(a, role="source", timeout=0.2)
+        tx.seal(session()[0])
+    else:
+        tx = Channel(a, timeout=0.2)
+    with pytest.raises(MigrationError, match="did not take a PAGES record"):
+        tx.send(RecordType.PAGES, b"\1" * (1 << 20))        # the peer reads nothing: it times out
+    b.setblocking(False)
+    seen = bytearray()
+    while True:                                         # the peer now drains all that arrived
+        try:
+            chunk = b.recv(1 << 20)
+        except BlockingIOError:
+            break
+        seen += chunk
+    with pytest.raises(MigrationError, match="after a failed send"):
+        tx.send(RecordType.ABORT, b"PeerTimeout: a predictable reason")
+    try:
+        more = b.recv(1 << 20)
+    except BlockingIOError:
+        more = b""
+    assert more == b""                                  # not one byte of a second record
+    rtype, _, length, seq = HEADER.unpack_from(seen)
+    assert (RecordType(rtype), seq) == (RecordType.PAGES, 0) and len(seen) < HEADER.size + length
+    a.close()
+    b.close()
