@@ -9,8 +9,14 @@ keeps, per VM, the last generation it accepted in its TPM's monotonic NV
 counter ``vm-<id>`` (it survives a restart of the VMM and of the TPM), and
 refuses a generation that is not newer.  The counter is advanced as soon as
 the source is attested (so a replay of the same stream is stale from then on,
-and the TPM's writes stay out of the downtime); the source uses up one
-generation per attempt, so a retry after a failed attempt is newer still.
+and the TPM's writes stay out of the downtime); the source spends one
+generation per attempt that got past mutual attestation, so a retry after a
+later failure is newer still, while connections cut before attestation spend
+nothing (else a man in the middle could run the generation past ``MAX_STEP``
+and lock the VM out of a destination for good).  A man in the middle who lets
+attestation through and then cuts can still open gaps, one per attempt: a
+counter that can be set to a value (not only incremented) would remove
+``MAX_STEP`` and that residue.
 """
 
 from __future__ import annotations

@@ -132,6 +132,7 @@ class SecureMode(PlainMode):
         self.keys = None
         self.peer = None            # AttestationResult of the handshake
         self.vm = None              # (vm_id, generation)
+        self._machine = None        # the source machine whose generation this session spends
         self._escrow = None
         self._mark = None
         self._release = None        # destination: its release key (made at the handshake)
@@ -156,9 +157,13 @@ class SecureMode(PlainMode):
     def hello_info(self, machine) -> dict:
         vm_id, gen = getattr(machine, "migration_identity", None) or (generation.new_identity(), 0)
         self.vm = (vm_id, gen + 1)
-        # Every attempt uses up a generation (the destination records it at the
-        # handshake, outside the downtime), so a retry after a failure is newer.
-        machine.migration_identity = self.vm
+        # The generation is spent (kept on the machine) only once both ends have
+        # attested (end of source_handshake): the destination records it right
+        # after, so a retry after a later failure is newer.  Spending it at
+        # HELLO let a man in the middle who cuts connections before attestation
+        # burn generations until the destination refused the VM's jump for good
+        # (hostile review).
+        self._machine = machine
         return {"mode": "secure", "vm_id": vm_id, "generation": gen + 1}
 
     # -------------------------------------------------------------- handshake
@@ -196,6 +201,7 @@ class SecureMode(PlainMode):
             ch.send(RecordType.QUOTE, own.result())
         finally:
             pool.shutdown(wait=True)
+        self._machine.migration_identity = self.vm      # both attested: the generation is spent
         ch.seal(self.keys)                  # WELCOME and everything after: sealed
         self._time("attestation", t0)
 

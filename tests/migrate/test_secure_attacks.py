@@ -262,3 +262,34 @@ def test_a_commit_without_the_sessions_token_is_not_obeyed(tmp_path):
     m2, res2 = migrate(trust, WrongCommitToken(trust.mode(a2).attestor),
                        lambda: trust.mode(b2, insecure=("ordering",)))
     assert res2["report"].outcome == "completed" and "incoming" in res2
+
+
+def test_connections_cut_before_attestation_spend_no_generation(tmp_path):
+    """A man in the middle who cuts the connection after HELLO, again and
+    again, must not burn the VM's generations: once they ran MAX_STEP ahead
+    of a destination's counter, that destination would refuse the VM for good
+    (hostile review).  A generation is spent only when both ends attested."""
+    import socket
+    import threading
+
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    m = guest()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def cutter():
+        for _ in range(generation.MAX_STEP + 2):
+            conn, _ = listener.accept()
+            conn.recv(65536)                 # HELLO (and the key share): then cut
+            conn.close()
+    t = threading.Thread(target=cutter, daemon=True)
+    t.start()
+    for _ in range(generation.MAX_STEP + 2):
+        with pytest.raises(MigrationError):
+            Source(m, mode=trust.mode(a), timeout=5).migrate(f"127.0.0.1:{listener.getsockname()[1]}")
+    t.join(10)
+    listener.close()
+    assert getattr(m, "migration_identity", None) is None
+    m, res = migrate(trust, trust.mode(a), lambda: trust.mode(b), m)     # the attacker is gone
+    assert res["report"].outcome == "completed", res
+    assert res["incoming"].machine.migration_identity[1] == 1
