@@ -144,14 +144,24 @@ def read_mark(directory: Path | str, vm_id: str) -> dict | None:
 
 
 # ------------------------------------------------------------------ recovery
-RECOVERY_MAGIC = b"MVRECOV1"
+RECOVERY_MAGIC = b"MVRECOV2"
+
+
+def recovery_counter(vm_id: str) -> str:
+    """The TPM NV counter that makes a VM's recovery file good for one use."""
+    return f"recover-{vm_id}"
 
 
 def seal_recovery(machine, tpm, escrow: bytes, path: Path | str) -> Path:
     """After an unconfirmed commit: write the paused VM, process keys included,
-    so that only this host's TPM (while PCRs 8-10 are unchanged) can open it:
-    ``magic || u32 len || TPM-sealed AES key || AES-256-GCM(state file bytes)``.
-    The keys come back from the escrow for the save and are destroyed again."""
+    so that only this host's TPM (while PCRs 8-10 are unchanged) can open it,
+    and only once: ``magic || u32 len || TPM-sealed AES key || u8 len ||
+    counter name || u64 value || AES-256-GCM(state file bytes)`` with
+    everything before the ciphertext as associated data.  The file names the
+    value of the VM's recovery counter now; opening it advances the counter,
+    so a second open of the file (or of a copy) is refused -- a recovery file
+    is a way to resume one copy, not many.  The keys come back from the
+    escrow for the save and are destroyed again."""
     restore_keys(machine, tpm, escrow)
     halted, detail = machine.halted, machine.halt_detail
     machine.halted, machine.halt_detail = None, ""
@@ -160,13 +170,17 @@ def seal_recovery(machine, tpm, escrow: bytes, path: Path | str) -> Path:
     finally:
         machine.halted, machine.halt_detail = halted, detail
         destroy_keys(machine)
+    vm_id = (getattr(machine, "migration_identity", None) or (os.urandom(16).hex(), 0))[0]
+    name = recovery_counter(vm_id).encode()
     key = os.urandom(32)
     blob = tpm.seal(key, list(QUOTED_PCRS))
-    sealed = AESGCM(key).encrypt(bytes(12), data, RECOVERY_MAGIC)
+    head = (RECOVERY_MAGIC + len(blob).to_bytes(4, "little") + blob + bytes([len(name)]) + name
+            + tpm.counter_read(name.decode()).to_bytes(8, "little"))
+    sealed = AESGCM(key).encrypt(bytes(12), data, head)
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(RECOVERY_MAGIC + len(blob).to_bytes(4, "little") + blob + sealed)
+        f.write(head + sealed)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -174,15 +188,33 @@ def seal_recovery(machine, tpm, escrow: bytes, path: Path | str) -> Path:
 
 
 def open_recovery(path: Path | str, tpm) -> bytes:
-    """The state file bytes of a sealed recovery file (raises if this TPM refuses)."""
+    """The state file bytes of a sealed recovery file; raises ``ValueError`` if
+    it is malformed, fails authentication or was opened before, and the TPM's
+    error if this TPM (or its PCRs) refuses.  Advances the VM's recovery
+    counter first: a second open of the file, or of a copy, is refused."""
     data = Path(path).read_bytes()
     if data[:8] != RECOVERY_MAGIC or len(data) < 12:
-        raise ValueError(f"{path}: not a sealed minivmm recovery file")
+        raise ValueError(f"{path}: not a sealed minivmm recovery file (of this version)")
     n = int.from_bytes(data[8:12], "little")
-    if n > 1 << 16 or len(data) < 12 + n + 16:
+    if n > 1 << 16 or len(data) < 12 + n + 1:
         raise ValueError(f"{path}: truncated recovery file")
+    at = 12 + n
+    m = data[at]
+    if len(data) < at + 1 + m + 8 + 16:
+        raise ValueError(f"{path}: truncated recovery file")
+    try:
+        name = data[at + 1:at + 1 + m].decode("ascii")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: bad recovery counter name") from None
+    value = int.from_bytes(data[at + 1 + m:at + 9 + m], "little")
+    head = data[:at + 9 + m]
     key = tpm.unseal(data[12:12 + n])
     try:
-        return AESGCM(key).decrypt(bytes(12), data[12 + n:], RECOVERY_MAGIC)
+        state = AESGCM(key).decrypt(bytes(12), data[at + 9 + m:], head)
     except InvalidTag:
         raise ValueError(f"{path}: recovery file failed authentication") from None
+    if tpm.counter_read(name) != value:
+        raise ValueError(f"{path}: this recovery file was used before: it resumes a VM once, "
+                         f"never a second copy")
+    tpm.counter_increment(name)
+    return state

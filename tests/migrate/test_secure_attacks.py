@@ -293,3 +293,29 @@ def test_connections_cut_before_attestation_spend_no_generation(tmp_path):
     m, res = migrate(trust, trust.mode(a), lambda: trust.mode(b), m)     # the attacker is gone
     assert res["report"].outcome == "completed", res
     assert res["incoming"].machine.migration_identity[1] == 1
+
+
+def test_a_recovery_file_resumes_the_vm_once_never_a_second_copy(tmp_path):
+    """The sealed recovery file (after an unconfirmed commit) opens on its own
+    host's TPM once: opening it again, or a copy of it, is refused (hostile
+    review: it opened any number of times, each a running copy)."""
+    import shutil
+
+    from migrate.secure import commit
+    from minivmm.state import MachineState
+
+    trust = Trust(tmp_path)
+    a = trust.host("a")
+    tpm = SoftTpm.open(a, startup=None, create=False)
+    m = guest()
+    m.migration_identity = (generation.new_identity(), 1)
+    escrow = commit.escrow_keys(m, tpm)
+    commit.destroy_keys(m)
+    path = commit.seal_recovery(m, tpm, escrow, tmp_path / "vm.sealed")
+    copy = shutil.copy(path, tmp_path / "copy.sealed")
+    first = Machine.restore(MachineState.from_bytes(commit.open_recovery(path, tpm), where="x"))
+    first.run(max_ticks=100_000)
+    assert first.exits == {1: 0, 2: 0} and first.console.text(1).count("secret intact") == 30
+    for again in (path, copy):
+        with pytest.raises(ValueError, match="used before"):
+            commit.open_recovery(again, tpm)

@@ -256,6 +256,9 @@ def test_an_unconfirmed_commit_leaves_no_copy_and_a_sealed_recovery(tmp_path):
     assert rec.finish() == 0, rec.stderr
     lines = re.findall(r"^counter (\d+)$", src.stdout + rec.stdout, re.M)
     assert [int(n) for n in lines] == list(range(1, 101))
+    again = Vmm("recover", path, cwd=tmp_path, name="src")        # a second copy: refused
+    assert again.finish() != 0 and "used before" in again.stderr, again.stderr
+    assert "counter" not in again.stdout
 
 
 def _cut_when(kind):
