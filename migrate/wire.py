@@ -182,14 +182,25 @@ class Channel:
     def send(self, rtype: RecordType, *parts) -> None:
         """Send one record whose body is the concatenation of ``parts``
         (bytes-like; sent scatter-gather, never joined into one copy)."""
+        views = [memoryview(p).cast("B") for p in parts]
+        length = sum(len(v) for v in views)
+        rtype = self._check_body(rtype, length)
+        self._write_record(rtype, HEADER.pack(rtype, 0, length, self.send_seq), views)
+
+    @staticmethod
+    def _check_body(rtype, length: int) -> RecordType:
+        """The record type, if it is a real one and ``length`` is within its bound."""
         rtype = RecordType(rtype)
         if rtype is RecordType.INVALID:
             raise ValueError("record type 0 is invalid")
-        views = [memoryview(p).cast("B") for p in parts]
-        length = sum(len(v) for v in views)
         if length > MAX_BODY[rtype]:
             raise ValueError(f"{rtype.name} body of {length} bytes exceeds its bound {MAX_BODY[rtype]}")
-        header = HEADER.pack(rtype, 0, length, self.send_seq)
+        return rtype
+
+    def _write_record(self, rtype: RecordType, header: bytes, views: list) -> None:
+        """Put one record (``header`` then ``views``) on the wire within the
+        timeout, or raise the migration error that says why not."""
+        length = sum(len(v) for v in views)
         try:
             self._sendall([memoryview(header), *views], self._deadline(self.timeout))
         except (socket.timeout, TimeoutError):

@@ -37,7 +37,7 @@ import struct
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from migrate.errors import ConnectionLost, PeerTimeout, ProtocolError
+from migrate.errors import ProtocolError
 from migrate.secure.errors import RecordRejected
 from migrate.wire import (FLAG_OPTIONAL, HEADER, KNOWN_FLAGS, MAX_BODY, Channel, Record, RecordType)
 
@@ -84,23 +84,11 @@ class SealedChannel(Channel):
     def send(self, rtype: RecordType, *parts) -> None:
         if not self._aead_on:
             return super().send(rtype, *parts)
-        rtype = RecordType(rtype)
-        if rtype is RecordType.INVALID:
-            raise ValueError("record type 0 is invalid")
         body = b"".join(memoryview(p).cast("B") for p in parts)
-        if len(body) > MAX_BODY[rtype]:
-            raise ValueError(f"{rtype.name} body of {len(body)} bytes exceeds its bound {MAX_BODY[rtype]}")
+        rtype = self._check_body(rtype, len(body))
         header = HEADER.pack(rtype, 0, len(body) + TAG, self.send_seq)
         sealed = self._send_aead.encrypt(record_nonce(self._send_dir, self.send_seq), body, header)
-        try:
-            self._sendall([memoryview(header), memoryview(sealed)], self._deadline(self.timeout))
-        except (socket.timeout, TimeoutError):
-            raise PeerTimeout(f"peer did not take a {rtype.name} record of {len(sealed)} bytes within "
-                              f"{self.timeout:g} s (or the phase deadline)") from None
-        except OSError as exc:
-            raise ConnectionLost(f"connection lost while sending {rtype.name}: {exc.strerror or exc}") from None
-        self.send_seq += 1
-        self.bytes_sent += HEADER.size + len(sealed)
+        self._write_record(rtype, header, [memoryview(sealed)])
 
     # ------------------------------------------------------------------ recv
     def recv(self, *, timeout: float | None = None, only: frozenset | None = None,
