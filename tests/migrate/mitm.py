@@ -39,17 +39,7 @@ class Mitm:
         self._socks = (src, dst)
         threading.Thread(target=self._back, args=(dst, src), daemon=True).start()
         try:
-            while True:
-                header = _read(src, HEADER.size)
-                if header is None:
-                    break
-                rtype, _, length, _ = HEADER.unpack(header)
-                raw = header + (_read(src, length) or b"" if length else b"")
-                out = [raw] if self.meddle is None else self.meddle(self.seen, RecordType(rtype), raw)
-                self.seen.append((RecordType(rtype), raw))
-                for r in out:
-                    self.to_dest += r
-                    dst.sendall(r)
+            _pump(src, dst, self.meddle, self.seen, self.to_dest)
         except OSError:
             pass
         finally:
@@ -67,16 +57,23 @@ class Mitm:
 
     def _back(self, dst, src):
         try:
-            while True:
-                header = _read(dst, HEADER.size)
-                if header is None:
-                    return
-                rtype, _, length, _ = HEADER.unpack(header)
-                raw = header + (_read(dst, length) or b"" if length else b"")
-                out = [raw] if self.meddle_back is None else self.meddle_back(self.seen_back, RecordType(rtype), raw)
-                self.seen_back.append((RecordType(rtype), raw))
-                for r in out:
-                    self.to_source += r
-                    src.sendall(r)
+            _pump(dst, src, self.meddle_back, self.seen_back, self.to_source)
         except OSError:
             self._cut()
+
+
+def _pump(frm, to, meddle, seen, sink: bytearray) -> None:
+    """Forward records ``frm`` -> ``to`` until ``frm`` closes: each record is
+    replaced by what ``meddle(seen, rtype, raw)`` returns (if any), noted in
+    ``seen`` and, as forwarded, in ``sink``.  A meddler raising OSError cuts."""
+    while True:
+        header = _read(frm, HEADER.size)
+        if header is None:
+            return
+        rtype, _, length, _ = HEADER.unpack(header)
+        raw = header + (_read(frm, length) or b"" if length else b"")
+        out = [raw] if meddle is None else meddle(seen, RecordType(rtype), raw)
+        seen.append((RecordType(rtype), raw))
+        for r in out:
+            sink += r
+            to.sendall(r)
