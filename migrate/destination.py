@@ -21,7 +21,6 @@ and tells the source when, so the source can measure the downtime.
 from __future__ import annotations
 
 import gc
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -42,6 +41,7 @@ from migrate.report import MigrationReport, RoundStats
 from migrate.residency import Prefaulter
 from migrate.secure.mode import PlainMode
 from migrate.statecheck import check_state_doc, parse_state, state_limit
+from migrate.steps import real_deadline
 from migrate.wire import Channel, RecordType
 
 MAX_ROUNDS = 10_000
@@ -169,7 +169,7 @@ class Destination:
                 # The whole session is bounded too: a source that sends one
                 # small record just inside the timeout, forever, must not keep
                 # this destination busy (and every other source refused).
-                ch.deadline = time.monotonic() + session_limit(hello.ram_size, self.timeout, self.min_rate)
+                ch.deadline = ch.now() + session_limit(hello.ram_size, self.timeout, self.min_rate)
                 self.mode.destination_handshake(ch, hello, rec.body)    # secure: keys + attestation
                 ch.send(RecordType.WELCOME, Welcome(STATUS_OK).encode())
                 self._emit(mev.Handshake, peer=peer, ram_size=hello.ram_size, info=hello.info)
@@ -274,7 +274,7 @@ class Destination:
         # Parsed within bounds and checked field by field (migrate/statecheck.py)
         # before MachineState or the VMM sees a byte of it, and before the
         # secure mode asks for the process keys.
-        public = parse_state(doc, hello.ram_size, ch.deadline)
+        public = parse_state(doc, hello.ram_size, real_deadline(ch, ch.deadline))
         secret = self.mode.destination_final(ch)        # secure: fresh quote, then the keys
         parsed = self.mode.merge_state(public, secret)
         if parsed is not public:                        # the secret part is hostile input too

@@ -114,7 +114,7 @@ class Source:
             # Phase deadline: from the pause to PREPARED.  A peer that reads
             # slowly (each record just inside the timeout) must not keep the
             # guest paused: past it the source aborts and resumes (DESIGN §6.4).
-            ch.deadline = time.monotonic() + self.timeout
+            ch.deadline = ch.now() + self.timeout
             self._stop_and_copy(ch, report, remaining)
             # Secure: process keys sealed away and destroyed, the migrated-away mark
             # made durable -- while the destination opens the keys and restores.

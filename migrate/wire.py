@@ -76,6 +76,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from migrate.errors import ConnectionLost, PeerTimeout, ProtocolError
+from migrate.steps import RECV, SEND, Step
 
 MAGIC = b"MVMIGRAT"
 VERSION = 1
@@ -155,12 +156,16 @@ class Channel:
     (header and body), not each ``recv``/``sendmsg`` call, so a peer that
     trickles one byte at a time, or drains our bytes one at a time, is cut
     off as surely as one that says nothing.  ``deadline`` (an absolute
-    ``time.monotonic()``, or None) bounds a whole phase on top: the source
+    ``self.now()``, or None) bounds a whole phase on top: the source
     sets it at pause, so a slow peer cannot keep the guest paused.  The engine uses only
     :meth:`send`, :meth:`recv`, :meth:`close`, ``timeout`` and the byte
     counters, so the secure channel of a later issue (AEAD per record, the
     header as associated data, ``seq`` as the counter nonce) can stand in for
     this class without a change to ``source``/``destination``.
+
+    ``on_step`` and ``now`` are the protocol-step seam (migrate/steps.py): a
+    hook called at every record sent or received, and the clock all timeouts
+    are measured on.
     """
 
     def __init__(self, sock: socket.socket, *, timeout: float = 10.0):
@@ -173,6 +178,12 @@ class Channel:
         self.skipped = 0
         self.deadline: float | None = None
         self.broken: str | None = None      # why a send failed (then nothing more is sent)
+        # The protocol-step seam (migrate/steps.py): a hook at every record, and the
+        # clock every timeout and deadline is measured on (a TUI holding the engine
+        # stops it, so nothing times out while a student reads).
+        self.on_step = None
+        self.now = time.monotonic
+        self.steps = 0
         try:        # small control records must not wait for Nagle
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
@@ -201,6 +212,7 @@ class Channel:
         """Put one record (``header`` then ``views``) on the wire within the
         timeout, or raise the migration error that says why not."""
         length = sum(len(v) for v in views)
+        self._stepped(SEND, rtype, length, self.send_seq)
         try:
             self._sendall([memoryview(header), *views], self._deadline(self.timeout))
         except (socket.timeout, TimeoutError):
@@ -211,8 +223,13 @@ class Channel:
         self.send_seq += 1
         self.bytes_sent += HEADER.size + length
 
+    def _stepped(self, direction: str, rtype: RecordType, length: int, seq: int) -> None:
+        self.steps += 1
+        if self.on_step is not None:
+            self.on_step(Step(self.steps, direction, rtype.name, length, seq))
+
     def _deadline(self, timeout: float) -> float:
-        deadline = time.monotonic() + timeout
+        deadline = self.now() + timeout
         return deadline if self.deadline is None else min(deadline, self.deadline)
 
     def _sendall(self, views: list, deadline: float) -> None:
@@ -228,7 +245,7 @@ class Channel:
         views = [v for v in views if len(v)]
         try:
             while views:
-                left = deadline - time.monotonic()
+                left = deadline - self.now()
                 if left <= 0:
                     raise socket.timeout()
                 self.sock.settimeout(left)
@@ -261,6 +278,14 @@ class Channel:
              max_body: int | None = None) -> Record:
         """Receive one record.  ``only``/``max_body`` narrow what is accepted
         before any body byte is read (a refusal path reads only a small HELLO)."""
+        before = self.bytes_received
+        record = self._recv(timeout=timeout, only=only, max_body=max_body)
+        self._stepped(RECV, record.type, self.bytes_received - before - HEADER.size, record.seq)
+        return record
+
+    def _recv(self, *, timeout: float | None = None, only: frozenset | None = None,
+              max_body: int | None = None) -> Record:
+        """One record off the wire, checked; subclasses (the sealed channel) override this."""
         deadline = self._deadline(self.timeout if timeout is None else timeout)
         while True:
             header = self._read_exact(HEADER.size, deadline, "a record header")
@@ -296,7 +321,7 @@ class Channel:
         view = memoryview(buf)
         got = 0
         while got < n:
-            left = deadline - time.monotonic()
+            left = deadline - self.now()
             if left <= 0:
                 raise PeerTimeout(f"timed out waiting for {what} ({got} of {n} bytes after "
                                   f"{self.timeout:g} s, or the phase deadline)")

@@ -91,13 +91,13 @@ class SealedChannel(Channel):
         self._write_record(rtype, header, [memoryview(sealed)])
 
     # ------------------------------------------------------------------ recv
-    def recv(self, *, timeout: float | None = None, only: frozenset | None = None,
-             max_body: int | None = None) -> Record:
+    def _recv(self, *, timeout: float | None = None, only: frozenset | None = None,
+              max_body: int | None = None) -> Record:
         if not self.sealed:
-            return super().recv(timeout=timeout, only=only, max_body=max_body)
+            return super()._recv(timeout=timeout, only=only, max_body=max_body)
         if not self._aead_on:
             if self.check_sequence:
-                return super().recv(timeout=timeout, only=only, max_body=max_body)
+                return super()._recv(timeout=timeout, only=only, max_body=max_body)
             return self._recv_clear_any_seq(timeout, only, max_body)
         deadline = self._deadline(self.timeout if timeout is None else timeout)
         header = bytes(self._read_exact(HEADER.size, deadline, "a record header"))
