@@ -249,7 +249,7 @@ def test_python_examples_run_as_written(doc, line, body, tmp_path):
     if re.search(r"^def test_", body, re.M):
         path = tmp_path / f"test_doc_example_{line}.py"
         path.write_text(body)
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", "--rootdir", str(tmp_path),
                str(path)]
     else:
         path = tmp_path / "example.py"
