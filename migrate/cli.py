@@ -155,7 +155,9 @@ def _measure(role: str, args):
     m = measure_start(tpm_dir, _config(role, args), policy)
     who = "serve" if role == "destination" else "run"
     _say(who, m.describe())
-    secure_cli.prepare(args, tpm_dir)       # secure: certify with a local issuer; trust files present?
+    trusted = secure_cli.prepare(args, tpm_dir)     # secure: certify; measure issuer + policy
+    if trusted:
+        _say(who, trusted)
     _say(who, secure_cli.announce(args))
     return m
 
