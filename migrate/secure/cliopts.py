@@ -164,6 +164,8 @@ def add_recover_command(sub) -> None:
         machine = Machine.restore(MachineState.from_bytes(data, where=a.file))
         from migrate.cli import _stream, run_guest
         a.migrate_to = None
+        from migrate.secure.statekeys import TpmKeyWrap
+        a.key_wrap = TpmKeyWrap(tpm_dir)        # --save-state: the keys sealed again
         _stream(machine, a)
         return run_guest(machine, a, role="source")
     r.set_defaults(func=run)
