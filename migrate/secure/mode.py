@@ -37,7 +37,7 @@ from pathlib import Path
 from migrate.errors import ProtocolError, Refused
 from migrate.jsonscan import Limits, ScanError, loads_bounded
 from migrate.messages import STATUS_NAMES, STATUS_OK, Welcome, decode_reason
-from migrate.secure import commit, generation, keyrelease
+from migrate.secure import commit, generation, keyrelease, rollback
 from migrate.secure.attest import Attestor, same_state
 from migrate.secure.channel import SealedChannel
 from migrate.secure.errors import AttestationFailed, KeyReleaseRefused, SecurityError
@@ -157,6 +157,8 @@ class SecureMode(PlainMode):
 
     def hello_info(self, machine) -> dict:
         vm_id, gen = machine.migration_identity
+        if self.on("replay"):       # an old copy of a VM that left this host does not leave again
+            rollback.check_restore(machine, self.state_dir, "this VM", tpm=self.attestor.tpm)
         self.vm = (vm_id, gen + 1)
         # The generation is spent (kept on the machine) only once both ends have
         # attested (end of source_handshake): the destination records it right

@@ -22,11 +22,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from minivmm.errors import StateError
 from migrate.secure import commit, generation
+from migrate.secure.errors import OldCopy
 
 
-def check_restore(machine, tpm_dir: Path | str, where: str) -> None:
+def check_restore(machine, tpm_dir: Path | str, where: str, *, tpm=None) -> None:
+    """Raise :class:`OldCopy` if ``machine`` is an older copy of a VM that left
+    this host: by the mark in ``tpm_dir``, or by the NV counter of ``tpm``
+    (default: the TPM in ``tpm_dir``, if there is one)."""
     vm_id, gen = machine.migration_identity
     tpm_dir = Path(tpm_dir)
     mark = commit.read_mark(tpm_dir, vm_id)
@@ -35,17 +38,19 @@ def check_restore(machine, tpm_dir: Path | str, where: str) -> None:
         if not isinstance(left, int) or gen < left:
             path = tpm_dir / f"migration-{vm_id}.mark"
             to = f" to {mark['to']}" if mark.get("to") else ""
-            raise StateError(
+            raise OldCopy(
                 f"{where}: VM {vm_id[:12]}... is marked {mark['state']} from this host{to} at generation "
                 f"{left} ({path}); this state is generation {gen}, an older copy: it is never resumed or "
                 f"migrated again here. The VM runs at its destination now (migrate it back from there); "
                 f"if that migration's commit was never confirmed, continue it only with 'minivmm recover "
                 f"FILE' (the sealed recovery file written then)")
-    if (tpm_dir / "tpm-state.bin").exists():
+    if tpm is None and (tpm_dir / "tpm-state.bin").exists():
         from tpm import SoftTpm
-        last = SoftTpm.open(tpm_dir, startup=None, create=False).counter_read(generation.counter_name(vm_id))
+        tpm = SoftTpm.open(tpm_dir, startup=None, create=False)
+    if tpm is not None:
+        last = tpm.counter_read(generation.counter_name(vm_id))
         if gen < last:
-            raise StateError(
+            raise OldCopy(
                 f"{where}: stale state: VM {vm_id[:12]}... generation {gen}, but this host's TPM ({tpm_dir}) "
                 f"has seen generation {last} of it (it migrated, or tried to, since): an older copy is never "
                 f"resumed or migrated again")
