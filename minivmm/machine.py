@@ -617,13 +617,14 @@ class Machine:
         narrowed to 0600 before anything is written to it.  Process keys are
         never written in clear: a machine that holds any needs ``wrap``
         (a ``minivmm.state.KeyWrap``; the migrate package's seals them to the
-        host's TPM), else ``StateError`` and nothing is written."""
+        host's TPM), else ``StateError`` and nothing is written.  Without
+        process keys the file is written as is (``wrap`` unused)."""
         st = self.save_state()
         if wrap is None and st.has_keys():
             raise StateError(f"{path}: this machine holds the keys of protected processes, which are never "
                              f"written to a file in clear: save it through a VMM that seals them to its TPM "
                              f"('minivmm run ... --save-state', with the migrate package installed)")
-        data = st.to_bytes(wrap=wrap)
+        data = st.to_bytes(wrap=wrap if st.has_keys() else None)     # nothing to seal: no TPM needed
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.fchmod(fd, 0o600)
