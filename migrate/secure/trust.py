@@ -18,9 +18,9 @@ configuration events: all that decides which peers pass), and the core
 digest is SHA-256 of the core's canonical JSON.  The ``vmm-trust`` entries
 are pinned instead by a rule every VMM checks on its own policy at start
 (:func:`measure`): the policy approves **exactly one** trust event, the one of
-this issuer and this core, or the VMM refuses to start.  So a policy cannot
-add approvals for other trust settings without changing nothing in the core
--- and the check itself is code measured into PCR 8.
+this issuer and this core, or the VMM refuses to start.  So a VMM's policy
+cannot also approve peers with other trust settings, which its core digest
+would not show -- and the check itself is code measured into PCR 8.
 
 The issuer and the policy are read again at each handshake
 (``Attestor.verify``); if they no longer give the measured event the

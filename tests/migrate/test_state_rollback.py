@@ -155,3 +155,21 @@ def test_a_guest_without_process_keys_needs_no_tpm(tmp_path):
     assert again.migration_identity == m.migration_identity
     assert again.save_state().to_doc() == m.save_state().to_doc()
     assert not (tmp_path / ".minivmm-tpm").exists()
+
+
+def test_a_state_whose_identity_is_not_the_one_hello_announced_is_refused(hosts):
+    """The identity travels twice (HELLO, authenticated by the transcript; the
+    state document): a source cannot announce one generation and hand over
+    a VM that carries another."""
+    from migrate.secure.mode import SecureMode
+
+    class Relabels(SecureMode):
+        def split_state(self, doc):
+            public, secret = super().split_state(doc)
+            public["identity"] = {"vm_id": "0" * 32, "generation": 9}
+            return public, secret
+
+    trust, a, b = hosts
+    m, res = migrate(trust, Relabels(trust.mode(a).attestor), lambda: trust.mode(b))
+    assert "not the ones HELLO announced" in str(res["error"]), res
+    assert m.halted is None and "incoming" not in res
