@@ -155,7 +155,9 @@ def _measure(role: str, args):
     m = measure_start(tpm_dir, _config(role, args), policy)
     who = "serve" if role == "destination" else "run"
     _say(who, m.describe())
-    secure_cli.prepare(args, tpm_dir)       # secure: certify with a local issuer; trust files present?
+    trusted = secure_cli.prepare(args, tpm_dir)     # secure: certify; measure issuer + policy
+    if trusted:
+        _say(who, trusted)
     _say(who, secure_cli.announce(args))
     return m
 
@@ -193,7 +195,7 @@ def _save_for_recovery(machine, args, mode=None) -> None:
     halted, detail = machine.halted, machine.halt_detail
     machine.halted, machine.halt_detail = None, ""
     try:
-        machine.save(path)
+        machine.save(path, wrap=getattr(args, "key_wrap", None))
     finally:
         machine.halted, machine.halt_detail = halted, detail
     _say("run", f"the paused guest is saved in {path}; ONLY if the destination did not resume it, "
@@ -274,7 +276,7 @@ def run_guest(machine, args, *, role: str, show_report=_report_to_stderr) -> int
         return EXIT_CRASH
     finally:
         if getattr(args, "save_state", None) and machine.halted != "migrated":
-            machine.save(args.save_state)
+            machine.save(args.save_state, wrap=getattr(args, "key_wrap", None))
     _summary(say, machine, result, args)
     if not_migrated:
         _say(say, f"not migrated (exit status {EXIT_NOT_MIGRATED}): the guest ran here")
@@ -283,12 +285,25 @@ def run_guest(machine, args, *, role: str, show_report=_report_to_stderr) -> int
 
 
 # ----------------------------------------------------------------------- run
+def _state_files(args, role: str) -> None:
+    """The seams of minivmm's ``run`` (and ``serve --save-state``): process keys
+    in a state file are sealed to this role's TPM (``--tpm-dir``), and a
+    restored state that is an old copy of a VM that left this host is refused
+    (``migrate/secure/statekeys.py``, ``migrate/secure/rollback.py``)."""
+    from migrate.secure.rollback import check_restore
+    from migrate.secure.statekeys import TpmKeyWrap
+    tpm_dir = _tpm_dir(args, role)
+    args.key_wrap = TpmKeyWrap(tpm_dir)
+    args.check_restore = lambda machine, where: check_restore(machine, tpm_dir, where)
+
+
 def _extend_run(run_parser: argparse.ArgumentParser) -> None:
     _migration_options(run_parser, source=True)
     plain_run = run_parser.get_default("func")
 
     def cmd_run(args) -> int:
         _refuse_source_options_without_target(run_parser, args)
+        _state_files(args, "source")
         if not args.migrate_to:
             return plain_run(args)
         from minivmm.cli import check_run_args, machine_from_args
@@ -306,6 +321,7 @@ def cmd_serve(args) -> int:
     from migrate.destination import Destination
     from migrate.server import Server
     _refuse_source_options_without_target(args.parser, args)
+    _state_files(args, "destination")
     _measure("destination", args)
     gc.freeze()             # start-up objects never need collecting: cheap collections later
     server = Server(args.listen, timeout=args.timeout, channel=secure_cli.channel_factory(args, "destination"))

@@ -21,7 +21,7 @@ from minivmm import events as ev
 from migrate.cli import EXIT_CRASH, EXIT_OK, EXIT_UNCONFIRMED, run_guest
 from migrate.measure import measure_start
 from migrate.secure import cliopts as secure_cli
-from migrate.secure.setup import certify, protection_policy, setup
+from migrate.secure.setup import protection_policy, setup
 
 START_TIMEOUT = 60.0
 
@@ -95,8 +95,9 @@ def main(args) -> int:
                               protection_policy(mode=mode, insecure=insecure))
             info.write(f"VMM A {m.describe()}\n")
             ns = _DemoArgs(f"127.0.0.1:{port}", args.after, base, args.plain, insecure)
-            if not args.plain:
-                certify(base / "source", base / "issuer")
+            trusted = secure_cli.prepare(ns, base / "source")     # certify A; measure issuer + policy
+            if trusted:
+                info.write(f"VMM A {trusted}\n")
             info.write(f"VMM A {secure_cli.announce(ns)}\n")
             machine = Machine(image, ram_size=ram)
             machine.events.subscribe(lambda e: a.write(e.text), ev.ConsoleOutput)

@@ -42,6 +42,7 @@ from minivmm.cpu import CpuState
 from minivmm.image import MAX_META as IMAGE_MAX_META, MAX_RAM as IMAGE_MAX_RAM
 from minivmm import prot_fpu, prot_pinned
 from minivmm.prot_state import ProtectionState
+from minivmm.state import MAX_GENERATION
 from minivmm.protection import DETACHED, MAX_EXITED, MAX_PAGES, MAX_PROTECTED
 from migrate.errors import ProtocolError
 from migrate.jsonscan import Limits, ScanError, loads_bounded
@@ -61,7 +62,7 @@ PAGES_PER_FRAME = 2
 _DECIMAL = re.compile(r"0|[1-9][0-9]{0,19}")
 _HEX = re.compile(r"[0-9a-f]*")
 
-SECTIONS = ("cpu", "timer", "console", "dirty", "vmm", "image", "protection")
+SECTIONS = ("cpu", "timer", "console", "dirty", "vmm", "image", "identity", "protection")
 
 
 # ----------------------------------------------------------------- parsing
@@ -212,6 +213,7 @@ def check_state_doc(doc, ram_size: int, *, running: bool = True) -> None:
     check_dirty("dirty", doc["dirty"], npages)
     check_vmm("vmm", doc["vmm"], ram_size, running=running)
     check_image("image", doc["image"], ram_size)
+    check_identity("identity", doc["identity"])
     check_protection("protection", doc["protection"], ram_size, doc["vmm"]["pids"])
 
 
@@ -294,6 +296,15 @@ def check_vmm(path, v, ram_size: int, *, running: bool) -> None:
         if running:
             raise _bad(f"{path}.shutdown_status", "set, but the guest has not shut down")
         _u32(f"{path}.shutdown_status", v["shutdown_status"])
+
+
+def check_identity(path, ident) -> None:
+    """The VM's identity and migration generation (``minivmm.state.check_identity``)."""
+    _obj(path, ident, ("vm_id", "generation"))
+    _str(f"{path}.vm_id", ident["vm_id"], 32)
+    if len(ident["vm_id"]) != 32 or not set(ident["vm_id"]) <= set("0123456789abcdef"):
+        raise _bad(f"{path}.vm_id", "not 32 lowercase hex digits")
+    _int(f"{path}.generation", ident["generation"], 0, MAX_GENERATION - 1)
 
 
 def _symbols(path, table) -> None:

@@ -9,7 +9,13 @@ consistent machine that continues exactly as if never stopped).
 
 Later layers add subcommands without ``minivmm`` importing them: a package
 registers a function ``register(subparsers)`` under the entry-point group
-``minivmm.commands``.
+``minivmm.commands``.  A layer that wraps ``run`` may set ``args.key_wrap``
+(a ``minivmm.state.KeyWrap``): ``--save-state`` then seals process keys with
+it and ``--restore`` opens them with it (the migrate package seals them to the
+host's TPM); without one, a machine with process keys is not saved.  It may
+also set ``args.check_restore(machine, path)``, which refuses a restored
+machine by raising ``StateError`` (the migrate package: an old copy of a VM
+that has left this host).
 """
 
 from __future__ import annotations
@@ -122,12 +128,13 @@ def check_writable(path: str, option: str) -> None:
         p.unlink()
 
 
-def save_atomically(machine, path: str) -> None:
+def save_atomically(machine, path: str, wrap=None) -> None:
     """Write the state beside ``path`` and rename it into place: a run stopped
-    during the save (a second Ctrl-C, a full disk) never leaves half a file."""
+    during the save (a second Ctrl-C, a full disk) never leaves half a file.
+    ``wrap``: seals process keys (``minivmm.state.KeyWrap``)."""
     tmp = Path(f"{path}.tmp-{os.getpid()}")
     try:
-        machine.save(tmp)
+        machine.save(tmp, wrap=wrap)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -258,7 +265,11 @@ def machine_from_args(args):
     if args.restore:
         if Path(args.guest).suffix == ".mvimg" and Path(args.guest).exists():
             raise StateError(f"{args.guest} is a guest image, not a saved state: run it without --restore")
-        return Machine.load(args.guest)
+        machine = Machine.load(args.guest, unwrap=getattr(args, "key_wrap", None))
+        check = getattr(args, "check_restore", None)       # a layer's refusal of old copies
+        if check is not None:
+            check(machine, args.guest)
+        return machine
     image = _load_image(args.guest, args.ram)
     return Machine(image, ram_size=args.ram, mode=args.mode, tick_instructions=args.tick,
                    protection=not args.no_protection,
@@ -278,7 +289,7 @@ def cmd_run(args) -> int:
             return EXIT_CRASH
         finally:
             if args.save_state:
-                save_atomically(machine, args.save_state)
+                save_atomically(machine, args.save_state, getattr(args, "key_wrap", None))
                 print(f"minivmm: machine state saved to {args.save_state}", file=sys.stderr)
     finally:
         interrupt.close()

@@ -74,6 +74,11 @@ class Machine:
                  key_seed: bytes | None = None, _boot: bool = True, _ram: GuestRAM | None = None):
         if mode not in (DETERMINISTIC, FAST):
             raise VmmError(f"mode must be {DETERMINISTIC!r} or {FAST!r}, not {mode!r}")
+        # The VM's identity (random, made at boot) and migration generation (the
+        # secure migration protocol spends one per migration).  Both travel in
+        # its state (files and live migration): a destination refuses a
+        # generation it has seen, so an old copy cannot be migrated again.
+        self.migration_identity: tuple[str, int] = (os.urandom(16).hex(), 0)
         if _boot:
             image.validate()
         if image.min_ram > ram_size:
@@ -540,6 +545,7 @@ class Machine:
                          names=dict(self.names), exits=dict(self.exits), event_seq=self.events.seq,
                          slices=self.slices, halted=self.halted, halt_detail=self.halt_detail,
                          shutdown_status=self.shutdown_status),
+            identity={"vm_id": self.migration_identity[0], "generation": self.migration_identity[1]},
             image={"name": img.name, "description": img.description, "min_ram": img.min_ram,
                    "entry": img.entry, "boot_esp": img.boot_esp,
                    "kernel_symbols": dict(img.kernel_symbols),
@@ -593,6 +599,8 @@ class Machine:
                 m.protection.restore(st.protection)
             except (ValueError, KeyError, TypeError) as exc:
                 raise StateError(f"state: protection metadata: {exc}") from None
+        if st.identity is not None:
+            m.migration_identity = (st.identity["vm_id"], st.identity["generation"])
         v = st.vmm
         m.pids, m.names, m.exits = dict(v.pids), dict(v.names), dict(v.exits)
         m.events.seq, m.slices = v.event_seq, v.slices
@@ -602,13 +610,21 @@ class Machine:
             raise StateError(f"state: CPU descriptor tables point at unmapped {m.mmu.bad_machine_access:#x}")
         return m
 
-    def save(self, path) -> None:
+    def save(self, path, *, wrap=None) -> None:
         """Write the state to ``path``, readable and writable by the owner only
-        (0600): it holds process keys, real registers and plaintext.  The
-        file is created 0600 (no moment with wider permissions), and an
-        existing file is narrowed to 0600 before anything is written to it.
-        (Sealing it to a TPM belongs to the secure protocol.)"""
-        data = self.save_state().to_bytes()
+        (0600): it holds real registers and plaintext.  The file is created
+        0600 (no moment with wider permissions), and an existing file is
+        narrowed to 0600 before anything is written to it.  Process keys are
+        never written in clear: a machine that holds any needs ``wrap``
+        (a ``minivmm.state.KeyWrap``; the migrate package's seals them to the
+        host's TPM), else ``StateError`` and nothing is written.  Without
+        process keys the file is written as is (``wrap`` unused)."""
+        st = self.save_state()
+        if wrap is None and st.has_keys():
+            raise StateError(f"{path}: this machine holds the keys of protected processes, which are never "
+                             f"written to a file in clear: save it through a VMM that seals them to its TPM "
+                             f"('minivmm run ... --save-state', with the migrate package installed)")
+        data = st.to_bytes(wrap=wrap if st.has_keys() else None)     # nothing to seal: no TPM needed
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.fchmod(fd, 0o600)
@@ -620,10 +636,11 @@ class Machine:
                 os.close(fd)
 
     @classmethod
-    def load(cls, path) -> "Machine":
+    def load(cls, path, *, unwrap=None) -> "Machine":
+        """``unwrap``: the ``KeyWrap`` that opens sealed process keys (if the file has any)."""
         with open(path, "rb") as f:
             data = f.read()
-        return cls.restore(MachineState.from_bytes(data, str(path)))
+        return cls.restore(MachineState.from_bytes(data, str(path), unwrap=unwrap))
 
     # ------------------------------------------------------------------ export
     def seal_for_export(self) -> int:

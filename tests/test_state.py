@@ -83,8 +83,10 @@ def test_corrupt_state_gets_clear_errors():
         MachineState.from_bytes(blob[:20])
     with pytest.raises(StateError, match="not a minivmm machine state"):
         MachineState.from_bytes(b"NOTSTATE" + blob[8:])
-    with pytest.raises(StateError, match="version 3"):
-        MachineState.from_bytes(blob[:8] + struct.pack("<H", 3) + blob[10:])
+    with pytest.raises(StateError, match="version 4"):
+        MachineState.from_bytes(blob[:8] + struct.pack("<H", 4) + blob[10:])
+    with pytest.raises(StateError, match="version 2 kept process keys in clear"):
+        MachineState.from_bytes(blob[:8] + struct.pack("<H", 2) + blob[10:])
     with pytest.raises(StateError, match="version 1"):    # before protection metadata
         MachineState.from_bytes(blob[:8] + struct.pack("<H", 1) + blob[10:])
     with pytest.raises(StateError, match="truncated or padded"):

@@ -73,6 +73,7 @@ class EventType(IntEnum):
     VMM_CODE = 0x4D560001  #: data = code manifest; digest = SHA-256(data)
     VMM_CONFIG = 0x4D560002  #: data = canonical config JSON; digest = SHA-256(data)
     VMM_POLICY = 0x4D560003  #: data = canonical protection-policy JSON; digest = SHA-256(data)
+    VMM_TRUST = 0x4D560004  #: data = canonical JSON of the VMM's trust settings; digest = SHA-256(data)
     MANUAL = 0x4D560010  #: an extend by hand; data = description, digest unrelated
 
     @property
@@ -88,13 +89,14 @@ class EventType(IntEnum):
 
     @property
     def digest_is_data_hash(self) -> bool:
-        return self in (EventType.VMM_CODE, EventType.VMM_CONFIG, EventType.VMM_POLICY)
+        return self in (EventType.VMM_CODE, EventType.VMM_CONFIG, EventType.VMM_POLICY, EventType.VMM_TRUST)
 
 
 _LABELS = {
     EventType.VMM_CODE: "vmm-code",
     EventType.VMM_CONFIG: "vmm-config",
     EventType.VMM_POLICY: "vmm-policy",
+    EventType.VMM_TRUST: "vmm-trust",
     EventType.MANUAL: "manual",
 }
 

@@ -17,11 +17,17 @@ unless it matches before it even tries to decrypt.  Extending any selected PCR a
 sealing therefore makes the secret unavailable: a host whose measured state changed
 between attestation and the moment a secret is needed gets nothing (TOCTOU defence).
 
+Sealing with no PCR policy (``selection`` None: TPML_PCR_SELECTION with
+count 0, policyDigest all zero) binds the data to this TPM alone, as a sealed
+data object with an empty authPolicy would: any software on this host that can
+use the TPM unseals it, nobody elsewhere can (saved machine states, whose
+keys must survive a VMM restart with another configuration).
+
 Blob layout (big-endian)::
 
     u32   magic         0x4D565342 ("MVSB")
     u16   version       1
-    10    pcrSelect     TPML_PCR_SELECTION (count=1, sha256, 3-byte bitmap)
+    10|4  pcrSelect     TPML_PCR_SELECTION (count=1, sha256, 3-byte bitmap; or count=0: no policy)
     32    policyDigest
     12    iv            AES-GCM nonce (random per blob)
     u32+n ciphertext    AES-256-GCM(data) || 16-byte tag, data <= 64 KiB
@@ -58,9 +64,12 @@ def policy_pcr_digest(selection: PcrSelection, pcr_digest: bytes, previous: byte
     ).digest()
 
 
+NO_SELECTION = b"\0\0\0\0"      # TPML_PCR_SELECTION with count 0
+
+
 @dataclass(frozen=True)
 class SealedBlob:
-    selection: PcrSelection
+    selection: PcrSelection | None     # None: no PCR policy (bound to the TPM only)
     policy_digest: bytes
     iv: bytes
     ciphertext: bytes
@@ -70,7 +79,7 @@ class SealedBlob:
             Writer()
             .u32(SEAL_MAGIC)
             .u16(SEAL_VERSION)
-            .raw(self.selection.marshal_list())
+            .raw(self.selection.marshal_list() if self.selection is not None else NO_SELECTION)
             .raw(self.policy_digest)
             .raw(self.iv)
             .bytes()
@@ -84,8 +93,14 @@ class SealedBlob:
         r = Reader(data, "sealed blob")
         r.expect(SEAL_MAGIC, r.u32("magic"), "magic")
         r.expect(SEAL_VERSION, r.u16("version"), "version")
-        selection = PcrSelection.unmarshal_list(r)
+        if bytes(data[r.offset:r.offset + 4]) == NO_SELECTION:
+            r.raw(4, "pcrSelect.count")
+            selection = None
+        else:
+            selection = PcrSelection.unmarshal_list(r)
         policy = r.raw(DIGEST_SIZE, "policyDigest")
+        if selection is None and policy != bytes(DIGEST_SIZE):
+            raise FormatError("sealed blob: a policy digest without a PCR selection")
         iv = r.raw(IV_SIZE, "iv")
         ct = r.blob32(MAX_SEALED_DATA + TAG_SIZE, "ciphertext")
         if len(ct) < TAG_SIZE:
@@ -94,11 +109,13 @@ class SealedBlob:
         return cls(selection, policy, iv, ct)
 
 
-def seal(storage_key: bytes, data: bytes, selection: PcrSelection, pcr_digest: bytes) -> bytes:
-    """Encrypt ``data`` so that it unseals only while ``selection`` digests to ``pcr_digest``."""
+def seal(storage_key: bytes, data: bytes, selection: PcrSelection | None, pcr_digest: bytes | None) -> bytes:
+    """Encrypt ``data`` so that it unseals only while ``selection`` digests to
+    ``pcr_digest`` (``selection`` None: no PCR policy, this TPM alone)."""
     if len(data) > MAX_SEALED_DATA:
         raise ValueError(f"can seal at most {MAX_SEALED_DATA} bytes")
-    unsigned = SealedBlob(selection, policy_pcr_digest(selection, pcr_digest), os.urandom(IV_SIZE), b"")
+    policy = bytes(DIGEST_SIZE) if selection is None else policy_pcr_digest(selection, pcr_digest)
+    unsigned = SealedBlob(selection, policy, os.urandom(IV_SIZE), b"")
     ct = AESGCM(storage_key).encrypt(unsigned.iv, bytes(data), unsigned.header())
     return SealedBlob(unsigned.selection, unsigned.policy_digest, unsigned.iv, ct).to_bytes()
 
@@ -112,8 +129,8 @@ def unseal(storage_key: bytes, blob: bytes, current_pcr_digest) -> bytes:
         sealed = SealedBlob.from_bytes(blob)
     except FormatError as e:
         raise UnsealError(f"malformed sealed blob: {e}") from None
-    now = policy_pcr_digest(sealed.selection, current_pcr_digest(sealed.selection))
-    if not hmac.compare_digest(now, sealed.policy_digest):
+    if sealed.selection is not None and not hmac.compare_digest(
+            policy_pcr_digest(sealed.selection, current_pcr_digest(sealed.selection)), sealed.policy_digest):
         raise UnsealError(
             f"PCR policy not satisfied: PCRs {sealed.selection} differ from their values at sealing"
         )

@@ -551,13 +551,15 @@ class SoftTpm:
     def seal(
         self,
         data: bytes,
-        pcrs: PcrSelection | list[int] = DEFAULT_PCRS,
+        pcrs: PcrSelection | list[int] | None = DEFAULT_PCRS,
         pcr_digest: bytes | None = None,
     ) -> bytes:
-        """Seal ``data`` to the current values of ``pcrs`` (or to ``pcr_digest``)."""
-        selection = _selection(pcrs)
+        """Seal ``data`` to the current values of ``pcrs`` (or to ``pcr_digest``);
+        ``pcrs=None``: no PCR policy, only this TPM can unseal it."""
+        selection = None if pcrs is None else _selection(pcrs)
         with self._txn():
-            digest = self._bank().digest(selection) if pcr_digest is None else pcr_digest
+            digest = None if selection is None else (
+                self._bank().digest(selection) if pcr_digest is None else pcr_digest)
             return _seal.seal(self._persist.storage_key, data, selection, digest)
 
     def unseal(self, blob: bytes) -> bytes:

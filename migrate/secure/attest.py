@@ -9,8 +9,10 @@ event-log replay, the policy of approved measurements -- and fails closed with
 :class:`AttestationFailed` naming what failed.  A quote from another session,
 another key share, or an older nonce cannot verify.
 
-The policy file and the issuer (the trust anchor) are read at each handshake,
-so an operator can approve a new build without restarting a destination.
+The policy file and the issuer (the trust anchor) are read at each handshake
+and must still be what this VMM measured into PCR 10 at start
+(``migrate.secure.trust``): approving a new build means restarting the VMM,
+so that its peers can see what it now trusts.
 """
 
 from __future__ import annotations
@@ -65,10 +67,11 @@ def load_policy(path: Path | str) -> AttestationPolicy:
 class Attestor:
     """This VMM's TPM (to quote) and its verifier of peers (issuer + policy)."""
 
-    def __init__(self, tpm_dir: Path | str, issuer: Path | str, policy: Path | str):
+    def __init__(self, tpm_dir: Path | str, issuer: Path | str, policy: Path | str, *, trust: bytes | None = None):
         self.tpm_dir = Path(tpm_dir)
         self.issuer_path = issuer
         self.policy_path = policy
+        self.trust = trust          # the trust event's digest measured at start (migrate.secure.trust)
         try:
             self.tpm = SoftTpm.open(self.tpm_dir, startup=None, create=False)
         except tpm_errors.TpmError as exc:
@@ -82,8 +85,12 @@ class Attestor:
         return self.tpm.quote(bind_nonce(peer_nonce, binding), list(QUOTED_PCRS)).to_bytes()
 
     def verify(self, evidence: bytes, my_nonce: bytes, binding: bytes, *, who: str) -> AttestationResult:
-        verifier = Verifier([load_anchor(self.issuer_path)], nonce_lifetime=None)
+        anchor = load_anchor(self.issuer_path)
         policy = load_policy(self.policy_path)
+        if self.trust is not None:      # judge peers only by the settings this VMM attested to
+            from migrate.secure.trust import check_unchanged
+            check_unchanged(self.trust, anchor, policy)
+        verifier = Verifier([anchor], nonce_lifetime=None)
         try:
             result = verifier.verify(bytes(evidence), policy, expected_nonce=bind_nonce(my_nonce, binding))
         except tpm_errors.TpmError as exc:

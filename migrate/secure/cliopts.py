@@ -65,11 +65,13 @@ def announce(args) -> str:
     return "migration mode: secure (attestation, sealed channel, key release, replay and order defences)"
 
 
-def prepare(args, tpm_dir: Path) -> None:
+def prepare(args, tpm_dir: Path) -> str | None:
     """At start, in secure mode: certify this TPM's AK with a local issuer (if
-    its private key is here) and check the trust files exist (fail early)."""
+    its private key is here), check the trust files exist (fail early) and
+    measure them into PCR 10 (``migrate.secure.trust``); returns what was
+    measured, in words."""
     if mode_name(args) == "plain":
-        return
+        return None
     from tpm import Issuer, SoftTpm
     from tpm.errors import TpmError
     issuer = issuer_path(args)
@@ -84,6 +86,12 @@ def prepare(args, tpm_dir: Path) -> None:
         raise ValueError(f"the secure protocol needs a trusted issuer and a policy; missing: "
                          f"{', '.join(missing)}. Create them with 'minivmm attest-setup' (or run both "
                          f"ends with --plain)")
+    # What this VMM trusts is part of what it is: measured into PCR 10, so a
+    # peer's policy refuses a VMM started with another issuer or policy.
+    from migrate.secure import trust
+    event = trust.measure(tpm_dir, issuer, policy_path(args))
+    args.trust_digest = event.digest
+    return trust.describe(event)
 
 
 def session_mode(args, tpm_dir: Path):
@@ -91,7 +99,8 @@ def session_mode(args, tpm_dir: Path):
     if mode_name(args) == "plain":
         return PlainMode()
     from migrate.secure.attest import Attestor
-    return SecureMode(Attestor(tpm_dir, issuer_path(args), policy_path(args)),
+    return SecureMode(Attestor(tpm_dir, issuer_path(args), policy_path(args),
+                               trust=getattr(args, "trust_digest", None)),
                       insecure=tuple(args.insecure or ()))
 
 
@@ -155,6 +164,8 @@ def add_recover_command(sub) -> None:
         machine = Machine.restore(MachineState.from_bytes(data, where=a.file))
         from migrate.cli import _stream, run_guest
         a.migrate_to = None
+        from migrate.secure.statekeys import TpmKeyWrap
+        a.key_wrap = TpmKeyWrap(tpm_dir)        # --save-state: the keys sealed again
         _stream(machine, a)
         return run_guest(machine, a, role="source")
     r.set_defaults(func=run)

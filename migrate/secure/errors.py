@@ -6,6 +6,7 @@ its guest and the destination discarding what it received (fail closed).
 
 from __future__ import annotations
 
+from minivmm.errors import StateError
 from migrate.errors import MigrationError, ProtocolError
 
 
@@ -28,6 +29,12 @@ class KeyReleaseRefused(SecurityError):
 
 class StaleGeneration(SecurityError):
     """A migration generation not newer than the last one accepted for the VM."""
+
+
+class OldCopy(StaleGeneration, StateError):
+    """A state of a VM older than the generation with which it left this host
+    (``rollback.check_restore``): never resumed or migrated again here.  Also a
+    ``StateError``, so ``minivmm run --restore`` reports it as bad input."""
 
 
 class BadToken(SecurityError):

@@ -37,7 +37,7 @@ from pathlib import Path
 from migrate.errors import ProtocolError, Refused
 from migrate.jsonscan import Limits, ScanError, loads_bounded
 from migrate.messages import STATUS_NAMES, STATUS_OK, Welcome, decode_reason
-from migrate.secure import commit, generation, keyrelease
+from migrate.secure import commit, generation, keyrelease, rollback
 from migrate.secure.attest import Attestor, same_state
 from migrate.secure.channel import SealedChannel
 from migrate.secure.errors import AttestationFailed, KeyReleaseRefused, SecurityError
@@ -138,6 +138,7 @@ class SecureMode(PlainMode):
         self._release = None        # destination: its release key (made at the handshake)
         self._final_quote = None    # destination: the final quote, made while the last pages arrive
         self._nonce = None          # source: the fresh nonce sent at pause
+        self._remember = None       # source: its TPM recording the spent generation
 
     def on(self, defence: str) -> bool:
         return defence not in self.insecure
@@ -155,7 +156,9 @@ class SecureMode(PlainMode):
                              replay=self.on("replay"))
 
     def hello_info(self, machine) -> dict:
-        vm_id, gen = getattr(machine, "migration_identity", None) or (generation.new_identity(), 0)
+        vm_id, gen = machine.migration_identity
+        if self.on("replay"):       # an old copy of a VM that left this host does not leave again
+            rollback.check_restore(machine, self.state_dir, "this VM", tpm=self.attestor.tpm)
         self.vm = (vm_id, gen + 1)
         # The generation is spent (kept on the machine) only once both ends have
         # attested (end of source_handshake): the destination records it right
@@ -191,7 +194,7 @@ class SecureMode(PlainMode):
         try:
             own = pool.submit(self.attestor.quote, peer_share.nonce, th)
             if self.on("ordering"):         # the durable mark exists before the guest pauses
-                self._mark = commit.MigrationMark(self.state_dir, self.vm[0])
+                self._mark = commit.MigrationMark(self.state_dir, self.vm[0], self.vm[1])
                 pool.submit(self._mark.prepare)
             rec = ch.recv(only=frozenset({RecordType.QUOTE, RecordType.ABORT}))
             if rec.type is RecordType.ABORT:
@@ -202,6 +205,14 @@ class SecureMode(PlainMode):
         finally:
             pool.shutdown(wait=True)
         self._machine.migration_identity = self.vm      # both attested: the generation is spent
+        if self.on("replay"):
+            # ... and this host's TPM remembers it: a state of the VM saved before
+            # now (an older generation) is never resumed here again (rollback.py).
+            # A TPM NV write costs ~25 ms here: it runs beside pre-copy and is
+            # joined before this session touches the TPM again or commits.
+            pool = ThreadPoolExecutor(1, thread_name_prefix="secure-nv")
+            self._remember = pool.submit(generation.accept, self.attestor.tpm, *self.vm)
+            pool.shutdown(wait=False)
         ch.seal(self.keys)                  # WELCOME and everything after: sealed
         self._time("attestation", t0)
 
@@ -306,11 +317,21 @@ class SecureMode(PlainMode):
             raise ProtocolError("secret part of the state must hold exactly 'protection'")
         if doc.get("protection") is not None:
             raise ProtocolError("public part of the state carries protection state (it must not)")
+        ident = doc.get("identity")
+        if not isinstance(ident, dict) or (ident.get("vm_id"), ident.get("generation")) != self.vm:
+            raise ProtocolError("the state's VM identity and generation are not the ones HELLO announced")
         return {**doc, "protection": part["protection"]}
 
     # ----------------------------------------------------------------- commit
+    def _remembered(self) -> None:
+        """Wait for the TPM to record the spent generation (fail closed if it could not)."""
+        if self._remember is not None:
+            done, self._remember = self._remember, None
+            done.result()
+
     def before_commit(self, machine, peer: str) -> None:
         t0 = time.perf_counter()
+        self._remembered()
         if self.on("ordering"):
             self._escrow = commit.escrow_keys(machine, self.attestor.tpm)
             self._mark.commit(self.vm[1], peer, self._escrow)
@@ -321,6 +342,10 @@ class SecureMode(PlainMode):
         return commit.commit_token(self.keys)
 
     def undo_commit(self, machine) -> None:
+        try:
+            self._remembered()
+        except Exception:       # noqa: BLE001 - undoing: the keys come back regardless
+            pass
         if self._escrow is not None:
             commit.restore_keys(machine, self.attestor.tpm, self._escrow)
             self._escrow = None

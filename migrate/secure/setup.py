@@ -9,7 +9,9 @@
   knobs, role) is quoted but not judged: it changes with harmless options.
   Computed without a TPM (``migrate.measure.expected_events``: the same code
   manifest, native libraries included, that a VMM start measures), so it can
-  be written before either VMM starts.
+  be written before either VMM starts.  With the issuer's key it also
+  approves the trust settings (that issuer, that policy's core) a secure VMM
+  measures into PCR 10 (``migrate.secure.trust``).
 * :func:`certify` -- certify a host TPM's AK with a local issuer.
 * :func:`setup` -- all of it in one directory (``minivmm attest-setup``).
 """
@@ -23,6 +25,7 @@ from tpm import AttestationPolicy, Issuer, SoftTpm
 from tpm.measure import VMM_CODE_PCR, VMM_POLICY_PCR
 
 from migrate.measure import PROTECTION_POLICY, expected_events
+from migrate.secure import trust
 
 POLICY_PCRS = (VMM_CODE_PCR, VMM_POLICY_PCR)
 
@@ -42,21 +45,23 @@ def protection_policy(*, mode: str = "secure", insecure=(), protection: bool = T
     return policy
 
 
-def make_policy(configurations=({},)) -> AttestationPolicy:
-    """``configurations``: keyword sets for :func:`protection_policy` to approve."""
+def make_policy(configurations=({},), issuer_key=None) -> AttestationPolicy:
+    """``configurations``: keyword sets for :func:`protection_policy` to approve.
+    ``issuer_key``: also approve the trust settings (this issuer, this policy)
+    that a secure VMM measures into PCR 10 (``migrate.secure.trust``)."""
     policy = None
     for kw in configurations:
         events = expected_events({}, protection_policy(**kw))
         p = AttestationPolicy.from_events(events, POLICY_PCRS)
         policy = p if policy is None else policy.merge(p)
-    return policy
+    return policy if issuer_key is None else trust.approve(policy, issuer_key)
 
 
-def write_policy(path: Path | str, configurations=({},)) -> Path:
+def write_policy(path: Path | str, configurations=({},), issuer_key=None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(make_policy(configurations).dumps())
+    tmp.write_text(make_policy(configurations, issuer_key).dumps())
     tmp.replace(path)
     return path
 
@@ -71,5 +76,5 @@ def setup(base: Path | str, configurations=({},)) -> tuple[Path, Path]:
     """Issuer (created once) and policy under ``base``: (issuer dir, policy file)."""
     base = Path(base)
     issuer = base / "issuer"
-    Issuer.open(issuer)
-    return issuer, write_policy(base / "policy.json", configurations)
+    key = Issuer.open(issuer).public_key
+    return issuer, write_policy(base / "policy.json", configurations, key)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from migrate.measure import measure_start
+from migrate.secure import trust
 from migrate.secure.attest import Attestor
 from migrate.secure.mode import SecureMode
 from migrate.secure.setup import certify, protection_policy, setup
@@ -24,6 +25,7 @@ class Trust:
         tpm_dir = self.base / name
         measure_start(tpm_dir, {"role": role}, protection_policy(insecure=insecure))
         certify(tpm_dir, self.issuer)
+        trust.measure(tpm_dir, self.issuer, self.policy)     # as a secure VMM start does
         return tpm_dir
 
     def mode(self, tpm_dir: Path, *, insecure=()) -> SecureMode:

@@ -160,6 +160,26 @@ def test_a_vmm_with_a_defence_off_is_refused_by_a_secure_peer(tmp_path):
     dst.kill()
 
 
+def test_a_destination_started_with_a_more_permissive_policy_is_refused_by_a_secure_source(tmp_path):
+    """Hostile review F2: the destination's own --attest-policy is measured into
+    PCR 10 at its start, so one that approves defences off no longer passes."""
+    import shutil
+    from migrate.secure.setup import write_policy
+    from tpm import Issuer
+    t = trust(tmp_path)
+    loose = tmp_path / "loose"
+    shutil.copytree(t / "issuer", loose / "issuer")         # the same issuer, a looser policy
+    write_policy(loose / "policy.json", ({}, {"insecure": ("toctou",)}), Issuer.load(loose / "issuer").public_key)
+    dst, port = serve(tmp_path, name="dst", trust=loose)
+    dst.wait_for("measured trust settings into PCR 10")
+    src = Vmm("run", "counter", "--migrate-to", f"127.0.0.1:{port}", "--after", "5", cwd=tmp_path, name="src",
+              trust=t)
+    assert src.finish() == 5, src.stderr          # not migrated: the guest ran here
+    assert "attestation of the destination failed: measurement not approved by the policy" in src.stderr
+    assert "PCR 10: vmm-trust" in src.stderr and "the guest continues here" in src.stderr
+    dst.kill()
+
+
 def test_the_demo_runs_the_secure_protocol_by_default(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "minivmm", "demo", "--tpm-dir", str(tmp_path / "d")],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)

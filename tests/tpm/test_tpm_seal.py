@@ -104,3 +104,17 @@ def test_sealed_blob_round_trip_and_bounds(measured):
         SealedBlob.from_bytes(raw + b"\x00")
     with pytest.raises(ValueError):
         measured.seal(bytes(64 * 1024 + 1))
+
+
+def test_sealed_without_a_pcr_policy_opens_on_this_tpm_only(measured, tmp_path):
+    """pcrs=None: bound to the TPM's storage key alone (saved machine states)."""
+    blob = measured.seal(SECRET, pcrs=None)
+    assert blob[6:10] == bytes(4) and SealedBlob.from_bytes(blob).selection is None
+    measured.extend(8, hashlib.sha256(b"another build").digest(), data=b"x")
+    assert measured.unseal(blob) == SECRET                     # any PCR change: still opens
+    with pytest.raises(UnsealError, match="sealed by another TPM"):
+        SoftTpm.open(tmp_path / "other").unseal(blob)
+    forged = bytearray(blob)
+    forged[10] ^= 1                                            # a policy digest with no selection
+    with pytest.raises(UnsealError, match="policy digest without a PCR selection"):
+        measured.unseal(bytes(forged))
