@@ -66,14 +66,16 @@ class Recorder:
             self.recent.append(e)
         if isinstance(e, ev.Fault):
             cpu = self.machine.cpu()
+            if e.vector == abi.VEC_PF:
+                cpu = cpu.replace(cr2=e.address)    # the VMM loads CR2 as it delivers the #PF
             snap = Snapshot(e, cpu, disasm_around(self.machine, cpu, e.eip))
             self.faults[e.pid] = self.last_fault = snap
         elif isinstance(e, ev.ProcessExit) and e.status >= 128 and self.on_killed is not None:
             snap = self.faults.pop(e.pid, None)
             if snap is not None and e.status == 128 + snap.fault.vector:
                 name = self.machine.names.get(e.pid, "?")
-                self.on_killed(self.report(f"pid {e.pid} ({name}) killed by the kernel: "
-                                           f"{fault_line(snap.fault)}", snap))
+                self.on_killed(self.report(f"pid {e.pid} ({name}) was killed by the kernel "
+                                           f"(exit status {e.status})", snap))
 
     def report(self, headline: str, snap: Snapshot | None) -> list[str]:
         lines = [f"crash report: {headline}"]
