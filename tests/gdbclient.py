@@ -11,6 +11,7 @@ from minivmm.gdb_packets import checksum, frame
 class Client:
     def __init__(self, host: str, port: int):
         self.sock = socket.create_connection((host, port), timeout=120)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # as gdb does
         self.buf = bytearray()
 
     def _byte(self) -> int:
