@@ -43,6 +43,14 @@ SIGINT, SIGTRAP, SIGABRT, SIGKILL, SIGSEGV = 2, 5, 6, 9, 11
 MAX_MEMORY = 0x1000                     # bytes per m/M packet (we advertise PacketSize=4000)
 
 
+def hexnum(text: str) -> int:
+    """A protocol number: 1..8 hex digits, nothing else (``int(x, 16)`` would
+    also take signs, ``0x``, underscores and spaces)."""
+    if not 1 <= len(text) <= 8 or any(c not in "0123456789abcdefABCDEF" for c in text):
+        raise ValueError(f"not a hex number: {text[:16]!r}")
+    return int(text, 16)
+
+
 def parse_address(spec: str) -> tuple[str, int]:
     """``[HOST:]PORT`` → (host, port); the host defaults to 127.0.0.1 (never
     every interface by default: the stub gives full control of the guest)."""
@@ -172,31 +180,31 @@ class Session:
                 self.machine.write_registers(gdb_regs.decode_all(arg))
                 return "OK"
             if cmd == "p":
-                n = int(arg, 16)
+                n = hexnum(arg)
                 if n >= len(gdb_regs.REGISTERS):
                     return "E01"
                 return gdb_regs.encode_one(self.machine.cpu(), n)
             if cmd == "P":
                 n, _, value = arg.partition("=")
-                n = int(n, 16)
+                n = hexnum(n)
                 if n >= len(gdb_regs.REGISTERS) or not gdb_regs.REGISTERS[n][2] or len(value) != 8:
                     return "E01"
                 self.machine.write_registers({gdb_regs.REGISTERS[n][0]:
                                               int.from_bytes(bytes.fromhex(value), "little")})
                 return "OK"
             if cmd == "m":
-                addr, length = (int(x, 16) for x in arg.split(","))
+                addr, length = (hexnum(x) for x in arg.split(","))
                 return self._read_memory(addr, min(length, MAX_MEMORY))
             if cmd == "M":
                 where, _, data = arg.partition(":")
-                addr, length = (int(x, 16) for x in where.split(","))
+                addr, length = (hexnum(x) for x in where.split(","))
                 raw = bytes.fromhex(data)
                 if length != len(raw) or length > MAX_MEMORY:
                     return "E01"
                 self.machine.write_guest(addr, raw)
                 return "OK"
             if cmd in "Zz" and arg.startswith("0,"):
-                addr = int(arg.split(",")[1], 16)
+                addr = hexnum(arg.split(",")[1])
                 if cmd == "Z":
                     self.counter.breakpoints.add(addr)
                 else:
@@ -239,7 +247,7 @@ class Session:
         if text == "qsThreadInfo":
             return "l"
         if text.startswith("qXfer:features:read:target.xml:"):
-            offset, length = (int(x, 16) for x in text.rsplit(":", 1)[1].split(","))
+            offset, length = (hexnum(x) for x in text.rsplit(":", 1)[1].split(","))
             xml = gdb_regs.target_xml().encode()
             part = xml[offset:offset + length]
             return (b"l" if offset + length >= len(xml) else b"m") + escape(part)

@@ -13,6 +13,8 @@ import sys
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gdbclient import Client
 from guests.build import KERNEL_DIR, Program, build_image
@@ -117,6 +119,9 @@ def regs(client):
     return dict(zip(gdb_regs.GENERAL + gdb_regs.SEGMENTS, struct.unpack("<16I", raw)))
 
 
+SESSION = gdb_stub.Session(Machine(GUESTS["hello"].build()), socket.socketpair()[0])
+
+
 def test_protocol_registers_breakpoint_step_memory_and_exit():
     image = GUESTS["hello"].build()
     stub = Stub(Machine(image))
@@ -217,6 +222,20 @@ def test_a_protected_page_reads_as_ciphertext_through_the_stub():
     assert got[:16] not in plain_code
     assert c.ask("D") == "OK"
     assert stub.join() == "detach"
+
+
+@settings(derandomize=True, max_examples=300, deadline=None)
+@given(st.one_of(
+    st.text(alphabet="gGpPmMzZqHTs?0123456789abcdefx,:=;-", max_size=40),
+    st.sampled_from(["m", "m,", "mzz,4", "m-1,4", "m0,-4", "Mffffffff,4:00", "M0,2:00", "P8=zz",
+                     "P8=00", "pff", "p-1", "Z0,", "Z0,x,1", "qXfer:features:read:target.xml:",
+                     "qXfer:features:read:target.xml:-1,5", "G" + "0" * 7, "Gxx"])))
+def test_malformed_packets_get_an_error_or_an_empty_reply_never_an_exception(packet):
+    reply = SESSION.dispatch(packet)
+    assert isinstance(reply, (str, bytes))
+    if (packet[:1] in ("m", "M", "p", "P") or packet.startswith(("Z0,", "z0,"))) and "-" in packet:
+        assert reply == "E01"
+    assert SESSION.machine.vclock == 0 and not SESSION.machine.halted
 
 
 # ------------------------------------------------------------- real gdb
@@ -337,3 +356,5 @@ def test_asm_builds_and_runs_a_program_and_names_the_broken_line(tmp_path):
         assert out.returncode == 2 and f"{bad}:6: Invalid mnemonic" in out.stderr, out.stderr
         assert "Traceback" not in out.stderr
     assert not (tmp_path / "broken.mvimg").exists()
+    out = cli("asm", str(tmp_path / "missing.s"))
+    assert out.returncode == 2 and "cannot read" in out.stderr and "Traceback" not in out.stderr
