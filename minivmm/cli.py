@@ -282,10 +282,11 @@ def machine_from_args(args):
                    key_seed=args.key_seed.encode() if args.key_seed else None)
 
 
-def _debug_with_gdb(machine, args) -> str | None:
-    """``--gdb``: serve GDB until it detaches (None: the run goes on without
-    it), kills the guest (``"interrupted"``) or the guest ends (``"shutdown"``;
-    a crash is raised as the GuestError it was)."""
+def _debug_with_gdb(machine, args, interrupt) -> str | None:
+    """``--gdb``: serve GDB until it detaches or goes away (None: the run
+    goes on without it), kills the guest or Ctrl-C ends the wait
+    (``"interrupted"``), or the guest ends (``"shutdown"``; a crash is
+    raised as the GuestError it was)."""
     from minivmm import gdb_stub
 
     def announce(host, port):
@@ -293,13 +294,16 @@ def _debug_with_gdb(machine, args) -> str | None:
               f"-ex 'target remote {host}:{port}')", file=sys.stderr, flush=True)
 
     try:
-        how = gdb_stub.serve(machine, args.gdb, announce=announce)
+        how = gdb_stub.serve(machine, args.gdb, announce=announce, cancelled=lambda: interrupt.asked)
     except gdb_stub.GuestEnded as end:
         if end.error is not None:
             raise end.error
         return "shutdown"
-    print(f"minivmm: gdb {'detached' if how == 'detach' else 'killed the run'}", file=sys.stderr)
-    return "interrupted" if how == "kill" else None
+    print("minivmm: " + {"detach": "gdb detached: the guest runs on",
+                         "lost": "gdb connection lost: the guest runs on",
+                         "kill": "gdb killed the run",
+                         "cancelled": "interrupted while waiting for gdb"}[how], file=sys.stderr)
+    return "interrupted" if how in ("kill", "cancelled") else None
 
 
 def _run_bounded(machine, args, interrupt, tracer) -> str:
@@ -329,7 +333,7 @@ def cmd_run(args) -> int:
             tracer = Tracer(machine, trace_file, start=args.trace_from, count=args.trace_count,
                             registers=args.trace_regs)
         try:
-            result = _debug_with_gdb(machine, args) if args.gdb else None
+            result = _debug_with_gdb(machine, args, interrupt) if args.gdb else None
             if result is None:
                 result = _run_bounded(machine, args, interrupt, tracer)
         except GuestError as exc:

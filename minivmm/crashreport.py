@@ -6,10 +6,11 @@ code, CR2), the registers when it happened, the disassembly around EIP, and
 the last few VMM events (in the ``--events`` text form).
 
 :class:`Recorder` subscribes to the machine's events.  At each ``Fault``
-it keeps a snapshot of the registers and the code around EIP (read without
-touching the guest: ``guestpeek``; a protected page is not read), because by
-the time a process is reported killed, or the kernel panics, the CPU has long
-moved on to the handler.  Reading registers in a subscriber is safe: it is
+it keeps a snapshot of the registers, because by the time a process is
+reported killed, or the kernel panics, the CPU has long moved on to the
+handler.  The code around EIP is read when a report is made, through the
+fault's page tables and without touching the guest (``guestpeek``: a
+protected page is not read).  Reading registers in a subscriber is safe: it is
 only ``reg_read``; nothing is written back.
 """
 
@@ -29,7 +30,12 @@ RECENT = 8
 class Snapshot:
     fault: ev.Fault
     cpu: object                 # CpuState at the fault
-    code: list[str]
+
+    def code(self, machine) -> list[str]:
+        """Disassembled when reported, through the page tables of the fault
+        (a guest with many faults -- the controlled-channel lab -- pays
+        nothing for faults that are never reported)."""
+        return disasm_around(machine, self.cpu, self.fault.eip)
 
 
 def fault_line(f: ev.Fault) -> str:
@@ -68,7 +74,7 @@ class Recorder:
             cpu = self.machine.cpu()
             if e.vector == abi.VEC_PF:
                 cpu = cpu.replace(cr2=e.address)    # the VMM loads CR2 as it delivers the #PF
-            snap = Snapshot(e, cpu, disasm_around(self.machine, cpu, e.eip))
+            snap = Snapshot(e, cpu)
             self.faults[e.pid] = self.last_fault = snap
         elif isinstance(e, ev.ProcessExit) and e.status >= 128 and self.on_killed is not None:
             snap = self.faults.pop(e.pid, None)
@@ -82,7 +88,7 @@ class Recorder:
         if snap is not None:
             lines.append(f"  fault: {fault_line(snap.fault)}")
             lines.append("  registers at the fault:")
-            cpu, code = snap.cpu, snap.code
+            cpu, code = snap.cpu, snap.code(self.machine)
         else:
             lines.append("  registers now:")
             cpu = self.machine.cpu()

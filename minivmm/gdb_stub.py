@@ -87,8 +87,8 @@ class GuestEnded(Exception):
 
 class Session:
     """One GDB connection driving one machine.  :meth:`serve` returns
-    ``"detach"`` (the guest runs on without a debugger) or ``"kill"``, or
-    raises :class:`GuestEnded`."""
+    ``"detach"`` or ``"lost"`` (the guest runs on without a debugger) or
+    ``"kill"``, or raises :class:`GuestEnded`."""
 
     def __init__(self, machine, sock: socket.socket):
         self.machine = machine
@@ -100,10 +100,7 @@ class Session:
     def serve(self) -> str:
         try:
             while True:
-                try:
-                    packet = self.conn.read_packet()
-                except EOFError:
-                    return "detach"
+                packet = self.conn.read_packet()
                 if packet == bytes((INTERRUPT,)):
                     continue                # already stopped
                 text = packet.decode("latin-1")
@@ -120,6 +117,10 @@ class Session:
                     return "kill"
                 else:
                     self._send(self.dispatch(text))
+        except (EOFError, ConnectionError):
+            # GDB went away (closed, crashed, network): as a detach, the
+            # guest runs on; a slice stopped part way is finished normally.
+            return "lost"
         finally:
             self.counter.uninstall()
 
@@ -262,17 +263,28 @@ def _crash_signal(exc: GuestError) -> int:
     return SIGKILL                      # a hang (GuestHang) or another guest error
 
 
-def serve(machine, spec: str, *, announce) -> str:
+def serve(machine, spec: str, *, announce, cancelled=lambda: False) -> str:
     """Listen on ``spec``, wait for GDB, and debug ``machine`` until GDB
-    detaches or kills it (returns ``"detach"``/``"kill"``); raises
-    :class:`GuestEnded` when the guest ended under the debugger.
-    ``announce(host, port)`` is called once the port is open (port 0: the
-    system picks one, and ``announce`` says which)."""
+    detaches, goes away or kills it (returns ``"detach"``, ``"lost"``,
+    ``"kill"``); raises :class:`GuestEnded` when the guest ended under the
+    debugger.  ``announce(host, port)`` is called once the port is open
+    (port 0: the system picks one, and ``announce`` says which).  While
+    nobody has connected yet, ``cancelled()`` (Ctrl-C) ends the wait:
+    returns ``"cancelled"``."""
     listener = listen(spec)
     try:
         host, port = listener.getsockname()[:2]
         announce(host, port)
-        sock, _ = listener.accept()
+        # Wake up now and then to notice Ctrl-C (a flag, see cli.Interrupt).
+        listener.settimeout(0.25)
+        while True:
+            try:
+                sock, _ = listener.accept()
+                break
+            except socket.timeout:
+                if cancelled():
+                    return "cancelled"
+        sock.settimeout(None)
     finally:
         listener.close()
     with sock:

@@ -166,7 +166,7 @@ def test_a_gdb_session_with_breakpoints_and_steps_leaves_the_guest_unchanged():
     stub = Stub(m)
     c = stub.client
     syms = image.kernel_symbols
-    for addr in (syms["vec_syscall"], syms["timer_tick"], image.processes[0].entry + 4):
+    for addr in (syms["vec_syscall"], syms["timer_tick"], image.processes[0].symbols["next"]):
         assert c.ask(f"Z0,{addr:x},1") == "OK"
     stops = 0
     for _ in range(5000):
@@ -202,6 +202,22 @@ def test_protocol_framing_errors_and_ctrl_c():
     assert c.ask("D") == "OK"
     assert stub.join() == "detach"
     assert m.counter is None                   # nothing left installed after detach
+
+
+def test_when_gdb_goes_away_mid_slice_the_guest_runs_on_unchanged():
+    image = small_counter()
+    plain = Machine(image, tick_instructions=1000)
+    finish(plain)
+    m = Machine(image, tick_instructions=1000)
+    stub = Stub(m)
+    c = stub.client
+    nxt = image.processes[1].symbols["next"]
+    assert c.ask(f"Z0,{nxt:x},1") == "OK" and c.ask("c") == "S05"
+    assert c.ask("s") == "S05" and m._slice_done > 0          # stopped inside a slice
+    c.close()
+    assert stub.join() == "lost" and m.counter is None
+    assert m.run(max_ticks=10_000) == "shutdown"
+    assert m.console.text() == plain.console.text() and m.vclock == plain.vclock
 
 
 def test_a_protected_page_reads_as_ciphertext_through_the_stub():
