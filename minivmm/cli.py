@@ -265,6 +265,13 @@ def check_run_args(parser: argparse.ArgumentParser, args) -> None:
                          f"them from the state file")
     if args.save_state:
         check_writable(args.save_state, "--save-state")
+    trace_opts = [opt for dest, opt in (("trace_from", "--trace-from"), ("trace_count", "--trace-count"),
+                                        ("trace_regs", "--trace-regs"))
+                  if getattr(args, dest, None) != parser.get_default(dest)]
+    if trace_opts and not getattr(args, "trace", None):
+        parser.error(f"{', '.join(trace_opts)}: only with --trace FILE")
+    if (getattr(args, "gdb", None) or getattr(args, "trace", None)) and getattr(args, "migrate_to", None):
+        parser.error("--gdb and --trace watch one VMM's run: not with --migrate-to")
 
 
 def machine_from_args(args):

@@ -374,3 +374,12 @@ def test_asm_builds_and_runs_a_program_and_names_the_broken_line(tmp_path):
     assert not (tmp_path / "broken.mvimg").exists()
     out = cli("asm", str(tmp_path / "missing.s"))
     assert out.returncode == 2 and "cannot read" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_debugging_options_refuse_what_they_would_ignore():
+    out = cli("run", "hello", "--trace-count", "5")
+    assert out.returncode == 2 and "--trace-count: only with --trace FILE" in out.stderr
+    out = cli("run", "hello", "--gdb", "127.0.0.1:70000")
+    assert out.returncode == 2 and "port must be 0..65535" in out.stderr and "Traceback" not in out.stderr
+    out = cli("run", "hello", "--gdb", "1234", "--migrate-to", "127.0.0.1:9")
+    assert out.returncode == 2 and "not with --migrate-to" in out.stderr
