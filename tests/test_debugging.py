@@ -271,7 +271,9 @@ def test_real_gdb_breakpoint_step_registers_memory_and_exit(tmp_path):
              "-ex", f"break *{syscall:#x}", "-ex", "continue", "-ex", "info registers eax eip cs",
              "-ex", "stepi", "-ex", "p/x $pc", "-ex", "p/x $cr3", "-ex", f"x/s {msg:#x}",
              "-ex", "delete", "-ex", f"break *{user_exit:#x}", "-ex", "continue",
-             "-ex", "p/x $eip", "-ex", "continue"],
+             "-ex", "p/x $eip", "-ex", "info registers",
+             "-ex", f"break *{user_exit + 7:#x}", "-ex", "continue", "-ex", "set $ebx = 7",
+             "-ex", "continue"],
             capture_output=True, text=True, timeout=120)
         stdout, stderr = vmm.communicate(timeout=120)
     finally:
@@ -283,8 +285,18 @@ def test_real_gdb_breakpoint_step_registers_memory_and_exit(tmp_path):
     assert '"hello, world\\n"' in log, log
     assert re.search(r"\$1 = (0x[0-9a-f]+)", log).group(1) != f"{syscall:#x}", log   # stepped
     assert f"Breakpoint 2, {user_exit:#010x}" in log and f"$3 = {user_exit:#x}" in log, log
-    assert "exited normally" in log, log
+    # after write() returned: eax = 13 bytes written, the rest as hello.s left them, in
+    # GDB's i386 order (a register map out of order shows up here)
+    regs_after = dict(re.findall(r"^(\w+)\s+(0x[0-9a-f]+)", log.split(f"$3 = {user_exit:#x}")[1], re.M))
+    assert {k: regs_after[k] for k in ("eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi",
+                                       "eip", "cs", "ss", "ds", "es", "fs", "gs")} == {
+        "eax": "0xd", "ecx": "0xd", "edx": "0x0", "ebx": hex(msg), "esp": "0x80000000", "ebp": "0x0",
+        "esi": "0x0", "edi": "0x0", "eip": hex(user_exit), "cs": "0x1b", "ss": "0x23", "ds": "0x23",
+        "es": "0x23", "fs": "0x0", "gs": "0x0"}, log
+    assert "cr3            0x109000" in log, log               # our extra feature, by name
+    assert "exited normally" in log, log                        # the kernel's shutdown status 0
     assert vmm.returncode == 0 and stdout == cli("run", "hello").stdout
+    assert "exits: pid 1=7" in stderr                           # set $ebx reached exit(7)
 
 
 # ------------------------------------------------------------------ trace
