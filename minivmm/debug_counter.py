@@ -44,7 +44,7 @@ class InstructionCounter:
         if self._handle is not None:
             return
         self._machine = machine
-        self._handle = machine._uc.hook_add(UC_HOOK_CODE, machine._guarded(self._hook, None))
+        self._handle = machine._uc.hook_add(UC_HOOK_CODE, self._hook)
         # Translated blocks carry their hook calls: drop the ones made without it.
         machine.flush_translations()
         machine.counter = self
@@ -77,21 +77,25 @@ class InstructionCounter:
             self.step_limit -= ran
         self._budget = None
         self._armed = False
+        # The skip covers only the first instruction after a resume, and
+        # that one belonged to this slice (or never ran: then a later visit
+        # to the address is a real hit).
+        self.skip_once = None
         return ran, why
 
     def _hook(self, uc, address, size, user_data):
+        # The hot path (one call per instruction): no wrapper frame, and the
+        # body cannot raise (attribute reads, a set lookup, an int add), so
+        # nothing can unwind through QEMU (machine._guarded's concern).
         if not self._armed:
             return              # a VMM probe outside a slice (machine._check_halt)
-        if self._budget is not None and self.ran >= self._budget:
+        ran = self.ran
+        if ran == self._budget:
             self.why = LIMIT
             uc.emu_stop()
             return
-        if address in self.breakpoints:
-            if self.skip_once == address and self.ran == 0:
-                self.skip_once = None
-            else:
-                self.why = BREAK
-                uc.emu_stop()
-                return
-        self.skip_once = None
-        self.ran += 1
+        if address in self.breakpoints and not (ran == 0 and self.skip_once == address):
+            self.why = BREAK
+            uc.emu_stop()
+            return
+        self.ran = ran + 1
