@@ -310,6 +310,8 @@ def _debug_with_gdb(machine, args, interrupt) -> str | None:
                          "lost": "gdb connection lost: the guest runs on",
                          "kill": "gdb killed the run",
                          "cancelled": "interrupted while waiting for gdb"}[how], file=sys.stderr)
+    if how == "kill" and args.save_state:
+        machine.finish_slice()          # a state is saved between slices only
     return "interrupted" if how in ("kill", "cancelled") else None
 
 

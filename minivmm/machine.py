@@ -421,6 +421,16 @@ class Machine:
             return
         self._check_halt()
 
+    @property
+    def inside_slice(self) -> bool:
+        """Stopped part way through a slice (by a debugger)."""
+        return bool(self._slice_done)
+
+    def finish_slice(self) -> None:
+        """Run the rest of a slice a debugger stopped part way (before a save)."""
+        while self._slice_done and not self.halted:
+            self.step()
+
     def deliver_pending_timer(self) -> bool:
         """At a slice boundary: deliver a due timer tick if the guest takes
         interrupts (what ``step`` does first).  A debugger calls it right

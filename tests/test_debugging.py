@@ -215,7 +215,7 @@ def test_when_gdb_goes_away_mid_slice_the_guest_runs_on_unchanged():
     assert c.ask(f"Z0,{nxt:x},1") == "OK" and c.ask("c") == "S05"
     assert c.ask("s") == "S05" and m._slice_done > 0          # stopped inside a slice
     c.close()
-    assert stub.join() == "lost" and m.counter is None
+    assert stub.join() == "lost" and m.counter is None and m.inside_slice
     assert m.run(max_ticks=10_000) == "shutdown"
     assert m.console.text() == plain.console.text() and m.vclock == plain.vclock
 
@@ -395,3 +395,26 @@ def test_debugging_options_refuse_what_they_would_ignore():
     assert out.returncode == 2 and "port must be 0..65535" in out.stderr and "Traceback" not in out.stderr
     out = cli("run", "hello", "--gdb", "1234", "--migrate-to", "127.0.0.1:9")
     assert out.returncode == 2 and "not with --migrate-to" in out.stderr
+
+
+def test_gdb_kill_ends_the_run_and_saves_a_state_that_continues_unchanged(tmp_path):
+    image = GUESTS["hello"].build()
+    state = tmp_path / "k.mvstate"
+    vmm = subprocess.Popen([sys.executable, "-m", "minivmm", "run", "hello", "--gdb", "127.0.0.1:0",
+                            "--save-state", str(state)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        host, port = re.search(r"waiting for gdb on (\S+):(\d+)", vmm.stderr.readline()).groups()
+        c = Client(host, int(port))
+        assert c.ask(f"Z0,{image.processes[0].entry + 5:x},1") == "OK" and c.ask("c") == "S05"
+        assert c.ask("s") == "S05"                      # stopped inside a slice
+        c.send_raw(b"$k#6b")
+        assert c.ack() == b"+"
+        stdout, stderr = vmm.communicate(timeout=120)
+    finally:
+        vmm.kill()
+    assert vmm.returncode == 130 and "gdb killed the run" in stderr
+    assert "machine state saved" in stderr
+    rest = cli("run", str(state), "--restore")
+    assert rest.returncode == 0
+    assert stdout + rest.stdout == cli("run", "hello").stdout
