@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -418,3 +419,15 @@ def test_gdb_kill_ends_the_run_and_saves_a_state_that_continues_unchanged(tmp_pa
     rest = cli("run", str(state), "--restore")
     assert rest.returncode == 0
     assert stdout + rest.stdout == cli("run", "hello").stdout
+
+
+def test_ctrl_c_while_waiting_for_gdb_ends_the_run():
+    vmm = subprocess.Popen([sys.executable, "-m", "minivmm", "run", "hello", "--gdb", "127.0.0.1:0"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "waiting for gdb" in vmm.stderr.readline()
+        vmm.send_signal(signal.SIGINT)
+        _, stderr = vmm.communicate(timeout=120)
+    finally:
+        vmm.kill()
+    assert vmm.returncode == 130 and "interrupted while waiting for gdb" in stderr
