@@ -77,18 +77,23 @@ def load_source(path: Path) -> str:
     return expand_includes(path.read_text(), path.parent)
 
 
-def expand_includes(source: str, directory: Path, depth: int = 0) -> str:
-    """Expand ``.include "file"`` lines; inline sources include from guests/programs/."""
+def expand_includes(source: str, directory: Path, depth: int = 0, fallback: Path | None = None) -> str:
+    """Expand ``.include "file"`` lines; inline sources include from guests/programs/.
+    ``fallback``: a second directory to look in (a user's program in its own
+    folder still finds ``_ulib.s``)."""
     if depth > 8:
         raise BuildError(".include nested more than 8 deep")
     out = []
     for line in source.splitlines():
         stripped = line.strip()
         if stripped.startswith(".include"):
-            target = directory / stripped.split(None, 1)[1].strip().strip('"')
+            name = stripped.split(None, 1)[1].strip().strip('"')
+            target = directory / name
+            if not target.is_file() and fallback is not None and (fallback / name).is_file():
+                target = fallback / name
             if not target.is_file():
                 raise BuildError(f".include: no file {target}")
-            out.append(expand_includes(target.read_text(), target.parent, depth + 1))
+            out.append(expand_includes(target.read_text(), target.parent, depth + 1, fallback))
         else:
             out.append(line)
     return "\n".join(out)
@@ -269,3 +274,23 @@ def _segments(phys: _Phys) -> list[tuple[int, bytes]]:
         else:
             out.append((addr, bytearray(page)))
     return [(a, bytes(d)) for a, d in out]
+
+
+def program_image(path: Path, *, data_pages: int = 1, args: tuple[int, ...] = (),
+                  ram_size: int = 16 << 20) -> GuestImage:
+    """``minivmm asm FILE.s`` / ``minivmm run FILE.s``: one user program
+    (pid 1, named after the file) linked with the honest toy kernel.
+    ``.include`` looks beside the file first, then in guests/programs/.
+    Assembler errors name the file and line (``AsmError``); an include placed
+    at the end (as docs/guest-abi.md asks) keeps the lines of the file itself."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise BuildError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise BuildError(f"{path}: not a text file") from None
+    source = expand_includes(text, path.parent, fallback=PROGRAMS_DIR)
+    name = path.stem[:15] or "program"
+    return build_image([Program(name, source, str(path), data_pages, tuple(args))],
+                       name=name, ram_size=ram_size, description=f"{path.name} with the toy kernel")

@@ -36,8 +36,10 @@ STATE_MAGIC = b"MVMSTATE"           # minivmm/state.py's file magic
 
 
 def _load_image(spec: str, ram_size: int):
-    """A built-in guest name, or the path of an image file."""
+    """A built-in guest name, the path of an image file, or a program FILE.s."""
     path = Path(spec)
+    if path.suffix == ".s":
+        return _assemble(path, ram_size)
     if path.suffix in (".mvimg", ".mvstate") or path.exists():
         from minivmm.image import GuestImage
         try:
@@ -54,6 +56,16 @@ def _load_image(spec: str, ram_size: int):
     except KeyError as exc:
         raise ImageError(str(exc.args[0])) from None
     return guest.build(ram_size)
+
+
+def _assemble(path: Path, ram_size: int, data_pages: int = 1, args: tuple[int, ...] = ()):
+    """A user program linked with the toy kernel; its errors as ImageError."""
+    from guests.asm import AsmError
+    from guests.build import BuildError, program_image
+    try:
+        return program_image(path, data_pages=data_pages, args=args, ram_size=ram_size)
+    except (AsmError, BuildError) as exc:
+        raise ImageError(str(exc)) from None
 
 
 def _ram(value: str) -> int:
@@ -221,6 +233,11 @@ class EventPrinter:
         if isinstance(e, ev.Halted):
             self.close()
 
+    def say_lines(self, lines: list[str]) -> None:
+        """VMM report lines (a crash report) on stderr, in order with the console."""
+        for line in lines:
+            self._say(f"minivmm: {line}")
+
     def _say(self, line: str) -> None:
         self.pending.append(line)
         if not self.mid_line:
@@ -255,6 +272,13 @@ def check_run_args(parser: argparse.ArgumentParser, args) -> None:
                          f"them from the state file")
     if args.save_state:
         check_writable(args.save_state, "--save-state")
+    trace_opts = [opt for dest, opt in (("trace_from", "--trace-from"), ("trace_count", "--trace-count"),
+                                        ("trace_regs", "--trace-regs"))
+                  if getattr(args, dest, None) != parser.get_default(dest)]
+    if trace_opts and not getattr(args, "trace", None):
+        parser.error(f"{', '.join(trace_opts)}: only with --trace FILE")
+    if (getattr(args, "gdb", None) or getattr(args, "trace", None)) and getattr(args, "migrate_to", None):
+        parser.error("--gdb and --trace watch one VMM's run: not with --migrate-to")
 
 
 def machine_from_args(args):
@@ -276,23 +300,78 @@ def machine_from_args(args):
                    key_seed=args.key_seed.encode() if args.key_seed else None)
 
 
+def _debug_with_gdb(machine, args, interrupt) -> str | None:
+    """``--gdb``: serve GDB until it detaches or goes away (None: the run
+    goes on without it), kills the guest or Ctrl-C ends the wait
+    (``"interrupted"``), or the guest ends (``"shutdown"``; a crash is
+    raised as the GuestError it was)."""
+    from minivmm import gdb_stub
+
+    def announce(host, port):
+        print(f"minivmm: waiting for gdb on {host}:{port} (gdb -ex 'set architecture i386' "
+              f"-ex 'target remote {host}:{port}')", file=sys.stderr, flush=True)
+
+    try:
+        how = gdb_stub.serve(machine, args.gdb, announce=announce, cancelled=lambda: interrupt.asked)
+    except gdb_stub.GuestEnded as end:
+        if end.error is not None:
+            raise end.error
+        return "shutdown"
+    print("minivmm: " + {"detach": "gdb detached: the guest runs on",
+                         "lost": "gdb connection lost: the guest runs on",
+                         "kill": "gdb killed the run",
+                         "cancelled": "interrupted while waiting for gdb"}[how], file=sys.stderr)
+    if how == "kill" and args.save_state:
+        machine.finish_slice()          # a state is saved between slices only
+    return "interrupted" if how in ("kill", "cancelled") else None
+
+
+def _run_bounded(machine, args, interrupt, tracer) -> str:
+    until = interrupt
+    if tracer is not None:
+        def until(m):
+            tracer.remove_if_done()
+            return interrupt(m)
+    return machine.run(until=until, max_ticks=args.ticks, max_instructions=args.instructions)
+
+
 def cmd_run(args) -> int:
     check_run_args(args.parser, args)
+    if args.trace:
+        check_writable(args.trace, "--trace")
     interrupt = Interrupt()
+    trace_file = None
     try:
         machine = machine_from_args(args)
         printer = _stream(machine, args)
+        from minivmm.crashreport import Recorder
+        recorder = Recorder(machine, on_killed=printer.say_lines)
+        tracer = None
+        if args.trace:
+            from minivmm.trace import Tracer
+            trace_file = open(args.trace, "w")
+            tracer = Tracer(machine, trace_file, start=args.trace_from, count=args.trace_count,
+                            registers=args.trace_regs)
         try:
-            result = machine.run(until=interrupt, max_ticks=args.ticks, max_instructions=args.instructions)
+            result = _debug_with_gdb(machine, args, interrupt) if args.gdb else None
+            if result is None:
+                result = _run_bounded(machine, args, interrupt, tracer)
         except GuestError as exc:
+            printer.close()
             print(f"minivmm: {exc}", file=sys.stderr)
+            print("\n".join(f"minivmm: {line}" for line in recorder.machine_crash(exc)), file=sys.stderr)
             return EXIT_CRASH
         finally:
             if args.save_state:
                 save_atomically(machine, args.save_state, getattr(args, "key_wrap", None))
                 print(f"minivmm: machine state saved to {args.save_state}", file=sys.stderr)
+            if tracer is not None:
+                print(f"minivmm: trace: {tracer.written} instructions written to {args.trace}",
+                      file=sys.stderr)
     finally:
         interrupt.close()
+        if trace_file is not None:
+            trace_file.close()
         if "printer" in locals():
             printer.close()
     if result == "condition":
@@ -321,6 +400,19 @@ def cmd_build(args) -> int:
     return EXIT_OK
 
 
+def cmd_asm(args) -> int:
+    source = Path(args.source)
+    if source.suffix != ".s":
+        raise VmmError(f"{args.source}: an assembly file ends in .s")
+    output = args.output or str(source.with_suffix(".mvimg"))
+    check_writable(output, "-o")
+    image = _assemble(source, args.ram, args.data_pages, tuple(args.arg))
+    Path(output).write_bytes(image.to_bytes())
+    print(f"{output}: image {image.name!r}: {args.source} as pid 1 with the toy kernel, "
+          f"needs {image.min_ram:#x} bytes of RAM (run it: minivmm run {output})")
+    return EXIT_OK
+
+
 def cmd_bench(args) -> int:
     from minivmm.bench import main as bench_main
     return bench_main(args)
@@ -339,9 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", help="boot a guest and stream its console",
-                       description="Boot GUEST (a built-in name from 'minivmm guests', or an "
-                                   ".mvimg file from 'minivmm build') and stream its console to "
-                                   "stdout until it shuts down or a bound is reached.")
+                       description="Boot GUEST (a built-in name from 'minivmm guests', an "
+                                   ".mvimg file from 'minivmm build' or 'minivmm asm', or a user "
+                                   "program FILE.s, linked with the toy kernel) and stream its "
+                                   "console to stdout until it shuts down or a bound is reached. "
+                                   "A guest crash prints a crash report on stderr.")
     r.add_argument("guest", metavar="GUEST", help="built-in guest name, image file, or (with --restore) a state file")
     r.add_argument("--ram", type=_ram, default=16 << 20, metavar="MIB", help="guest RAM in MiB (16..256, default 16)")
     r.add_argument("--mode", choices=["deterministic", "fast"], default="deterministic",
@@ -363,6 +457,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "ciphertext a snooping kernel prints (labs; never for real secrets)")
     r.add_argument("--save-state", metavar="FILE", help="save the machine state to FILE when the run ends")
     r.add_argument("--restore", action="store_true", help="GUEST is a state file from --save-state: continue it")
+    r.add_argument("--gdb", metavar="[HOST:]PORT",
+                   help="wait for GDB on PORT (host 127.0.0.1 unless given; port 0: any free port, "
+                        "printed) and let it control the guest: registers, memory by virtual "
+                        "address, breakpoints, steps (docs/debugging.md)")
+    r.add_argument("--trace", metavar="FILE",
+                   help="write an instruction trace (address, CPL, pid, disassembly) to FILE")
+    r.add_argument("--trace-from", type=count(0), default=0, metavar="N",
+                   help="first traced instruction, counted from 0 at the start of the run (default 0)")
+    r.add_argument("--trace-count", type=count(1, 10_000_000), default=1000, metavar="N",
+                   help="how many instructions to trace (1..10000000, default 1000)")
+    r.add_argument("--trace-regs", action="store_true",
+                   help="also write the general registers and eflags before each traced instruction")
     r.set_defaults(func=cmd_run, parser=r)
 
     g = sub.add_parser("guests", help="list the built-in guest images and programs",
@@ -375,6 +481,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-o", "--output", required=True, metavar="FILE")
     b.add_argument("--ram", type=_ram, default=16 << 20, metavar="MIB")
     b.set_defaults(func=cmd_build)
+
+    a = sub.add_parser("asm", help="assemble a user program into an image with the toy kernel",
+                       description="Assemble FILE.s (Intel syntax, the guest ABI of "
+                                   "docs/guest-abi.md) as the only user program (pid 1) of an "
+                                   "image with the toy kernel.  Errors name FILE:LINE.  "
+                                   "'minivmm run FILE.s' builds and runs it in one step.")
+    a.add_argument("source", metavar="FILE.s")
+    a.add_argument("-o", "--output", metavar="IMAGE", help="image file to write (default: FILE.mvimg)")
+    a.add_argument("--data-pages", type=count(0, 4096), default=1, metavar="N",
+                   help="zero-filled data pages at DATA_VADDR (default 1)")
+    a.add_argument("--arg", type=count(0, 0xFFFFFFFF), action="append", default=[], metavar="N",
+                   help="an argument for the info page (repeat, at most 8)")
+    a.add_argument("--ram", type=_ram, default=16 << 20, metavar="MIB")
+    a.set_defaults(func=cmd_asm)
 
     bench = sub.add_parser("bench", help="measure VMM speed against bare Unicorn",
                            description="Run the benchmark: guest instructions per second of a compute "

@@ -33,7 +33,7 @@ from minivmm.errors import (GuestError, GuestHang, KernelPanic, StateError, Trip
 from minivmm.image import GuestImage, ImageProcess
 from minivmm.interrupts import DeliveryError, deliver, kernel_read
 from minivmm.memory import GuestRAM
-from minivmm.mmu import Mmu, WalkFault, read_linear
+from minivmm.mmu import Mmu, WalkFault, read_linear, walk
 from minivmm.protection import Protection, seeded_keys
 from minivmm.state import MachineState, VmmState
 from minivmm.timer import Timer
@@ -102,6 +102,11 @@ class Machine:
         self.debug_traps_hidden = 0             # breakpoint hits swallowed in protected processes
         self.trusted_output: list[tuple[int, int, str]] = []   # (pid, ident, text), HC_TRUSTED_WRITE
         self._trap: _Trap | None = None
+        # Debugging (minivmm/debug_counter.py): an instruction-exact counter
+        # whose hook may stop a slice part way, and how much of the current
+        # slice already ran (0 at a slice boundary).
+        self.counter = None
+        self._slice_done = 0
         self._stop_reason: str | None = None
         self._hook_error: BaseException | None = None
         self.protection = Protection(self.ram, self.events, flush=self.flush_tlb,
@@ -329,32 +334,42 @@ class Machine:
             return 0
         return self.pids.get(self._uc.reg_read(UC_X86_REG_CR3) & 0xFFFFF000, 0)
 
-    def step(self) -> None:
-        """Run one slice and handle whatever ended it."""
+    def step(self) -> str | None:
+        """Run one slice and handle whatever ended it.
+
+        Returns None, or (only with a debugger's ``counter`` installed)
+        ``"break"``/``"limit"`` when the counter stopped the slice part way."""
         if self.halted:
             raise VmmError(f"machine has halted ({self.halted}); it cannot run")
         uc = self._uc
-        eflags = uc.reg_read(UC_X86_REG_EFLAGS)
-        if self.timer.pending and eflags & EFLAGS_IF:
-            interrupted_cpl = self._last_cpl        # before delivery switches to ring 0
-            self._deliver(abi.VEC_TIMER, None, software=False)
-            self.timer.acknowledge()
-            self.events.emit(ev.Interrupt, self.timer.vclock, vector=abi.VEC_TIMER,
-                             cpl=interrupted_cpl)
+        if not self._slice_done:
+            self.deliver_pending_timer()
         eip = uc.reg_read(UC_X86_REG_EIP)
         self._trap = None
         self._stop_reason = None
         self.mmu.fault = None
         self.protection.resume_pending = None
         budget = min(self.timer.budget(), MAX_SLICE)
+        remaining = budget - self._slice_done
+        counter = self.counter
         error: UcError | None = None
         try:
-            if self.mode == DETERMINISTIC:
-                uc.emu_start(eip, 0, count=budget)
+            if counter is not None:
+                # Instruction-exact: the counter's code hook counts and stops
+                # (a breakpoint, a single step, or the slice's end).
+                counter.arm(remaining if self.mode == DETERMINISTIC else None)
+                if self.mode == DETERMINISTIC:
+                    uc.emu_start(eip, 0)
+                else:
+                    uc.emu_start(eip, 0, timeout=self.tick_us)
+            elif self.mode == DETERMINISTIC:
+                uc.emu_start(eip, 0, count=remaining)
             else:
                 uc.emu_start(eip, 0, timeout=self.tick_us)
         except UcError as exc:
             error = exc
+        finally:
+            ran, why = counter.disarm() if counter is not None else (0, None)
         self.slices += 1
         self.protection.settle_translations()
         self._flush_console()
@@ -365,6 +380,13 @@ class Machine:
             raise VmmInternalError(f"VMM callback failed: {type(exc).__name__}: {exc}") from exc
 
         early = error is not None or self._trap is not None or self._stop_reason is not None
+        if counter is not None and not early and why is not None and (
+                self.mode == FAST or ran < remaining):
+            # Stopped inside the slice by the debugger (see debug_counter.py):
+            # virtual time stands still; the next step runs the rest of it.
+            self._slice_done += ran
+            return why
+        self._slice_done = 0
         self.timer.advance(self.timer.exit_cost if early else budget)
         if self.mode == FAST and not early:
             self.timer.fire_now()           # the host timeout expired: a tick is due
@@ -403,6 +425,31 @@ class Machine:
         if early:
             return
         self._check_halt()
+
+    @property
+    def inside_slice(self) -> bool:
+        """Stopped part way through a slice (by a debugger)."""
+        return bool(self._slice_done)
+
+    def finish_slice(self) -> None:
+        """Run the rest of a slice a debugger stopped part way (before a save)."""
+        while self._slice_done and not self.halted:
+            self.step()
+
+    def deliver_pending_timer(self) -> bool:
+        """At a slice boundary: deliver a due timer tick if the guest takes
+        interrupts (what ``step`` does first).  A debugger calls it right
+        after a single step that ended a slice, so the step stops at the
+        handler's first instruction; the guest sees the same either way."""
+        if self._slice_done or not (self.timer.pending
+                                    and self._uc.reg_read(UC_X86_REG_EFLAGS) & EFLAGS_IF):
+            return False
+        interrupted_cpl = self._last_cpl        # before delivery switches to ring 0
+        self._deliver(abi.VEC_TIMER, None, software=False)
+        self.timer.acknowledge()
+        self.events.emit(ev.Interrupt, self.timer.vclock, vector=abi.VEC_TIMER,
+                         cpl=interrupted_cpl)
+        return True
 
     @property
     def _last_cpl(self) -> int:
@@ -521,6 +568,70 @@ class Machine:
         except WalkFault:
             raise VmmError(f"virtual address range at {vaddr:#x} is not mapped in address space {cr3:#x}") from None
 
+    def write_registers(self, changes: dict[str, int]) -> None:
+        """Set general registers, eip, eflags or segment selectors (a
+        debugger's write).  General registers are written alone; a changed
+        selector reloads the whole state (its descriptor comes from the
+        guest's GDT, at the CPL the new SS gives; see cpu.write_cpu)."""
+        from minivmm.cpu import GP_REGS
+        cpu = read_cpu(self._uc)
+        unknown = set(changes) - set(GP_REGS) - set(SEG_REGS) - {"eip", "eflags"}
+        if unknown:
+            raise VmmError(f"cannot write register(s) {', '.join(sorted(unknown))}")
+        changes = {k: v & 0xFFFFFFFF for k, v in changes.items() if getattr(cpu, k) != v & 0xFFFFFFFF}
+        if any(k in SEG_REGS for k in changes):
+            try:
+                write_cpu(self._uc, self.mmu, cpu.replace(**changes))
+            except UcError as exc:
+                write_cpu(self._uc, self.mmu, cpu)
+                raise VmmError(f"the CPU refused the selectors: {exc}") from None
+            if self.mmu.bad_machine_access is not None:
+                self.mmu.bad_machine_access = None
+                write_cpu(self._uc, self.mmu, cpu)
+                raise VmmError("a selector's descriptor is not mapped")
+            return
+        for name, value in changes.items():
+            reg = GP_REGS.get(name) or {"eip": UC_X86_REG_EIP, "eflags": UC_X86_REG_EFLAGS}[name]
+            self._uc.reg_write(reg, value)
+
+    def read_guest(self, vaddr: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``vaddr`` as the CPU sees them now at CPL0
+        (through the current CR3, or physical with paging off): a debugger's
+        view.  The VMM is "anyone else" to process protection, so a protected
+        page reads as ciphertext (it is cloaked first, as for every VMM read)."""
+        try:
+            return kernel_read(self.ram, read_cpu(self._uc), vaddr, length, self._vmm_touch)
+        except DeliveryError as exc:
+            raise VmmError(str(exc)) from None
+
+    def write_guest(self, vaddr: int, data: bytes) -> None:
+        """Write guest memory at ``vaddr`` through the current page tables,
+        whatever the pages' R/W bits say (a debugger's write, not the guest's).
+        A protected page is cloaked first, so the write lands in ciphertext and
+        its owner sees an integrity violation, as after any other tampering.
+        Translated code is dropped: the bytes may be code (DESIGN §8)."""
+        cpu = read_cpu(self._uc)
+        frames = []
+        off = 0
+        while off < len(data):
+            va = (vaddr + off) & 0xFFFFFFFF
+            chunk = min(len(data) - off, 0x1000 - (va & 0xFFF))
+            if cpu.cr0 & (1 << 31):
+                try:
+                    page, _ = walk(self.ram, cpu.cr3, va, write=False, user=False)
+                except WalkFault:
+                    raise VmmError(f"linear address {va:#x} is not mapped") from None
+            else:
+                page = va & 0xFFFFF000
+                if page + 0x1000 > self.ram.size:
+                    raise VmmError(f"physical address {va:#x} is outside RAM (paging off)")
+            frames.append((page | (va & 0xFFF), data[off:off + chunk]))
+            off += chunk
+        for paddr, chunk in frames:         # every page checked before any write
+            self._vmm_touch(paddr >> 12)
+            self.ram.write(paddr, chunk)
+        self.flush_translations()
+
     def flush_tlb(self) -> None:
         self._uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
 
@@ -537,6 +648,9 @@ class Machine:
 
         ``ram=False`` leaves ``MachineState.ram`` empty (no 256 MiB copy): for a
         caller that moves guest RAM itself, as live migration does."""
+        if self._slice_done:
+            raise VmmError("the machine is stopped inside a slice (by a debugger): "
+                           "finish the slice before saving its state")
         img = self.image
         return MachineState(
             ram_size=self.ram.size, ram=bytes(self.ram.view) if ram else b"", cpu=read_cpu(self._uc),
