@@ -33,6 +33,7 @@ is marked ``halted = "migrated"`` and can never run here again.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import socket
@@ -65,8 +66,14 @@ class _Stopped(Exception):
 class Source:
     def __init__(self, machine, *, policy: PrecopyPolicy | None = None, timeout: float = 10.0,
                  connect_timeout: float = 5.0, check_ram: bool = False, events: EventBus | None = None,
-                 channel=None, mode=None):
+                 channel=None, mode=None, slice_gate=None):
         self.machine = machine
+        # Entered around every guest slice this engine runs while it migrates
+        # (a context manager; default: nothing).  The TUI passes one that a
+        # step hook can close, so that while a student reads, the guest stops
+        # between two slices instead of running on beside the held protocol
+        # (docs/migration.md, "Protocol steps").
+        self.slice_gate = slice_gate or contextlib.nullcontext()
         self.policy = policy or PrecopyPolicy()
         self.timeout = timeout
         self.connect_timeout = connect_timeout
@@ -231,7 +238,8 @@ class Source:
                 if m.halted:
                     raise GuestStopped(f"the guest stopped ({m.halted}) before the migration began; "
                                        f"it finished on the source")
-                m.step()
+                with self.slice_gate:
+                    m.step()
                 time.sleep(0)
         except BaseException:
             cancel()
@@ -375,7 +383,8 @@ class Source:
                     if m.halted:
                         raise GuestStopped(f"the guest stopped ({m.halted}) during pre-copy; "
                                            f"it finished on the source")
-                    m.step()
+                    with self.slice_gate:
+                        m.step()
                     if failure or not th.is_alive():
                         break
                     time.sleep(0)   # hand the GIL to the sender now, not after the 5 ms switch interval
