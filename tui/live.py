@@ -118,9 +118,9 @@ class Tracker:
 
     def step_frame(self, side: str, step, channel, pos: Position, fresh: bool) -> None:
         if step.direction == SEND:
-            verdict = "sent" + (" sealed" if getattr(channel, "sealed", False) else "")
+            verdict = "sealed" if getattr(channel, "sealed", False) else "sent"
         else:
-            verdict = "verified (sealed)" if getattr(channel, "sealed", False) else "accepted (plain)"
+            verdict = "verified" if getattr(channel, "sealed", False) else "accepted"
         msg = Message(pos.n, side, step.direction, step.rtype, step.length, step.seq, verdict)
         arrow = "->" if step.direction == SEND else "<-"
         who = "A" if side == "source" else "B"
