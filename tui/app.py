@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
@@ -60,20 +61,21 @@ class MigrationApp(App):
     TITLE = "minivmm: live migration"
     CSS = CSS
     BINDINGS = [
-        Binding("n", "step('message')", "message"),
+        Binding("n", "step('message')", "msg"),
         Binding("p", "step('phase')", "phase"),
         Binding("o", "step('round')", "round"),
-        Binding("e", "step('run')", "run to end"),
+        Binding("e", "step('run')", "run"),
         Binding("space", "step('pause')", "pause"),
         Binding("left", "back", "back"),
         Binding("right", "forward", "fwd", show=False),
         Binding("r", "restart", "restart"),
-        Binding("x", "menu", "defences"),
+        Binding("v", "cycle", "view"),
+        Binding("x", "menu", "menu"),
+        Binding("t", "theme", "theme"),
+        Binding("q", "quit_app", "quit"),
         Binding("a", "column('source')", "A", show=False),
         Binding("m", "column('middle')", "mid", show=False),
         Binding("b", "column('destination')", "B", show=False),
-        Binding("t", "theme", "theme"),
-        Binding("q", "quit_app", "quit"),
         Binding("ctrl+c", "quit_app", "quit", show=False, priority=True),
     ]
 
@@ -123,6 +125,7 @@ class MigrationApp(App):
 
     def on_resize(self, event) -> None:
         self._narrow(event.size.width)
+        self._dirty = True
 
     def _narrow(self, width: int) -> None:
         self.screen.set_class(width < NARROW, "narrow")
@@ -166,7 +169,7 @@ class MigrationApp(App):
         self.renders += 1
         top = self.query_one("#top", Static)
         if not self.frames:
-            top.update("starting the two VMMs ..." if not self.replay else "empty transcript")
+            top.update("starting the two VMMs (trust set-up, boot) ..." if not self.replay else "empty transcript")
             return
         f = self.frames[self.cursor]
         if self.replay:
@@ -176,7 +179,10 @@ class MigrationApp(App):
             state = (f"LIVE: step {self.cursor + 1}/{len(self.frames)}  "
                      + ("HELD: both VMMs stopped, no deadline runs" if held else
                         ("browsing history" if not self.follow else "running")))
-        top.update(f"[b]{f.mode} mode[/b] | {state}")
+        view = ""
+        if self.screen.has_class("narrow"):
+            view = f" | v: view ({ {'middle': 'protocol', 'source': 'A', 'destination': 'B'}[self.column] } shown)"
+        top.update(Text.assemble((f"{f.mode} mode", "bold"), f" | {state}{view}"))
         self.query_one("#timeline", Timeline).show(f)
         self.query_one("#stats", StatsPanel).show(f)
         self.query_one("#log", MessageLog).show(self.frames, self.cursor)
@@ -252,6 +258,11 @@ class MigrationApp(App):
         self.column = which
         for col in self.query(".col"):
             col.set_class(col.id == which, "shown")
+        self.render_frame()
+
+    def action_cycle(self) -> None:
+        order = ("middle", "source", "destination")
+        self.action_column(order[(order.index(self.column) + 1) % 3])
 
     def action_theme(self) -> None:
         self.theme = "textual-light" if self.theme == "textual-dark" else "textual-dark"
