@@ -62,14 +62,15 @@ def register(sub) -> None:
     if demo is not None:
         plain_demo = demo.get_default("func")
 
+        demo.add_argument("--report", action="store_true",
+                          help="print the report even in a terminal (in a terminal 'demo' opens the TUI: "
+                               "'minivmm tui'; in a pipe or a file it always prints the report)")
+
         def demo_func(args):
-            if sys.stdout.isatty() and sys.stdin.isatty():
-                kind, n = args.after
-                if kind != "ticks":
-                    n = 20
-                ns = argparse.Namespace(guest=args.guest, ram=args.ram,
-                                        after=int(n), plain=args.plain, insecure=args.insecure,
-                                        tpm_dir=None, record=None, replay=None, run=False)
-                return cmd_tui(ns)
-            return plain_demo(args)
+            kind, n = args.after
+            if args.report or kind != "ticks" or not (sys.stdout.isatty() and sys.stdin.isatty()):
+                return plain_demo(args)
+            return cmd_tui(argparse.Namespace(guest=args.guest, ram=args.ram, after=int(n), plain=args.plain,
+                                              insecure=args.insecure, tpm_dir=args.tpm_dir, record=None,
+                                              replay=None, run=False))
         demo.set_defaults(func=demo_func)

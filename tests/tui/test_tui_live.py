@@ -77,3 +77,22 @@ def test_secure_message_steps_and_quit_while_held_leaves_nothing_running():
 
     asyncio.run(main())
     assert not _engine_threads()
+
+
+def test_the_menu_restarts_the_scenario_with_a_defence_off():
+    async def main():
+        app = MigrationApp(scenario=Scenario(plain=True, run_on=10))
+        async with app.run_test(size=(120, 40)) as pilot:
+            assert await _until(pilot, lambda: app.session and app.session.stepper.waiting is not None)
+            first = app.session
+            await pilot.press("x")
+            await pilot.pause(0.2)
+            await pilot.press("down", "down", "down", "enter")      # secure, plain, attestation, encryption
+            assert await _until(pilot, lambda: app.session is not first and app.frames
+                                and app.session.stepper.waiting is not None)
+            assert app.scenario.insecure == ("encryption",) and not app.scenario.plain
+            assert "INSECURE: encryption off" in app.frames[-1].mode
+            assert "INSECURE" in str(app.query_one("#top").content)
+            await pilot.press("q")
+    asyncio.run(main())
+    assert not _engine_threads()

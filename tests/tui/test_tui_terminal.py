@@ -46,3 +46,19 @@ def test_live_run_to_the_end_in_tmux_and_quit(tmp_path):
     finally:
         _tmux("kill-session", "-t", name)
     assert record.read_text().rstrip().endswith("}}") and '"end"' in record.read_text().splitlines()[-1]
+
+
+def test_minivmm_demo_in_a_terminal_opens_the_tui(tmp_path):
+    """The README's first command: in a terminal it opens the TUI (held at the
+    first message); in a pipe it prints the report (tests/test_doc_examples.py)."""
+    name = f"minivmm-demo-{uuid.uuid4().hex[:8]}"
+    cmd = (f"cd {shlex.quote(str(tmp_path))} && env -u COLUMNS -u LINES {shlex.quote(sys.executable)} "
+           f"-m minivmm demo --plain; echo DEMO-EXITED $?; sleep 60")
+    assert _tmux("new-session", "-d", "-s", name, "-x", "120", "-y", "40", cmd).returncode == 0
+    try:
+        screen = _wait_for(name, "HELD: both VMMs stopped")
+        assert "A -> HELLO" in screen and "Handshake" in screen
+        _tmux("send-keys", "-t", name, "q")
+        _wait_for(name, "DEMO-EXITED 0")
+    finally:
+        _tmux("kill-session", "-t", name)
