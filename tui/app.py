@@ -13,7 +13,7 @@ from dataclasses import replace
 from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, VerticalScroll
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message as TMessage
 from textual.screen import ModalScreen
 from textual.widgets import Footer, OptionList, Static
@@ -26,11 +26,15 @@ NARROW = 110            # below this width one column shows at a time (a, m, b s
 
 CSS = """
 Screen { layout: vertical; }
-#top { height: auto; max-height: 4; }
 #main { height: 1fr; }
 .col { width: 1fr; height: 100%; border: round $primary; }
 #middle { width: 1.3fr; }
-#help { height: auto; max-height: 6; border: round $secondary; }
+#help { height: 6; border: round $secondary; }
+#top { height: 1; }
+#timeline { height: auto; max-height: 5; }
+#stats { height: auto; max-height: 8; }
+#log { height: 1fr; }
+HostPanel { height: 4; }
 Screen.narrow .col { display: none; }
 Screen.narrow .col.shown { display: block; }
 """
@@ -104,7 +108,7 @@ class MigrationApp(App):
                 yield HostPanel("A  source VMM", id="src-head")
                 yield MemoryMapView(id="src-map")
                 yield DetailPanel(id="src-detail")
-            with VerticalScroll(classes="col shown", id="middle"):
+            with Vertical(classes="col shown", id="middle"):
                 yield Timeline(id="timeline")
                 yield StatsPanel(id="stats")
                 yield MessageLog(id="log")
@@ -137,7 +141,8 @@ class MigrationApp(App):
             from dataclasses import asdict
             from tui.transcript import Writer
             self.writer = Writer(self.record, asdict(self.scenario))
-        self.session = LiveSession(self.scenario, self._publish, paused=self.paused)
+        self.session = LiveSession(self.scenario, self._publish, paused=self.paused,
+                                   every_step=self.record is not None)
         self.session.start()
 
     def _publish(self, frame: Frame) -> None:       # on an engine thread
@@ -181,7 +186,7 @@ class MigrationApp(App):
                         ("browsing history" if not self.follow else "running")))
         view = ""
         if self.screen.has_class("narrow"):
-            view = f" | v: view ({ {'middle': 'protocol', 'source': 'A', 'destination': 'B'}[self.column] } shown)"
+            view = f" | v: view ({ {'middle': 'protocol', 'source': 'A', 'destination': 'B'}[self.column] })"
         top.update(Text.assemble((f"{f.mode} mode", "bold"), f" | {state}{view}"))
         self.query_one("#timeline", Timeline).show(f)
         self.query_one("#stats", StatsPanel).show(f)

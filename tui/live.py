@@ -53,8 +53,11 @@ class Scenario:
 class Tracker:
     """Steps and events to frames.  All methods may run on any engine thread."""
 
-    def __init__(self, scenario: Scenario, publish):
+    def __init__(self, scenario: Scenario, publish, *, every_step: bool = False):
         self.scenario = scenario
+        # Capture the hosts at every step, even while running (a recording:
+        # the replay then shows each step as it was, not a view up to 100 ms old).
+        self.every_step = every_step
         self.publish = publish
         self.lock = threading.RLock()
         self.index = 0
@@ -71,6 +74,8 @@ class Tracker:
         self.views = {"source": HostView("source", "booting"), "destination": HostView("destination", "listening")}
         self.captured = 0.0
         self.gate = None             # the SliceGate: held while a frame captures the source
+        self.timebase = None         # the engines' shared clock (stands still while held)
+        self.t_pause: float | None = None
         self.src_status = "booting"
         self.dst_status = "listening on loopback"
 
@@ -89,7 +94,7 @@ class Tracker:
 
     def frame(self, note: str, message: Message | None = None, *, fresh: bool = True) -> Frame:
         with self.lock:
-            if fresh or time.monotonic() - self.captured > STALE:
+            if fresh or self.every_step or time.monotonic() - self.captured > STALE:
                 self._capture()
             rnd = self.round if self.phase in ("precopy", "stopcopy") else None
             f = Frame(self.index, self.phase, rnd, self.scenario.mode, note, message,
@@ -136,6 +141,7 @@ class Tracker:
                                      zero_pages=st.zero_pages + e.zero_pages, dirty_rate=e.dirty_rate,
                                      rounds=st.rounds + (RoundPoint(e.round, e.pages, e.dirtied),))
             elif isinstance(e, mev.StopAndCopy) and e.role == "source":
+                self.t_pause = self.timebase.now()
                 self.final_round = (self.round or 0) + 1
                 self.src_status = f"paused for stop-and-copy ({e.reason}; {e.remaining} pages left)"
             elif isinstance(e, mev.Committed) and e.role == "source":
@@ -144,9 +150,11 @@ class Tracker:
                 self.dst_status = "prepared: restored, waiting for COMMIT"
             elif isinstance(e, mev.Resumed) and e.role == "destination":
                 self.dst_status = "resumed: the guest runs here"
-            elif isinstance(e, mev.Completed) and e.role == "source":
-                d = e.report.get("downtime_seconds")
-                self.stats = replace(self.stats, downtime_ms=None if d is None else d * 1000)
+                # The downtime on the shared held clock: from A's pause to B's
+                # resume, without the time the TUI held the engines (the
+                # engine's own report counts wall time, holds included).
+                if self.t_pause is not None:
+                    self.stats = replace(self.stats, downtime_ms=(self.timebase.now() - self.t_pause) * 1000)
             elif isinstance(e, mev.Aborted):
                 self.phase = "aborted"
                 self.round = None
@@ -165,12 +173,12 @@ class Tracker:
 
 
 class LiveSession:
-    def __init__(self, scenario: Scenario, publish, *, paused: bool = True):
+    def __init__(self, scenario: Scenario, publish, *, paused: bool = True, every_step: bool = False):
         self.scenario = scenario
         self.timebase = Timebase()
         self.gate = SliceGate()
         self.stepper = Stepper(self.timebase, self.gate, paused=paused)
-        self.tracker = Tracker(scenario, publish)
+        self.tracker = Tracker(scenario, publish, every_step=every_step)
         self.error: BaseException | None = None
         self.outcome: str | None = None
         self._threads: list[threading.Thread] = []
@@ -179,6 +187,7 @@ class LiveSession:
         self._stopping = threading.Event()
         self._ready = threading.Event()       # the trust set-up is done: modes exist
         self.tracker.gate = self.gate
+        self.tracker.timebase = self.timebase
 
     # ------------------------------------------------------------ control
     def start(self) -> None:

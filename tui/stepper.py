@@ -127,7 +127,10 @@ class Stepper:
                 pos = self.last = position()
                 with self._cond:
                     stop = self._stops_at(pos)
-                frame(pos, stop)
+                # Capturing the hosts is the TUI's time, not the engine's: the
+                # shared clock stands still meanwhile (no deadline, no round timing).
+                with self.timebase:
+                    frame(pos, stop)
                 if not stop:
                     return
                 with self._cond:

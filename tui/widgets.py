@@ -14,6 +14,25 @@ GLYPHS = {NOT_SENT: "·", PARTIAL: "▒", SENT: "█", DIRTY: "✱"}
 MAP_ROWS = 6
 
 
+class Shown(Static):
+    """A Static that re-renders only when what it shows changed (``key``):
+    most steps change the log and the help line, not the hosts."""
+
+    _key = None
+    _view = None
+
+    def put(self, t: Text) -> None:
+        # Fixed-height widgets (CSS in tui.app) need no new layout: a
+        # refresh then repaints this widget only, not the whole screen.
+        self.update(t, layout=self.styles.height is None or self.styles.height.is_auto)
+
+    def same(self, key) -> bool:
+        if key is not None and key == self._key:
+            return True
+        self._key = key
+        return False
+
+
 class MemoryMapView(Widget):
     """Page states of one host, as coloured cells; says how many pages per cell."""
 
@@ -41,10 +60,19 @@ class MemoryMapView(Widget):
         recv = "received" if v.role == "destination" else "sent"
         t.append(f"memory {m.npages * 4 >> 10} MiB: {m.per_cell} page{'s' if m.per_cell > 1 else ''}/cell\n",
                  style="bold")
-        for i in range(m.ncells):
-            c, s = m.cell(i)
-            t.append(GLYPHS[s], style=COLOURS[c])
-            if (i + 1) % width == 0 and i + 1 < m.ncells:
+        # One segment per run of equal cells in a row (a few dozen, not a
+        # thousand): what keeps a refresh of the whole screen cheap.
+        for row in range(0, m.ncells, width):
+            run, n = None, 0
+            for i in range(row, min(row + width, m.ncells)):
+                cell = m.cell(i)
+                if cell != run and n:
+                    t.append(GLYPHS[run[1]] * n, style=COLOURS[run[0]])
+                    n = 0
+                run, n = cell, n + 1
+            if n:
+                t.append(GLYPHS[run[1]] * n, style=COLOURS[run[0]])
+            if row + width < m.ncells:
                 t.append("\n")
         t.append("\n")
         for c in CONTENT_ORDER:
@@ -54,7 +82,7 @@ class MemoryMapView(Widget):
         return t
 
 
-class HostPanel(Static):
+class HostPanel(Shown):
     """Status, processes, registers and disassembly, console of one host."""
 
     def __init__(self, title: str, **kw):
@@ -62,16 +90,21 @@ class HostPanel(Static):
         self.title = title
 
     def show(self, v: HostView) -> None:
+        if self.same((v.status, v.vclock)):
+            return
         t = Text()
         t.append(f"{self.title}\n", style="bold reverse")
         t.append(f"{v.status}\n", style="italic")
         if v.vclock:
             t.append(f"vclock {v.vclock:,}\n", style="dim")
-        self.update(t)
+        self.put(t)
 
 
-class DetailPanel(Static):
+class DetailPanel(Shown):
     def show(self, v: HostView) -> None:
+        if self.same(id(v)) and self._view is v:
+            return
+        self._view = v
         t = Text()
         if v.processes:
             t.append("processes\n", style="bold")
@@ -92,11 +125,13 @@ class DetailPanel(Static):
             t.append(f" {line}\n")
         if not v.console:
             t.append(" (no guest here yet)\n", style="dim")
-        self.update(t)
+        self.put(t)
 
 
-class Timeline(Static):
+class Timeline(Shown):
     def show(self, f: Frame) -> None:
+        if self.same((f.phase, f.round, f.mode)):
+            return
         t = Text()
         secure = not f.mode.startswith("plain")
         cur = phases.PHASES.index(f.phase)
@@ -114,27 +149,39 @@ class Timeline(Static):
             else:
                 t.append(f" {name} ", style="dim")
             t.append("›", style="dim")
-        self.update(t)
+        self.put(t)
 
 
-class MessageLog(Static):
-    ROWS = 12
+class MessageLog(Widget):
+    """The latest messages up to the cursor, as many as its height holds."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.msgs: tuple = ()
 
     def show(self, frames: list[Frame], cursor: int) -> None:
-        msgs = [f.message for f in frames[:cursor + 1] if f.message is not None]
+        msgs = tuple(f.message for f in frames[:cursor + 1] if f.message is not None)
+        if msgs != self.msgs:
+            self.msgs = msgs
+            self.refresh()
+
+    def render(self) -> Text:
+        rows = max(1, (self.size.height or 13) - 1)
         t = Text()
-        t.append(f"messages ({len(msgs)}): #, host, type, bytes, seq, verdict\n", style="bold")
-        for m in msgs[-self.ROWS:]:
-            arrow = {"send": "->", "recv": "<-", "reject": "XX"}[m.direction] if m.direction in ("send", "recv", "reject") else "?"
+        t.append(f"messages ({len(self.msgs)}): #, host, type, bytes, seq, verdict\n", style="bold")
+        for m in self.msgs[-rows:]:
+            arrow = {"send": "->", "recv": "<-", "reject": "XX"}.get(m.direction, "?")
             who = "A" if m.side == "source" else "B"
             style = "bold white on red" if m.direction == "reject" else ("cyan" if m.side == "source" else "green")
             seq = "" if m.seq < 0 else str(m.seq)
             t.append(f"{m.n:>4} {who}{arrow} {m.rtype:<11} {m.length:>6} {seq:>3} {m.verdict}\n", style=style)
-        self.update(t)
+        return t
 
 
-class StatsPanel(Static):
+class StatsPanel(Shown):
     def show(self, f: Frame) -> None:
+        if self.same(f.stats):
+            return
         s = f.stats
         t = Text()
         rnd = "-" if s.round is None else str(s.round)
@@ -144,20 +191,22 @@ class StatsPanel(Static):
                  f"{s.bytes:,} bytes  dirty {s.dirty_rate:,.0f} pages/s  downtime {down}\n")
         if s.rounds:
             top = max(max(p.sent, p.dirtied) for p in s.rounds) or 1
-            for p in s.rounds[-6:]:
-                a, b = round(20 * p.sent / top), round(20 * p.dirtied / top)
-                t.append(f" r{p.round:<2} sent ", style="dim")
+            for p in s.rounds[-6:]:             # per round: pages sent, then pages dirtied meanwhile
+                a, b = round(12 * p.sent / top), round(12 * p.dirtied / top)
+                t.append(f" r{p.round:<2}", style="dim")
                 t.append("█" * max(a, 1 if p.sent else 0), style="cyan")
-                t.append(f" {p.sent}\n     dirt ", style="dim")
+                t.append(f" {p.sent} sent ")
                 t.append("█" * max(b, 1 if p.dirtied else 0), style="red")
-                t.append(f" {p.dirtied}\n")
-        self.update(t)
+                t.append(f" {p.dirtied} dirtied\n")
+        self.put(t)
 
 
-class HelpPanel(Static):
+class HelpPanel(Shown):
     def show(self, f: Frame) -> None:
+        if self.same((f.phase, f.round, f.note)):
+            return
         t = Text()
         t.append(phases.label(f.phase, f.round) + ": ", style="bold")
         t.append(phases.HELP[f.phase])
         t.append(f"\n{f.note}", style="italic")
-        self.update(t)
+        self.put(t)

@@ -47,7 +47,7 @@ def test_step_phase_by_phase_through_a_whole_plain_migration(tmp_path):
                     seen.append(app.frames[-1].phase)
             assert seen == EXPECTED
             assert "Done" in str(app.query_one("#timeline").content)
-            assert "RESUMED" in str(app.query_one("#log").content)
+            assert "RESUMED" in str(app.query_one("#log").render())
             await pilot.press("q")
         return app
 

@@ -20,7 +20,8 @@ def _app():
 
 
 def text(app, wid):
-    return str(app.query_one(wid).content)
+    w = app.query_one(wid)
+    return str(w.content) if hasattr(w, "content") else str(w.render())
 
 
 def test_replay_forward_and_back_shows_each_step():
