@@ -16,6 +16,14 @@ def _ram(text: str) -> int:
     return v
 
 
+def _no_terminal() -> bool:
+    if sys.stdout.isatty() and sys.stdin.isatty():
+        return False
+    print("minivmm tui: needs a terminal (standard input and output); for a report in a pipe or a "
+          "file use 'minivmm demo'", file=sys.stderr)
+    return True
+
+
 def cmd_tui(args) -> int:
     from tui.app import MigrationApp
     if args.replay:
@@ -25,13 +33,21 @@ def cmd_tui(args) -> int:
         except (TranscriptError, OSError) as exc:
             print(f"minivmm tui: cannot replay: {exc}", file=sys.stderr)
             return 2
+        if _no_terminal():
+            return 2
         MigrationApp(frames=frames, replay_name=args.replay).run()
         return 0
     from tui.live import Scenario
     sc = Scenario(guest=args.guest, ram_mib=args.ram, after=args.after, plain=args.plain,
                   insecure=tuple(sorted(set(args.insecure))), tpm_dir=args.tpm_dir)
     from guests.catalog import get_guest
-    get_guest(sc.guest)             # a bad --guest fails here, before the screen opens
+    try:
+        get_guest(sc.guest)         # a bad --guest fails here, before the screen opens
+    except (KeyError, LookupError, ValueError) as exc:
+        print(f"minivmm tui: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    if _no_terminal():
+        return 2
     MigrationApp(scenario=sc, record=args.record, paused=not args.run).run()
     return 0
 
