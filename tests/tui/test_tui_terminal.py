@@ -58,7 +58,7 @@ def test_minivmm_demo_in_a_terminal_opens_the_tui(tmp_path):
     try:
         screen = _wait_for(name, "HELD: both VMMs stopped")
         assert "A -> HELLO" in screen and "Handshake" in screen
-        _tmux("send-keys", "-t", name, "q")
+        _tmux("send-keys", "-t", name, "C-c")         # Ctrl+C quits as cleanly as q
         _wait_for(name, "DEMO-EXITED 0")
     finally:
         _tmux("kill-session", "-t", name)
