@@ -41,9 +41,10 @@ Screen.narrow .col.shown { display: block; }
 
 
 class FrameArrived(TMessage):
-    def __init__(self, frame: Frame):
+    def __init__(self, frame: Frame, run: int):
         super().__init__()
         self.frame = frame
+        self.run = run          # which session sent it (a restart starts a new one)
 
 
 class MenuScreen(ModalScreen):
@@ -98,6 +99,7 @@ class MigrationApp(App):
         self.writer = None
         self._dirty = True
         self.renders = 0
+        self.run_id = 0
         self.column = "middle"
 
     # ----------------------------------------------------------- layout
@@ -141,16 +143,21 @@ class MigrationApp(App):
             from dataclasses import asdict
             from tui.transcript import Writer
             self.writer = Writer(self.record, asdict(self.scenario))
-        self.session = LiveSession(self.scenario, self._publish, paused=self.paused,
+        self.run_id += 1
+        run = self.run_id
+        writer = self.writer
+
+        def publish(frame: Frame) -> None:       # on an engine thread
+            if writer is not None:
+                writer.write(frame)
+            self.post_message(FrameArrived(frame, run))
+        self.session = LiveSession(self.scenario, publish, paused=self.paused,
                                    every_step=self.record is not None)
         self.session.start()
 
-    def _publish(self, frame: Frame) -> None:       # on an engine thread
-        if self.writer is not None:
-            self.writer.write(frame)
-        self.post_message(FrameArrived(frame))
-
     def on_frame_arrived(self, msg: FrameArrived) -> None:
+        if msg.run != self.run_id:          # a frame of a session closed by a restart
+            return
         self.frames.append(msg.frame)
         if self.follow:
             self.cursor = len(self.frames) - 1
