@@ -19,11 +19,15 @@ async def _until(pilot, cond, limit=1200):
     return False
 
 
-def _engine_threads():
-    return [t for t in threading.enumerate() if t.name.startswith(("tui-", "migrate-"))]
+def _engine_threads(before=frozenset()):
+    """Engine threads alive now that were not before the test (other tests'
+    servers may leave their daemon acceptor threads behind)."""
+    return [t for t in threading.enumerate()
+            if t.name.startswith(("tui-", "migrate-")) and t not in before]
 
 
 def test_step_phase_by_phase_through_a_whole_plain_migration(tmp_path):
+    before = frozenset(threading.enumerate())
     record = tmp_path / "run.jsonl"
 
     async def main():
@@ -52,11 +56,13 @@ def test_step_phase_by_phase_through_a_whole_plain_migration(tmp_path):
         return app
 
     app = asyncio.run(main())
-    assert app.session is None and not _engine_threads()
+    assert app.session is None and not _engine_threads(before)
     assert record.read_text().rstrip().endswith('{"end":{"frames":%d}}' % len(app.frames))
 
 
 def test_secure_message_steps_and_quit_while_held_leaves_nothing_running():
+    before = frozenset(threading.enumerate())
+
     async def main():
         app = MigrationApp(scenario=Scenario(run_on=10))
         async with app.run_test(size=(80, 24)) as pilot:
@@ -76,10 +82,12 @@ def test_secure_message_steps_and_quit_while_held_leaves_nothing_running():
         return app
 
     asyncio.run(main())
-    assert not _engine_threads()
+    assert not _engine_threads(before)
 
 
 def test_the_menu_restarts_the_scenario_with_a_defence_off():
+    before = frozenset(threading.enumerate())
+
     async def main():
         app = MigrationApp(scenario=Scenario(plain=True, run_on=10))
         async with app.run_test(size=(120, 40)) as pilot:
@@ -95,4 +103,4 @@ def test_the_menu_restarts_the_scenario_with_a_defence_off():
             assert "INSECURE" in str(app.query_one("#top").content)
             await pilot.press("q")
     asyncio.run(main())
-    assert not _engine_threads()
+    assert not _engine_threads(before)
