@@ -83,6 +83,10 @@ class Destination:
         self._t0 = clock.now()
         self._vclock = 0
         self._prefault = None
+        # Observable progress, for a viewer on a step hook (the TUI's memory
+        # map): the RAM being filled, its per-page hashes (``seen``: arrived at
+        # least once) and, once restored at DIGEST, the machine.  Read-only.
+        self.ram = self.hashes = self.machine = None
 
     def _emit(self, cls, **fields) -> None:
         self.events.emit(cls, self._vclock, role="destination", t=clock.now() - self._t0, **fields)
@@ -163,6 +167,7 @@ class Destination:
                 prefault = self._prefault = Prefaulter(ram.host_address, ram.npages)
                 npages = ram.npages
                 hashes = PageHashes(npages)
+                self.ram, self.hashes = ram, hashes
                 written = np.zeros(npages, dtype=bool)      # pages holding received data
                 max_state = state_limit(hello.ram_size)
                 report.ram_size = hello.ram_size
@@ -236,7 +241,7 @@ class Destination:
             elif t is RecordType.DIGEST:
                 prefault.stop()
                 hasher.submit(lambda: None).result()       # every page hashed, in order
-                machine = self._prepare(Digest.decode(rec.body), doc, hashes, ram, hello, ch)
+                machine = self.machine = self._prepare(Digest.decode(rec.body), doc, hashes, ram, hello, ch)
                 report.state_bytes = len(doc)
                 if report.rounds:
                     report.rounds[-1].final = True

@@ -33,6 +33,7 @@ is marked ``halted = "migrated"`` and can never run here again.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import socket
@@ -65,8 +66,14 @@ class _Stopped(Exception):
 class Source:
     def __init__(self, machine, *, policy: PrecopyPolicy | None = None, timeout: float = 10.0,
                  connect_timeout: float = 5.0, check_ram: bool = False, events: EventBus | None = None,
-                 channel=None, mode=None):
+                 channel=None, mode=None, slice_gate=None):
         self.machine = machine
+        # Entered around every guest slice this engine runs while it migrates
+        # (a context manager; default: nothing).  The TUI passes one that a
+        # step hook can close, so that while a student reads, the guest stops
+        # between two slices instead of running on beside the held protocol
+        # (docs/migration.md, "Protocol steps").
+        self.slice_gate = slice_gate or contextlib.nullcontext()
         self.policy = policy or PrecopyPolicy()
         self.timeout = timeout
         self.connect_timeout = connect_timeout
@@ -231,7 +238,8 @@ class Source:
                 if m.halted:
                     raise GuestStopped(f"the guest stopped ({m.halted}) before the migration began; "
                                        f"it finished on the source")
-                m.step()
+                with self.slice_gate:
+                    m.step()
                 time.sleep(0)
         except BaseException:
             cancel()
@@ -355,7 +363,11 @@ class Source:
         stats = RoundStats(rnd, len(pfns), final=final)
         self._snapshot_protected(pfns)
         self._emit(mev.RoundStarted, round=rnd, pages=len(pfns))
-        t, b0 = clock.now(), ch.bytes_sent
+        # Round timings on the channel's clock (migrate/steps.py): it is the
+        # monotonic clock unless a step hook holds the engine (the TUI while a
+        # student reads), and that held time is no cost of sending pages: the
+        # pre-copy policy must decide on the engine's own work.
+        t, b0 = ch.now(), ch.bytes_sent
         if final:
             self._send_pages(ch, rnd, pfns, stats)
         else:
@@ -375,7 +387,8 @@ class Source:
                     if m.halted:
                         raise GuestStopped(f"the guest stopped ({m.halted}) during pre-copy; "
                                            f"it finished on the source")
-                    m.step()
+                    with self.slice_gate:
+                        m.step()
                     if failure or not th.is_alive():
                         break
                     time.sleep(0)   # hand the GIL to the sender now, not after the 5 ms switch interval
@@ -389,7 +402,7 @@ class Source:
             th.join()
             if failure and not isinstance(failure[0], _Stopped):
                 raise failure[0]
-        stats.seconds = clock.now() - t
+        stats.seconds = ch.now() - t
         stats.bytes = ch.bytes_sent - b0
         return stats
 
@@ -414,7 +427,7 @@ class Source:
                     zeros, nzeros = [], 0
             if not nz.any():
                 continue
-            ts = time.perf_counter()
+            ts = ch.now()
             sel = idx[nz]
             copies = None if data is None else data[nz]
             for b in range(0, len(sel), MAX_BATCH):
@@ -426,18 +439,18 @@ class Source:
                 self.hashes.update(s, d)                                       # hashed and sent
                 ch.send(RecordType.PAGES, *encode_pages(s, d))                 # as one
                 stats.data_pages += len(s)
-            stats.send_seconds += time.perf_counter() - ts
+            stats.send_seconds += ch.now() - ts
         if zeros:
             self._send_zeros(ch, zeros, stats)
         ch.send(RecordType.ROUND_END, RoundMark(rnd, len(pfns)).encode())
         # Wait until the destination has stored and hashed the round: what is
         # still in flight (up to the socket buffers, megabytes) is work the
         # stop-and-copy would otherwise inherit, so it counts in the cost.
-        ts = time.perf_counter()
+        ts = ch.now()
         ack = RoundMark.decode(self._expect(ch, RecordType.ROUND_ACK).body, "ROUND_ACK")
         if ack != RoundMark(rnd, len(pfns)):
             raise ProtocolError(f"ROUND_ACK {ack} does not match round {rnd} of {len(pfns)} pages")
-        stats.send_seconds += time.perf_counter() - ts
+        stats.send_seconds += ch.now() - ts
 
     def _chunks(self, pages: np.ndarray, pfns: np.ndarray, fresh):
         """Yield (frames, nonzero mask, private copy or None) over ``pfns``.

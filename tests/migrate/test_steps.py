@@ -176,3 +176,29 @@ def test_a_whole_migration_seen_step_by_step_from_both_sides():
     assert back[-1][0] == "RESUMED"
     assert [s.n for s in src_steps] == list(range(1, len(src_steps) + 1))
     assert result["incoming"].machine.console.text() == ref.console.text()
+
+
+def test_time_held_by_a_hook_is_not_counted_as_the_cost_of_sending_pages():
+    """The source times its rounds on the channel's clock: a holder that keeps
+    the engine for a long time at every step (here 1000 s per step on a
+    clock that only moves while held) adds nothing to a round's seconds or to
+    the per-page cost the pre-copy policy decides on."""
+    fake = FakeClock()
+    tb = Timebase(fake)
+
+    def hold_long(step):
+        with tb:
+            fake.t += 1000.0
+    server = Server("127.0.0.1:0", timeout=10,
+                    channel=lambda sock, timeout: attach(Channel(sock, timeout=timeout), timebase=tb))
+    result = {}
+    t = receive_in_thread(server, result, timeout=10, run_ticks=None)
+    m = Machine(get_guest("counter").build())
+    m.run(max_ticks=10)
+    report = Source(m, timeout=10, channel=lambda sock, timeout: attach(Channel(sock, timeout=timeout),
+                                                                       hold_long, tb)).migrate(server.label)
+    t.join(60)
+    server.close()
+    assert "error" not in result, result.get("error")
+    assert fake.t >= 1000.0 * 10            # every step was held
+    assert all(r.seconds == 0.0 and r.send_seconds == 0.0 for r in report.rounds), report.rounds
