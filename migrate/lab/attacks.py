@@ -94,7 +94,8 @@ class Eavesdrop(Attack):
 
     def findings(self):
         from migrate.lab.eavesdrop import analyse
-        return analyse([raw for _, raw in self.relay.seen]).lines() if self.relay else []
+        lines = analyse([raw for _, raw in self.relay.seen]).lines() if self.relay else []
+        return [x.removeprefix("eavesdrop: ") for x in lines]
 
 
 class _PageAttack(Attack):

@@ -33,7 +33,8 @@ GUEST = "migrate-lab"
 COUNT = 60                          # the counter's last line in the migrate-lab guest
 SECRET = "swordfish: launch code 4-8-15-16"     # what the keeper keeps (guests/programs/keeper.s)
 AFTER = "20"                        # ticks before the migration starts
-TIMEOUT = 5.0                       # each VMM's --timeout (seconds per record)
+TIMEOUT = 5.0                       # B's --timeout (seconds per record); A waits twice as long,
+                                    # so B's deadline decides first (the delay scenario)
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,12 @@ def _line(v: Vmm | None, *needles: str) -> str | None:
 
 
 def _failure(v: Vmm | None) -> str | None:
-    line = _line(v, " failed: ", "unconfirmed", "REFUSED")
+    """The VMM's own line saying a migration failed (or was refused), if any."""
+    if v is None:
+        return None
+    line = next((ln.strip() for ln in v.err_lines if ln.startswith("minivmm ") and " failed: " in ln
+                 and ("incoming migration from" in ln or "migration to" in ln)), None)
+    line = line or _line(v, "commit-unconfirmed", "-- aborted", "REFUSED")
     if line is None:
         return None
     for cut in ("; the guest continues here", "; everything received was discarded, nothing resumed"):
@@ -110,7 +116,7 @@ class Lab:
         self.insecure = tuple(sorted(set(insecure)))
         self.plain = plain
         self.out = out
-        self.work = Path(workdir) if workdir else None
+        self.work = Path(workdir).resolve() if workdir else None
         self.vmms: dict[str, Vmm] = {}
         self.trust: Path | None = None
 
@@ -141,7 +147,7 @@ class Lab:
     def _insecure_args(self, extra=()) -> list[str]:
         return [a for d in sorted(set(self.insecure) | set(extra)) for a in ("--insecure", d)]
 
-    def _serve(self, key="B", *extra, name="B") -> tuple[Vmm, int]:
+    def _serve(self, *extra, key="B", name="B") -> tuple[Vmm, int]:
         v = self._start(key, "serve", "--listen", "127.0.0.1:0", "--timeout", str(TIMEOUT), *extra, name=name)
         return v, v.port()
 
@@ -151,7 +157,7 @@ class Lab:
 
     def _source(self, port: int, *extra) -> Vmm:
         return self._start("A", "run", GUEST, "--migrate-to", f"127.0.0.1:{port}", "--after", AFTER,
-                           "--timeout", str(TIMEOUT), *self._insecure_args(), *extra)
+                           "--timeout", str(2 * TIMEOUT), *self._insecure_args(), *extra)
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
@@ -168,6 +174,10 @@ class Lab:
             return self.judge()
         finally:
             killed = vmmproc.kill_all(keep=keep)
+            if tmp is None:         # a kept work directory: the processes' output beside the trust files
+                for key, v in self.vmms.items():
+                    (self.work / f"{key}.stdout").write_text(v.stdout)
+                    (self.work / f"{key}.stderr").write_text(v.stderr)
             if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
             self.say(f"all processes of this scenario stopped ({killed} still running were killed)")
@@ -206,8 +216,7 @@ class Lab:
         self.say(f"first migration A -> B captured ({capture.stat().st_size} bytes); B ran the guest to "
                  f"its end; now B restarts and the attacker replays the capture to it")
         self.vmms["B1"], self.vmms["mitm1"] = b, self.vmms.pop("mitm")
-        b2, b2port = self._serve("B", *self._insecure_args(), name="B")       # same TPM as B
-        self.vmms["B2"] = b2
+        b2, b2port = self._serve(*self._insecure_args(), key="B2", name="B")     # same TPM as B
         self._start("mitm", "mitm", "--listen", "127.0.0.1:0", "--forward", f"127.0.0.1:{b2port}",
                     "--attack", "replay-stream", "--replay", str(capture), "--quiet")
         self.vmms["mitm"].finish(timeout=60)
@@ -234,8 +243,7 @@ class Lab:
 
     def _run_rogue_vmm(self) -> None:
         rogue = "toctou" if "toctou" not in self.insecure else "replay"
-        extra = [] if self.plain else ["--insecure", rogue]
-        b, bport = self._serve(*[x for x in self._insecure_args() if x not in extra], *extra)
+        b, bport = self._serve(*self._insecure_args(() if self.plain else (rogue,)))
         if not self.plain:
             self.say(f"B started with --insecure {rogue} (its PCR 10 says so)")
         a = self._source(bport)
@@ -259,13 +267,18 @@ class Lab:
         for line in (r["attacker"] + hooks)[:6]:
             self.say(f"attacker: {line}")
         fired = [f for f in (r["destination_failure"], r["source_failure"]) if f]
+        if not fired and a is not None and not r["counts_b"] and self.s.kind != "impersonate":
+            last = [ln.strip() for ln in a.err_lines if "migrat" in ln]     # say why, whatever it was
+            fired = last[-1:]
         for f in fired:
-            self.say(f"DEFENCE FIRED: {f}")
+            self.say(f"{'noticed (too late, no security)' if self.plain else 'DEFENCE FIRED'}: {f}")
         damage = self._damage(r)
         r["damage"] = damage
         for d in damage:
             self.say(f"DAMAGE: {d}")
-        if not damage and not fired and r["attacker"] and self.s.kind == "network":
+        if self.s.name == "eavesdrop" and not damage:
+            self.say("the eavesdropper learned no protected secret")
+        elif not damage and not fired and r["attacker"] and self.s.kind == "network" and "nothing" not in r["attacker"][0]:
             self.say(f"UNDETECTED: {ATTACKS[self.s.name].plain_damage}")
         if not damage:
             self.say(f"outcome: {self._copies(r)}")
@@ -274,6 +287,9 @@ class Lab:
 
     def _copies(self, r) -> str:
         ca, cb = r["counts_a"], r["counts_b"]
+        if r["a_rc"] == 4 and not cb:
+            return ("NO copy runs: A committed and B never resumed; A kept the paused guest for "
+                    "recovery ('minivmm recover'): availability lost, never two copies")
         seq = ca + cb
         whole = seq == list(range(1, COUNT + 1))
         where = "A and B" if ca and cb else ("A" if ca else "B")

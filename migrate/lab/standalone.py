@@ -49,17 +49,17 @@ def replay_stream(entries: list[cap.Entry], dest: tuple[str, int], *, log=print,
                 sent += 1
                 log(f"replayer->dst {describe(e.raw)}  [REPLAYED]")
     except OSError as exc:
-        log(f"replay-stream: the destination closed the connection after {sent} records ({exc})")
+        log(f"the destination closed the connection after {sent} records ({exc})")
     t.join(timeout)
     sock.close()
     types = [RecordType(raw[0] | raw[1] << 8).name for raw in back
              if (raw[0] | raw[1] << 8) in RecordType._value2member_map_]
-    out = [f"replay-stream: replayed {sent} captured records; the destination answered {len(back)}: "
+    out = [f"replayed {sent} captured records; the destination answered {len(back)}: "
            + (", ".join(types) or "nothing")]
     if "RESUMED" in types:
-        out.append("replay-stream: the destination RESUMED the replayed (old) copy of the VM")
+        out.append("the destination RESUMED the replayed (old) copy of the VM")
     else:
-        out.append("replay-stream: the destination did not resume the replayed stream")
+        out.append("the destination did not resume the replayed stream")
     return out
 
 
@@ -87,25 +87,25 @@ def impersonate(listener: socket.socket, *, secure: bool, log=print, timeout: fl
             from migrate.secure.channel import SealedChannel
             ch = SealedChannel(conn, timeout=timeout, role="destination")
             mode = _impostor_mode(Path(tmp))
-            out.append("impersonate: answering as a secure destination: this build (approved measurements), "
+            out.append("answering as a secure destination: this build (approved measurements), "
                        "TPM AK certified by the impostor's own issuer")
         else:
             from migrate.secure.mode import PlainMode
             ch = _Recording(conn, timeout=timeout)
             mode = PlainMode()
-            out.append("impersonate: answering as a plain destination")
+            out.append("answering as a plain destination")
         try:
             incoming = Destination(timeout=timeout, mode=mode).receive(ch, peer)
         except MigrationError as exc:
-            out.append(f"impersonate: the source did not hand over the VM: {exc}")
+            out.append(f"the source did not hand over the VM: {exc}")
             return out
         finally:
             ch.close()
         m = incoming.machine
-        out.append(f"impersonate: RECEIVED the VM {m.image.name!r} (vclock {m.vclock}); the source "
+        out.append(f"RECEIVED the VM {m.image.name!r} (vclock {m.vclock}); the source "
                    f"believes it migrated and stopped it")
         if isinstance(ch, _Recording):
-            out += [line.replace("eavesdrop:", "impersonate:") for line in analyse(ch.received).lines()]
+            out += [line.removeprefix("eavesdrop: ") for line in analyse(ch.received).lines()]
     return out
 
 
