@@ -27,8 +27,16 @@ from migrate.lab.stream import ClearStream
 from migrate.wire import HEADER, RecordType
 
 R = RecordType
-MARK = b"counter \x00"          # the counter program's prefix string; its count is the next word
-TAMPERED = b"HACKED! \x00"
+MARK = b"counter \x00\n\x00"    # the counter program's strings (guests/programs/counter.s); its count follows
+TAMPERED = b"HACKED! \x00\n\x00"
+
+
+def count_in(page: bytes) -> int | None:
+    """The counter's count in its page (the word after MARK), if the page holds it."""
+    i = page.find(MARK)
+    if i < 0 or i + len(MARK) + 4 > len(page):
+        return None
+    return int.from_bytes(page[i + len(MARK): i + len(MARK) + 4], "little")
 
 
 class Attack:
@@ -191,7 +199,8 @@ class ReplayRecord(_SealedRecordAttack):
             return recs
         old = [(pfn, data) for pfn, data in sorted(self.first.items())]
         if old:
-            self.note(f"re-sent the counter's page from round 0 at the end of round {r}")
+            self.note(f"re-sent the counter's page from round 0 (count {count_in(old[0][1])}) at the end "
+                      f"of round {r}")
             return recs + [make(R.PAGES, encode_pages(old), 0)]
         return recs
 
@@ -217,11 +226,14 @@ class ReplayRound(_PageAttack):
             return recs
         out = []
         for raw in recs:
-            new = self.rewrite(raw, lambda pfn, d: self.first[pfn])
-            if new != raw:
-                self.note(f"round {r}: sent the counter's page as it was in round 0")
+            new = self.rewrite(raw, lambda pfn, d: self._old(r, pfn, d))
             out.append(new)
         return out
+
+    def _old(self, r, pfn, data):
+        self.note(f"round {r}: the counter's page (count {count_in(data)}) sent as it was in round 0 "
+                  f"(count {count_in(self.first[pfn])})")
+        return self.first[pfn]
 
     def sealed(self, seen, rtype, raw):
         if rtype is R.PAGES:
@@ -248,6 +260,7 @@ class Reorder(_SealedRecordAttack):
         return list(reversed(recs))
 
     def first_record(self, raw):
+        self.note("held back the first sealed PAGES record, to send it after the next one")
         return []
 
     def second_record(self, raw):
@@ -268,12 +281,14 @@ class Drop(_SealedRecordAttack):
             return recs
         out = []
         for raw in recs:
-            new = self.rewrite(raw, lambda pfn, d: None)
-            if new != raw:
-                self.note(f"round {r}: dropped the counter's newer page")
+            new = self.rewrite(raw, lambda pfn, d: self._drop(r, d))
             if new is not None:
                 out.append(new)
         return out
+
+    def _drop(self, r, data):
+        self.note(f"round {r}: dropped the counter's newer page (count {count_in(data)})")
+        return None
 
     def first_record(self, raw):
         self.note("dropped the first sealed PAGES record")
