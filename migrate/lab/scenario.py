@@ -274,7 +274,7 @@ class Lab:
             last = [ln.strip() for ln in a.err_lines if "migrat" in ln]     # say why, whatever it was
             fired = last[-1:]
         for f in fired:
-            self.say(f"{'noticed (too late, no security)' if self.plain else 'DEFENCE FIRED'}: {f}")
+            self.say(f"{'the VMM said (no defence: plain engine)' if self.plain else 'DEFENCE FIRED'}: {f}")
         damage = self._damage(r)
         r["damage"] = damage
         for d in damage:
