@@ -13,7 +13,9 @@ LAB_ONLY = ("LAB ONLY: runs attack scenarios on loopback with throw-away trust f
 
 def add_lab(sub) -> None:
     from migrate.lab.scenario import SCENARIOS, list_lines
+    import argparse
     p = sub.add_parser("lab", help="run one migration attack scenario (LAB ONLY)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description=f"{LAB_ONLY}. Start a destination, a man in the middle or a hook, and a "
                                    "source running the protected secret keeper and a counter; print which "
                                    "defence fired, or with it off the damage. Every process is gone at the end.",
