@@ -57,6 +57,9 @@ GUESTS = {g.name: g for g in [
     Guest("secret", "the secret keeper, protected, beside a protected counter (honest kernel)",
           lambda: [P("keeper", data_pages=3, args=(5, 1)),
                    P("counter", data_pages=1, args=(10, 100_000, 1), as_name="pcounter")]),
+    Guest("migrate-lab", "migration lab: the protected secret keeper beside an unprotected counter "
+          "(docs/lab-migration.md)",
+          lambda: [P("keeper", data_pages=3, args=(40, 1)), P("counter", args=(40, 200_000))]),
     _lab("snoop", "reads"),
     _lab("tamper", "overwrites"),
     _lab("regs", "changes the saved registers of"),

@@ -33,6 +33,7 @@ from migrate import events as mev
 from migrate.errors import CommitUnconfirmed, GuestStopped, InternalError, MigrationError
 from migrate.measure import default_tpm_dir, measure_start
 from migrate.precopy import PrecopyPolicy
+from migrate.lab import hooks as lab_hooks
 from migrate.secure import cliopts as secure_cli
 from migrate.secure.setup import protection_policy
 from migrate.wire import VERSION, parse_address
@@ -159,6 +160,7 @@ def _measure(role: str, args):
     if trusted:
         _say(who, trusted)
     _say(who, secure_cli.announce(args))
+    lab_hooks.announce(args, who)
     return m
 
 
@@ -258,7 +260,10 @@ def run_guest(machine, args, *, role: str, show_report=_report_to_stderr) -> int
             else:
                 show_report(report.format())
                 _say(say, f"the guest now runs at {args.migrate_to}; this VMM is done")
-                return EXIT_OK
+                if not lab_hooks.double_resume(args, machine):
+                    return EXIT_OK
+                machine.halted, machine.halt_detail = None, ""      # LAB ONLY: a second copy
+                not_migrated = False
     else:
         not_migrated = False
     until_tick = getattr(args, "until_tick", None)
@@ -299,6 +304,7 @@ def _state_files(args, role: str) -> None:
 
 def _extend_run(run_parser: argparse.ArgumentParser) -> None:
     _migration_options(run_parser, source=True)
+    lab_hooks.add_run_options(run_parser)
     plain_run = run_parser.get_default("func")
 
     def cmd_run(args) -> int:
@@ -337,7 +343,7 @@ def cmd_serve(args) -> int:
             ch, peer = server.next_connection("busy: another migration is arriving")
             _say("serve", f"incoming migration from {peer}")
             try:
-                mode = secure_cli.session_mode(args, _tpm_dir(args, "destination"))
+                mode = lab_hooks.apply_destination(args, secure_cli.session_mode(args, _tpm_dir(args, "destination")))
                 incoming = Destination(timeout=args.timeout, events=_events_printer(args),
                                        mode=mode).receive(ch, peer)
             except MigrationError as exc:
@@ -387,6 +393,7 @@ def _add_serve(sub) -> None:
                         "(compare with 'minivmm run GUEST --ticks T')")
     s.add_argument("--events", action="store_true", help="print VMM and migration events to stderr")
     _migration_options(s, source=True)
+    lab_hooks.add_serve_options(s)
     s.set_defaults(func=cmd_serve, parser=s)
 
 
@@ -435,3 +442,6 @@ def register(sub) -> None:
     secure_cli.add_recover_command(sub)
     _add_demo(sub)
     _add_bench(sub)
+    from migrate.lab import lab_cli, mitm_cli
+    mitm_cli.add_mitm(sub)
+    lab_cli.add_lab(sub)
