@@ -29,5 +29,11 @@ class GuestHang(GuestError):
     """The guest halted with interrupts disabled: nothing can ever wake it."""
 
 
+class KeysDestroyed(VmmError):
+    """A protected process's page key is gone from this VMM (the secure
+    protocol destroys the keys before COMMIT: the VM migrated away), so its
+    cloaked pages cannot be opened here and this copy cannot run on."""
+
+
 class VmmInternalError(VmmError):
     """The VMM itself failed inside a Unicorn callback (a bug: please report)."""

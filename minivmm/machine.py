@@ -28,7 +28,7 @@ from unicorn.x86_const import UC_X86_INS_IN, UC_X86_INS_OUT, UC_X86_REG_EAX, UC_
 from minivmm import abi, events as ev, prot_pinned, regcache
 from minivmm.console import Console
 from minivmm.cpu import SEG_REGS, CpuState, read_cpu, write_cpu
-from minivmm.errors import (GuestError, GuestHang, KernelPanic, StateError, TripleFault, VmmError,
+from minivmm.errors import (GuestError, GuestHang, KernelPanic, KeysDestroyed, StateError, TripleFault, VmmError,
                             VmmInternalError)
 from minivmm.image import GuestImage, ImageProcess
 from minivmm.interrupts import DeliveryError, deliver, kernel_read
@@ -376,6 +376,9 @@ class Machine:
         if self._hook_error is not None:
             exc, self._hook_error = self._hook_error, None
             self.mmu.machine_call = False
+            if isinstance(exc, KeysDestroyed):      # deliberate: the VM migrated away
+                self._halt("keys-destroyed", str(exc))
+                raise exc
             self._halt("vmm-error", f"{type(exc).__name__}: {exc}")
             raise VmmInternalError(f"VMM callback failed: {type(exc).__name__}: {exc}") from exc
 

@@ -49,6 +49,7 @@ from unicorn.x86_const import UC_X86_REG_CR3, UC_X86_REG_SS
 
 from minivmm import abi
 from minivmm import events as ev
+from minivmm.errors import KeysDestroyed
 from minivmm.cloak import KEY_BYTES, PageCipher, associated_data, nonce_for
 from minivmm.mmu import WalkFault, walk
 from minivmm.prot_regs import CONTROL, EFLAGS_STATUS, GP, SYSCALL_VISIBLE, RegisterProtection
@@ -329,7 +330,7 @@ class Protection(RegisterProtection):
                                        f"remapped: frame {ppn:#x} instead of {meta.ppn:#x}")
             return None
         try:
-            plain = self._ciphers[proc.key_handle].open(
+            plain = self._cipher(proc).open(
                 self.ram.page(ppn), meta.tag, meta.nonce,
                 associated_data(proc.ident, meta.vpn, meta.version))
         except InvalidTag:
@@ -392,7 +393,7 @@ class Protection(RegisterProtection):
                 page = self.ram.page(ppn)
             else:
                 try:
-                    page = self._ciphers[proc.key_handle].open(
+                    page = self._cipher(proc).open(
                         self.ram.page(ppn), meta.tag, meta.nonce,
                         associated_data(proc.ident, meta.vpn, meta.version))
                 except InvalidTag:
@@ -403,13 +404,32 @@ class Protection(RegisterProtection):
             vaddr, length = vaddr + chunk, length - chunk
         return bytes(out)
 
+    def forget_keys(self) -> None:
+        """Destroy every process key in this VMM (overwrite, then drop): the
+        secure protocol's source does this before COMMIT, so this copy can
+        never open a protected page again (``KeysDestroyed`` if it tries)."""
+        for h in list(self._keys):
+            self._keys[h] = bytes(len(self._keys[h]))
+        self._keys.clear()
+        self._ciphers.clear()
+
+    def _cipher(self, proc: ProtectedProcess) -> PageCipher:
+        """The process's page cipher; a clear error, never a KeyError, when its
+        key was destroyed (migrated away: a resumed second copy stops here)."""
+        try:
+            return self._ciphers[proc.key_handle]
+        except KeyError:
+            raise KeysDestroyed(f"pid {proc.pid} ({proc.name}): its protection key was destroyed in this "
+                                f"VMM (the VM migrated away), so its pages cannot be opened here: this "
+                                f"copy cannot run on") from None
+
     # -------------------------------------------------------- cloak / uncloak
     def cloak(self, proc: ProtectedProcess, meta: PageMeta, *, reason: str) -> None:
         counter = proc.nonce_counter
         proc.nonce_counter += 1
         version = meta.version + 1
         nonce = nonce_for(self._nonce_prefix, counter)
-        ct, tag = self._ciphers[proc.key_handle].seal(
+        ct, tag = self._cipher(proc).seal(
             self.ram.page(meta.ppn), nonce, associated_data(proc.ident, meta.vpn, version))
         self.ram.write(meta.ppn << 12, ct)
         meta.state, meta.version, meta.nonce, meta.tag = CLOAKED, version, nonce, tag

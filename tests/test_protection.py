@@ -415,3 +415,18 @@ def test_protected_frames_are_the_frames_of_protected_pages():
     m.run(until=lambda m: "round 1," in m.console.text(1))
     frames = m.protected_frames()
     assert frames == sorted(pg.frame for p in m.protection.view() for pg in p.pages)
+
+
+def test_a_copy_whose_keys_were_destroyed_stops_with_a_clear_error():
+    """The secure protocol's source destroys every process key before COMMIT.
+    A copy resumed anyway (the lab's double-resume) must stop with an error
+    that says why at the first touch of a protected page, not crash with a
+    bare KeyError (hostile-lab finding) and never run the process on."""
+    from minivmm.errors import KeysDestroyed
+    m = Machine(get_guest("secret").build())
+    m.run(max_ticks=8)
+    assert m.protection.procs, "the secret keeper is protected"
+    m.protection.forget_keys()
+    with pytest.raises(KeysDestroyed, match=r"pid \d+ \(.*\): its protection key was destroyed"):
+        m.run(max_ticks=100_000)
+    assert m.halted == "keys-destroyed"

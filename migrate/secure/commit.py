@@ -61,12 +61,7 @@ def escrow_keys(machine, tpm) -> bytes:
 
 def destroy_keys(machine) -> None:
     """Forget every process key in the VMM (overwrite, then drop)."""
-    prot = machine.protection
-    keys = prot._keys
-    for h in list(keys):
-        keys[h] = bytes(len(keys[h]))       # overwrite, then drop
-    keys.clear()
-    prot._ciphers.clear()
+    machine.protection.forget_keys()
 
 
 def restore_keys(machine, tpm, blob: bytes) -> None:
