@@ -42,7 +42,7 @@ TIMEOUT = 5.0                       # B's --timeout (seconds per record); A wait
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    kind: str               # network | replay-stream | impersonate | toctou | double-resume | rogue-vmm
+    kind: str               # network | replay-stream | impersonate | toctou | double-resume | rollback | rogue-vmm
     summary: str
     defence: str
 
@@ -65,6 +65,11 @@ SCENARIOS: dict[str, Scenario] = {
     "double-resume": Scenario("double-resume", "double-resume",
                               "host attack: A resumes its copy after a confirmed migration (run --lab-double-resume)",
                               "ordering (process keys destroyed before COMMIT)"),
+    "rollback": Scenario("rollback", "rollback",
+                         "host attack: A's admin restores an old saved state of a VM that has since "
+                         "migrated away, and migrates it again",
+                         "replay (the VM's identity and generation travel with its state; A's "
+                         "migrated-away mark and TPM counter, B's NV counter)"),
     "rogue-vmm": Scenario("rogue-vmm", "rogue-vmm",
                           "host attack: B runs with a defence switched off (serve --insecure toctou)",
                           "attestation (the policy approves only the secure configuration)"),
@@ -99,7 +104,7 @@ def _failure(v: Vmm | None) -> str | None:
         return None
     line = next((ln.strip() for ln in v.err_lines if ln.startswith("minivmm ") and " failed: " in ln
                  and ("incoming migration from" in ln or "migration to" in ln)), None)
-    line = line or _line(v, "commit-unconfirmed", "-- aborted", "REFUSED")
+    line = line or _line(v, "commit-unconfirmed", "-- aborted", "REFUSED", "an older copy")
     if line is None:
         return None
     for cut in ("; the guest continues here", "; everything received was discarded, nothing resumed"):
@@ -244,6 +249,28 @@ class Lab:
         a.finish(timeout=300)
         self._finish_destination(b)
 
+    def _run_rollback(self) -> None:
+        old = self.work / "old.mvstate"
+        a0 = self._start("A0", "run", GUEST, "--ticks", AFTER, "--save-state", str(old), name="A")
+        a0.finish(timeout=300)          # exit 3: the bound ran out, the state is saved
+        if not old.exists():
+            raise RuntimeError(f"A did not save its state:\n{a0.stderr}")
+        self.say(f"A ran the VM for {AFTER} ticks and saved it ({old.name}): the copy the attacker keeps")
+        b1, b1port = self._serve(*self._insecure_args(), key="B1", name="B")
+        a1 = self._start("A1", "run", str(old), "--restore", "--migrate-to", f"127.0.0.1:{b1port}",
+                         "--after", "5", "--timeout", str(2 * TIMEOUT), "--max-rounds", MAX_ROUNDS,
+                         *self._insecure_args(), name="A")
+        a1.finish(timeout=300)
+        self._finish_destination(b1)
+        self.say("A restored it and migrated it to B, which ran it to its end; now A's admin restores "
+                 "the OLD copy again and migrates it to B once more")
+        b2, b2port = self._serve(*self._insecure_args(), key="B", name="B")     # same TPM as B before
+        a2 = self._start("A", "run", str(old), "--restore", "--migrate-to", f"127.0.0.1:{b2port}",
+                         "--after", "5", "--timeout", str(2 * TIMEOUT), "--max-rounds", MAX_ROUNDS,
+                         *self._insecure_args(), name="A")
+        a2.finish(timeout=300)
+        self._finish_destination(b2)
+
     def _run_rogue_vmm(self) -> None:
         rogue = "toctou" if "toctou" not in self.insecure else "replay"
         b, bport = self._serve(*self._insecure_args(() if self.plain else (rogue,)))
@@ -261,6 +288,8 @@ class Lab:
         if self.s.kind == "replay-stream":
             cb1 = counts(self.vmms["B1"].stdout)
             ca = ca + cb1                   # the first, honest migration: A then B
+        if self.s.kind == "rollback":       # the honest history: A, saved, restored, migrated to B
+            ca = [c for k in ("A0", "A1", "B1") for c in counts(self.vmms[k].stdout)]
         r = {"source_failure": _failure(a), "destination_failure": _failure(b), "counts_a": ca, "counts_b": cb,
              "a_rc": a.proc.returncode if a else None}
         r["attacker"] = [line.split("minivmm mitm: ATTACK ", 1)[1].strip() for line in (mitm.err_lines if mitm else [])
@@ -313,7 +342,10 @@ class Lab:
             out.append(f"rolled-back counter: A counted to {ca[-1]}, then B went on from {cb[0]}")
         if b is not None and cb and cb[-1] != COUNT and b.proc.returncode is not None and not r["destination_failure"]:
             out.append(f"B's counter stopped at {cb[-1]} (of {COUNT}): the stale or changed memory broke it")
-        if ca and cb and ca[-1] == COUNT and cb[-1] == COUNT:
+        if self.s.kind == "rollback" and ca and cb:
+            out.append(f"rolled back: the VM had run to {ca[-1]}, then the old copy ran again from {cb[0]} "
+                       f"on B (counted {_span(cb)} a second time)")
+        elif ca and cb and ca[-1] == COUNT and cb[-1] == COUNT:
             out.append(f"two copies: A counted {_span(ca)} and B counted {_span(cb)}: both ran")
         if any("RECEIVED the VM" in x for x in r["attacker"]):
             out.append("the impostor received the whole VM; the source stopped its own copy")

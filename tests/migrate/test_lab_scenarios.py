@@ -41,8 +41,9 @@ def test_lab_list_names_every_scenario_once(tmp_path):
     names = [line.split()[0] for line in p.stdout.splitlines()]
     assert p.returncode == 0
     assert names[:3] == ["eavesdrop", "tamper", "replay-record"]
-    assert {"downgrade", "replay-stream", "impersonate", "toctou", "double-resume", "rogue-vmm"} <= set(names)
-    assert "rollback" not in names and len(names) == len(set(names)) == 16
+    assert {"downgrade", "replay-stream", "impersonate", "toctou", "double-resume", "rollback",
+            "rogue-vmm"} <= set(names)
+    assert len(names) == len(set(names)) == 17
 
 
 def test_lab_command_plain_tamper_shows_the_damage_and_stops_everything(tmp_path):
@@ -119,6 +120,20 @@ def test_rogue_vmm_refused_and_with_attestation_off_accepted(tmp_path):
     assert not r["counts_b"] and one_copy(r)
     r = run_lab("rogue-vmm", tmp_path / "off", insecure=("attestation",))
     assert r["verdict"] == "damage" and r["counts_b"]
+
+
+@pytest.mark.slow
+def test_rollback_refused_by_the_host_it_left_and_rolled_back_in_plain(tmp_path):
+    """An old saved state of a VM that has since migrated away, restored and
+    migrated again: the secure source refuses it (its migrated-away mark names
+    the generation the VM left with); the plain engine lets the counter count
+    the same numbers a second time."""
+    r = run_lab("rollback", tmp_path / "secure")
+    assert "is marked migrated-away" in r["source_failure"] and "an older copy" in r["source_failure"]
+    assert not r["counts_b"] and r["counts_a"] == list(range(1, COUNT + 1))
+    r = run_lab("rollback", tmp_path / "plain", plain=True)
+    assert r["verdict"] == "damage" and r["counts_a"][-1] == COUNT
+    assert r["counts_b"] and r["counts_b"][0] < COUNT and r["counts_b"][-1] == COUNT    # counted again
 
 
 @pytest.mark.slow
