@@ -414,8 +414,11 @@ def _add_bench(sub) -> None:
                                    "loopback TCP throughput as the ceiling. Reports numbers; not a test.")
     b.add_argument("--sizes", default="16,64,256", metavar="MIB,...", help="guest sizes (default 16,64,256)")
     b.add_argument("--repeat", type=_positive(int), default=1, metavar="K",
-                   help="runs per case, best downtime kept (default 1)")
+                   help="runs per case, best downtime kept (default 1); the secure-vs-plain table "
+                        "shows the median of K runs of each mode")
     b.add_argument("--quick", action="store_true", help="only 16 MiB, idle and counter (smoke test)")
+    b.add_argument("--secure-only", action="store_true",
+                   help="only the secure-vs-plain table (both modes, alternating, medians)")
 
     def run(args):
         from migrate.bench import main
