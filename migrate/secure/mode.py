@@ -55,6 +55,14 @@ SECRET_LIMITS = Limits(max_depth=8, max_containers=MAX_SECRET // 64, max_values=
                        max_strings=MAX_SECRET // 16)
 
 
+def _background(work, name: str):
+    """``work()`` on its own thread; its future."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+    future = pool.submit(work)
+    pool.shutdown(wait=False)
+    return future
+
+
 def _canonical(doc) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
@@ -152,8 +160,12 @@ class SecureMode(PlainMode):
         self._quote_asked = False   # destination: a FRESH_NONCE not answered yet
         self._quote_sent = False    # destination: a FINAL_QUOTE went out
         self._nonce = None          # source: the fresh nonce of the current pre-copy round
-        self._release_public = None  # source: R, from a verified final quote
+        self._release_public = None  # source: R, as the final quotes name it
+        self._final_check = None    # source: the verification of the latest final quote (a future)
+        self._verifier = None       # source: the worker thread that verifies them
         self._committing = None     # source: keys escrowed and mark written, from the pause on
+        self._marking = None        # source: the pending mark, made durable beside pre-copy
+        self._accepting = None      # destination: the generation, advanced beside pre-copy
 
     def on(self, defence: str) -> bool:
         return defence not in self.insecure
@@ -201,14 +213,14 @@ class SecureMode(PlainMode):
         peer_share = KeyShare.decode(rec.body)
         th = transcript_hash(hello_body, eph.share.encode(), peer_share.encode())
         self.keys = derive(eph.exchange(peer_share.public), th)
-        # Our quote (and the durable mark) are made while the destination's quote
-        # is on its way: a TPM quote costs ~10 ms here (the TPM persists its clock).
+        # Our quote is made while the destination's is on its way; the durable
+        # mark (two fsyncs) is made meanwhile too, and waited for only at the pause.
         pool = ThreadPoolExecutor(1, thread_name_prefix="secure-quote")
+        if self.on("ordering"):             # the durable mark exists before the guest pauses
+            self._mark = commit.MigrationMark(self.state_dir, self.vm[0])
+            self._marking = _background(self._mark.prepare, "secure-mark")
         try:
             own = pool.submit(self.attestor.quote, peer_share.nonce, th)
-            if self.on("ordering"):         # the durable mark exists before the guest pauses
-                self._mark = commit.MigrationMark(self.state_dir, self.vm[0])
-                pool.submit(self._mark.prepare)
             rec = ch.recv(only=frozenset({RecordType.QUOTE, RecordType.ABORT}))
             if rec.type is RecordType.ABORT:
                 raise SecurityError(f"destination aborted the handshake: {decode_reason(rec.body)}")
@@ -240,7 +252,10 @@ class SecureMode(PlainMode):
             self.peer = self.attestor.verify(rec.body, eph.share.nonce, th, who="source")
         if self.on("replay"):
             generation.check(self.attestor.tpm, vm_id, gen)
-            generation.accept(self.attestor.tpm, vm_id, gen)    # a replay of this stream is stale now
+            # Advanced durably (NV writes, fsyncs: ~5-20 ms) beside the pre-copy rounds;
+            # waited for before PREPARED, so the VM never resumes here without it.
+            self._accepting = _background(lambda: generation.accept(self.attestor.tpm, vm_id, gen),
+                                          "secure-generation")
         self.vm = (vm_id, gen)
         # The release key, sealed now to the attested PCR values: it opens at key
         # release only if PCRs 8-10 never changed since (they only ever extend).
@@ -303,11 +318,20 @@ class SecureMode(PlainMode):
         if self._release_public is not None and r_pub != self._release_public:
             raise KeyReleaseRefused("no process key released: the destination's release key changed "
                                     "between two final quotes")
-        self._release_public = None          # until this one is verified
+        self._release_public = r_pub
+        if self._final_check is not None and self._final_check.done():
+            self._final_check.result()      # an earlier round's quote failed: stop now
+        # Verified on a worker thread (one at a time, in order) while the next round
+        # runs; the last one is waited for before KEY_RELEASE.
+        if self._verifier is None:
+            self._verifier = ThreadPoolExecutor(1, thread_name_prefix="secure-verify")
+        self._final_check = self._verifier.submit(self._check_final, evidence, self._nonce, r_pub)
+        self._time("key_release", t0)
+
+    def _check_final(self, evidence: bytes, nonce: bytes, r_pub: bytes) -> bytes:
         if self.on("toctou") and self.peer is not None:     # (--insecure attestation: no peer to compare)
             try:
-                final = self.attestor.verify(evidence, self._nonce,
-                                             keyrelease.binding(self.keys.transcript, r_pub),
+                final = self.attestor.verify(evidence, nonce, keyrelease.binding(self.keys.transcript, r_pub),
                                              who="destination (final quote)")
             except AttestationFailed as exc:
                 raise KeyReleaseRefused(f"no process key released: {exc}") from None
@@ -315,8 +339,7 @@ class SecureMode(PlainMode):
             if diff:
                 raise KeyReleaseRefused(f"no process key released: the destination's {diff} "
                                         f"(time-of-check/time-of-use)")
-        self._release_public = r_pub
-        self._time("key_release", t0)
+        return r_pub
 
     def at_pause(self, machine, peer: str) -> None:
         """The guest is paused, so its process keys no longer change: seal them to
@@ -324,6 +347,7 @@ class SecureMode(PlainMode):
         final round, rather than after the key release inside the downtime."""
         if self.on("ordering"):
             def prepare():
+                self._marking.result()
                 escrow = commit.escrow_keys(machine, self.attestor.tpm)
                 self._mark.commit(self.vm[1], peer, escrow)
                 return escrow
@@ -333,9 +357,11 @@ class SecureMode(PlainMode):
 
     def source_final(self, ch, secret: bytes) -> None:
         t0 = time.perf_counter()
-        if self._release_public is None:
-            raise ProtocolError("no verified final quote from the last pre-copy round")
-        ch.send(RecordType.KEY_RELEASE, keyrelease.wrap(secret, self._release_public, self.keys))
+        if self._final_check is None:
+            raise ProtocolError("no final quote from a pre-copy round")
+        r_pub = self._final_check.result()          # the last round's quote, verified
+        self._verifier.shutdown(wait=False)
+        ch.send(RecordType.KEY_RELEASE, keyrelease.wrap(secret, r_pub, self.keys))
         self._time("key_release", t0)
 
     def destination_final(self, ch):
@@ -345,6 +371,8 @@ class SecureMode(PlainMode):
                                 "or did not wait for it")
         rec = ch.recv(only=frozenset({RecordType.KEY_RELEASE}))
         secret = self._release.open(rec.body, self.keys)
+        if self._accepting is not None:
+            self._accepting.result()        # the generation is durable before PREPARED
         self._time("key_release", t0)
         return secret
 
@@ -384,6 +412,11 @@ class SecureMode(PlainMode):
             except Exception:                   # noqa: BLE001 - the mark is undone below either way
                 pass
             self._committing = None
+        if self._marking is not None:
+            try:
+                self._marking.result()
+            except Exception:                   # noqa: BLE001 - undone below either way
+                pass
         if self._escrow is not None:
             commit.restore_keys(machine, self.attestor.tpm, self._escrow)
             self._escrow = None
