@@ -161,8 +161,7 @@ class SecureMode(PlainMode):
         self._quote_sent = False    # destination: a FINAL_QUOTE went out
         self._nonce = None          # source: the fresh nonce of the current pre-copy round
         self._release_public = None  # source: R, as the final quotes name it
-        self._final_check = None    # source: the verification of the latest final quote (a future)
-        self._verifier = None       # source: the worker thread that verifies them
+        self._verified = None       # source: R, from the last round's final quote, verified
         self._committing = None     # source: keys escrowed and mark written, from the pause on
         self._marking = None        # source: the pending mark, made durable beside pre-copy
         self._accepting = None      # destination: the generation, advanced beside pre-copy
@@ -319,13 +318,11 @@ class SecureMode(PlainMode):
             raise KeyReleaseRefused("no process key released: the destination's release key changed "
                                     "between two final quotes")
         self._release_public = r_pub
-        if self._final_check is not None and self._final_check.done():
-            self._final_check.result()      # an earlier round's quote failed: stop now
-        # Verified on a worker thread (one at a time, in order) while the next round
-        # runs; the last one is waited for before KEY_RELEASE.
-        if self._verifier is None:
-            self._verifier = ThreadPoolExecutor(1, thread_name_prefix="secure-verify")
-        self._final_check = self._verifier.submit(self._check_final, evidence, self._nonce, r_pub)
+        # Verified here, on the sender thread, while the guest still runs: the pause
+        # follows the last round at once, so a verification left running would sit
+        # in the downtime.
+        self._verified = None
+        self._verified = self._check_final(evidence, self._nonce, r_pub)
         self._time("key_release", t0)
 
     def _check_final(self, evidence: bytes, nonce: bytes, r_pub: bytes) -> bytes:
@@ -357,11 +354,9 @@ class SecureMode(PlainMode):
 
     def source_final(self, ch, secret: bytes) -> None:
         t0 = time.perf_counter()
-        if self._final_check is None:
-            raise ProtocolError("no final quote from a pre-copy round")
-        r_pub = self._final_check.result()          # the last round's quote, verified
-        self._verifier.shutdown(wait=False)
-        ch.send(RecordType.KEY_RELEASE, keyrelease.wrap(secret, r_pub, self.keys))
+        if self._verified is None:
+            raise ProtocolError("no verified final quote from the last pre-copy round")
+        ch.send(RecordType.KEY_RELEASE, keyrelease.wrap(secret, self._verified, self.keys))
         self._time("key_release", t0)
 
     def destination_final(self, ch):
