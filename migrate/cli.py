@@ -29,7 +29,7 @@ from pathlib import Path
 from minivmm import events as ev
 from minivmm.cli import count, mib
 from minivmm.errors import GuestError
-from migrate import events as mev
+from migrate import events as mev, fault
 from migrate.errors import CommitUnconfirmed, GuestStopped, InternalError, MigrationError
 from migrate.measure import default_tpm_dir, measure_start
 from migrate.precopy import PrecopyPolicy
@@ -106,6 +106,7 @@ def _migration_options(p: argparse.ArgumentParser, *, source: bool) -> None:
                    help="this VMM's software TPM state directory (default: $MINIVMM_TPM_STATE/<role> "
                         "or .minivmm-tpm/<role>, role = source or destination)")
     secure_cli.add_options(g)
+    fault.add_options(g)
 
 
 DEFAULT_AFTER = ("ticks", 10)
@@ -135,6 +136,8 @@ def _config(role: str, args, machine_mode=None) -> dict:
     if getattr(args, "migrate_to", None):
         cfg["precopy"] = _policy(args).to_dict()
         cfg["check_ram"] = bool(args.check_ram)
+    if getattr(args, "fault", None) is not None:     # a lab configuration: on record
+        cfg["fault"] = str(args.fault)
     for key in ("mode", "tick"):
         if getattr(args, key, None) is not None:
             cfg[key] = getattr(args, key)
@@ -161,6 +164,8 @@ def _measure(role: str, args):
         _say(who, trusted)
     _say(who, secure_cli.announce(args))
     lab_hooks.announce(args, who)
+    if fault.announce(args):
+        _say(who, fault.announce(args))
     return m
 
 
@@ -238,8 +243,11 @@ def run_guest(machine, args, *, role: str, show_report=_report_to_stderr) -> int
             _say(say, "the guest shut down before --after; nothing to migrate")
         else:
             _say(say, f"migrating to {args.migrate_to} at tick {machine.ticks}, vclock {machine.vclock} ...")
+            mode = secure_cli.session_mode(args, _tpm_dir(args, role))
+            channel = fault.wrap(lambda sock, timeout: mode.channel(sock, timeout=timeout, role="source"),
+                                 args, say)
             src = Source(machine, policy=_policy(args), timeout=args.timeout, check_ram=args.check_ram,
-                         events=_events_printer(args), mode=secure_cli.session_mode(args, _tpm_dir(args, role)))
+                         events=_events_printer(args), mode=mode, channel=channel)
             try:
                 report = src.migrate(args.migrate_to)
             except CommitUnconfirmed as exc:
@@ -311,6 +319,8 @@ def _extend_run(run_parser: argparse.ArgumentParser) -> None:
         _refuse_source_options_without_target(run_parser, args)
         _state_files(args, "source")
         if not args.migrate_to:
+            if args.fault or args.trace_steps:
+                run_parser.error("--fault and --trace-steps only mean something with --migrate-to HOST:PORT")
             return plain_run(args)
         from minivmm.cli import check_run_args, machine_from_args
         check_run_args(run_parser, args)
@@ -330,7 +340,8 @@ def cmd_serve(args) -> int:
     _state_files(args, "destination")
     _measure("destination", args)
     gc.freeze()             # start-up objects never need collecting: cheap collections later
-    server = Server(args.listen, timeout=args.timeout, channel=secure_cli.channel_factory(args, "destination"))
+    server = Server(args.listen, timeout=args.timeout,
+                    channel=fault.wrap(secure_cli.channel_factory(args, "destination"), args, "serve"))
     _say("serve", f"listening on {server.label} (migration protocol v{VERSION}, "
                   f"{secure_cli.mode_name(args)} mode)")
     if args.port_file:
@@ -426,8 +437,11 @@ def _add_bench(sub) -> None:
                                    "loopback TCP throughput as the ceiling. Reports numbers; not a test.")
     b.add_argument("--sizes", default="16,64,256", metavar="MIB,...", help="guest sizes (default 16,64,256)")
     b.add_argument("--repeat", type=_positive(int), default=1, metavar="K",
-                   help="runs per case, best downtime kept (default 1)")
+                   help="runs per case, best downtime kept (default 1); the secure-vs-plain table "
+                        "shows the median of K runs of each mode")
     b.add_argument("--quick", action="store_true", help="only 16 MiB, idle and counter (smoke test)")
+    b.add_argument("--secure-only", action="store_true",
+                   help="only the secure-vs-plain table (both modes, alternating, medians)")
 
     def run(args):
         from migrate.bench import main

@@ -152,7 +152,7 @@ class Destination:
             if rec.type is RecordType.ABORT:
                 raise PeerAborted(f"source aborted: {decode_reason(rec.body)}")
             if state in (PRECOPY, IN_ROUND, STATE) and self.mode.take(ch, rec):
-                continue                                # secure: FRESH_NONCE, the final quote starts
+                continue                                # secure: FRESH_NONCE, a final quote starts
             if rec.type not in ALLOWED[state]:
                 raise ProtocolError(f"unexpected {rec.type.name} record in state {state}")
             t = rec.type
@@ -223,6 +223,7 @@ class Destination:
                                         f"{rnd.round} ({round_pages} of {rnd.pages} pages received)")
                 hasher.submit(lambda: None).result()       # stored and hashed
                 ch.send(RecordType.ROUND_ACK, end.encode())
+                self.mode.round_ended(ch)               # secure: FINAL_QUOTE, if this round asked for it
                 stats.seconds = clock.now() - t_round
                 report.rounds.append(stats)
                 self._emit(mev.RoundFinished, round=rnd.round, pages=rnd.pages, data_pages=stats.data_pages,
@@ -280,7 +281,7 @@ class Destination:
         # before MachineState or the VMM sees a byte of it, and before the
         # secure mode asks for the process keys.
         public = parse_state(doc, hello.ram_size, real_deadline(ch, ch.deadline))
-        secret = self.mode.destination_final(ch)        # secure: fresh quote, then the keys
+        secret = self.mode.destination_final(ch)        # secure: the keys (TPM unseal)
         parsed = self.mode.merge_state(public, secret)
         if parsed is not public:                        # the secret part is hostile input too
             check_state_doc(parsed, hello.ram_size)

@@ -96,7 +96,7 @@ class Source:
         Returns the report once the destination confirmed it resumed; raises
         :class:`MigrationError` (``.report`` attached) otherwise."""
         addr = parse_address(address) if isinstance(address, str) else tuple(address)
-        peer = f"{addr[0]}:{addr[1]}"
+        peer = self._peer = f"{addr[0]}:{addr[1]}"
         m = self.machine
         if m.halted:
             raise GuestStopped(f"the guest has already stopped ({m.halted}); nothing to migrate")
@@ -408,6 +408,8 @@ class Source:
 
     def _send_pages(self, ch: Channel, rnd: int, pfns: np.ndarray, stats: RoundStats) -> None:
         final = stats.final
+        if not final:
+            self.mode.round_begins(ch)      # secure: a fresh nonce; the destination quotes meanwhile
         ch.send(RecordType.ROUND_BEGIN, RoundMark(rnd, len(pfns)).encode())
         pages = self.machine.ram.array.reshape(-1, PAGE_SIZE)
         fresh = None
@@ -451,6 +453,8 @@ class Source:
         if ack != RoundMark(rnd, len(pfns)):
             raise ProtocolError(f"ROUND_ACK {ack} does not match round {rnd} of {len(pfns)} pages")
         stats.send_seconds += ch.now() - ts
+        if not final:
+            self.mode.round_acked(ch)       # secure: that quote, verified while the guest runs
 
     def _chunks(self, pages: np.ndarray, pfns: np.ndarray, fresh):
         """Yield (frames, nonzero mask, private copy or None) over ``pfns``.
@@ -490,7 +494,7 @@ class Source:
     def _stop_and_copy(self, ch: Channel, report: MigrationReport, remaining: np.ndarray) -> None:
         m = self.machine
         self._t_pause = clock.now()         # the guest runs no further slice here
-        self.mode.at_pause(ch)              # secure: the fresh nonce for the final quote
+        self.mode.at_pause(m, self._peer)   # secure: keys escrowed, mark made durable, meanwhile
         report.vclock_pause = m.vclock
         m.seal_for_export()
         mask = np.zeros(m.ram.npages, dtype=bool)
@@ -512,6 +516,6 @@ class Source:
             ch.send(RecordType.STATE, doc[off:off + MAX_CHUNK])
         digest = self.hashes.final(doc)
         ch.send(RecordType.DIGEST, Digest(len(doc), digest).encode())
-        self.mode.source_final(ch, secret)          # secure: fresh quote, then the keys
+        self.mode.source_final(ch, secret)          # secure: the keys, to the quoted release key
         report.state_bytes = len(doc)
         self._emit(mev.StateSent, state_bytes=len(doc), digest=digest.hex())

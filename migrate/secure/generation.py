@@ -7,9 +7,11 @@ travel in HELLO's info, which the transcript hash covers and both quotes
 bind, so they are authenticated once attestation succeeds.  The destination
 keeps, per VM, the last generation it accepted in its TPM's monotonic NV
 counter ``vm-<id>`` (it survives a restart of the VMM and of the TPM), and
-refuses a generation that is not newer.  The counter is advanced as soon as
-the source is attested (so a replay of the same stream is stale from then on,
-and the TPM's writes stay out of the downtime); the source spends one
+refuses a generation that is not newer.  The counter is checked as soon as
+the source is attested and advanced on a thread beside the pre-copy rounds
+(its NV writes stay out of the handshake and the downtime), which the
+destination waits for before PREPARED: the VM never resumes there unless the
+counter holds its generation.  The source spends one
 generation per attempt that got past mutual attestation, so a retry after a
 later failure is newer still, while connections cut before attestation spend
 nothing (else a man in the middle could run the generation past ``MAX_STEP``

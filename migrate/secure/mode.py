@@ -10,7 +10,10 @@ seam                      where                                   plain mode
 ``hello_info(machine)``   fields added to HELLO's info            ``{}``
 ``source_handshake``      source, after HELLO, before WELCOME     nothing
 ``destination_handshake`` destination, after HELLO, before WELCOME nothing
-``at_pause(ch)``           source, the guest just paused           nothing
+``round_begins(ch)``      source, before each pre-copy round      nothing
+``round_acked(ch)``       source, after a pre-copy round's ACK    nothing
+``round_ended(ch)``       destination, after sending ROUND_ACK    nothing
+``at_pause(machine, peer)`` source, the guest just paused         nothing
 ``take(ch, rec)``         destination, a record outside the engine ``False`` (not ours)
 ``split_state(doc)``      source, the state document at pause     ``(doc, None)``
 ``source_final``          source, after DIGEST, before PREPARED   nothing
@@ -52,6 +55,14 @@ SECRET_LIMITS = Limits(max_depth=8, max_containers=MAX_SECRET // 64, max_values=
                        max_strings=MAX_SECRET // 16)
 
 
+def _background(work, name: str):
+    """``work()`` on its own thread; its future."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+    future = pool.submit(work)
+    pool.shutdown(wait=False)
+    return future
+
+
 def _canonical(doc) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
@@ -76,7 +87,16 @@ class PlainMode:
     def destination_handshake(self, ch, hello, hello_body: bytes) -> None:
         pass
 
-    def at_pause(self, ch) -> None:
+    def round_begins(self, ch) -> None:
+        pass
+
+    def round_acked(self, ch) -> None:
+        pass
+
+    def round_ended(self, ch) -> None:
+        pass
+
+    def at_pause(self, machine, peer: str) -> None:
         pass
 
     def take(self, ch, rec) -> bool:
@@ -136,8 +156,15 @@ class SecureMode(PlainMode):
         self._escrow = None
         self._mark = None
         self._release = None        # destination: its release key (made at the handshake)
-        self._final_quote = None    # destination: the final quote, made while the last pages arrive
-        self._nonce = None          # source: the fresh nonce sent at pause
+        self._final_quote = None    # destination: the latest final quote (a future), made during a round
+        self._quote_asked = False   # destination: a FRESH_NONCE not answered yet
+        self._quote_sent = False    # destination: a FINAL_QUOTE went out
+        self._nonce = None          # source: the fresh nonce of the current pre-copy round
+        self._release_public = None  # source: R, as the final quotes name it
+        self._verified = None       # source: R, from the last round's final quote, verified
+        self._committing = None     # source: keys escrowed and mark written, from the pause on
+        self._marking = None        # source: the pending mark, made durable beside pre-copy
+        self._accepting = None      # destination: the generation, advanced beside pre-copy
         self._remember = None       # source: its TPM recording the spent generation
 
     def on(self, defence: str) -> bool:
@@ -188,14 +215,14 @@ class SecureMode(PlainMode):
         peer_share = KeyShare.decode(rec.body)
         th = transcript_hash(hello_body, eph.share.encode(), peer_share.encode())
         self.keys = derive(eph.exchange(peer_share.public), th)
-        # Our quote (and the durable mark) are made while the destination's quote
-        # is on its way: a TPM quote costs ~10 ms here (the TPM persists its clock).
+        # Our quote is made while the destination's is on its way; the durable
+        # mark (two fsyncs) is made meanwhile too, and waited for only at the pause.
         pool = ThreadPoolExecutor(1, thread_name_prefix="secure-quote")
+        if self.on("ordering"):             # the durable mark exists before the guest pauses
+            self._mark = commit.MigrationMark(self.state_dir, self.vm[0], self.vm[1])
+            self._marking = _background(self._mark.prepare, "secure-mark")
         try:
             own = pool.submit(self.attestor.quote, peer_share.nonce, th)
-            if self.on("ordering"):         # the durable mark exists before the guest pauses
-                self._mark = commit.MigrationMark(self.state_dir, self.vm[0], self.vm[1])
-                pool.submit(self._mark.prepare)
             rec = ch.recv(only=frozenset({RecordType.QUOTE, RecordType.ABORT}))
             if rec.type is RecordType.ABORT:
                 raise SecurityError(f"destination aborted the handshake: {decode_reason(rec.body)}")
@@ -235,7 +262,10 @@ class SecureMode(PlainMode):
             self.peer = self.attestor.verify(rec.body, eph.share.nonce, th, who="source")
         if self.on("replay"):
             generation.check(self.attestor.tpm, vm_id, gen)
-            generation.accept(self.attestor.tpm, vm_id, gen)    # a replay of this stream is stale now
+            # Advanced durably (NV writes, fsyncs: ~5-20 ms) beside the pre-copy rounds;
+            # waited for before PREPARED, so the VM never resumes here without it.
+            self._accepting = _background(lambda: generation.accept(self.attestor.tpm, vm_id, gen),
+                                          "secure-generation")
         self.vm = (vm_id, gen)
         # The release key, sealed now to the attested PCR values: it opens at key
         # release only if PCRs 8-10 never changed since (they only ever extend).
@@ -251,10 +281,17 @@ class SecureMode(PlainMode):
         public["protection"] = None
         return public, _canonical(secret)
 
-    def at_pause(self, ch) -> None:
-        """The fresh nonce goes out the moment the guest pauses, so the destination
-        quotes while the last pages, the state and the digest arrive (its TPM
-        needs ~10 ms per quote: it would otherwise sit in the downtime)."""
+    # The final (TOCTOU) quote is taken in every pre-copy round, while the guest
+    # still runs: FRESH_NONCE before the round's pages, FINAL_QUOTE right after its
+    # ROUND_ACK, verified by the source on its sender thread.  The last one before
+    # the pause is the one that counts.  Why that is enough (docs/protocol.md, "Key
+    # release"): the keys are wrapped to R, whose private half the destination's TPM
+    # unseals only while PCRs 8-10 hold the values they had at the handshake, so a
+    # change at any time between that quote and the use of the keys still gets
+    # nothing; the quote binds R to this session (th || R) and refuses, by name and
+    # before anything secret leaves, a destination that already changed.  So a TPM
+    # quote, its round trip and its verification are out of the downtime.
+    def round_begins(self, ch) -> None:
         t0 = time.perf_counter()
         self._nonce = keyrelease.fresh_nonce()
         ch.send(RecordType.FRESH_NONCE, self._nonce)
@@ -263,23 +300,43 @@ class SecureMode(PlainMode):
     def take(self, ch, rec) -> bool:
         if rec.type is not RecordType.FRESH_NONCE:
             return False
-        if self._final_quote is not None or len(rec.body) != 32:
-            raise ProtocolError("FRESH_NONCE repeated or of the wrong size")
+        if self._quote_asked or len(rec.body) != 32:
+            raise ProtocolError("FRESH_NONCE repeated before its FINAL_QUOTE, or of the wrong size")
         nonce, binding = bytes(rec.body), keyrelease.binding(self.keys.transcript, self._release.public)
         pool = ThreadPoolExecutor(1, thread_name_prefix="secure-quote")
         self._final_quote = pool.submit(self.attestor.quote, nonce, binding)
         pool.shutdown(wait=False)
+        self._quote_asked = True
         return True
 
-    def source_final(self, ch, secret: bytes) -> None:
+    def round_ended(self, ch) -> None:
+        if not self._quote_asked:
+            return
         t0 = time.perf_counter()
-        nonce = self._nonce
+        ch.send(RecordType.FINAL_QUOTE, self._release.public, self._final_quote.result())
+        self._quote_asked, self._quote_sent = False, True
+        self._time("key_release", t0)
+
+    def round_acked(self, ch) -> None:
+        t0 = time.perf_counter()
         rec = ch.recv(only=frozenset({RecordType.FINAL_QUOTE, RecordType.ABORT}))
         if rec.type is RecordType.ABORT:
             raise SecurityError(f"destination aborted before key release: {decode_reason(rec.body)}")
         if len(rec.body) < keyrelease.PUB:
             raise ProtocolError("FINAL_QUOTE too short")
         r_pub, evidence = bytes(rec.body[:keyrelease.PUB]), bytes(rec.body[keyrelease.PUB:])
+        if self._release_public is not None and r_pub != self._release_public:
+            raise KeyReleaseRefused("no process key released: the destination's release key changed "
+                                    "between two final quotes")
+        self._release_public = r_pub
+        # Verified here, on the sender thread, while the guest still runs: the pause
+        # follows the last round at once, so a verification left running would sit
+        # in the downtime.
+        self._verified = None
+        self._verified = self._check_final(evidence, self._nonce, r_pub)
+        self._time("key_release", t0)
+
+    def _check_final(self, evidence: bytes, nonce: bytes, r_pub: bytes) -> bytes:
         if self.on("toctou") and self.peer is not None:     # (--insecure attestation: no peer to compare)
             try:
                 final = self.attestor.verify(evidence, nonce, keyrelease.binding(self.keys.transcript, r_pub),
@@ -290,17 +347,39 @@ class SecureMode(PlainMode):
             if diff:
                 raise KeyReleaseRefused(f"no process key released: the destination's {diff} "
                                         f"(time-of-check/time-of-use)")
-        ch.send(RecordType.KEY_RELEASE, keyrelease.wrap(secret, r_pub, self.keys))
+        return r_pub
+
+    def at_pause(self, machine, peer: str) -> None:
+        """The guest is paused, so its process keys no longer change: seal them to
+        our own TPM and write the migrated-away mark (an fdatasync) now, beside the
+        final round, rather than after the key release inside the downtime."""
+        if self.on("ordering"):
+            def prepare():
+                self._remembered()      # one TPM user at a time: the generation's NV write first
+                self._marking.result()
+                escrow = commit.escrow_keys(machine, self.attestor.tpm)
+                self._mark.commit(self.vm[1], peer, escrow)
+                return escrow
+            pool = ThreadPoolExecutor(1, thread_name_prefix="secure-commit")
+            self._committing = pool.submit(prepare)
+            pool.shutdown(wait=False)
+
+    def source_final(self, ch, secret: bytes) -> None:
+        t0 = time.perf_counter()
+        if self._verified is None:
+            raise ProtocolError("no verified final quote from the last pre-copy round")
+        ch.send(RecordType.KEY_RELEASE, keyrelease.wrap(secret, self._verified, self.keys))
         self._time("key_release", t0)
 
     def destination_final(self, ch):
         t0 = time.perf_counter()
-        if self._final_quote is None:
-            raise ProtocolError("the source never sent its fresh nonce (FRESH_NONCE) for the final quote")
-        release = self._release
-        ch.send(RecordType.FINAL_QUOTE, release.public, self._final_quote.result())
+        if not self._quote_sent or self._quote_asked:
+            raise ProtocolError("the source asked for no final quote (FRESH_NONCE) in a pre-copy round, "
+                                "or did not wait for it")
         rec = ch.recv(only=frozenset({RecordType.KEY_RELEASE}))
-        secret = release.open(rec.body, self.keys)
+        secret = self._release.open(rec.body, self.keys)
+        if self._accepting is not None:
+            self._accepting.result()        # the generation is durable before PREPARED
         self._time("key_release", t0)
         return secret
 
@@ -333,8 +412,8 @@ class SecureMode(PlainMode):
         t0 = time.perf_counter()
         self._remembered()
         if self.on("ordering"):
-            self._escrow = commit.escrow_keys(machine, self.attestor.tpm)
-            self._mark.commit(self.vm[1], peer, self._escrow)
+            self._escrow = self._committing.result()    # escrowed and marked since the pause
+            self._committing = None
             commit.destroy_keys(machine)
         self._time("commit", t0)
 
@@ -346,6 +425,19 @@ class SecureMode(PlainMode):
             self._remembered()
         except Exception:       # noqa: BLE001 - undoing: the keys come back regardless
             pass
+        if self._committing is not None:
+            # A failure between the pause and before_commit: the keys were never
+            # destroyed (nothing to take back); let the escrow and mark finish, then undo the mark.
+            try:
+                self._committing.result()
+            except Exception:                   # noqa: BLE001 - the mark is undone below either way
+                pass
+            self._committing = None
+        if self._marking is not None:
+            try:
+                self._marking.result()
+            except Exception:                   # noqa: BLE001 - undone below either way
+                pass
         if self._escrow is not None:
             commit.restore_keys(machine, self.attestor.tpm, self._escrow)
             self._escrow = None

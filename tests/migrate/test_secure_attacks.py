@@ -111,9 +111,12 @@ def _reconfigure(tpm):
 class ChangesAfterAttestation(SecureMode):
     """A destination whose measured state changes between the handshake and the
     final quote (someone extends a PCR: loads a module, reconfigures the VMM).
-    PCR 9 is quoted but not judged by the policy: only the TOCTOU check sees it."""
+    PCR 9 is quoted but not judged by the policy: only the TOCTOU check sees it.
+    Once, when the first final quote is asked for (one quote per pre-copy round)."""
     def take(self, ch, rec):
-        _reconfigure(self.attestor.tpm)
+        if not getattr(self, "_changed", False):
+            self._changed = True
+            _reconfigure(self.attestor.tpm)
         return super().take(ch, rec)
 
 

@@ -177,3 +177,20 @@ def test_reset_recovers_from_damaged_volatile_state(tmp_path):
         SoftTpm.open(tmp_path / "t", startup=None)
     fresh = SoftTpm.open(tmp_path / "t")  # TPM Reset: volatile state is discarded unread
     assert fresh.pcrs() == (bytes(32),) * 24
+
+
+def test_quotes_write_nothing_within_the_clock_reservation_and_a_restart_never_repeats_a_clock(tmp_path):
+    """A quote persists the clock ahead (CLOCK_RESERVE_MS), not at every quote
+    (an fsync each: ~10 ms inside a migration's downtime); a restarted TPM
+    resumes from the reservation, so it never reports a clock value again."""
+    tpm = SoftTpm.open(tmp_path / "t")
+    first = tpm.quote(b"n").attest.clock_info.clock
+    state = tmp_path / "t" / "tpm-state.bin"
+    before = state.read_bytes()
+    clocks = [first] + [tpm.quote(b"n").attest.clock_info.clock for _ in range(5)]
+    assert state.read_bytes() == before          # within the reservation: no write
+    assert clocks == sorted(clocks)
+    again = SoftTpm.open(tmp_path / "t", startup=None).quote(b"n").attest.clock_info.clock
+    assert again > max(clocks)
+    restarted = SoftTpm.open(tmp_path / "t").quote(b"n").attest.clock_info.clock
+    assert restarted > again
