@@ -39,7 +39,7 @@ def cmd_tui(args) -> int:
         return 0
     from tui.live import Scenario
     sc = Scenario(guest=args.guest, ram_mib=args.ram, after=args.after, plain=args.plain,
-                  insecure=tuple(sorted(set(args.insecure))), tpm_dir=args.tpm_dir)
+                  insecure=tuple(sorted(set(args.insecure))), tpm_dir=args.tpm_dir, attack=args.attack)
     from guests.catalog import get_guest
     try:
         get_guest(sc.guest)         # a bad --guest fails here, before the screen opens
@@ -59,6 +59,9 @@ def add_options(t) -> None:
     t.add_argument("--plain", action="store_true", help="plain mode (no attestation, no encryption)")
     t.add_argument("--insecure", action="append", default=[], choices=INSECURE, metavar="DEFENCE",
                    help="turn one defence off on both VMMs (repeatable): " + ", ".join(INSECURE))
+    t.add_argument("--attack", choices=_attack_names(), metavar="NAME",
+                   help="a network attack of the lab between A and B (docs/tui.md, 'Attacks'): "
+                        + ", ".join(_attack_names()))
     t.add_argument("--tpm-dir", metavar="DIR", help="base directory of the two TPMs (default: a fresh temporary one)")
     t.add_argument("--record", metavar="FILE", help="save the session's transcript to FILE (docs/tui.md)")
     t.add_argument("--replay", metavar="FILE", help="open a recorded transcript (no VMM runs)")
@@ -90,3 +93,8 @@ def register(sub) -> None:
                                               insecure=args.insecure, tpm_dir=args.tpm_dir, record=None,
                                               replay=None, run=False))
         demo.set_defaults(func=demo_func)
+
+
+def _attack_names() -> list[str]:
+    from tui.attacks import SCENARIOS
+    return list(SCENARIOS)

@@ -42,12 +42,14 @@ class Scenario:
     insecure: tuple[str, ...] = ()
     tpm_dir: str | None = None      # None: a fresh temporary directory per run
     run_on: int = RUN_ON_TICKS
+    attack: str | None = None       # a network attack of the lab (migrate/lab/attacks.py): a man
+                                    # in the middle relays the connection and meddles with it
 
     @property
     def mode(self) -> str:
-        if self.plain:
-            return "plain"
-        return "secure" + (f", INSECURE: {', '.join(self.insecure)} off" if self.insecure else "")
+        mode = "plain" if self.plain else (
+            "secure" + (f", INSECURE: {', '.join(self.insecure)} off" if self.insecure else ""))
+        return mode + (f", ATTACK: {self.attack}" if self.attack else "")
 
 
 class Tracker:
@@ -186,6 +188,7 @@ class LiveSession:
         self._listener = None
         self._stopping = threading.Event()
         self._ready = threading.Event()       # the trust set-up is done: modes exist
+        self._relay = self._attack = None     # the man in the middle, when the scenario has one
         self.tracker.gate = self.gate
         self.tracker.timebase = self.timebase
 
@@ -209,6 +212,8 @@ class LiveSession:
             t.join(timeout)
         if self._listener is not None:
             self._listener.close()
+        if self._relay is not None:
+            self._relay.close()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
@@ -302,8 +307,13 @@ class LiveSession:
                      channel=channel, slice_gate=self.gate)
         tr.source = src
         host, port = self._listener.getsockname()[:2]
+        if sc.attack:
+            port = self._man_in_the_middle(sc.attack, (host, port))
         try:
-            src.migrate(f"{host}:{port}")
+            try:
+                src.migrate(f"{host}:{port}")
+            finally:
+                self._attack_findings()
             self.outcome = "completed"
         except MigrationError as exc:
             self.outcome = f"failed: {exc}"
@@ -316,6 +326,28 @@ class LiveSession:
                 m.run(max_ticks=TICKS_PER_FRAME)
                 tr.frame(f"the guest runs on at A (tick {m.ticks})", fresh=False)
             tr.frame("the migration failed; the guest ran on at A")
+
+    def _man_in_the_middle(self, name: str, dest) -> int:
+        """Put the lab's record-aware relay with attack ``name`` between A and B
+        (in this process, on its own loopback port); returns the port A dials."""
+        from migrate.lab.attacks import make_attack
+        from migrate.lab.relay import Relay
+        relay = Relay(dest, start=False)
+        attack = make_attack(name, relay)
+        relay.meddle, relay.meddle_back = attack.to_dest, attack.to_source
+        self._relay, self._attack = relay, attack
+        relay.thread.start()
+        self.tracker.frame(f"a man in the middle ({name}) relays A -> B: {attack.summary}")
+        return relay.port
+
+    def _attack_findings(self) -> None:
+        """What the man in the middle did and learned, one frame a line (the
+        leaked secret of an eavesdropper in plain mode, for one)."""
+        if self._attack is None:
+            return
+        self._relay.done.wait(5)
+        for line in self._attack.findings():
+            self.tracker.frame(f"ATTACK {self._attack.name}: {line}", fresh=False)
 
     def _destination(self) -> None:
         from migrate.destination import Destination
