@@ -155,7 +155,8 @@ def _measure(role: str, args):
     # (a seeded key source is measured as the seed's hash, never the seed).
     policy = protection_policy(mode=secure_cli.mode_name(args), insecure=getattr(args, "insecure", ()),
                                protection=not getattr(args, "no_protection", False),
-                               key_seed=getattr(args, "key_seed", None))
+                               key_seed=getattr(args, "key_seed", None),
+                               behaviour=lab_hooks.behaviour(args))
     m = measure_start(tpm_dir, _config(role, args), policy)
     who = "serve" if role == "destination" else "run"
     _say(who, m.describe())
@@ -340,8 +341,10 @@ def cmd_serve(args) -> int:
     _state_files(args, "destination")
     _measure("destination", args)
     gc.freeze()             # start-up objects never need collecting: cheap collections later
+    early: list = []            # serve --lab-resume-early: its hook per session
     server = Server(args.listen, timeout=args.timeout,
-                    channel=fault.wrap(secure_cli.channel_factory(args, "destination"), args, "serve"))
+                    channel=lab_hooks.wrap_destination_channel(
+                        fault.wrap(secure_cli.channel_factory(args, "destination"), args, "serve"), args, early))
     _say("serve", f"listening on {server.label} (migration protocol v{VERSION}, "
                   f"{secure_cli.mode_name(args)} mode)")
     if args.port_file:
@@ -353,21 +356,25 @@ def cmd_serve(args) -> int:
         while args.forever or done < args.count:
             ch, peer = server.next_connection("busy: another migration is arriving")
             _say("serve", f"incoming migration from {peer}")
+            dest, incoming = None, None
             try:
                 mode = lab_hooks.apply_destination(args, secure_cli.session_mode(args, _tpm_dir(args, "destination")))
-                incoming = Destination(timeout=args.timeout, events=_events_printer(args),
-                                       mode=mode).receive(ch, peer)
+                dest = Destination(timeout=args.timeout, events=_events_printer(args), mode=mode)
+                incoming = dest.receive(ch, peer)
+                m = incoming.machine
             except MigrationError as exc:
-                if isinstance(exc, InternalError):
-                    traceback.print_exception(exc.__cause__ or exc, file=sys.stderr)
-                _say("serve", f"incoming migration from {peer} failed: {exc}; everything received "
-                              f"was discarded, nothing resumed")
-                continue
+                m = lab_hooks.resumed_early(args, early, dest)
+                if m is None:
+                    if isinstance(exc, InternalError):
+                        traceback.print_exception(exc.__cause__ or exc, file=sys.stderr)
+                    _say("serve", f"incoming migration from {peer} failed: {exc}; everything received "
+                                  f"was discarded, nothing resumed")
+                    continue
             finally:
                 ch.close()
             server.set_busy_reason("busy: running a migrated guest")
-            m = incoming.machine
-            print(incoming.report.format(), file=sys.stderr, flush=True)     # stdout is the guest's console
+            if incoming is not None:
+                print(incoming.report.format(), file=sys.stderr, flush=True)     # stdout is the guest's console
             _say("serve", f"resumed guest {m.image.name!r} at tick {m.ticks}, vclock {m.vclock}")
             _stream(m, args)
             try:

@@ -10,6 +10,15 @@ and are never needed for anything else.
   the moment the source's fresh nonce arrives.  The secure source's fresh
   quote shows the change and no key is released; and the release key is
   TPM-sealed to the attested PCRs anyway.
+* ``serve --lab-resume-early``: the destination resumes the guest as soon as
+  it holds all of it (pages, state, and in secure mode the released keys),
+  without waiting for COMMIT: it closes the connection instead of sending
+  PREPARED, and runs its copy.  The source, cut off before COMMIT, resumes
+  its own: two copies.  A real VMM would need different code to do this
+  (PCR 8 would show it), so the hook is measured into PCR 10 with the
+  protection policy (``behaviour``), where the attestation policy looks: a
+  secure source refuses such a destination before anything crosses (with
+  ``--insecure attestation`` it does not: the two copies again).
 * ``run --lab-double-resume``: after a migration the destination confirmed,
   the source resumes its own copy too.  In plain mode two copies run; in
   secure mode the source destroyed its process keys before COMMIT (and marked
@@ -34,6 +43,9 @@ def add_serve_options(p) -> None:
     g = p.add_argument_group("LAB ONLY hooks (docs/lab-migration.md)", WARNING)
     g.add_argument("--lab-toctou", action="store_true",
                    help="LAB ONLY: extend PCR 9 after attestation, before key release (a TOCTOU host)")
+    g.add_argument("--lab-resume-early", action="store_true",
+                   help="LAB ONLY: resume the received guest without waiting for COMMIT (measured into "
+                        "PCR 10: a secure source refuses this destination)")
 
 
 def add_run_options(p) -> None:
@@ -43,7 +55,7 @@ def add_run_options(p) -> None:
 
 
 def announce(args, role: str) -> None:
-    for flag in ("lab_toctou", "lab_double_resume"):
+    for flag in ("lab_toctou", "lab_double_resume", "lab_resume_early"):
         if getattr(args, flag, False):
             say(role, f"--{flag.replace('_', '-')} is ON. {WARNING}")
 
@@ -91,3 +103,57 @@ def double_resume(args, machine) -> bool:
         return False
     say("run", "double-resume: every process key is still here: RUNNING A SECOND COPY")
     return True
+
+
+def behaviour(args) -> list[str]:
+    """The protocol behaviours the lab hooks change (measured into PCR 10)."""
+    return ["resume-without-commit"] if getattr(args, "lab_resume_early", False) else []
+
+
+class ResumeEarly:
+    """``serve --lab-resume-early``: a step hook that cuts the connection where
+    PREPARED would go out (everything, keys included, has arrived), so the
+    destination's engine fails; ``serve`` then runs ``Destination.machine``."""
+
+    def __init__(self, channel):
+        self.channel = channel
+        self.fired = False
+
+    def __call__(self, step) -> None:
+        if step.direction == "send" and step.rtype == "PREPARED":
+            self.fired = True
+            say("serve", "resume-early: everything has arrived; closing the connection instead of "
+                         "sending PREPARED, and resuming WITHOUT COMMIT")
+            self.channel.close()
+
+
+def wrap_destination_channel(factory, args, hooks: list):
+    """The destination's channel factory with the resume-early hook (kept in ``hooks``)."""
+    if not getattr(args, "lab_resume_early", False):
+        return factory
+    from migrate.steps import attach
+
+    def make(sock, timeout):
+        ch = factory(sock, timeout=timeout)
+        hook = ResumeEarly(ch)
+        hooks.append(hook)
+        previous = ch.on_step                   # --fault / --trace-steps, when also on
+        if previous is None:
+            return attach(ch, hook)
+
+        def both(step):
+            previous(step)
+            hook(step)
+        return attach(ch, both)
+    return make
+
+
+def resumed_early(args, hooks: list, dest):
+    """The machine to run after a failed session, if the resume-early hook cut it
+    with everything received; None otherwise."""
+    if not (getattr(args, "lab_resume_early", False) and hooks and hooks[-1].fired):
+        return None
+    machine = getattr(dest, "machine", None)
+    if machine is not None:
+        say("serve", "resume-early: RUNNING THE GUEST HERE WITHOUT COMMIT (the source may run it too)")
+    return machine

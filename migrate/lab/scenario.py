@@ -42,7 +42,7 @@ TIMEOUT = 5.0                       # B's --timeout (seconds per record); A wait
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    kind: str               # network | replay-stream | impersonate | toctou | double-resume | rollback | rogue-vmm
+    kind: str               # network | replay-stream | impersonate | toctou | double-resume | resume-early | rollback | rogue-vmm
     summary: str
     defence: str
 
@@ -65,6 +65,11 @@ SCENARIOS: dict[str, Scenario] = {
     "double-resume": Scenario("double-resume", "double-resume",
                               "host attack: A resumes its copy after a confirmed migration (run --lab-double-resume)",
                               "ordering (process keys destroyed before COMMIT)"),
+    "resume-early": Scenario("resume-early", "resume-early",
+                             "host attack: B resumes the guest as soon as it has all of it, without "
+                             "waiting for COMMIT (serve --lab-resume-early)",
+                             "attestation (the hook is B's configuration, measured into PCR 9; only a "
+                             "VMM that waits for COMMIT is approved)"),
     "rollback": Scenario("rollback", "rollback",
                          "host attack: A's admin restores an old saved state of a VM that has since "
                          "migrated away, and migrates it again",
@@ -249,6 +254,12 @@ class Lab:
         a.finish(timeout=300)
         self._finish_destination(b)
 
+    def _run_resume_early(self) -> None:
+        b, bport = self._serve(*self._insecure_args(), "--lab-resume-early")
+        a = self._source(bport)
+        a.finish(timeout=300)
+        self._finish_destination(b)
+
     def _run_rollback(self) -> None:
         old = self.work / "old.mvstate"
         a0 = self._start("A0", "run", GUEST, "--ticks", AFTER, "--save-state", str(old), name="A")
@@ -302,10 +313,12 @@ class Lab:
         if not fired and a is not None and not r["counts_b"] and self.s.kind != "impersonate":
             last = [ln.strip() for ln in a.err_lines if "migrat" in ln]     # say why, whatever it was
             fired = last[-1:]
-        for f in fired:
-            self.say(f"{'the VMM said (no defence: plain engine)' if self.plain else 'DEFENCE FIRED'}: {f}")
         damage = self._damage(r)
         r["damage"] = damage
+        for f in fired:         # a failure line beside damage is no defence that fired
+            label = ("the VMM said (no defence: plain engine)" if self.plain else
+                     "the VMM said" if damage else "DEFENCE FIRED")
+            self.say(f"{label}: {f}")
         for d in damage:
             self.say(f"DAMAGE: {d}")
         if self.s.name == "eavesdrop" and not damage:

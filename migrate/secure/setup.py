@@ -31,7 +31,7 @@ POLICY_PCRS = (VMM_CODE_PCR, VMM_POLICY_PCR)
 
 
 def protection_policy(*, mode: str = "secure", insecure=(), protection: bool = True,
-                      key_seed: str | None = None) -> dict:
+                      key_seed: str | None = None, behaviour=()) -> dict:
     policy = dict(PROTECTION_POLICY)
     policy["migration"] = mode
     if not protection:
@@ -42,6 +42,11 @@ def protection_policy(*, mode: str = "secure", insecure=(), protection: bool = T
         policy["keys"] = "seeded " + hashlib.sha256(key_seed.encode()).hexdigest()
     if insecure:
         policy["insecure"] = sorted(set(insecure))
+    if behaviour:
+        # Lab hooks that change what the VMM does in the protocol (a destination
+        # that resumes without COMMIT): a real VMM would need other code for that,
+        # which PCR 8 would show; the hook shows here instead, where the policy looks.
+        policy["behaviour"] = sorted(set(behaviour))
     return policy
 
 

@@ -41,9 +41,9 @@ def test_lab_list_names_every_scenario_once(tmp_path):
     names = [line.split()[0] for line in p.stdout.splitlines()]
     assert p.returncode == 0
     assert names[:3] == ["eavesdrop", "tamper", "replay-record"]
-    assert {"downgrade", "replay-stream", "impersonate", "toctou", "double-resume", "rollback",
-            "rogue-vmm"} <= set(names)
-    assert len(names) == len(set(names)) == 17
+    assert {"downgrade", "replay-stream", "impersonate", "toctou", "double-resume", "resume-early",
+            "rollback", "rogue-vmm"} <= set(names)
+    assert len(names) == len(set(names)) == 18
 
 
 def test_lab_command_plain_tamper_shows_the_damage_and_stops_everything(tmp_path):
@@ -120,6 +120,19 @@ def test_rogue_vmm_refused_and_with_attestation_off_accepted(tmp_path):
     assert not r["counts_b"] and one_copy(r)
     r = run_lab("rogue-vmm", tmp_path / "off", insecure=("attestation",))
     assert r["verdict"] == "damage" and r["counts_b"]
+
+
+@pytest.mark.slow
+def test_a_destination_resuming_without_commit_is_refused_at_attestation_and_two_copies_without(tmp_path):
+    """B resumes as soon as it holds the whole VM (keys included), without
+    waiting for COMMIT.  Only attestation stops it: the behaviour is B's
+    measured configuration (PCR 10), which the policy does not approve."""
+    r = run_lab("resume-early", tmp_path / "on")
+    assert "attestation of the destination failed" in r["source_failure"]
+    assert "PCR 10" in r["source_failure"] and "resume-without-commit" in r["source_failure"]
+    assert not r["counts_b"] and one_copy(r)
+    r = run_lab("resume-early", tmp_path / "off", insecure=("attestation",))
+    assert r["verdict"] == "damage" and r["counts_a"][-1] == COUNT and r["counts_b"][-1] == COUNT
 
 
 @pytest.mark.slow
