@@ -1,5 +1,7 @@
 """Process protection: cloaking, register protection, hostile kernels, metadata."""
 
+import dataclasses
+
 import pytest
 
 from guests.build import HOSTILE_KERNELS, Program, build_image, kernel_text
@@ -149,7 +151,7 @@ def test_versions_increase_on_every_recloak_and_metadata_is_exposed():
     assert {pg.vaddr for pg in p.pages} >= {abi.IMAGE_VADDR, SECRET_PAGE, SECRET_PAGE + 0x1000}
     assert abi.DATA_VADDR not in {pg.vaddr for pg in p.pages}          # the shared page
     assert abi.INFO_VADDR not in {pg.vaddr for pg in p.pages}
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         p.pages[0].version = 0                          # read-only view
 
 
