@@ -319,3 +319,35 @@ def test_a_recovery_file_resumes_the_vm_once_never_a_second_copy(tmp_path):
     for again in (path, copy):
         with pytest.raises(ValueError, match="used before"):
             commit.open_recovery(again, tpm)
+
+
+@pytest.mark.parametrize("info", [
+    {}, {"vm_id": "ab" * 16}, {"generation": 1},
+    {"vm_id": "ab" * 16, "generation": 0}, {"vm_id": "ab" * 16, "generation": True},
+    {"vm_id": "ab" * 16, "generation": "1"}, {"vm_id": "ab" * 16, "generation": 1 << 40},
+    {"vm_id": "ab" * 15 + "a", "generation": 1}, {"vm_id": "AB" * 16, "generation": 1},
+    {"vm_id": "ab" * 16 + "\n", "generation": 1}, {"vm_id": 7, "generation": 1},
+])
+def test_hello_identity_and_generation_are_checked(info):
+    with pytest.raises(MigrationError, match="HELLO: secure migration needs"):
+        generation.parse(info)
+
+
+def test_hello_identity_at_its_bounds_is_taken():
+    vm = generation.new_identity()
+    assert len(vm) == 32 and vm != generation.new_identity()
+    assert generation.parse({"vm_id": vm, "generation": 1}) == (vm, 1)
+    assert generation.parse({"vm_id": vm, "generation": (1 << 40) - 1}) == (vm, (1 << 40) - 1)
+
+
+def test_generation_step_bound_and_the_counter_it_moves(tmp_path):
+    tpm = SoftTpm.open(tmp_path / "t")
+    vm = generation.new_identity()
+    assert generation.check(tpm, vm, generation.MAX_STEP) == 0      # the largest jump allowed
+    generation.accept(tpm, vm, 5)
+    assert tpm.counter_read(f"vm-{vm}") == 5                       # the TPM counter's name is stable
+    assert generation.check(tpm, vm, 6) == 5
+    generation.accept(tpm, vm, 5)                                  # never down, never past
+    assert tpm.counter_read(f"vm-{vm}") == 5
+    with pytest.raises(StaleGeneration, match="generation 4 is not newer than 5"):
+        generation.check(tpm, vm, 4)
