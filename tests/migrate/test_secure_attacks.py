@@ -351,3 +351,71 @@ def test_generation_step_bound_and_the_counter_it_moves(tmp_path):
     assert tpm.counter_read(f"vm-{vm}") == 5
     with pytest.raises(StaleGeneration, match="generation 4 is not newer than 5"):
         generation.check(tpm, vm, 4)
+
+
+# ----------------------------------------- key release: known answers (seeded bugs)
+# KEY_RELEASE's body rebuilt from the construction documented in
+# migrate/secure/keyrelease.py: E || AES-256-GCM(k, secret), k = HKDF-SHA256(X25519(e, R)
+# || session release key, salt = transcript, info = label || R || E), nonce zero,
+# associated data transcript || R.
+def _documented_wrap(secret, e_raw, r_pub, keys):
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    e = X25519PrivateKey.from_private_bytes(e_raw)
+    e_pub = e.public_key().public_bytes_raw()
+    shared = e.exchange(X25519PublicKey.from_public_bytes(r_pub))
+    k = HKDF(algorithm=hashes.SHA256(), length=32, salt=keys.transcript,
+             info=b"minivmm-key-release v1" + r_pub + e_pub).derive(shared + keys.release)
+    return e_pub + AESGCM(k).encrypt(bytes(12), secret, keys.transcript + r_pub)
+
+
+def _kat_keys(**kw):
+    from types import SimpleNamespace
+    return SimpleNamespace(**{"transcript": b"\x02" * 32, "release": b"\x01" * 32, **kw})
+
+
+def test_key_release_matches_the_documented_construction(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    release = keyrelease.ReleaseKey(SoftTpm.open(tmp_path / "t"))
+    keys = _kat_keys()
+    body = _documented_wrap(b"process keys", bytes(range(1, 33)), release.public, keys)
+    assert release.open(body, keys) == b"process keys"
+    # and the source's wrap, opened by the documented construction (R's private half known here)
+    r = X25519PrivateKey.from_private_bytes(bytes(range(64, 96)))
+    r_pub = r.public_key().public_bytes_raw()
+    wrapped = keyrelease.wrap(b"secret part", r_pub, keys)
+    e_pub = wrapped[:32]
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+    k = HKDF(algorithm=hashes.SHA256(), length=32, salt=keys.transcript,
+             info=b"minivmm-key-release v1" + r_pub + e_pub).derive(
+        r.exchange(X25519PublicKey.from_public_bytes(e_pub)) + keys.release)
+    assert AESGCM(k).decrypt(bytes(12), wrapped[32:], keys.transcript + r_pub) == b"secret part"
+
+
+@pytest.mark.parametrize("change", ["transcript", "release"])
+def test_key_release_is_bound_to_the_session(tmp_path, change):
+    release = keyrelease.ReleaseKey(SoftTpm.open(tmp_path / "t"))
+    body = keyrelease.wrap(b"process keys", release.public, _kat_keys())
+    with pytest.raises(KeyReleaseRefused, match="failed authentication"):
+        release.open(body, _kat_keys(**{change: b"\x09" * 32}))
+
+
+def test_key_release_body_bounds_and_bad_shares(tmp_path):
+    release = keyrelease.ReleaseKey(SoftTpm.open(tmp_path / "t"), seal=False)   # --insecure toctou
+    keys = _kat_keys()
+    body = keyrelease.wrap(b"", release.public, keys)
+    assert len(body) == 48 and release.open(body, keys) == b""          # the shortest body
+    with pytest.raises(MigrationError, match="47 bytes is too short"):
+        release.open(body[:47], keys)
+    with pytest.raises(MigrationError, match="bad key share"):
+        release.open(bytes(32) + body[32:], keys)                        # a low-order point
+    with pytest.raises(MigrationError, match="bad release key"):
+        keyrelease.wrap(b"x", bytes(32), keys)
+    assert len(keyrelease.fresh_nonce()) == 32 and keyrelease.fresh_nonce() != keyrelease.fresh_nonce()
