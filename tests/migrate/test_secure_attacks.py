@@ -3,6 +3,7 @@ TCP with real TPM state on disk: the defence names the failure and the guest
 stays whole where it was; with the matching --insecure switch the attack works."""
 
 import hashlib
+import re
 
 import pytest
 
@@ -419,3 +420,37 @@ def test_key_release_body_bounds_and_bad_shares(tmp_path):
     with pytest.raises(MigrationError, match="bad release key"):
         keyrelease.wrap(b"x", bytes(32), keys)
     assert len(keyrelease.fresh_nonce()) == 32 and keyrelease.fresh_nonce() != keyrelease.fresh_nonce()
+
+
+def _recovery_counter_name(path):
+    data = path.read_bytes()
+    at = 12 + int.from_bytes(data[8:12], "little")
+    return data[at + 1:at + 1 + data[at]].decode()
+
+
+def test_each_vm_recovers_on_its_own_counter_from_a_running_state(tmp_path):
+    """Two VMs' recovery files spend two counters (one VM's recovery does not spend
+    another's); a VM without an identity gets a fresh one; the saved state is the
+    paused, running guest (not the 'migrated' halt)."""
+    from migrate.secure import commit
+    from minivmm.state import MachineState
+
+    trust = Trust(tmp_path)
+    tpm = SoftTpm.open(trust.host("a"), startup=None, create=False)
+    paths = []
+    for i, ident in enumerate([(generation.new_identity(), 1), (generation.new_identity(), 1), None, None]):
+        m = guest()
+        if ident:
+            m.migration_identity = ident
+        m.halted, m.halt_detail = MIGRATED, "committed to b"
+        escrow = commit.escrow_keys(m, tpm)
+        commit.destroy_keys(m)
+        paths.append(commit.seal_recovery(m, tpm, escrow, tmp_path / f"vm{i}.sealed"))
+        assert (m.halted, m.halt_detail) == (MIGRATED, "committed to b") and not m.protection._keys
+        if ident:
+            assert _recovery_counter_name(paths[-1]) == f"recover-{ident[0]}"
+    fresh = [_recovery_counter_name(p) for p in paths[2:]]
+    assert fresh[0] != fresh[1] and all(re.fullmatch(r"recover-[0-9a-f]{32}", n) for n in fresh)
+    for p in paths:
+        st = MachineState.from_bytes(commit.open_recovery(p, tpm), where="x")
+        assert (st.vmm.halted, st.vmm.halt_detail) == (None, "")
