@@ -303,3 +303,55 @@ def test_a_channel_has_a_role():
     with pytest.raises(ValueError, match="role"):
         SealedChannel(a, role="both")
     a.close(), b.close()
+
+
+# --insecure replay *and* encryption: records in clear, any sequence number taken.
+def clear_records(*records):
+    """Plain-framed records with the sequence numbers given."""
+    return b"".join(HEADER.pack(t, 0, len(body), seq) + body for t, body, seq in records)
+
+
+def test_with_replay_and_encryption_off_any_sequence_number_is_taken():
+    raw = clear_records((RecordType.PAGES, b"p1", 5), (RecordType.PAGES, b"p0", 2),
+                        (RecordType.COMMIT, b"", 9), (RecordType.PAGES, b"again", 5))
+    a, b = socket.socketpair()
+    rx = SealedChannel(b, role="destination", timeout=2, replay=False, encryption=False)
+    rx.seal(KAT_KEYS)
+    a.sendall(raw)
+    a.close()
+    got = []
+    for _ in range(4):
+        r = rx.recv()
+        got.append((r.type, bytes(r.body), r.seq, rx.recv_seq))
+    rx.close()
+    assert got == [(RecordType.PAGES, b"p1", 5, 6), (RecordType.PAGES, b"p0", 2, 6),
+                   (RecordType.COMMIT, b"", 9, 10), (RecordType.PAGES, b"again", 5, 10)]
+
+
+@pytest.mark.parametrize("raw, kw, message", [
+    (clear_records((999, b"", 0)), {}, "unknown record type 999"),
+    (clear_records((RecordType.INVALID, b"", 0)), {}, "record 0 of 0 bytes refused"),
+    (HEADER.pack(RecordType.COMMIT, 0, MAX_BODY[RecordType.COMMIT] + 1, 0), {}, "refused"),
+    (clear_records((RecordType.HELLO, b"h" * 11, 0)), {"max_body": 10}, "of 11 bytes refused"),
+    (clear_records((RecordType.PAGES, b"p", 0)), {"only": frozenset({RecordType.COMMIT})}, "unexpected PAGES"),
+])
+def test_with_replay_and_encryption_off_bounds_still_hold(raw, kw, message):
+    a, b = socket.socketpair()
+    rx = SealedChannel(b, role="destination", timeout=2, replay=False, encryption=False)
+    rx.seal(KAT_KEYS)
+    a.sendall(raw)
+    a.close()
+    with pytest.raises(ProtocolError, match=message):
+        rx.recv(**kw)
+    rx.close()
+
+
+def test_with_replay_and_encryption_off_the_bound_itself_is_taken():
+    body = b"h" * 10
+    a, b = socket.socketpair()
+    rx = SealedChannel(b, role="destination", timeout=2, replay=False, encryption=False)
+    rx.seal(KAT_KEYS)
+    a.sendall(clear_records((RecordType.HELLO, body, 3)))
+    a.close()
+    assert bytes(rx.recv(max_body=10).body) == body
+    rx.close()
