@@ -101,9 +101,15 @@ def test_a_documented_recovery_file_opens_once(tmp_path, tpm):
 
 def test_every_truncation_of_a_recovery_file_is_refused(tmp_path, tpm):
     head, data = documented_recovery(tpm, b"")
+    n = int.from_bytes(head[8:12], "little")
+    m = head[12 + n]
     for cut in range(len(data)):
         (tmp_path / "r").write_bytes(data[:cut])
-        with pytest.raises(ValueError, match="not a sealed|truncated|failed authentication"):
+        # each field's bound, in order: magic and length, sealed key and name length,
+        # name, value and the 16-byte tag
+        expect = ("not a sealed" if cut < 12 else "truncated" if cut < 12 + n + 1 + m + 8 + 16
+                  else "failed authentication")
+        with pytest.raises(ValueError, match=expect):
             commit.open_recovery(tmp_path / "r", tpm)
     assert tpm.counter_read("recover-" + "12" * 16) == 0      # nothing was spent
     (tmp_path / "r").write_bytes(data)
@@ -118,7 +124,8 @@ def test_a_changed_recovery_file_is_refused(tmp_path, tpm, where):
     bad = bytearray(data)
     bad[at] ^= {"length": 0x80}.get(where, 1)
     (tmp_path / "r").write_bytes(bytes(bad))
-    with pytest.raises((ValueError, UnsealError)):     # the TPM refuses a changed sealed key
+    expect = {"magic": "not a sealed", "length": "truncated"}.get(where, "failed authentication")
+    with pytest.raises((ValueError, UnsealError), match=expect):
         commit.open_recovery(tmp_path / "r", tpm)
     assert tpm.counter_read("recover-" + "12" * 16) == 0
 
@@ -134,4 +141,11 @@ def test_a_recovery_counter_name_must_be_ascii(tmp_path, tpm):
     _, data = documented_recovery(tpm, b"s", name=b"recover-\xff")
     (tmp_path / "r").write_bytes(data)
     with pytest.raises(ValueError, match="bad recovery counter name"):
+        commit.open_recovery(tmp_path / "r", tpm)
+
+
+def test_a_sealed_key_of_the_bound_itself_goes_to_the_tpm(tmp_path, tpm):
+    n = 1 << 16                        # the largest sealed-key length read: the TPM judges it
+    (tmp_path / "r").write_bytes(b"MVRECOV2" + n.to_bytes(4, "little") + bytes(n + 100))
+    with pytest.raises(UnsealError):
         commit.open_recovery(tmp_path / "r", tpm)
