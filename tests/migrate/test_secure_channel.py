@@ -355,3 +355,40 @@ def test_with_replay_and_encryption_off_the_bound_itself_is_taken():
     a.close()
     assert bytes(rx.recv(max_body=10).body) == body
     rx.close()
+
+
+# pending_abort: the source's last look before COMMIT, record by record.
+def source_with_waiting(raw, *, close=False):
+    a, b = socket.socketpair()
+    tx = SealedChannel(a, role="source", timeout=2)
+    tx.seal(KAT_KEYS)
+    if raw:
+        b.sendall(raw)
+    if close:
+        b.close()
+    return tx, b
+
+
+def test_pending_abort_reads_an_authenticated_abort():
+    tx, b = source_with_waiting(documented_record(KAT_KEYS.d2s, 2, 0, RecordType.ABORT, b"why"))
+    assert tx.pending_abort() is True
+    assert (tx.pending_abort_record.type, bytes(tx.pending_abort_record.body)) == (RecordType.ABORT, b"why")
+    tx.close(), b.close()
+
+
+@pytest.mark.parametrize("close", [False, True])
+def test_pending_abort_with_nothing_waiting_is_false(close):
+    tx, b = source_with_waiting(b"", close=close)
+    assert tx.pending_abort() is False
+    tx.close(), b.close()
+
+
+def test_pending_abort_refuses_any_other_record_and_a_forged_abort():
+    tx, b = source_with_waiting(documented_record(KAT_KEYS.d2s, 2, 0, RecordType.PAGES, b"p"))
+    with pytest.raises(ProtocolError, match="unexpected PAGES record before COMMIT"):
+        tx.pending_abort()
+    tx.close(), b.close()
+    tx, b = source_with_waiting(documented_record(KAT_KEYS.s2d, 2, 0, RecordType.ABORT, b"why"))
+    with pytest.raises(RecordRejected, match="failed authentication"):
+        tx.pending_abort()              # sealed under the wrong direction's key: forged
+    tx.close(), b.close()
