@@ -89,11 +89,14 @@ def tpm(tmp_path):
     return SoftTpm.open(tmp_path / "tpm")
 
 
-def test_a_documented_recovery_file_opens_once(tmp_path, tpm):
+@pytest.mark.parametrize("spent", [0, 2])
+def test_a_documented_recovery_file_opens_once(tmp_path, tpm, spent):
+    for _ in range(spent):             # earlier recoveries of this VM: the file names the value now
+        tpm.counter_increment("recover-" + "12" * 16)
     _, data = documented_recovery(tpm, b"the paused state")
     (tmp_path / "r").write_bytes(data)
     assert commit.open_recovery(tmp_path / "r", tpm) == b"the paused state"
-    assert tpm.counter_read("recover-" + "12" * 16) == 1
+    assert tpm.counter_read("recover-" + "12" * 16) == spent + 1
     with pytest.raises(ValueError, match="used before"):
         commit.open_recovery(tmp_path / "r", tpm)
     assert commit.recovery_counter("12" * 16) == "recover-" + "12" * 16
