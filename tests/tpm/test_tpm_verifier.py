@@ -462,3 +462,19 @@ def test_expected_nonce_not_issued_here_is_accepted_and_not_remembered(measured,
     verifier.verify(raw, policy, expected_nonce=nonce)   # replay protection is the caller's
     with pytest.raises(ReplayError, match="never issued"):
         verifier.consume_nonce(nonce)
+
+
+def test_the_default_lifetime_is_five_minutes_and_the_cap_1024(issuer, clock):
+    v = Verifier([issuer.public_key])
+    first, second = v.new_nonce(), v.new_nonce()
+    for _ in range(1022):
+        v.new_nonce()
+    on_time, late = v.new_nonce(), v.new_nonce()   # 1026 issued: the oldest two are forgotten
+    for forgotten in (first, second):
+        with pytest.raises(ReplayError, match="never issued"):
+            v.consume_nonce(forgotten)
+    clock.now += 300.0
+    v.consume_nonce(on_time)
+    clock.now += 0.5
+    with pytest.raises(ReplayError, match="expired"):
+        v.consume_nonce(late)
