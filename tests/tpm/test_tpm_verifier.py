@@ -478,3 +478,16 @@ def test_the_default_lifetime_is_five_minutes_and_the_cap_1024(issuer, clock):
     clock.now += 0.5
     with pytest.raises(ReplayError, match="expired"):
         v.consume_nonce(late)
+
+
+@pytest.mark.parametrize("anchor", ["issuer", "public key", "directory", "directory as text"])
+def test_every_documented_form_of_trust_anchor_is_taken(measured, policy, issuer, anchor):
+    t = {"issuer": issuer, "public key": issuer.public_key, "directory": issuer.directory,
+         "directory as text": str(issuer.directory)}[anchor]
+    v = Verifier([t])
+    assert v.verify(measured.quote(v.new_nonce()), policy).host == "host-a"
+
+
+def test_a_trust_anchor_of_another_kind_is_refused():
+    with pytest.raises(TypeError, match="trust anchors are P-256 public keys"):
+        Verifier([b"not a key"])
