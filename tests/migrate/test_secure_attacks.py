@@ -348,6 +348,9 @@ def test_generation_step_bound_and_the_counter_it_moves(tmp_path):
     generation.accept(tpm, vm, 5)
     assert tpm.counter_read(f"vm-{vm}") == 5                       # the TPM counter's name is stable
     assert generation.check(tpm, vm, 6) == 5
+    assert generation.check(tpm, vm, 5 + generation.MAX_STEP) == 5     # the step is counted from 5
+    with pytest.raises(StaleGeneration, match="jumps too far past 5"):
+        generation.check(tpm, vm, 5 + generation.MAX_STEP + 1)
     generation.accept(tpm, vm, 5)                                  # never down, never past
     assert tpm.counter_read(f"vm-{vm}") == 5
     with pytest.raises(StaleGeneration, match="generation 4 is not newer than 5"):
