@@ -392,3 +392,14 @@ def test_pending_abort_refuses_any_other_record_and_a_forged_abort():
     with pytest.raises(RecordRejected, match="failed authentication"):
         tx.pending_abort()              # sealed under the wrong direction's key: forged
     tx.close(), b.close()
+
+
+def test_with_replay_and_encryption_off_the_record_keeps_its_flags():
+    a, b = socket.socketpair()
+    rx = SealedChannel(b, role="destination", timeout=2, replay=False, encryption=False)
+    rx.seal(KAT_KEYS)
+    a.sendall(HEADER.pack(RecordType.PAGES, FLAG_OPTIONAL, 1, 4) + b"p")
+    a.close()
+    r = rx.recv()
+    rx.close()
+    assert (r.type, bytes(r.body), r.seq, r.flags) == (RecordType.PAGES, b"p", 4, FLAG_OPTIONAL)
