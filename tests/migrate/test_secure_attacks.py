@@ -457,3 +457,18 @@ def test_each_vm_recovers_on_its_own_counter_from_a_running_state(tmp_path):
     for p in paths:
         st = MachineState.from_bytes(commit.open_recovery(p, tpm), where="x")
         assert (st.vmm.halted, st.vmm.halt_detail) == (None, "")
+
+
+def test_the_release_key_private_half_is_held_only_where_the_mode_says(tmp_path):
+    """Sealed (default): only the TPM blob, never the raw private half in memory.
+    --insecure toctou: in memory only, so a PCR change does not stop it (the hole the
+    switch teaches)."""
+    tpm = SoftTpm.open(tmp_path / "t")
+    keys = _kat_keys()
+    sealed, loose = keyrelease.ReleaseKey(tpm), keyrelease.ReleaseKey(tpm, seal=False)
+    assert sealed._raw is None and sealed._blob is not None
+    assert loose._blob is None and len(loose._raw) == 32
+    tpm.extend(10, bytes(32), event_type=EventType.MANUAL, data=b"patched")
+    assert loose.open(keyrelease.wrap(b"k", loose.public, keys), keys) == b"k"
+    with pytest.raises(KeyReleaseRefused, match="refuses to unseal"):
+        sealed.open(keyrelease.wrap(b"k", sealed.public, keys), keys)
