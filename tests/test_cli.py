@@ -1,5 +1,6 @@
 """The command line, run as a user would run it (a real subprocess)."""
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -104,7 +105,7 @@ def test_events_are_typed_and_ordered():
     out = [e for e in seen if isinstance(e, ev.ConsoleOutput) and e.pid == 1]
     assert "".join(e.text for e in out) == "hello, world\n"
     assert seen[-1] == ev.Halted(seq=seen[-1].seq, vtime=seen[-1].vtime, reason="shutdown", detail="status 0")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         seen[0].pid = 5                      # frozen: subscribers cannot change history
 
 

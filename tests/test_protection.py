@@ -1,5 +1,7 @@
 """Process protection: cloaking, register protection, hostile kernels, metadata."""
 
+import dataclasses
+
 import pytest
 
 from guests.build import HOSTILE_KERNELS, Program, build_image, kernel_text
@@ -149,7 +151,7 @@ def test_versions_increase_on_every_recloak_and_metadata_is_exposed():
     assert {pg.vaddr for pg in p.pages} >= {abi.IMAGE_VADDR, SECRET_PAGE, SECRET_PAGE + 0x1000}
     assert abi.DATA_VADDR not in {pg.vaddr for pg in p.pages}          # the shared page
     assert abi.INFO_VADDR not in {pg.vaddr for pg in p.pages}
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         p.pages[0].version = 0                          # read-only view
 
 
@@ -430,3 +432,29 @@ def test_a_copy_whose_keys_were_destroyed_stops_with_a_clear_error():
     with pytest.raises(KeysDestroyed, match=r"pid \d+ \(.*\): its protection key was destroyed"):
         m.run(max_ticks=100_000)
     assert m.halted == "keys-destroyed"
+
+
+def test_the_read_only_view_mirrors_the_metadata_field_by_field():
+    """Every field of ProcessView/PageView against the live metadata it copies."""
+    m = Machine(get_guest("secret").build())
+    m.run(until=lambda m: "round 1," in m.console.text(1) and m.protection.procs[1].in_kernel)
+    live, views = m.protection.procs[1], m.protection.view()
+    assert [v.pid for v in views] == sorted(m.protection.procs)
+    view = views[0]
+    assert (view.pid, view.name, view.ident, view.measurement, view.key_handle, view.shared_vaddr) == (
+        1, live.name, live.ident, live.measurement.hex(), live.key_handle, live.shared_vaddr)
+    assert (view.in_kernel, view.saved_context, view.stopped, view.exited) == (True, live.saved, None, False)
+    assert [p.vpn for p in view.pages] == sorted(live.pages)
+    for p in view.pages:
+        meta = live.pages[p.vpn]
+        assert (p.owner, p.vaddr, p.frame, p.state, p.version, p.nonce, p.mac) == (
+            1, p.vpn << 12, meta.ppn, meta.state, meta.version, meta.nonce.hex(), meta.tag.hex())
+    assert view.page(SECRET_PAGE).vpn == SECRET_PAGE >> 12
+    with pytest.raises(KeyError, match="0x1000 is not a protected page of pid 1"):
+        view.page(0x1000)
+    with pytest.raises(KeyError, match="pid 7 is not protected"):
+        m.protection.process(7)
+    m.run(until=lambda m: not m.protection.procs[1].in_kernel, max_ticks=50)
+    assert m.protection.process(1).saved_context is None     # only while it is in the kernel
+    assert m.run(max_ticks=3000) == "shutdown"
+    assert m.protection.process(1).exited is True

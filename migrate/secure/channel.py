@@ -138,7 +138,9 @@ class SealedChannel(Channel):
             rtype = RecordType(tcode)
         except ValueError:
             raise ProtocolError(f"unknown record type {tcode}") from None
-        bound = MAX_BODY[rtype] if max_body is None else min(max_body, MAX_BODY[rtype])
+        # INVALID has no bound (MAX_BODY): refused before the bound is looked up.
+        bound = 0 if rtype is RecordType.INVALID else MAX_BODY[rtype] if max_body is None \
+            else min(max_body, MAX_BODY[rtype])
         if rtype is RecordType.INVALID or length > bound:
             raise ProtocolError(f"record {tcode} of {length} bytes refused")
         if only is not None and rtype not in only:

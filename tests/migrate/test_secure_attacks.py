@@ -3,6 +3,7 @@ TCP with real TPM state on disk: the defence names the failure and the guest
 stays whole where it was; with the matching --insecure switch the attack works."""
 
 import hashlib
+import re
 
 import pytest
 
@@ -323,3 +324,155 @@ def test_a_recovery_file_resumes_the_vm_once_never_a_second_copy(tmp_path):
     for again in (path, copy):
         with pytest.raises(ValueError, match="used before"):
             commit.open_recovery(again, tpm)
+
+
+@pytest.mark.parametrize("info", [
+    {}, {"vm_id": "ab" * 16}, {"generation": 1},
+    {"vm_id": "ab" * 16, "generation": 0}, {"vm_id": "ab" * 16, "generation": True},
+    {"vm_id": "ab" * 16, "generation": "1"}, {"vm_id": "ab" * 16, "generation": 1 << 40},
+    {"vm_id": "ab" * 15 + "a", "generation": 1}, {"vm_id": "AB" * 16, "generation": 1},
+    {"vm_id": "ab" * 16 + "\n", "generation": 1}, {"vm_id": 7, "generation": 1},
+])
+def test_hello_identity_and_generation_are_checked(info):
+    with pytest.raises(MigrationError, match="HELLO: secure migration needs"):
+        generation.parse(info)
+
+
+def test_hello_identity_at_its_bounds_is_taken():
+    vm = generation.new_identity()
+    assert len(vm) == 32 and vm != generation.new_identity()
+    assert generation.parse({"vm_id": vm, "generation": 1}) == (vm, 1)
+    assert generation.parse({"vm_id": vm, "generation": (1 << 40) - 1}) == (vm, (1 << 40) - 1)
+
+
+def test_generation_step_bound_and_the_counter_it_moves(tmp_path):
+    tpm = SoftTpm.open(tmp_path / "t")
+    vm = generation.new_identity()
+    assert generation.check(tpm, vm, generation.MAX_STEP) == 0      # the largest jump allowed
+    generation.accept(tpm, vm, 5)
+    assert tpm.counter_read(f"vm-{vm}") == 5                       # the TPM counter's name is stable
+    assert generation.check(tpm, vm, 6) == 5
+    assert generation.check(tpm, vm, 5 + generation.MAX_STEP) == 5     # the step is counted from 5
+    with pytest.raises(StaleGeneration, match="jumps too far past 5"):
+        generation.check(tpm, vm, 5 + generation.MAX_STEP + 1)
+    generation.accept(tpm, vm, 5)                                  # never down, never past
+    assert tpm.counter_read(f"vm-{vm}") == 5
+    with pytest.raises(StaleGeneration, match="generation 4 is not newer than 5"):
+        generation.check(tpm, vm, 4)
+
+
+# ----------------------------------------- key release: known answers (seeded bugs)
+# KEY_RELEASE's body rebuilt from the construction documented in
+# migrate/secure/keyrelease.py: E || AES-256-GCM(k, secret), k = HKDF-SHA256(X25519(e, R)
+# || session release key, salt = transcript, info = label || R || E), nonce zero,
+# associated data transcript || R.
+def _documented_wrap(secret, e_raw, r_pub, keys):
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    e = X25519PrivateKey.from_private_bytes(e_raw)
+    e_pub = e.public_key().public_bytes_raw()
+    shared = e.exchange(X25519PublicKey.from_public_bytes(r_pub))
+    k = HKDF(algorithm=hashes.SHA256(), length=32, salt=keys.transcript,
+             info=b"minivmm-key-release v1" + r_pub + e_pub).derive(shared + keys.release)
+    return e_pub + AESGCM(k).encrypt(bytes(12), secret, keys.transcript + r_pub)
+
+
+def _kat_keys(**kw):
+    from types import SimpleNamespace
+    return SimpleNamespace(**{"transcript": b"\x02" * 32, "release": b"\x01" * 32, **kw})
+
+
+def test_key_release_matches_the_documented_construction(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    release = keyrelease.ReleaseKey(SoftTpm.open(tmp_path / "t"))
+    keys = _kat_keys()
+    body = _documented_wrap(b"process keys", bytes(range(1, 33)), release.public, keys)
+    assert release.open(body, keys) == b"process keys"
+    # and the source's wrap, opened by the documented construction (R's private half known here)
+    r = X25519PrivateKey.from_private_bytes(bytes(range(64, 96)))
+    r_pub = r.public_key().public_bytes_raw()
+    wrapped = keyrelease.wrap(b"secret part", r_pub, keys)
+    e_pub = wrapped[:32]
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+    k = HKDF(algorithm=hashes.SHA256(), length=32, salt=keys.transcript,
+             info=b"minivmm-key-release v1" + r_pub + e_pub).derive(
+        r.exchange(X25519PublicKey.from_public_bytes(e_pub)) + keys.release)
+    assert AESGCM(k).decrypt(bytes(12), wrapped[32:], keys.transcript + r_pub) == b"secret part"
+
+
+@pytest.mark.parametrize("change", ["transcript", "release"])
+def test_key_release_is_bound_to_the_session(tmp_path, change):
+    release = keyrelease.ReleaseKey(SoftTpm.open(tmp_path / "t"))
+    body = keyrelease.wrap(b"process keys", release.public, _kat_keys())
+    with pytest.raises(KeyReleaseRefused, match="failed authentication"):
+        release.open(body, _kat_keys(**{change: b"\x09" * 32}))
+
+
+def test_key_release_body_bounds_and_bad_shares(tmp_path):
+    release = keyrelease.ReleaseKey(SoftTpm.open(tmp_path / "t"), seal=False)   # --insecure toctou
+    keys = _kat_keys()
+    body = keyrelease.wrap(b"", release.public, keys)
+    assert len(body) == 48 and release.open(body, keys) == b""          # the shortest body
+    with pytest.raises(MigrationError, match="47 bytes is too short"):
+        release.open(body[:47], keys)
+    with pytest.raises(MigrationError, match="bad key share"):
+        release.open(bytes(32) + body[32:], keys)                        # a low-order point
+    with pytest.raises(MigrationError, match="bad release key"):
+        keyrelease.wrap(b"x", bytes(32), keys)
+    assert len(keyrelease.fresh_nonce()) == 32 and keyrelease.fresh_nonce() != keyrelease.fresh_nonce()
+
+
+def _recovery_counter_name(path):
+    data = path.read_bytes()
+    at = 12 + int.from_bytes(data[8:12], "little")
+    return data[at + 1:at + 1 + data[at]].decode()
+
+
+def test_each_vm_recovers_on_its_own_counter_from_a_running_state(tmp_path):
+    """Two VMs' recovery files spend two counters (one VM's recovery does not spend
+    another's); a VM without an identity gets a fresh one; the saved state is the
+    paused, running guest (not the 'migrated' halt)."""
+    from migrate.secure import commit
+    from minivmm.state import MachineState
+
+    trust = Trust(tmp_path)
+    tpm = SoftTpm.open(trust.host("a"), startup=None, create=False)
+    paths = []
+    for i, ident in enumerate([(generation.new_identity(), 1), (generation.new_identity(), 1), None, None]):
+        m = guest()
+        if ident:
+            m.migration_identity = ident
+        m.halted, m.halt_detail = MIGRATED, "committed to b"
+        escrow = commit.escrow_keys(m, tpm)
+        commit.destroy_keys(m)
+        paths.append(commit.seal_recovery(m, tpm, escrow, tmp_path / f"vm{i}.sealed"))
+        assert (m.halted, m.halt_detail) == (MIGRATED, "committed to b") and not m.protection._keys
+        if ident:
+            assert _recovery_counter_name(paths[-1]) == f"recover-{ident[0]}"
+    fresh = [_recovery_counter_name(p) for p in paths[2:]]
+    assert fresh[0] != fresh[1] and all(re.fullmatch(r"recover-[0-9a-f]{32}", n) for n in fresh)
+    for p in paths:
+        st = MachineState.from_bytes(commit.open_recovery(p, tpm), where="x")
+        assert (st.vmm.halted, st.vmm.halt_detail) == (None, "")
+
+
+def test_the_release_key_private_half_is_held_only_where_the_mode_says(tmp_path):
+    """Sealed (default): only the TPM blob, never the raw private half in memory.
+    --insecure toctou: in memory only, so a PCR change does not stop it (the hole the
+    switch teaches)."""
+    tpm = SoftTpm.open(tmp_path / "t")
+    keys = _kat_keys()
+    sealed, loose = keyrelease.ReleaseKey(tpm), keyrelease.ReleaseKey(tpm, seal=False)
+    assert sealed._raw is None and sealed._blob is not None
+    assert loose._blob is None and len(loose._raw) == 32
+    tpm.extend(10, bytes(32), event_type=EventType.MANUAL, data=b"patched")
+    assert loose.open(keyrelease.wrap(b"k", loose.public, keys), keys) == b"k"
+    with pytest.raises(KeyReleaseRefused, match="refuses to unseal"):
+        sealed.open(keyrelease.wrap(b"k", sealed.public, keys), keys)

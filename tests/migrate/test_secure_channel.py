@@ -200,3 +200,206 @@ def test_after_a_failed_send_nothing_more_is_sent(sealed):
     assert (RecordType(rtype), seq) == (RecordType.PAGES, 0) and len(seen) < HEADER.size + length
     a.close()
     b.close()
+
+
+# ------------------------------------------------ known answers and header checks
+# (seeded bugs): the sealed records rebuilt here from the format documented in
+# migrate/secure/channel.py -- key per direction, nonce = direction u32 BE || seq
+# u64 BE, the 16-byte header (its length counting the tag) as associated data.
+from types import SimpleNamespace  # noqa: E402
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
+
+from migrate.wire import FLAG_OPTIONAL, MAX_BODY  # noqa: E402
+
+KAT_KEYS = SimpleNamespace(s2d=bytes(range(32)), d2s=bytes(range(32, 64)))
+
+
+def documented_record(key, direction, seq, rtype, body):
+    header = HEADER.pack(rtype, 0, len(body) + 16, seq)
+    nonce = direction.to_bytes(4, "big") + seq.to_bytes(8, "big")
+    return header + AESGCM(key).encrypt(nonce, body, header)
+
+
+def sent_by(role, records):
+    a, b = socket.socketpair()
+    tx = SealedChannel(a, role=role, timeout=2)
+    tx.seal(KAT_KEYS)
+    for rtype, body in records:
+        tx.send(rtype, body)
+    a.close()
+    raw = b""
+    while chunk := b.recv(1 << 16):
+        raw += chunk
+    b.close()
+    return raw
+
+
+def received_by(role, raw, n, **kw):
+    a, b = socket.socketpair()
+    rx = SealedChannel(b, role=role, timeout=2)
+    rx.seal(KAT_KEYS)
+    a.sendall(raw)
+    a.close()
+    try:
+        return [(r.type, bytes(r.body), r.seq) for r in (rx.recv(**kw) for _ in range(n))]
+    finally:
+        rx.close()
+
+
+def test_sealed_records_match_the_documented_format_both_ways():
+    src = [(RecordType.HELLO, b"hello"), (RecordType.PAGES, b"\x07" * 100), (RecordType.COMMIT, b"")]
+    want = b"".join(documented_record(KAT_KEYS.s2d, 1, i, t, body) for i, (t, body) in enumerate(src))
+    assert sent_by("source", src) == want
+    assert received_by("destination", want, 3) == [(t, body, i) for i, (t, body) in enumerate(src)]
+    dst = [(RecordType.WELCOME, b"welcome"), (RecordType.RESUMED, b"")]
+    want = b"".join(documented_record(KAT_KEYS.d2s, 2, i, t, body) for i, (t, body) in enumerate(dst))
+    assert sent_by("destination", dst) == want
+    assert received_by("source", want, 2) == [(t, body, i) for i, (t, body) in enumerate(dst)]
+    with pytest.raises(RecordRejected, match="failed authentication"):
+        received_by("destination", want, 1)        # a record reflected back to its sender
+
+
+def resealed(header_fields, body=b"x"):
+    """A record sealed correctly (seq 0, source key) under a header of our choice."""
+    tcode, flags, length, seq = header_fields
+    header = HEADER.pack(tcode, flags, length, seq)
+    sealed = AESGCM(KAT_KEYS.s2d).encrypt(b"\0\0\0\1" + bytes(8), body, header)
+    return header + sealed[:max(0, length)]
+
+
+@pytest.mark.parametrize("fields, expect", [
+    ((999, 0, 17, 0), "unknown record type 999"),
+    ((RecordType.INVALID, 0, 17, 0), "bad type/flags"),
+    ((RecordType.HELLO, FLAG_OPTIONAL, 17, 0), "bad type/flags"),
+    ((RecordType.HELLO, 0x8000, 17, 0), "bad type/flags"),
+    ((RecordType.COMMIT, 0, 15, 0), "outside 16.."),
+    ((RecordType.COMMIT, 0, MAX_BODY[RecordType.COMMIT] + TAG + 1, 0), "outside 16.."),
+])
+def test_sealed_header_checks_refuse_before_reading_the_body(fields, expect):
+    with pytest.raises(RecordRejected, match=expect):
+        received_by("destination", resealed(fields), 1)
+
+
+def test_the_bounds_at_their_edges_are_accepted():
+    body = b"\x01" * MAX_BODY[RecordType.HELLO]
+    raw = documented_record(KAT_KEYS.s2d, 1, 0, RecordType.HELLO, body)
+    assert received_by("destination", raw, 1) == [(RecordType.HELLO, body, 0)]
+    with pytest.raises(RecordRejected, match="outside 16..116"):
+        received_by("destination", raw, 1, max_body=100)        # the caller's tighter bound
+    raw = documented_record(KAT_KEYS.s2d, 1, 0, RecordType.COMMIT, b"")
+    assert received_by("destination", raw, 1) == [(RecordType.COMMIT, b"", 0)]
+
+
+def test_an_unexpected_sealed_record_is_a_protocol_error():
+    raw = documented_record(KAT_KEYS.s2d, 1, 0, RecordType.PAGES, b"p")
+    with pytest.raises(ProtocolError, match="unexpected PAGES") as e:
+        received_by("destination", raw, 1, only=frozenset({RecordType.COMMIT}))
+    assert not isinstance(e.value, RecordRejected)
+
+
+def test_a_channel_has_a_role():
+    a, b = socket.socketpair()
+    with pytest.raises(ValueError, match="role"):
+        SealedChannel(a, role="both")
+    a.close(), b.close()
+
+
+# --insecure replay *and* encryption: records in clear, any sequence number taken.
+def clear_records(*records):
+    """Plain-framed records with the sequence numbers given."""
+    return b"".join(HEADER.pack(t, 0, len(body), seq) + body for t, body, seq in records)
+
+
+def test_with_replay_and_encryption_off_any_sequence_number_is_taken():
+    raw = clear_records((RecordType.PAGES, b"p1", 5), (RecordType.PAGES, b"p0", 2),
+                        (RecordType.COMMIT, b"", 9), (RecordType.PAGES, b"again", 5))
+    a, b = socket.socketpair()
+    rx = SealedChannel(b, role="destination", timeout=2, replay=False, encryption=False)
+    rx.seal(KAT_KEYS)
+    a.sendall(raw)
+    a.close()
+    got = []
+    for _ in range(4):
+        r = rx.recv()
+        got.append((r.type, bytes(r.body), r.seq, rx.recv_seq))
+    rx.close()
+    assert got == [(RecordType.PAGES, b"p1", 5, 6), (RecordType.PAGES, b"p0", 2, 6),
+                   (RecordType.COMMIT, b"", 9, 10), (RecordType.PAGES, b"again", 5, 10)]
+
+
+@pytest.mark.parametrize("raw, kw, message", [
+    (clear_records((999, b"", 0)), {}, "unknown record type 999"),
+    (clear_records((RecordType.INVALID, b"", 0)), {}, "record 0 of 0 bytes refused"),
+    (HEADER.pack(RecordType.COMMIT, 0, MAX_BODY[RecordType.COMMIT] + 1, 0), {}, "refused"),
+    (clear_records((RecordType.HELLO, b"h" * 11, 0)), {"max_body": 10}, "of 11 bytes refused"),
+    (clear_records((RecordType.PAGES, b"p", 0)), {"only": frozenset({RecordType.COMMIT})}, "unexpected PAGES"),
+])
+def test_with_replay_and_encryption_off_bounds_still_hold(raw, kw, message):
+    a, b = socket.socketpair()
+    rx = SealedChannel(b, role="destination", timeout=2, replay=False, encryption=False)
+    rx.seal(KAT_KEYS)
+    a.sendall(raw)
+    a.close()
+    with pytest.raises(ProtocolError, match=message):
+        rx.recv(**kw)
+    rx.close()
+
+
+def test_with_replay_and_encryption_off_the_bound_itself_is_taken():
+    body = b"h" * 10
+    a, b = socket.socketpair()
+    rx = SealedChannel(b, role="destination", timeout=2, replay=False, encryption=False)
+    rx.seal(KAT_KEYS)
+    a.sendall(clear_records((RecordType.HELLO, body, 3)))
+    a.close()
+    assert bytes(rx.recv(max_body=10).body) == body
+    rx.close()
+
+
+# pending_abort: the source's last look before COMMIT, record by record.
+def source_with_waiting(raw, *, close=False):
+    a, b = socket.socketpair()
+    tx = SealedChannel(a, role="source", timeout=2)
+    tx.seal(KAT_KEYS)
+    if raw:
+        b.sendall(raw)
+    if close:
+        b.close()
+    return tx, b
+
+
+def test_pending_abort_reads_an_authenticated_abort():
+    tx, b = source_with_waiting(documented_record(KAT_KEYS.d2s, 2, 0, RecordType.ABORT, b"why"))
+    assert tx.pending_abort() is True
+    assert (tx.pending_abort_record.type, bytes(tx.pending_abort_record.body)) == (RecordType.ABORT, b"why")
+    tx.close(), b.close()
+
+
+@pytest.mark.parametrize("close", [False, True])
+def test_pending_abort_with_nothing_waiting_is_false(close):
+    tx, b = source_with_waiting(b"", close=close)
+    assert tx.pending_abort() is False
+    tx.close(), b.close()
+
+
+def test_pending_abort_refuses_any_other_record_and_a_forged_abort():
+    tx, b = source_with_waiting(documented_record(KAT_KEYS.d2s, 2, 0, RecordType.PAGES, b"p"))
+    with pytest.raises(ProtocolError, match="unexpected PAGES record before COMMIT"):
+        tx.pending_abort()
+    tx.close(), b.close()
+    tx, b = source_with_waiting(documented_record(KAT_KEYS.s2d, 2, 0, RecordType.ABORT, b"why"))
+    with pytest.raises(RecordRejected, match="failed authentication"):
+        tx.pending_abort()              # sealed under the wrong direction's key: forged
+    tx.close(), b.close()
+
+
+def test_with_replay_and_encryption_off_the_record_keeps_its_flags():
+    a, b = socket.socketpair()
+    rx = SealedChannel(b, role="destination", timeout=2, replay=False, encryption=False)
+    rx.seal(KAT_KEYS)
+    a.sendall(HEADER.pack(RecordType.PAGES, FLAG_OPTIONAL, 1, 4) + b"p")
+    a.close()
+    r = rx.recv()
+    rx.close()
+    assert (r.type, bytes(r.body), r.seq, r.flags) == (RecordType.PAGES, b"p", 4, FLAG_OPTIONAL)

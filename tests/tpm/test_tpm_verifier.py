@@ -377,3 +377,117 @@ def test_quotes_from_two_aks_are_not_the_same_boot(tmp_path, measured, policy, v
     assert a.clock_info.reset_count == b.clock_info.reset_count  # both at their first boot
     with pytest.raises(TpmRestartError, match="different attestation keys"):
         require_same_boot(a, b)
+
+
+# -------------------------------------------------- nonce bookkeeping (seeded bugs)
+# The verifier's memory of nonces, exactly: which issued nonces it keeps, which
+# consumed ones it still recognises as replays, and when one expires.  Time is the
+# verifier's own clock, replaced by a settable one (no sleeping, no wall clock).
+
+
+class _Clock:
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def monotonic(self):
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    import tpm.verifier as verifier_module
+
+    c = _Clock()
+    monkeypatch.setattr(verifier_module, "time", c)
+    return c
+
+
+def test_new_nonces_are_32_random_bytes(verifier):
+    nonces = {verifier.new_nonce() for _ in range(8)}
+    assert len(nonces) == 8 and all(len(n) == 32 for n in nonces)
+
+
+def test_outstanding_nonces_are_capped_oldest_first(issuer):
+    v = Verifier([issuer.public_key], max_outstanding=2)
+    n1, n2, n3 = v.new_nonce(), v.new_nonce(), v.new_nonce()
+    with pytest.raises(ReplayError, match="never issued"):
+        v.consume_nonce(n1)            # the oldest was forgotten to keep the cap
+    v.consume_nonce(n2)
+    v.consume_nonce(n3)
+
+
+def test_consumed_nonces_are_remembered_for_four_times_the_cap(issuer):
+    v = Verifier([issuer.public_key], max_outstanding=1)
+    used = []
+    for _ in range(5):
+        used.append(v.new_nonce())
+        v.consume_nonce(used[-1])
+    with pytest.raises(ReplayError, match="never issued"):
+        v.consume_nonce(used[0])       # beyond the bounded memory: the oldest is gone
+    for n in used[1:]:
+        with pytest.raises(ReplayError, match="already used"):
+            v.consume_nonce(n)
+
+
+def test_a_nonce_expires_after_its_lifetime_and_is_spent(issuer, clock):
+    v = Verifier([issuer.public_key], nonce_lifetime=10.0)
+    on_time, late = v.new_nonce(), v.new_nonce()
+    clock.now += 10.0
+    v.consume_nonce(on_time)           # exactly at the lifetime: still valid
+    clock.now += 0.5
+    with pytest.raises(ReplayError, match="expired"):
+        v.consume_nonce(late)
+    with pytest.raises(ReplayError, match="already used"):
+        v.consume_nonce(late)          # an expired nonce cannot be tried again
+
+
+def test_without_a_lifetime_nonces_never_expire(issuer, clock):
+    v = Verifier([issuer.public_key], nonce_lifetime=None)
+    n = v.new_nonce()
+    clock.now += 1e9
+    v.consume_nonce(n)
+
+
+def test_expected_nonce_consumed_before_is_a_replay(measured, policy, verifier):
+    nonce = verifier.new_nonce()
+    verifier.consume_nonce(nonce)
+    with pytest.raises(ReplayError, match="already used"):
+        verifier.verify(measured.quote(nonce).to_bytes(), policy, expected_nonce=nonce)
+
+
+def test_expected_nonce_not_issued_here_is_accepted_and_not_remembered(measured, policy, verifier):
+    nonce = b"\x11" * 32               # the caller's own nonce (e.g. bound to a transcript)
+    raw = measured.quote(nonce).to_bytes()
+    verifier.verify(raw, policy, expected_nonce=nonce)
+    verifier.verify(raw, policy, expected_nonce=nonce)   # replay protection is the caller's
+    with pytest.raises(ReplayError, match="never issued"):
+        verifier.consume_nonce(nonce)
+
+
+def test_the_default_lifetime_is_five_minutes_and_the_cap_1024(issuer, clock):
+    v = Verifier([issuer.public_key])
+    first, second = v.new_nonce(), v.new_nonce()
+    for _ in range(1022):
+        v.new_nonce()
+    on_time, late = v.new_nonce(), v.new_nonce()   # 1026 issued: the oldest two are forgotten
+    for forgotten in (first, second):
+        with pytest.raises(ReplayError, match="never issued"):
+            v.consume_nonce(forgotten)
+    clock.now += 300.0
+    v.consume_nonce(on_time)
+    clock.now += 0.5
+    with pytest.raises(ReplayError, match="expired"):
+        v.consume_nonce(late)
+
+
+@pytest.mark.parametrize("anchor", ["issuer", "public key", "directory", "directory as text"])
+def test_every_documented_form_of_trust_anchor_is_taken(measured, policy, issuer, anchor):
+    t = {"issuer": issuer, "public key": issuer.public_key, "directory": issuer.directory,
+         "directory as text": str(issuer.directory)}[anchor]
+    v = Verifier([t])
+    assert v.verify(measured.quote(v.new_nonce()), policy).host == "host-a"
+
+
+def test_a_trust_anchor_of_another_kind_is_refused():
+    with pytest.raises(TypeError, match="trust anchors are P-256 public keys"):
+        Verifier([b"not a key"])

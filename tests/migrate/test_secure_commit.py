@@ -1,0 +1,154 @@
+"""The commit layer's formats, byte by byte (issue 19, seeded bugs).
+
+Known answers rebuilt from the formats documented in migrate/secure/commit.py:
+the COMMIT token, the migrated-away mark, and the one-shot sealed recovery
+file, whose every truncation must be refused before anything is unsealed."""
+
+import base64
+import hashlib
+import hmac
+import os
+import stat
+from types import SimpleNamespace
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from migrate.secure import commit
+from migrate.secure.errors import BadToken
+from tpm import SoftTpm
+from tpm.errors import UnsealError
+
+KEYS = SimpleNamespace(commit=b"\x05" * 32, transcript=b"\x06" * 32)
+
+
+def test_commit_token_is_the_documented_hmac():
+    want = hmac.new(KEYS.commit, b"minivmm-commit v1\0" + (32).to_bytes(4, "little") + KEYS.transcript,
+                    hashlib.sha256).digest()
+    assert commit.commit_token(KEYS) == want
+    commit.check_commit(KEYS, want)
+
+
+@pytest.mark.parametrize("body", [b"", b"\0" * 32, "short", "long", "other"])
+def test_a_commit_token_must_be_exactly_this_sessions(body):
+    good = commit.commit_token(KEYS)
+    body = {"short": good[:31], "long": good + b"\0",
+            "other": commit.commit_token(SimpleNamespace(commit=KEYS.commit, transcript=b"\x07" * 32))
+            }.get(body, body)
+    with pytest.raises(BadToken, match="does not verify"):
+        commit.check_commit(KEYS, body)
+
+
+def test_the_mark_goes_pending_then_migrated_away(tmp_path):
+    vm = "ab" * 16
+    mark = commit.MigrationMark(tmp_path / "marks", vm)
+    assert commit.read_mark(tmp_path / "marks", vm) is None
+    mark.prepare()
+    path = tmp_path / "marks" / f"migration-{vm}.mark"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.stat().st_size == commit.MigrationMark.SIZE
+    got = commit.read_mark(tmp_path / "marks", vm)
+    assert (got["state"], got["vm_id"]) == ("pending", vm)
+    mark.commit(7, "10.0.0.2:7000", b"sealed keys")
+    assert path.stat().st_size == commit.MigrationMark.SIZE
+    got = commit.read_mark(tmp_path / "marks", vm)
+    assert {k: got[k] for k in ("state", "vm_id", "generation", "to")} == {
+        "state": "migrated-away", "vm_id": vm, "generation": 7, "to": "10.0.0.2:7000"}
+    assert base64.b64decode(got["sealed_keys"]) == b"sealed keys"
+    assert mark._fd is None                      # closed
+
+
+def test_an_undone_mark_leaves_no_file(tmp_path):
+    vm = "cd" * 16
+    mark = commit.MigrationMark(tmp_path, vm)
+    mark.prepare()
+    mark.undo()
+    assert commit.read_mark(tmp_path, vm) is None and not list(tmp_path.iterdir())
+
+
+def test_a_mark_too_large_is_refused(tmp_path):
+    mark = commit.MigrationMark(tmp_path, "ef" * 16)
+    mark.prepare()
+    with pytest.raises(ValueError, match="too large"):
+        mark.commit(1, "x" * commit.MigrationMark.SIZE, b"")
+    mark.close()
+    assert commit.read_mark(tmp_path, "ef" * 16)["state"] == "pending"     # the old mark stands
+
+
+# ------------------------------------------------------------- recovery file
+def documented_recovery(tpm, state, name=b"recover-" + b"12" * 16):
+    """magic || u32 len || TPM-sealed key || u8 len || counter name || u64 value || AES-GCM."""
+    key = bytes(range(32))
+    blob = tpm.seal(key, [8, 9, 10])
+    head = (b"MVRECOV2" + len(blob).to_bytes(4, "little") + blob + bytes([len(name)]) + name
+            + (tpm.counter_read(name.decode()) if name.isascii() else 0).to_bytes(8, "little"))
+    return head, head + AESGCM(key).encrypt(bytes(12), state, head)
+
+
+@pytest.fixture
+def tpm(tmp_path):
+    return SoftTpm.open(tmp_path / "tpm")
+
+
+@pytest.mark.parametrize("spent", [0, 2])
+def test_a_documented_recovery_file_opens_once(tmp_path, tpm, spent):
+    for _ in range(spent):             # earlier recoveries of this VM: the file names the value now
+        tpm.counter_increment("recover-" + "12" * 16)
+    _, data = documented_recovery(tpm, b"the paused state")
+    (tmp_path / "r").write_bytes(data)
+    assert commit.open_recovery(tmp_path / "r", tpm) == b"the paused state"
+    assert tpm.counter_read("recover-" + "12" * 16) == spent + 1
+    with pytest.raises(ValueError, match="used before"):
+        commit.open_recovery(tmp_path / "r", tpm)
+    assert commit.recovery_counter("12" * 16) == "recover-" + "12" * 16
+
+
+def test_every_truncation_of_a_recovery_file_is_refused(tmp_path, tpm):
+    head, data = documented_recovery(tpm, b"")
+    n = int.from_bytes(head[8:12], "little")
+    m = head[12 + n]
+    for cut in range(len(data)):
+        (tmp_path / "r").write_bytes(data[:cut])
+        # each field's bound, in order: magic and length, sealed key and name length,
+        # name, value and the 16-byte tag
+        expect = ("not a sealed" if cut < 12 else "truncated" if cut < 12 + n + 1 + m + 8 + 16
+                  else "failed authentication")
+        with pytest.raises(ValueError, match=expect):
+            commit.open_recovery(tmp_path / "r", tpm)
+    assert tpm.counter_read("recover-" + "12" * 16) == 0      # nothing was spent
+    (tmp_path / "r").write_bytes(data)
+    assert commit.open_recovery(tmp_path / "r", tpm) == b""   # the shortest whole file
+
+
+@pytest.mark.parametrize("where", ["magic", "length", "name", "value", "body"])
+def test_a_changed_recovery_file_is_refused(tmp_path, tpm, where):
+    head, data = documented_recovery(tpm, b"state")
+    n = int.from_bytes(head[8:12], "little")
+    at = {"magic": 0, "length": 8, "name": 12 + n + 1, "value": len(head) - 8, "body": len(head) + 1}[where]
+    bad = bytearray(data)
+    bad[at] ^= {"length": 0x80}.get(where, 1)
+    (tmp_path / "r").write_bytes(bytes(bad))
+    expect = {"magic": "not a sealed", "length": "truncated"}.get(where, "failed authentication")
+    with pytest.raises((ValueError, UnsealError), match=expect):
+        commit.open_recovery(tmp_path / "r", tpm)
+    assert tpm.counter_read("recover-" + "12" * 16) == 0
+
+
+def test_a_huge_sealed_key_length_is_refused_before_reading_it(tmp_path, tpm):
+    n = (1 << 16) + 1                  # the file is long enough: the bound alone refuses it
+    (tmp_path / "r").write_bytes(b"MVRECOV2" + n.to_bytes(4, "little") + bytes(n + 100))
+    with pytest.raises(ValueError, match="truncated"):
+        commit.open_recovery(tmp_path / "r", tpm)
+
+
+def test_a_recovery_counter_name_must_be_ascii(tmp_path, tpm):
+    _, data = documented_recovery(tpm, b"s", name=b"recover-\xff")
+    (tmp_path / "r").write_bytes(data)
+    with pytest.raises(ValueError, match="bad recovery counter name"):
+        commit.open_recovery(tmp_path / "r", tpm)
+
+
+def test_a_sealed_key_of_the_bound_itself_goes_to_the_tpm(tmp_path, tpm):
+    n = 1 << 16                        # the largest sealed-key length read: the TPM judges it
+    (tmp_path / "r").write_bytes(b"MVRECOV2" + n.to_bytes(4, "little") + bytes(n + 100))
+    with pytest.raises(UnsealError):
+        commit.open_recovery(tmp_path / "r", tpm)
