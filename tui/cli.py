@@ -39,7 +39,7 @@ def cmd_tui(args) -> int:
         return 0
     from tui.live import Scenario
     sc = Scenario(guest=args.guest, ram_mib=args.ram, after=args.after, plain=args.plain,
-                  insecure=tuple(sorted(set(args.insecure))), tpm_dir=args.tpm_dir, attack=args.attack)
+                  insecure=tuple(sorted(set(args.insecure))), tpm_dir=args.tpm_dir, attack=getattr(args, "attack", None))
     from guests.catalog import get_guest
     try:
         get_guest(sc.guest)         # a bad --guest fails here, before the screen opens
