@@ -17,7 +17,9 @@ example that stops working (or a new one that never worked) fails the build:
   ``--after signal`` gets its ``kill -USR1 PID`` once the VMM prints its pid.
 * ``python`` blocks: a block with ``def test_`` is a test file and runs under
   pytest; any other block runs as a script.  ``asm`` blocks whose first line
-  is ``; NAME: ...`` are saved as ``NAME.s`` beside them (the docs say so).
+  is ``; NAME: ...`` are saved as ``NAME.s`` beside them (the docs say so),
+  and beside the ``sh`` blocks of the same page too (a lab says "save this as
+  NAME.s", then builds and runs it).
 * ``asm`` blocks: each is linked into an image with the toy kernel and runs
   to a clean shutdown.
 * Other blocks (no language, ``text``, ``json``) show output or formats, not
@@ -47,7 +49,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+        *sorted((ROOT / "docs" / "labs").rglob("*.md"))]         # the labs and their answer keys
 BIN = Path(sys.executable).parent
 TIMEOUT = 300                      # generous: the suite runs on loaded 2-core machines
 CHECKOUT = ("minivmm", "guests", "tpm", "migrate", "tests", "docs", "README.md", "pyproject.toml")
@@ -214,6 +217,7 @@ def run_script(cmds: list[tuple[str, str]], cwd: Path, env: dict) -> None:
 @pytest.mark.parametrize("doc, line, body", blocks("sh"))
 def test_shell_examples_run_as_written(doc, line, body, tmp_path):
     env = environment(tmp_path)
+    _named_asm_files(doc, tmp_path)
     peers, plain = {}, []
     for cmd, comment in commands(body):
         skip = next((why for prefix, why in NOT_RUN.items() if cmd.startswith(prefix)), None)
@@ -271,7 +275,8 @@ def test_asm_examples_build_and_run(doc, line, body):
 def test_the_extractor_finds_the_examples_it_claims_to():
     found = {(doc.name, lang) for doc, _, lang, _ in fenced_blocks()}
     assert {("README.md", "sh"), ("testing.md", "python"), ("guest-abi.md", "asm"),
-            ("lab-attacks.md", "python")} <= found           # including indented fences
+            ("lab-attacks.md", "python"), ("1-toy-os.md", "sh"), ("1-toy-os.md", "asm")} <= found
+    # (including indented fences; and the labs in docs/labs/)
     readme = next(body for doc, _, lang, body in fenced_blocks()
                   if doc.name == "README.md" and lang == "sh" and "minivmm guests" in body)
     cmds = commands(readme)
