@@ -41,13 +41,13 @@ def test_a_commit_token_must_be_exactly_this_sessions(body):
 
 def test_the_mark_goes_pending_then_migrated_away(tmp_path):
     vm = "ab" * 16
-    mark = commit.MigrationMark(tmp_path / "marks", vm)
+    mark = commit.MigrationMark(tmp_path / "marks", vm, 6)
     assert commit.read_mark(tmp_path / "marks", vm) is None
     mark.prepare()
     path = tmp_path / "marks" / f"migration-{vm}.mark"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.stat().st_size == commit.MigrationMark.SIZE
     got = commit.read_mark(tmp_path / "marks", vm)
-    assert (got["state"], got["vm_id"]) == ("pending", vm)
+    assert (got["state"], got["vm_id"], got["generation"]) == ("pending", vm, 6)
     mark.commit(7, "10.0.0.2:7000", b"sealed keys")
     assert path.stat().st_size == commit.MigrationMark.SIZE
     got = commit.read_mark(tmp_path / "marks", vm)
@@ -59,14 +59,14 @@ def test_the_mark_goes_pending_then_migrated_away(tmp_path):
 
 def test_an_undone_mark_leaves_no_file(tmp_path):
     vm = "cd" * 16
-    mark = commit.MigrationMark(tmp_path, vm)
+    mark = commit.MigrationMark(tmp_path, vm, 1)
     mark.prepare()
     mark.undo()
     assert commit.read_mark(tmp_path, vm) is None and not list(tmp_path.iterdir())
 
 
 def test_a_mark_too_large_is_refused(tmp_path):
-    mark = commit.MigrationMark(tmp_path, "ef" * 16)
+    mark = commit.MigrationMark(tmp_path, "ef" * 16, 1)
     mark.prepare()
     with pytest.raises(ValueError, match="too large"):
         mark.commit(1, "x" * commit.MigrationMark.SIZE, b"")
