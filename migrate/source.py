@@ -448,7 +448,7 @@ class Source:
         if zeros:
             self._send_zeros(ch, zeros, stats)
         ch.send(RecordType.ROUND_END, RoundMark(rnd, len(pfns)).encode())
-        # Wait until the destination has stored and hashed the round: what is
+        # Wait until the destination has stored and digested the round: what is
         # still in flight (up to the socket buffers, megabytes) is work the
         # stop-and-copy would otherwise inherit, so it counts in the cost.
         ts = ch.now()
