@@ -6,7 +6,7 @@ One concept per module:
 |---|---|
 | ``wire`` | the record layer: framing, bounds, sequence numbers, the ``Channel``; the message sequence and state diagrams |
 | ``messages`` | the bodies of the records, each decoded with its own checks |
-| ``digest`` | the per-page hashes and the final completeness digest |
+| ``digest`` | the completeness digest (a GMAC per page record, folded in order) |
 | ``precopy`` | the round policy: when pre-copy stops |
 | ``source`` | pre-copy with the guest running, stop-and-copy, commit |
 | ``destination`` | receive, verify, rebuild, resume exactly once |

@@ -21,7 +21,6 @@ and tells the source when, so the source can measure the downtime.
 from __future__ import annotations
 
 import gc
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +31,7 @@ from minivmm.machine import Machine
 from minivmm.memory import GuestRAM
 from minivmm.state import MachineState
 from migrate import clock, events as mev
-from migrate.digest import PageHashes
+from migrate.digest import StreamDigest
 from migrate.errors import (DigestMismatch, InternalError, MigrationError, PeerAborted, ProtocolError,
                             Unsupported, VersionMismatch)
 from migrate.messages import (STATUS_OK, STATUS_UNSUPPORTED, STATUS_VERSION, Digest, Hello, Resumed, RoundMark, Welcome, decode_pages,
@@ -84,7 +83,7 @@ class Destination:
         self._vclock = 0
         self._prefault = None
         # Observable progress, for a viewer on a step hook (the TUI's memory
-        # map): the RAM being filled, its per-page hashes (``seen``: arrived at
+        # map): the RAM being filled, its completeness digest (``seen``: arrived at
         # least once) and, once restored at DIGEST, the machine.  Read-only.
         self.ram = self.hashes = self.machine = None
 
@@ -121,24 +120,20 @@ class Destination:
 
     # ------------------------------------------------------------------ core
     def _receive(self, ch: Channel, peer: str, report: MigrationReport) -> Incoming:
-        # Pages are hashed on one worker thread (hashlib releases the GIL), in
-        # arrival order, while this thread reads the next record.
-        hasher = ThreadPoolExecutor(1, thread_name_prefix="migrate-hash")
         gc_was_on = gc.isenabled()
         gc.disable()        # receiving makes no cycles; keep collector pauses out of the downtime
         try:
-            return self._receive_records(ch, peer, report, hasher)
+            return self._receive_records(ch, peer, report)
         finally:
             if self._prefault is not None:
                 self._prefault.stop()
-            hasher.shutdown(wait=True, cancel_futures=True)
             if gc_was_on:
                 gc.enable()
 
-    def _receive_records(self, ch: Channel, peer: str, report: MigrationReport, hasher) -> Incoming:
+    def _receive_records(self, ch: Channel, peer: str, report: MigrationReport) -> Incoming:
         state = WAIT_HELLO
         ram: GuestRAM | None = None
-        hashes: PageHashes | None = None
+        hashes: StreamDigest | None = None
         npages = 0
         rnd = None                   # current round mark
         round_pages = 0
@@ -166,7 +161,7 @@ class Destination:
                 ram = GuestRAM(hello.ram_size)
                 prefault = self._prefault = Prefaulter(ram.host_address, ram.npages)
                 npages = ram.npages
-                hashes = PageHashes(npages)
+                hashes = StreamDigest(npages)
                 self.ram, self.hashes = ram, hashes
                 written = np.zeros(npages, dtype=bool)      # pages holding received data
                 max_state = state_limit(hello.ram_size)
@@ -198,7 +193,7 @@ class Destination:
                     raise ProtocolError(f"round {rnd.round} carries more than the {rnd.pages} pages it announced")
                 ram.array.reshape(-1, 4096)[pfns] = data
                 written[pfns] = True
-                hasher.submit(hashes.update, pfns, data)
+                hashes.update(pfns, data)      # the digest folds records in arrival order (GMAC, memory speed)
                 stats.data_pages += len(pfns)
                 stats.bytes += len(rec.body)
             elif t is RecordType.ZERO_PAGES:
@@ -213,7 +208,7 @@ class Destination:
                 if len(stale):
                     ram.array.reshape(-1, 4096)[stale] = 0
                     written[stale] = False
-                hasher.submit(hashes.update_zero, pfns)
+                hashes.update_zero(pfns)
                 stats.zero_pages += len(pfns)
                 stats.bytes += len(rec.body)
             elif t is RecordType.ROUND_END:
@@ -221,7 +216,6 @@ class Destination:
                 if end != rnd or round_pages != rnd.pages:
                     raise ProtocolError(f"ROUND_END {end.round}/{end.pages} does not close round "
                                         f"{rnd.round} ({round_pages} of {rnd.pages} pages received)")
-                hasher.submit(lambda: None).result()       # stored and hashed
                 ch.send(RecordType.ROUND_ACK, end.encode())
                 self.mode.round_ended(ch)               # secure: FINAL_QUOTE, if this round asked for it
                 stats.seconds = clock.now() - t_round
@@ -241,7 +235,6 @@ class Destination:
                 state = STATE
             elif t is RecordType.DIGEST:
                 prefault.stop()
-                hasher.submit(lambda: None).result()       # every page hashed, in order
                 machine = self.machine = self._prepare(Digest.decode(rec.body), doc, hashes, ram, hello, ch)
                 report.state_bytes = len(doc)
                 if report.rounds:
@@ -267,7 +260,7 @@ class Destination:
                 self._emit(mev.Resumed, vclock=machine.vclock)
                 return Incoming(machine, hello, report, resumed_at)
 
-    def _prepare(self, digest: Digest, doc: bytearray, hashes: PageHashes, ram: GuestRAM, hello: Hello,
+    def _prepare(self, digest: Digest, doc: bytearray, hashes: StreamDigest, ram: GuestRAM, hello: Hello,
                  ch: Channel) -> Machine:
         if digest.state_len != len(doc):
             raise DigestMismatch(f"state document of {len(doc)} bytes, the source sent {digest.state_len}")

@@ -1,7 +1,7 @@
 """The source side: pre-copy with the guest running, stop-and-copy, commit.
 
 Threads: the guest runs on the calling thread in its ordinary slices; a
-sender thread copies, hashes and sends the current round's pages meanwhile.
+sender thread copies, digests and sends the current round's pages meanwhile.
 Unicorn's ``emu_start`` runs with the GIL released (ctypes), so the two use
 both cores.  The sender only *reads* guest RAM through the host buffer; every
 Unicorn call -- slices, TLB flushes, the dirty-log fetch, ``seal_for_export``
@@ -11,8 +11,8 @@ Why the copy is right although the guest writes while it is taken: each
 round fetches (and re-arms) the dirty log *before* its pages are copied, so a
 page the guest writes during the copy faults in the TLB-fill hook, lands in
 the next round's set and is sent again; the final round runs with the guest
-paused.  Each page is copied once into a private buffer, then hashed and
-sent from that buffer, so the hash always describes the bytes on the wire.
+paused.  Each page is copied once into a private buffer, then digested and
+sent from that buffer, so the digest always describes the bytes on the wire.
 
 Protected pages (DESIGN §5): ``seal_for_export`` runs before round 0, before
 each round's dirty fetch and at pause, with the dirty log on, so every page
@@ -44,7 +44,7 @@ import numpy as np
 
 from minivmm.events import EventBus
 from migrate import clock, events as mev
-from migrate.digest import PageHashes, hash_ram
+from migrate.digest import PageHashes, StreamDigest, hash_ram
 from migrate.errors import (CommitUnconfirmed, ConnectionLost, GuestStopped, MigrationError,
                             PeerAborted, PeerTimeout, ProtocolError, Refused)
 from migrate.messages import (STATUS_NAMES, STATUS_OK, Digest, Hello, Resumed, RoundMark, Welcome,
@@ -81,7 +81,8 @@ class Source:
         self.mode = mode or PlainMode()     # the secure layer's seams (migrate/secure/mode.py)
         self.channel = channel or (lambda sock, timeout: self.mode.channel(sock, timeout=timeout, role="source"))
         self.events = events or EventBus()
-        self.hashes = PageHashes(machine.ram.npages)
+        self.hashes = StreamDigest(machine.ram.npages)     # the completeness digest (migrate/digest.py)
+        self.page_hashes = PageHashes(machine.ram.npages) if check_ram else None
         self._stop = threading.Event()
         self._protected = (np.zeros(0, dtype=np.int64), None)
         self._t0 = clock.now()
@@ -438,14 +439,16 @@ class Source:
                 if not final:           # paused: nothing changes under the copy
                     self._blank_late_protected(s, d)
                 self._overlay_protected(s, d)
-                self.hashes.update(s, d)                                       # hashed and sent
+                self.hashes.update(s, d)                                       # digested and sent
+                if self.page_hashes is not None:
+                    self.page_hashes.update(s, d)
                 ch.send(RecordType.PAGES, *encode_pages(s, d))                 # as one
                 stats.data_pages += len(s)
             stats.send_seconds += ch.now() - ts
         if zeros:
             self._send_zeros(ch, zeros, stats)
         ch.send(RecordType.ROUND_END, RoundMark(rnd, len(pfns)).encode())
-        # Wait until the destination has stored and hashed the round: what is
+        # Wait until the destination has stored and digested the round: what is
         # still in flight (up to the socket buffers, megabytes) is work the
         # stop-and-copy would otherwise inherit, so it counts in the cost.
         ts = ch.now()
@@ -485,8 +488,10 @@ class Source:
 
     def _send_zeros(self, ch: Channel, zeros: list[np.ndarray], stats: RoundStats) -> None:
         z = np.concatenate(zeros)
-        self.hashes.update_zero(z)
+        if self.page_hashes is not None:
+            self.page_hashes.update_zero(z)
         for b in range(0, len(z), MAX_ZERO_BATCH):
+            self.hashes.update_zero(z[b:b + MAX_ZERO_BATCH])    # one record, one fold
             ch.send(RecordType.ZERO_PAGES, encode_zero_pages(z[b:b + MAX_ZERO_BATCH]))
         stats.zero_pages += len(z)
 
@@ -506,7 +511,7 @@ class Source:
         report.rounds.append(stats)
         if self.check_ram:
             actual = hash_ram(m.ram.array)
-            bad = np.flatnonzero((actual != self.hashes.hashes).any(axis=1))
+            bad = np.flatnonzero((actual != self.page_hashes.hashes).any(axis=1))
             if len(bad):
                 raise MigrationError(f"{len(bad)} pages differ from what was sent (first: frame "
                                      f"{int(bad[0])}): the dirty log missed a write")

@@ -28,7 +28,7 @@ Message sequence (plain mode, protocol version 1)::
     │ ROUND_BEGIN(r, n) ────────────────────▶    round 0 = every page,
     │ PAGES / ZERO_PAGES ...  ──────────────▶    round r>0 = pages dirtied
     │ ROUND_END(r, n) ──────────────────────▶    during round r-1
-    │               ◀─────── ROUND_ACK(r, n)     stored and hashed: the source
+    │               ◀─────── ROUND_ACK(r, n)     stored and digested: the source
     │                                            measures end-to-end cost and
     │                                            never pauses with a backlog
     └ repeated until the pre-copy policy says stop ┘
@@ -79,7 +79,7 @@ from migrate.errors import ConnectionLost, PeerTimeout, ProtocolError
 from migrate.steps import RECV, SEND, Step
 
 MAGIC = b"MVMIGRAT"
-VERSION = 1
+VERSION = 2                          # 2: the completeness digest v2 (migrate/digest.py)
 HEADER = struct.Struct("<HHIQ")
 FLAG_OPTIONAL = 0x0001
 KNOWN_FLAGS = FLAG_OPTIONAL

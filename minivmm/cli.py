@@ -414,7 +414,13 @@ def cmd_asm(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    args.repeat_given = args.repeat is not None
+    if args.part == "all":
+        from minivmm.benchsuite import main as suite_main
+        return suite_main(args)
     from minivmm.bench import main as bench_main
+    if args.repeat is None:
+        args.repeat = 3
     return bench_main(args)
 
 
@@ -496,17 +502,26 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--ram", type=_ram, default=16 << 20, metavar="MIB")
     a.set_defaults(func=cmd_asm)
 
-    bench = sub.add_parser("bench", help="measure VMM speed against bare Unicorn",
-                           description="Run the benchmark: guest instructions per second of a compute "
-                                       "loop under the full VMM vs bare Unicorn, as ratios; the cost "
-                                       "of process protection (per page, and protected vs "
-                                       "unprotected programs in the same run).")
+    bench = sub.add_parser("bench", help="the benchmark suite: guest speed, protection, migration; a report",
+                           description="Run the benchmark suite: guest instructions per second under the "
+                                       "VMM vs bare Unicorn, the cost of process protection, and every "
+                                       "registered suite (live migration, plain and secure), several runs "
+                                       "each; write a report directory (report.md, results.json, PNG plots "
+                                       "with the plots extra). --part compute|protection runs one half of "
+                                       "the guest-speed benchmark and only prints.")
+    bench.add_argument("--quick", action="store_true",
+                       help="fewer and smaller runs (3 of each; under two minutes on 2 idle cores)")
+    bench.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)     # CI: the smallest setting
+    bench.add_argument("--report", default="bench-report", metavar="DIR",
+                       help="report directory (default bench-report)")
     bench.add_argument("--iterations", type=count(1000), default=3_000_000, metavar="N",
-                       help="loop iterations per process (>= 1000, default 3000000)")
-    bench.add_argument("--repeat", type=count(1), default=3, metavar="K", help="take the best of K runs (default 3)")
+                       help="--part compute|protection: loop iterations per process (>= 1000, default 3000000)")
+    bench.add_argument("--repeat", type=count(1), default=None, metavar="K",
+                       help="runs of each measurement (suite: median of K, default 5, --quick 3; "
+                            "--part: the best of K, default 3)")
     bench.add_argument("--part", choices=["all", "compute", "protection"], default="all",
-                       help="compute: VMM vs bare Unicorn; protection: cloak/uncloak cost and "
-                            "protected vs unprotected programs (default: all)")
+                       help="all: the whole suite and its report (default); compute: VMM vs bare Unicorn; "
+                            "protection: cloak/uncloak cost and protected vs unprotected programs")
     bench.set_defaults(func=cmd_bench)
 
     for ep in entry_points(group="minivmm.commands"):

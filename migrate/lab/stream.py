@@ -24,7 +24,7 @@ import struct
 
 import numpy as np
 
-from migrate.digest import PageHashes
+from migrate.digest import StreamDigest
 from migrate.lab.records import body_of, make, with_seq
 from migrate.wire import MAGIC, PAGE_SIZE, RecordType
 
@@ -40,7 +40,7 @@ class ClearStream:
         self.attack = attack
         self.clear: bool | None = None      # decided at the first ROUND_BEGIN (8 bytes: clear)
         self.out_seq = 0
-        self.hashes: PageHashes | None = None
+        self.hashes: StreamDigest | None = None
         self.npages = 0
         self.doc: list[bytes] = []
         self.round: tuple[int, int] | None = None
@@ -54,7 +54,7 @@ class ClearStream:
         if rtype is R.HELLO and body[:8] == MAGIC and len(body) >= 16:
             self.npages = struct.unpack_from("<I", body, 12)[0] // PAGE_SIZE
             if 0 < self.npages <= 1 << 16:
-                self.hashes = PageHashes(self.npages)
+                self.hashes = StreamDigest(self.npages)
         if rtype is R.ROUND_BEGIN and self.clear is None:
             self.clear = len(body) == 8
         if not self.clear or not self.attack.buffers_rounds:

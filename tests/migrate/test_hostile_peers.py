@@ -20,7 +20,7 @@ from migrate.messages import STATUS_BUSY, STATUS_OK, Hello, Welcome
 from migrate.precopy import PrecopyPolicy
 from migrate.server import MAX_REFUSING, Server
 from migrate.source import Source
-from migrate.wire import HEADER, MAGIC, Channel, RecordType
+from migrate.wire import HEADER, MAGIC, VERSION, Channel, RecordType
 from minivmm.machine import Machine
 
 from inproc import receive_in_thread
@@ -178,7 +178,7 @@ def test_a_flood_of_connections_to_a_busy_destination_is_bounded():
 
 def test_deeply_nested_json_is_a_protocol_error_not_a_crash():
     a, b = socket.socketpair()
-    body = struct.pack("<8sHHI", MAGIC, 1, 0, 16 << 20) + b"[" * 2000 + b"]" * 2000
+    body = struct.pack("<8sHHI", MAGIC, VERSION, 0, 16 << 20) + b"[" * 2000 + b"]" * 2000
     Channel(a).send(RecordType.HELLO, body)
     with pytest.raises(ProtocolError, match="not JSON"):
         Destination(timeout=1).receive(Channel(b), "deep")

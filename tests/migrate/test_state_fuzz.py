@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from guests.build import Program, build_image
-from migrate.digest import PageHashes
+from migrate.digest import StreamDigest
 from migrate.errors import MigrationError, ProtocolError
 from migrate.messages import STATUS_BUSY, Digest, Hello, RoundMark, Welcome, decode_reason, encode_pages, \
     encode_zero_pages
@@ -62,9 +62,10 @@ def _pages_records():
         recs.append((RecordType.PAGES, b"".join(bytes(memoryview(p).cast("B")) for p in encode_pages(sel, RAM[sel]))))
     recs.append((RecordType.ZERO_PAGES, encode_zero_pages(np.flatnonzero(~nz))))
     recs.append((RecordType.ROUND_END, RoundMark(0, npages).encode()))
-    hashes = PageHashes(npages)
+    hashes = StreamDigest(npages)       # folded in stream order: the PAGES records, then ZERO_PAGES
+    for i in range(0, len(data), MAX_BATCH):
+        hashes.update(data[i:i + MAX_BATCH], RAM[data[i:i + MAX_BATCH]])
     hashes.update_zero(np.flatnonzero(~nz))
-    hashes.update(data, RAM[data])
     return recs, hashes
 
 

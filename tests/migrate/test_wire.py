@@ -11,7 +11,7 @@ import pytest
 from migrate.errors import ConnectionLost, PeerTimeout, ProtocolError
 from migrate.messages import (Digest, Hello, Resumed, RoundMark, Welcome, decode_pages, decode_zero_pages,
                               encode_pages, encode_zero_pages)
-from migrate.wire import (FLAG_OPTIONAL, HEADER, MAGIC, MAX_BODY, Channel, RecordType, parse_address)
+from migrate.wire import (FLAG_OPTIONAL, HEADER, MAGIC, MAX_BODY, VERSION, Channel, RecordType, parse_address)
 
 
 @pytest.fixture
@@ -118,11 +118,12 @@ def test_hello_and_welcome():
     body = h.encode()
     with pytest.raises(ProtocolError, match="magic"):
         Hello.decode(b"XXXXXXXX" + body[8:])
-    with pytest.raises(ProtocolError, match="version 2"):
-        Hello.decode(MAGIC + struct.pack("<HHI", 2, 0, 16 << 20) + b"{}")
+    for other in (1, VERSION + 1):      # 1: digest v1 (migrate/digest.py)
+        with pytest.raises(ProtocolError, match=f"version {other}"):
+            Hello.decode(MAGIC + struct.pack("<HHI", other, 0, 16 << 20) + b"{}")
     for ram in (0, 8 << 20, (16 << 20) + 1, 512 << 20):
         with pytest.raises(ProtocolError, match="guest RAM"):
-            Hello.decode(MAGIC + struct.pack("<HHI", 1, 0, ram) + b"{}")
+            Hello.decode(MAGIC + struct.pack("<HHI", VERSION, 0, ram) + b"{}")
     with pytest.raises(ProtocolError, match="JSON"):
         Hello.decode(body[:16] + b"[1]")
     with pytest.raises(ProtocolError, match="too short"):
@@ -130,7 +131,7 @@ def test_hello_and_welcome():
     w = Welcome(1, "busy: try later")
     assert Welcome.decode(w.encode()) == w
     with pytest.raises(ProtocolError, match="status 9"):
-        Welcome.decode(MAGIC + struct.pack("<HH", 1, 9))
+        Welcome.decode(MAGIC + struct.pack("<HH", VERSION, 9))
 
 
 def test_pages_bodies():

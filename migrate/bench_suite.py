@@ -1,0 +1,162 @@
+"""The migration part of ``minivmm bench`` (registered through the
+``minivmm.bench_suites`` entry point: ``minivmm`` never imports ``migrate``).
+
+Reuses ``migrate/bench.py``'s guests, destinations and loopback ceiling.  In
+one run, ``repeat`` times each, interleaved so that the ratios are taken side
+by side on the same (shared, noisy) machine:
+
+* the ceilings: loopback TCP between two processes, AES-256-GCM and a memory
+  copy in this process;
+* a guest whose RAM is full of random data (``idle-full``, 256 MiB; 64 in
+  the smoke setting) migrated in plain and in secure mode: throughput as a
+  fraction of the loopback ceiling of the same repetition, and pages sent and
+  dirtied per pre-copy round;
+* the 64 MiB counter guest's downtime; a protected guest (a secret keeper
+  beside the counter) in plain and in secure mode: secure/plain total time and
+  downtime;
+* downtime and total time against RAM size (16, 64[, 256] MiB, the counter)
+  and against the dirty rate (64 MiB: counter, dirty-low, dirty-high), plain
+  and secure.
+
+Returns a section for ``minivmm/benchsuite.py``: figures (a list of values,
+one per repetition), goals on them, and series for the plots.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from migrate.bench import _start_destination, loopback_ceiling, prepare
+from migrate.measure import measure_start
+from migrate.precopy import PrecopyPolicy
+from migrate.secure.attest import Attestor
+from migrate.secure.mode import SecureMode
+from migrate.secure.setup import certify, protection_policy, setup
+from migrate.source import Source
+
+
+def aes_gcm_rate(total: int = 64 << 20) -> float:
+    """Bytes per second of AES-256-GCM encryption, 1 MiB records (the secure channel's cipher)."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    g, data = AESGCM(os.urandom(32)), os.urandom(1 << 20)
+    t0 = time.perf_counter()
+    for i in range(total >> 20):
+        g.encrypt(i.to_bytes(12, "big"), data, b"")
+    return total / (time.perf_counter() - t0)
+
+
+def memcpy_rate(total: int = 64 << 20) -> float:
+    """Bytes per second of one copy between two already-touched buffers."""
+    import numpy as np
+    a, b = np.ones(total, dtype=np.uint8), np.zeros(total, dtype=np.uint8)
+    b[:] = a                            # touch both first: page faults are not a copy's cost
+    t0 = time.perf_counter()
+    b[:] = a
+    return total / (time.perf_counter() - t0)
+
+
+def suite(quick: bool, repeat: int, progress_factory, smoke: bool = False) -> dict:
+    full_mib = 64 if smoke else 256
+    sizes = [16, 64] if (quick or smoke) else [16, 64, 256]
+    dirty_cases = ["counter", "dirty-high"] if (quick or smoke) else ["counter", "dirty-low", "dirty-high"]
+    figures: dict[str, list[float]] = {}
+    series: dict[str, dict] = {"rounds": {}, "by_size": {}, "by_dirty": {}}
+
+    def add(name, value):
+        figures.setdefault(name, []).append(float(value))
+
+    plan = repeat * (2 + 2 + 2 + 2 * len(sizes) + 2 * (len(dirty_cases) - 1))
+    progress = progress_factory("bench migration", plan)
+    with tempfile.TemporaryDirectory(prefix="minivmm-bench-") as tmp:
+        tmp = Path(tmp)
+        issuer, policy = setup(tmp / "trust")
+        dest, plain_addr = _start_destination(tmp, "plain", ["--plain"])
+        sdest, secure_addr = _start_destination(tmp, "secure", ["--issuer", str(issuer), "--attest-policy", str(policy)])
+        try:
+            if plain_addr is None or secure_addr is None:
+                raise RuntimeError("a destination VMM did not start")
+            src_tpm = tmp / "tpm-source"
+            measure_start(src_tpm, {"role": "source", "bench": True}, protection_policy())
+            certify(src_tpm, tmp / "trust" / "issuer")
+            attestor = Attestor(src_tpm, tmp / "trust" / "issuer", tmp / "trust" / "policy.json")
+
+            def migrate(kind, case, mib):
+                m = prepare(case, mib << 20)
+                if kind == "secure":
+                    r = Source(m, mode=SecureMode(attestor)).migrate(secure_addr)
+                else:
+                    r = Source(m).migrate(plain_addr)
+                time.sleep(0.2)         # let the destination finish its one tick and listen again
+                return r
+
+            for k in range(repeat):
+                of = f"(run {k + 1} of {repeat})"
+                with progress.step(f"ceilings: loopback TCP, 256 MiB between two processes {of}"):
+                    ceiling = loopback_ceiling()
+                with progress.step(f"ceilings: AES-256-GCM, memory copy {of}"):
+                    add("ceiling_aes_gcm_MBps", aes_gcm_rate() / 1e6)
+                    add("ceiling_memcpy_MBps", memcpy_rate() / 1e6)
+                add("ceiling_loopback_MBps", ceiling / 1e6)
+                for kind in ("plain", "secure"):
+                    with progress.step(f"{full_mib} MiB guest, RAM full of random data, {kind} {of}"):
+                        r = migrate(kind, "idle-full", full_mib)
+                    rate = r.ram_size / r.total_seconds
+                    add(f"full_{kind}_MBps", rate / 1e6)
+                    add(f"full_{kind}_pct_of_loopback", 100 * rate / ceiling)
+                    add(f"full_{kind}_total_ms", r.total_seconds * 1e3)
+                    add(f"full_{kind}_downtime_ms", r.downtime_seconds * 1e3)
+                    if k == 0:
+                        series["rounds"][f"{kind} idle-full {full_mib} MiB"] = [
+                            {"round": s.round, "sent": s.pages, "data": s.data_pages, "dirtied": s.dirtied}
+                            for s in r.rounds]
+                    if kind == "secure":
+                        add("full_secure_over_plain_total_x", figures["full_secure_total_ms"][-1]
+                            / figures["full_plain_total_ms"][-1])
+                for kind in ("plain", "secure"):
+                    with progress.step(f"64 MiB protected guest (keeper + counter), {kind} {of}"):
+                        r = migrate(kind, "protected", 64)
+                    add(f"protected_{kind}_total_ms", r.total_seconds * 1e3)
+                    add(f"protected_{kind}_downtime_ms", r.downtime_seconds * 1e3)
+                add("protected_secure_over_plain_total_x",
+                    figures["protected_secure_total_ms"][-1] / figures["protected_plain_total_ms"][-1])
+                add("protected_secure_over_plain_downtime_x",
+                    figures["protected_secure_downtime_ms"][-1] / figures["protected_plain_downtime_ms"][-1])
+                for mib in sizes:
+                    for kind in ("plain", "secure"):
+                        with progress.step(f"{mib} MiB counter guest, {kind} {of}"):
+                            r = migrate(kind, "counter", mib)
+                        add(f"counter_{mib}MiB_{kind}_downtime_ms", r.downtime_seconds * 1e3)
+                        add(f"counter_{mib}MiB_{kind}_total_ms", r.total_seconds * 1e3)
+                for case in dirty_cases:
+                    for kind in ("plain", "secure"):
+                        if case == "counter":
+                            continue            # measured above (64 MiB)
+                        with progress.step(f"64 MiB {case} guest, {kind} {of}"):
+                            r = migrate(kind, case, 64)
+                        add(f"{case}_64MiB_{kind}_downtime_ms", r.downtime_seconds * 1e3)
+                        add(f"{case}_64MiB_{kind}_total_ms", r.total_seconds * 1e3)
+                        add(f"{case}_64MiB_{kind}_dirty_rate_pages_per_s", r.rounds[0].dirty_rate)
+                        add(f"{case}_64MiB_{kind}_rounds", r.precopy_rounds)
+                        if k == 0:
+                            series["rounds"][f"{kind} {case} 64 MiB"] = [
+                                {"round": s.round, "sent": s.pages, "data": s.data_pages, "dirtied": s.dirtied}
+                                for s in r.rounds]
+        finally:
+            for d in (dest, sdest):
+                d.kill()
+                d.wait()
+    series["by_size"] = {"sizes_mib": sizes}
+    series["by_dirty"] = {"cases": dirty_cases}
+    goals = [
+        (f"{full_mib} MiB full-RAM guest, plain, throughput vs loopback", "full_plain_pct_of_loopback", ">=", 50, "%"),
+        (f"{full_mib} MiB full-RAM guest, secure, throughput vs loopback", "full_secure_pct_of_loopback", ">=", 50, "%"),
+        ("64 MiB counter guest, plain downtime", "counter_64MiB_plain_downtime_ms", "<=", 30, " ms"),
+        ("64 MiB protected guest, secure/plain total time", "protected_secure_over_plain_total_x", "<=", 1.15, "x"),
+        ("64 MiB protected guest, secure/plain downtime", "protected_secure_over_plain_downtime_x", "<=", 1.25, "x"),
+    ]
+    params = {"repeat": repeat, "full_ram_mib": full_mib, "sizes_mib": sizes, "dirty_cases": dirty_cases,
+              "precopy_policy": PrecopyPolicy().to_dict(), "transport": "loopback TCP, two processes"}
+    return {"name": "migration", "params": params, "figures": figures, "goals": goals, "series": series}

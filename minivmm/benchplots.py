@@ -1,0 +1,98 @@
+"""PNG plots for ``minivmm bench``'s report (needs matplotlib: the ``plots`` extra).
+
+Importing this module fails without matplotlib; ``minivmm/benchsuite.py``
+then says in the report that the plots were skipped.  Plots only figures the
+suites measured (medians; error bars from min to max)."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")               # files only, no display
+import matplotlib.pyplot as plt     # noqa: E402
+
+
+def _med(values):
+    return statistics.median(values)
+
+
+def _err(values):
+    m = _med(values)
+    return [[m - min(values)], [max(values) - m]]
+
+
+def _save(fig, out: Path, name: str, made: list) -> None:
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=90)
+    plt.close(fig)
+    made.append(name)
+
+
+def plot_all(out: Path, sections: list[dict]) -> list[str]:
+    made: list[str] = []
+    mig = next((s for s in sections if s["name"] == "migration"), None)
+    if mig is None:
+        return made
+    f = mig["figures"]
+    # Throughput against the ceilings measured in the same run.
+    bars = [(k, label) for k, label in (("ceiling_loopback_MBps", "loopback TCP"), ("ceiling_aes_gcm_MBps", "AES-256-GCM"),
+                                        ("ceiling_memcpy_MBps", "memory copy"), ("full_plain_MBps", "migration, plain"),
+                                        ("full_secure_MBps", "migration, secure")) if k in f]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for i, (k, label) in enumerate(bars):
+        ax.bar(i, _med(f[k]), yerr=_err(f[k]), color="tab:gray" if k.startswith("ceiling") else "tab:blue")
+    ax.set_xticks(range(len(bars)), [label for _, label in bars], rotation=15)
+    ax.set_ylabel("MB/s (median, min-max)")
+    ax.set_title(f"{mig['params']['full_ram_mib']} MiB full-RAM guest vs ceilings (same run)")
+    _save(fig, out, "throughput.png", made)
+    # Pages sent and dirtied per pre-copy round.
+    rounds = mig["series"].get("rounds", {})
+    if rounds:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        for name, rs in rounds.items():
+            x = [r["round"] for r in rs]
+            ax.plot(x, [r["sent"] for r in rs], marker="o", label=f"{name}: sent")
+            ax.plot(x, [r["dirtied"] for r in rs], marker="x", linestyle="--", label=f"{name}: dirtied")
+        ax.set_xlabel("round (last: stop-and-copy)")
+        ax.set_ylabel("pages")
+        ax.set_yscale("symlog")
+        ax.legend(fontsize=6)
+        ax.set_title("pages sent and dirtied per pre-copy round (first run)")
+        _save(fig, out, "rounds.png", made)
+    # Downtime and total time against RAM size, plain and secure.
+    sizes = mig["series"]["by_size"]["sizes_mib"]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.3))
+    for ax, what in zip(axes, ("downtime", "total")):
+        for kind in ("plain", "secure"):
+            keys = [f"counter_{m}MiB_{kind}_{what}_ms" for m in sizes]
+            if all(k in f for k in keys):
+                ax.errorbar(sizes, [_med(f[k]) for k in keys],
+                            yerr=[[_med(f[k]) - min(f[k]) for k in keys], [max(f[k]) - _med(f[k]) for k in keys]],
+                            marker="o", capsize=3, label=kind)
+        ax.set_xlabel("guest RAM (MiB), counter")
+        ax.set_ylabel(f"{what} (ms)")
+        ax.legend()
+    fig.suptitle("downtime and total time against RAM size")
+    _save(fig, out, "by_ram_size.png", made)
+    # Against the dirty rate (64 MiB).
+    cases = mig["series"]["by_dirty"]["cases"]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.3))
+    for ax, what in zip(axes, ("downtime", "total")):
+        for kind in ("plain", "secure"):
+            xs, ys = [], []
+            for c in cases:
+                key = f"counter_64MiB_{kind}_{what}_ms" if c == "counter" else f"{c}_64MiB_{kind}_{what}_ms"
+                rate = (0.0 if c == "counter" else _med(f.get(f"{c}_64MiB_{kind}_dirty_rate_pages_per_s", [0.0])))
+                if key in f:
+                    xs.append(rate)
+                    ys.append(_med(f[key]))
+            ax.plot(xs, ys, marker="o", label=kind)
+        ax.set_xlabel("round 0 dirty rate (pages/s), 64 MiB")
+        ax.set_ylabel(f"{what} (ms)")
+        ax.legend()
+    fig.suptitle("downtime and total time against the dirty rate (counter, " + ", ".join(cases[1:]) + ")")
+    _save(fig, out, "by_dirty_rate.png", made)
+    return made

@@ -1,0 +1,193 @@
+"""``minivmm bench``: the one benchmark suite and its report directory.
+
+Runs, ``repeat`` times each (interleaved inside each part): guest speed
+(``minivmm/bench.py``: the VMM against bare Unicorn), process protection
+(``minivmm/bench_protection.py``), and every suite registered on the
+``minivmm.bench_suites`` entry point (the ``migrate`` package registers
+live migration, plain and secure: ``migrate/bench_suite.py``; ``minivmm``
+never imports it).  Progress goes to stderr as each measurement starts.
+
+The report directory gets ``report.md`` (per part: parameters, a table of
+every figure with its median, min, max and number of runs, and a met/missed
+verdict per goal on the median; the machine and the versions), ``results.json``
+(the same, every run's value) and PNG plots when matplotlib is installed (the
+``plots`` extra); without it ``report.md`` says the plots were skipped.  Speed
+is reported, never asserted: a missed goal does not change the exit status.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, entry_points, version
+from pathlib import Path
+
+from minivmm.verdict import Goal, Progress
+
+SETTINGS = {          # name -> repeat, compute iterations, protection (syscalls, compute iterations)
+    "full": dict(repeat=5, iterations=3_000_000, syscalls=20_000, compute=3_000_000),
+    "quick": dict(repeat=3, iterations=200_000, syscalls=2_000, compute=200_000),
+    "smoke": dict(repeat=2, iterations=50_000, syscalls=500, compute=50_000),
+}
+
+
+def _compute_part(s: dict, progress_factory) -> dict:
+    from minivmm.bench import GOAL_DETERMINISTIC, GOAL_FAST, measure
+    figures: dict[str, list[float]] = {}
+    progress = progress_factory("bench compute", 3 * s["repeat"])
+    for _ in range(s["repeat"]):
+        r = measure(s["iterations"], 1, progress=progress)
+        for key in ("bare", "deterministic", "fast"):
+            figures.setdefault(f"{key}_Minstr_per_s", []).append(r["ips"][key] / 1e6)
+        figures.setdefault("deterministic_over_bare", []).append(r["ratio_deterministic"])
+        figures.setdefault("fast_over_bare", []).append(r["ratio_fast"])
+    goals = [(GOAL_DETERMINISTIC.name, "deterministic_over_bare", GOAL_DETERMINISTIC.op, GOAL_DETERMINISTIC.bound, ""),
+             (GOAL_FAST.name, "fast_over_bare", GOAL_FAST.op, GOAL_FAST.bound, "")]
+    return {"name": "guest speed", "params": {"iterations_per_process": s["iterations"], "repeat": s["repeat"]},
+            "figures": figures, "goals": goals, "series": {}}
+
+
+def _protection_part(s: dict, progress_factory) -> dict:
+    from minivmm.bench_protection import GOAL_COMPUTE, GOAL_SYSCALLS, measure
+    figures: dict[str, list[float]] = {}
+    progress = progress_factory("bench protection", 5 * s["repeat"])
+    for _ in range(s["repeat"]):
+        r = measure(1, s["syscalls"], s["compute"], progress=progress)
+        for key in ("cloak_us", "uncloak_us", "syscall_ratio", "compute_ratio"):
+            figures.setdefault(key, []).append(r[key])
+    goals = [(GOAL_SYSCALLS.name, "syscall_ratio", GOAL_SYSCALLS.op, GOAL_SYSCALLS.bound, "x"),
+             (GOAL_COMPUTE.name, "compute_ratio", GOAL_COMPUTE.op, GOAL_COMPUTE.bound, "x")]
+    return {"name": "process protection", "params": {"syscalls": s["syscalls"], "compute_iterations": s["compute"],
+                                                     "repeat": s["repeat"]},
+            "figures": figures, "goals": goals, "series": {}}
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("minivmm", "unicorn", "keystone-engine", "numpy", "cryptography", "matplotlib"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    try:
+        out["git commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                           cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        out["git commit"] = "unknown"
+    return out
+
+
+def _machine() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ()
+    return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(),
+            "load average at start (1, 5, 15 min)": [round(x, 2) for x in load]}
+
+
+def _stats(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
+
+
+def _verdicts(section: dict) -> list[dict]:
+    out = []
+    for name, key, op, bound, unit in section["goals"]:
+        goal = Goal(name, op, bound, unit)
+        values = section["figures"].get(key)
+        if not values:
+            out.append({"goal": name, "figure": key, "bound": f"{op} {bound:g}{unit}", "median": None,
+                        "met": None, "verdict": "not measured"})
+            continue
+        med = statistics.median(values)
+        out.append({"goal": name, "figure": key, "bound": f"{op} {bound:g}{unit}", "median": med,
+                    "met": goal.met(med), "verdict": goal.verdict(med)})
+    return out
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
+
+
+def write_report(out: Path, results: dict) -> None:
+    lines = ["# minivmm benchmark report", "",
+             f"Setting `{results['setting']}`, {results['finished']} UTC, {results['seconds']:.0f} s. "
+             "Each figure: median of the runs, with min and max (the machine may be shared: read ratios "
+             "taken in the same run, not absolute times). Verdicts are on the median.", "",
+             "## Goals", "", "| part | goal | median | verdict |", "|---|---|---|---|"]
+    for sec in results["sections"]:
+        for v in sec["verdicts"]:
+            med = "—" if v["median"] is None else _fmt(v["median"])
+            lines.append(f"| {sec['name']} | {v['goal']} ({v['bound']}) | {med} | {v['verdict']} |")
+    for sec in results["sections"]:
+        lines += ["", f"## {sec['name']}", "", "Parameters: " + ", ".join(
+            f"{k} = `{json.dumps(v)}`" for k, v in sec["params"].items()), "",
+                  "| figure | median | min | max | runs |", "|---|---|---|---|---|"]
+        for key, st in sec["stats"].items():
+            lines.append(f"| {key} | {_fmt(st['median'])} | {_fmt(st['min'])} | {_fmt(st['max'])} | {st['runs']} |")
+    lines += ["", "## Machine", ""] + [f"* {k}: {v}" for k, v in results["machine"].items()]
+    lines += ["", "## Versions", ""] + [f"* {k}: {v}" for k, v in results["versions"].items()]
+    lines += ["", "## Plots", ""]
+    if results["plots"]:
+        lines += [f"![{p}]({p})" for p in results["plots"]]
+    else:
+        lines.append(f"Plots skipped: {results['plots_skipped']}")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def finish(out: Path, results: dict) -> None:
+    """Plots (or why not), results.json and report.md for ``results``."""
+    results["plots"], results["plots_skipped"] = [], None
+    try:
+        from minivmm.benchplots import plot_all
+    except ImportError as exc:          # matplotlib is the optional `plots` extra
+        results["plots_skipped"] = f"matplotlib is not installed ({exc}); pip install 'minivmm[plots]'"
+    else:
+        results["plots"] = plot_all(out, results["sections"])
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    write_report(out, results)
+
+
+def main(args) -> int:
+    setting = "smoke" if getattr(args, "smoke", False) else "quick" if args.quick else "full"
+    s = dict(SETTINGS[setting])
+    if args.repeat_given:
+        s["repeat"] = args.repeat
+    out = Path(args.report)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    machine = _machine()
+    sections = [_compute_part(s, Progress), _protection_part(s, Progress)]
+    suites = sorted(entry_points(group="minivmm.bench_suites"), key=lambda e: e.name)
+    for ep in suites:
+        sections.append(ep.load()(quick=setting != "full", repeat=s["repeat"], progress_factory=Progress,
+                                  smoke=setting == "smoke"))
+    for sec in sections:
+        sec["stats"] = {k: _stats(v) for k, v in sec["figures"].items()}
+        sec["verdicts"] = _verdicts(sec)
+    results = {"format": "minivmm-bench-report v1", "setting": setting, "settings": s,
+               "finished": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+               "seconds": time.perf_counter() - t0, "machine": machine, "versions": _versions(),
+               "suites": [e.name for e in suites], "sections": sections}
+    finish(out, results)
+    met = [v for sec in sections for v in sec["verdicts"] if v["met"] is not None]
+    missed = [v["goal"] for v in met if not v["met"]]
+    for sec in sections:
+        for v in sec["verdicts"]:
+            med = "not measured" if v["median"] is None else _fmt(v["median"])
+            print(f"{sec['name']}: {v['goal']}: {med}  {v['verdict']}")
+    print(f"goals: {len(met) - len(missed)} of {len(met)} met" + (f"; *** MISSED: {', '.join(missed)} ***"
+                                                                  if missed else ""))
+    print(f"report: {out / 'report.md'} (results.json, "
+          + (f"{len(results['plots'])} plots)" if results["plots"] else "plots skipped)"))
+    return 0

@@ -1,0 +1,93 @@
+"""``minivmm bench`` as CI runs it: every figure produced and sane, never fast.
+
+One run of the whole suite in its smallest setting (``--smoke``: 2 runs of
+each measurement, 64 MiB full-RAM guest) in its own process; the migration
+part comes from the ``minivmm.bench_suites`` entry point.  Speed is never
+asserted: only that each figure exists, is finite and positive, that each
+goal got a verdict, and that the report directory holds what it promises."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minivmm import benchsuite
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "report"
+    run = subprocess.run([sys.executable, "-m", "minivmm", "bench", "--smoke", "--report", str(out)],
+                         capture_output=True, text=True, timeout=900, cwd=out.parent)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out, run, json.loads((out / "results.json").read_text())
+
+
+def test_every_part_runs_and_shows_progress(report):
+    out, run, results = report
+    assert [s["name"] for s in results["sections"]] == ["guest speed", "process protection", "migration"]
+    assert results["suites"] == ["migration"]
+    for prefix in ("bench compute: [1/", "bench protection: [1/", "bench migration: [1/"):
+        assert prefix in run.stderr
+    last = [l for l in run.stderr.splitlines() if l.startswith("bench migration: [")][-1]
+    done, total = last.split("[")[1].split("]")[0].split("/")
+    assert done == total, last              # the announced plan is what ran
+    assert run.stdout.rstrip().splitlines()[-1].startswith(f"report: {out / 'report.md'}")
+
+
+def test_every_figure_is_finite_and_positive(report):
+    _, _, results = report
+    for sec in results["sections"]:
+        assert sec["figures"], sec["name"]
+        for name, values in sec["figures"].items():
+            assert len(values) == results["settings"]["repeat"], name
+            for v in values:
+                # dirty rates of guests that dirty nothing may be 0; everything else is > 0
+                assert math.isfinite(v) and (v > 0 or (name.endswith("dirty_rate_pages_per_s") and v == 0)), (name, v)
+            st = sec["stats"][name]
+            assert st["min"] <= st["median"] <= st["max"]
+    mig = next(s for s in results["sections"] if s["name"] == "migration")["figures"]
+    for key in ("ceiling_loopback_MBps", "ceiling_aes_gcm_MBps", "ceiling_memcpy_MBps", "full_plain_MBps",
+                "full_secure_MBps", "full_plain_pct_of_loopback", "counter_64MiB_plain_downtime_ms",
+                "protected_secure_over_plain_total_x", "protected_secure_over_plain_downtime_x"):
+        assert key in mig, key
+
+
+def test_every_goal_has_a_verdict_in_the_report(report):
+    out, run, results = report
+    text = (out / "report.md").read_text()
+    verdicts = [v for s in results["sections"] for v in s["verdicts"]]
+    assert len(verdicts) == 9
+    for v in verdicts:
+        assert v["median"] is not None and v["met"] in (True, False), v
+        assert v["verdict"] in text and v["goal"] in text
+    for heading in ("## Goals", "## guest speed", "## process protection", "## migration", "## Machine",
+                    "## Versions", "## Plots", "| figure | median | min | max | runs |"):
+        assert heading in text
+    assert f"goals: {sum(v['met'] for v in verdicts)} of 9 met" in run.stdout
+
+
+def test_plots_are_written_or_said_to_be_skipped(report, tmp_path, monkeypatch):
+    out, _, results = report
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert results["plots"] == [] and "Plots skipped: matplotlib is not installed" in (out / "report.md").read_text()
+    else:
+        assert results["plots"] == ["throughput.png", "rounds.png", "by_ram_size.png", "by_dirty_rate.png"]
+        for p in results["plots"]:
+            assert (out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            assert f"![{p}]({p})" in (out / "report.md").read_text()
+    # Without matplotlib the same results give a report that says so, and no PNG.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.delitem(sys.modules, "minivmm.benchplots", raising=False)
+    benchsuite.finish(tmp_path, dict(results))
+    assert "Plots skipped: matplotlib is not installed" in (tmp_path / "report.md").read_text()
+    assert not list(Path(tmp_path).glob("*.png")) and (tmp_path / "results.json").exists()
