@@ -295,7 +295,9 @@ class Lab:
     def judge(self) -> dict:
         a, b, mitm = self.vmms.get("A"), self.vmms.get("B"), self.vmms.get("mitm")
         ca = counts(a.stdout) if a else []
-        cb = counts(b.stdout) if b else []
+        # A console line the guest was writing when it paused is split across the
+        # two hosts ("counter " on A, "7" on B): read B's console after A's unfinished line.
+        cb = counts(_unfinished(a.stdout) + b.stdout if a else b.stdout) if b else []
         if self.s.kind == "replay-stream":
             cb1 = counts(self.vmms["B1"].stdout)
             ca = ca + cb1                   # the first, honest migration: A then B
@@ -370,6 +372,11 @@ class Lab:
             else:
                 out.append("the VM and its process keys went to B, a VMM running with a defence off")
         return [d for d in out if d]
+
+
+def _unfinished(console: str) -> str:
+    """The last line of ``console`` if it has no newline yet (else "")."""
+    return "" if console.endswith("\n") else console.rpartition("\n")[2]
 
 
 def _span(c: list[int]) -> str:

@@ -178,3 +178,12 @@ def test_impersonator_refused_in_secure_gets_the_secret_in_plain(tmp_path):
     assert r["counts_a"] == list(range(1, COUNT + 1))
     r = run_lab("impersonate", tmp_path / "plain", plain=True)
     assert any("LEAKED" in x and SECRET in x for x in r["attacker"])
+
+
+def test_a_console_line_split_by_the_migration_is_counted_once():
+    """The guest was writing 'counter 7' when it paused: 'counter ' is on A's
+    console, '7' on B's (seen in a CI run: the judge then missed 7 and saw a gap)."""
+    from migrate.lab.scenario import _unfinished, counts
+    a, b = "toykernel: booting\ncounter 5\ncounter 6\ncounter ", "7\ncounter 8\n"
+    assert counts(a) == [5, 6] and counts(_unfinished(a) + b) == [7, 8]
+    assert _unfinished("counter 6\n") == ""
