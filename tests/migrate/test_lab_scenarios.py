@@ -84,8 +84,12 @@ def one_copy(r):
     return seq == list(range(1, COUNT + 1))
 
 
+# replay-round is left out: in plain mode its damage shows only if A printed a count
+# beyond the stale version before the pause, and on an idle machine one CI run saw
+# 'no effect' three times in a row (issue 14 stays open for it; the secure side of
+# replay-round is tested in test_lab_attacks.py).
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["replay-record", "replay-round", "drop"])
+@pytest.mark.parametrize("name", ["replay-record", "drop"])
 def test_plain_stale_page_attacks_damage_the_counter(tmp_path, name):
     # A stale page only does damage if the guest changed it between the round the
     # attacker kept it from and the round it is replayed in (or dropped in): the
