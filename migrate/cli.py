@@ -79,6 +79,13 @@ def _positive(kind):
     return conv
 
 
+def _nonnegative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {text}")
+    return value
+
+
 def _say(role: str, text: str) -> None:
     print(f"minivmm {role}: {text}", file=sys.stderr, flush=True)
 
@@ -97,6 +104,10 @@ def _migration_options(p: argparse.ArgumentParser, *, source: bool) -> None:
                        help="pre-copy stops after N rounds at most (default 30)")
         g.add_argument("--max-bytes-ratio", type=_positive(float), default=3.0, metavar="X",
                        help="pre-copy stops before sending more than X times guest RAM (default 3)")
+        g.add_argument("--round-ticks", type=_nonnegative_int, default=0, metavar="N",
+                       help="after each pre-copy round's pages are sent, run the guest at least N "
+                            "timer ticks before the next round or the pause (default 0); what a round "
+                            "dirties then no longer depends on the host's speed (the migration lab uses it)")
         g.add_argument("--check-ram", action="store_true",
                        help="at pause, hash all guest RAM and refuse to commit if it differs from what "
                             "was sent (a dirty-log self-check; adds to the downtime)")
@@ -110,7 +121,7 @@ def _migration_options(p: argparse.ArgumentParser, *, source: bool) -> None:
 
 
 DEFAULT_AFTER = ("ticks", 10)
-SOURCE_ONLY = ("--after", "--downtime-ms", "--max-rounds", "--max-bytes-ratio", "--check-ram")
+SOURCE_ONLY = ("--after", "--downtime-ms", "--max-rounds", "--max-bytes-ratio", "--round-ticks", "--check-ram")
 
 
 def _refuse_source_options_without_target(parser: argparse.ArgumentParser, args) -> None:
@@ -125,7 +136,7 @@ def _refuse_source_options_without_target(parser: argparse.ArgumentParser, args)
 
 def _policy(args) -> PrecopyPolicy:
     return PrecopyPolicy(downtime_target=args.downtime_ms / 1000, max_rounds=args.max_rounds,
-                         max_bytes_ratio=args.max_bytes_ratio)
+                         max_bytes_ratio=args.max_bytes_ratio, min_round_ticks=args.round_ticks)
 
 
 def _config(role: str, args, machine_mode=None) -> dict:

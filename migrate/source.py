@@ -383,6 +383,10 @@ class Source:
             th = threading.Thread(target=sender, name="migrate-sender", daemon=True)
             th.start()
             m = self.machine
+            # The round lasts until its pages are sent and, with min_round_ticks,
+            # the guest ran that many ticks after that (migrate/precopy.py): so a
+            # page it writes then differs from the copy that just went.
+            until = None
             try:
                 while True:                     # at least one slice per round: the guest keeps running
                     if m.halted:
@@ -390,8 +394,12 @@ class Source:
                                            f"it finished on the source")
                     with self.slice_gate:
                         m.step()
-                    if failure or not th.is_alive():
+                    if failure:
                         break
+                    if not th.is_alive():
+                        until = m.ticks + self.policy.min_round_ticks if until is None else until
+                        if m.ticks >= until:
+                            break
                     time.sleep(0)   # hand the GIL to the sender now, not after the 5 ms switch interval
             except BaseException:
                 self._stop.set()

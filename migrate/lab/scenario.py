@@ -35,6 +35,10 @@ SECRET = "swordfish: launch code 4-8-15-16"     # what the keeper keeps (guests/
 AFTER = "20"                        # ticks before the migration starts
 MAX_ROUNDS = "4"                    # pre-copy rounds at most: the guest must not finish during
                                     # pre-copy on a loaded machine (the scenario needs it to move)
+ROUND_TICKS = "8"                   # the guest runs 8 ticks (2 counter lines) after each round's
+                                    # pages are sent: the counter's page always changed since its
+                                    # last copy, however fast or slow this machine is, so a stale
+                                    # copy of it always shows (replay-record, replay-round, drop)
 TIMEOUT = 5.0                       # B's --timeout (seconds per record); A waits twice as long,
                                     # so B's deadline decides first (the delay scenario)
 
@@ -169,7 +173,8 @@ class Lab:
 
     def _source(self, port: int, *extra) -> Vmm:
         return self._start("A", "run", GUEST, "--migrate-to", f"127.0.0.1:{port}", "--after", AFTER,
-                           "--timeout", str(2 * TIMEOUT), "--max-rounds", MAX_ROUNDS, *self._insecure_args(), *extra)
+                           "--timeout", str(2 * TIMEOUT), "--max-rounds", MAX_ROUNDS, "--round-ticks", ROUND_TICKS,
+                           *self._insecure_args(), *extra)
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
@@ -270,6 +275,7 @@ class Lab:
         b1, b1port = self._serve(*self._insecure_args(), key="B1", name="B")
         a1 = self._start("A1", "run", str(old), "--restore", "--migrate-to", f"127.0.0.1:{b1port}",
                          "--after", "5", "--timeout", str(2 * TIMEOUT), "--max-rounds", MAX_ROUNDS,
+                         "--round-ticks", ROUND_TICKS,
                          *self._insecure_args(), name="A")
         a1.finish(timeout=300)
         self._finish_destination(b1)
@@ -278,6 +284,7 @@ class Lab:
         b2, b2port = self._serve(*self._insecure_args(), key="B", name="B")     # same TPM as B before
         a2 = self._start("A", "run", str(old), "--restore", "--migrate-to", f"127.0.0.1:{b2port}",
                          "--after", "5", "--timeout", str(2 * TIMEOUT), "--max-rounds", MAX_ROUNDS,
+                         "--round-ticks", ROUND_TICKS,
                          *self._insecure_args(), name="A")
         a2.finish(timeout=300)
         self._finish_destination(b2)

@@ -147,3 +147,33 @@ def test_destination_says_why_it_refuses_a_hello(version, ram, status):
     t.join(10)
     a.close()
     b.close()
+
+
+def test_min_round_ticks_lets_the_guest_run_after_each_round_is_sent():
+    """With min_round_ticks the guest runs that many ticks after a round's
+    pages are sent, whatever the host's speed: every pre-copy round spans at
+    least that much guest time and finds pages dirtied (so pre-copy reaches
+    its round bound, never 'no dirty pages'), and the guest stays exact."""
+    img = build_image([Program.builtin("counter", args=(60, 100_000))])
+    ref = Machine(img)
+    ref.run(max_ticks=100_000)
+    server, result = Server("127.0.0.1:0"), {}
+    t = receive_in_thread(server, result)
+    m = Machine(img)
+    m.run(max_ticks=5)
+    bus, seen = EventBus(), []
+    bus.subscribe(seen.append)
+    policy = PrecopyPolicy(downtime_target=1e-9, max_rounds=3, min_round_ticks=8)
+    report = Source(m, policy=policy, events=bus).migrate(server.label)
+    t.join(60)
+    server.close()
+    assert report.policy["min_round_ticks"] == 8
+    started = {e.round: e.vtime for e in seen if type(e).__name__ == "RoundStarted"}
+    finished = {e.round: e.vtime for e in seen if type(e).__name__ == "RoundFinished"}
+    assert sorted(finished) == [0, 1, 2]
+    for r, end in finished.items():
+        assert end - started[r] >= 8 * m.timer.period, (r, started, finished)
+    assert report.precopy_rounds == 3 and "round bound" in report.stop_reason
+    assert all(st.dirtied > 0 for st in report.rounds if not st.final)
+    d = result["incoming"].machine
+    assert d.console.text() == ref.console.text() and d.exits == ref.exits

@@ -5,6 +5,7 @@ import argparse
 import pytest
 
 from migrate.cli import parse_after
+from minivmm.cli import main
 from migrate.precopy import PrecopyPolicy
 from migrate.report import MigrationReport, RoundStats
 
@@ -98,3 +99,20 @@ def test_run_help_lists_the_migration_exit_statuses():
     assert out.returncode == 0
     for needle in ("0 migrated", "5 not migrated", "4 committed but unconfirmed"):
         assert needle in text, needle
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--round-ticks", "8"], "--round-ticks only mean something with --migrate-to"),
+    (["--migrate-to", "127.0.0.1:9", "--round-ticks", "-1"], "must be >= 0, not -1"),
+])
+def test_round_ticks_option_is_checked(capsys, args, says):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "counter", *args])
+    assert exc.value.code == 2
+    assert says in capsys.readouterr().err
+
+
+def test_round_ticks_is_a_checked_policy_field():
+    with pytest.raises(ValueError, match="min round ticks"):
+        PrecopyPolicy(min_round_ticks=-1)
+    assert PrecopyPolicy(min_round_ticks=8).to_dict()["min_round_ticks"] == 8
