@@ -90,7 +90,7 @@ def _say(role: str, text: str) -> None:
     print(f"minivmm {role}: {text}", file=sys.stderr, flush=True)
 
 
-def _migration_options(p: argparse.ArgumentParser, *, source: bool) -> None:
+def migration_options(p: argparse.ArgumentParser, *, source: bool) -> None:
     g = p.add_argument_group("live migration (migrate package)", EXIT_STATUS if source else None)
     if source:
         g.add_argument("--migrate-to", type=_address, metavar="HOST:PORT",
@@ -323,7 +323,7 @@ def _state_files(args, role: str) -> None:
 
 
 def _extend_run(run_parser: argparse.ArgumentParser) -> None:
-    _migration_options(run_parser, source=True)
+    migration_options(run_parser, source=True)
     lab_hooks.add_run_options(run_parser)
     plain_run = run_parser.get_default("func")
 
@@ -421,7 +421,7 @@ def _add_serve(sub) -> None:
                    help="stop each received guest when its timer has delivered T ticks since boot "
                         "(compare with 'minivmm run GUEST --ticks T')")
     s.add_argument("--events", action="store_true", help="print VMM and migration events to stderr")
-    _migration_options(s, source=True)
+    migration_options(s, source=True)
     lab_hooks.add_serve_options(s)
     s.set_defaults(func=cmd_serve, parser=s)
 

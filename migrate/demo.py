@@ -9,6 +9,7 @@ prefixes), the migration report, and B's summary.
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 from minivmm import events as ev
-from migrate.cli import EXIT_CRASH, EXIT_OK, EXIT_UNCONFIRMED, run_guest
+from migrate.cli import EXIT_CRASH, EXIT_OK, EXIT_UNCONFIRMED, migration_options, run_guest
 from migrate.measure import measure_start
 from migrate.secure import cliopts as secure_cli
 from migrate.secure.setup import protection_policy, setup
@@ -134,16 +135,18 @@ def main(args) -> int:
 
 
 class _DemoArgs:
-    """The options ``run_guest`` reads, with the defaults of ``run --migrate-to``."""
+    """The options ``run_guest`` reads, with the defaults of ``run --migrate-to``:
+    taken from the parser's own migration options, so an option added there
+    can never be missing here (a new pre-copy knob once broke the demo)."""
 
     def __init__(self, to: str, after, base: Path, plain: bool, insecure):
+        p = argparse.ArgumentParser(add_help=False)
+        migration_options(p, source=True)
+        vars(self).update(vars(p.parse_args([])))
         self.migrate_to = to
         self.tpm_dir = str(base / "source")
         self.plain, self.insecure = plain, list(insecure)
         self.issuer, self.attest_policy = str(base / "issuer"), str(base / "policy.json")
         self.after = after
-        self.downtime_ms, self.max_rounds, self.max_bytes_ratio = 30.0, 30, 3.0
-        self.check_ram = False
-        self.timeout = 10.0
         self.events = False
         self.ticks = self.instructions = self.save_state = None

@@ -182,7 +182,7 @@ def test_an_unwritable_save_state_is_refused_before_the_guest_runs(tmp_path):
 
 
 @pytest.mark.parametrize("option", [("--after", "3"), ("--after", "10"), ("--check-ram",),
-                                    ("--max-rounds", "4")])
+                                    ("--max-rounds", "4"), ("--round-ticks", "8")])
 def test_migration_options_without_migrate_to_are_an_error(option):
     out = cli("run", "hello", *option)
     assert out.returncode == 2 and f"{option[0]} only mean something with --migrate-to" in out.stderr

@@ -101,15 +101,11 @@ def test_run_help_lists_the_migration_exit_statuses():
         assert needle in text, needle
 
 
-@pytest.mark.parametrize("args, says", [
-    (["--round-ticks", "8"], "--round-ticks only mean something with --migrate-to"),
-    (["--migrate-to", "127.0.0.1:9", "--round-ticks", "-1"], "must be >= 0, not -1"),
-])
-def test_round_ticks_option_is_checked(capsys, args, says):
+def test_round_ticks_option_is_checked(capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["run", "counter", *args])
+        main(["run", "counter", "--migrate-to", "127.0.0.1:9", "--round-ticks", "-1"])
     assert exc.value.code == 2
-    assert says in capsys.readouterr().err
+    assert "must be >= 0, not -1" in capsys.readouterr().err
 
 
 def test_round_ticks_is_a_checked_policy_field():
