@@ -43,7 +43,7 @@ from migrate.messages import STATUS_NAMES, STATUS_OK, Welcome, decode_reason
 from migrate.secure import commit, generation, keyrelease, rollback
 from migrate.secure.attest import Attestor, same_state
 from migrate.secure.channel import SealedChannel
-from migrate.secure.errors import AttestationFailed, KeyReleaseRefused, SecurityError
+from migrate.secure.errors import AttestationFailed, KeyReleaseRefused, SecurityError, StaleGeneration
 from migrate.secure.keyschedule import Ephemeral, KeyShare, derive, transcript_hash
 from migrate.wire import Channel, RecordType
 
@@ -256,20 +256,31 @@ class SecureMode(PlainMode):
         th = transcript_hash(hello_body, peer_share.encode(), eph.share.encode())
         self.keys = derive(eph.exchange(peer_share.public), th)
         ch.send(RecordType.QUOTE, self.attestor.quote(peer_share.nonce, th))
+        # While the source verifies that quote and sends its own (the handshake's
+        # critical path), this TPM does the rest of its handshake work:
+        # the release key, sealed now to the PCR values just quoted: it opens at key
+        # release only if PCRs 8-10 never changed since (they only ever extend);
+        self._release = keyrelease.ReleaseKey(self.attestor.tpm, seal=self.on("toctou"))
+        # and the generation check (an NV read), whose verdict waits until the source
+        # is attested: a replayed stream is refused for its stale quote first.
+        stale = None
+        if self.on("replay"):
+            try:
+                generation.check(self.attestor.tpm, vm_id, gen)
+            except StaleGeneration as exc:
+                stale = exc
         rec = ch.recv(only=frozenset({RecordType.QUOTE}))
         ch.seal(self.keys)                  # our ABORT, if any, is sealed too
         if self.on("attestation"):
             self.peer = self.attestor.verify(rec.body, eph.share.nonce, th, who="source")
+        if stale is not None:
+            raise stale
         if self.on("replay"):
-            generation.check(self.attestor.tpm, vm_id, gen)
             # Advanced durably (NV writes, fsyncs: ~5-20 ms) beside the pre-copy rounds;
             # waited for before PREPARED, so the VM never resumes here without it.
             self._accepting = _background(lambda: generation.accept(self.attestor.tpm, vm_id, gen),
                                           "secure-generation")
         self.vm = (vm_id, gen)
-        # The release key, sealed now to the attested PCR values: it opens at key
-        # release only if PCRs 8-10 never changed since (they only ever extend).
-        self._release = keyrelease.ReleaseKey(self.attestor.tpm, seal=self.on("toctou"))
         self._time("attestation", t0)
 
     # ------------------------------------------------------------ final phase
