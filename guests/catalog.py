@@ -59,7 +59,9 @@ GUESTS = {g.name: g for g in [
                    P("counter", data_pages=1, args=(10, 100_000, 1), as_name="pcounter")]),
     Guest("migrate-lab", "migration lab: the protected secret keeper beside an unprotected counter "
           "(docs/lab-migration.md)",
-          lambda: [P("keeper", data_pages=3, args=(40, 1)), P("counter", args=(40, 200_000))]),
+          # the keeper outlives any migration the lab starts (a round a tick: 150 ticks,
+          # like the counter's 40 lines), so its protection is there to be refused
+          lambda: [P("keeper", data_pages=3, args=(150, 1)), P("counter", args=(40, 200_000))]),
     _lab("snoop", "reads"),
     _lab("tamper", "overwrites"),
     _lab("regs", "changes the saved registers of"),

@@ -105,9 +105,10 @@ def migration_options(p: argparse.ArgumentParser, *, source: bool) -> None:
         g.add_argument("--max-bytes-ratio", type=_positive(float), default=3.0, metavar="X",
                        help="pre-copy stops before sending more than X times guest RAM (default 3)")
         g.add_argument("--round-ticks", type=_nonnegative_int, default=0, metavar="N",
-                       help="after each pre-copy round's pages are sent, run the guest at least N "
-                            "timer ticks before the next round or the pause (default 0); what a round "
-                            "dirties then no longer depends on the host's speed (the migration lab uses it)")
+                       help="deterministic rounds: the guest runs at most N timer ticks while a pre-copy "
+                            "round is sent (then waits for it) and N ticks after it, and at most N while "
+                            "connecting and attesting (default 0: it runs freely); what a round dirties then "
+                            "no longer depends on the host's speed (the migration lab uses 8)")
         g.add_argument("--check-ram", action="store_true",
                        help="at pause, hash all guest RAM and refuse to commit if it differs from what "
                             "was sent (a dirty-log self-check; adds to the downtime)")
@@ -136,7 +137,7 @@ def _refuse_source_options_without_target(parser: argparse.ArgumentParser, args)
 
 def _policy(args) -> PrecopyPolicy:
     return PrecopyPolicy(downtime_target=args.downtime_ms / 1000, max_rounds=args.max_rounds,
-                         max_bytes_ratio=args.max_bytes_ratio, min_round_ticks=args.round_ticks)
+                         max_bytes_ratio=args.max_bytes_ratio, round_ticks=args.round_ticks)
 
 
 def _config(role: str, args, machine_mode=None) -> dict:

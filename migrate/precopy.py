@@ -17,13 +17,17 @@ rule that holds, in this order:
 4. ``max_bytes_ratio``: the bytes sent so far plus the remaining set would
    exceed this multiple of guest RAM.
 
-``min_round_ticks`` is no stop rule: after a round's pages are sent, the
-guest runs at least that many of its timer ticks before the next round (or
-the pause) begins (default 0: the next round begins at once).  What a round
-dirties then depends on the guest, not on how fast this host sends: the
-migration lab sets it so that the page its attacks aim at has changed since
-its last copy in every round, on an idle laptop and on a loaded CI machine
-alike.
+``round_ticks`` is no stop rule: with it the guest runs at most that many
+of its timer ticks while a round is sent (beyond that it waits for the
+sender: a throttle, like QEMU's auto-converge), then that many ticks after
+the round's pages are sent, before the next round or the pause begins; and
+at most that many while the source connects and attests.  Default 0: the
+guest runs freely and the next round begins at once.  What a round dirties
+then depends on the guest, not on how fast this host sends, and the guest's
+progress during a migration is bounded (N + 2N per round): the migration
+lab sets it so that the page its attacks aim at has changed since its last
+copy in every round, and the guest never finishes during pre-copy, on an
+idle laptop and on a loaded CI machine alike.
 
 Rules 3 and 4 stop with the target *not met* (``Decision.target_met`` is
 False): the report says so, with the estimate and how far over it is.
@@ -55,7 +59,7 @@ class PrecopyPolicy:
     downtime_target: float = 0.030  # seconds
     max_rounds: int = 30
     max_bytes_ratio: float = 3.0
-    min_round_ticks: int = 0        # ticks the guest runs after each round's pages are sent
+    round_ticks: int = 0            # guest ticks per round: at most N while sending, N after
 
     def __post_init__(self):
         if not self.downtime_target > 0:
@@ -64,8 +68,8 @@ class PrecopyPolicy:
             raise ValueError("max rounds must be >= 1")
         if not self.max_bytes_ratio > 0:
             raise ValueError("max bytes ratio must be > 0")
-        if self.min_round_ticks < 0:
-            raise ValueError("min round ticks must be >= 0")
+        if self.round_ticks < 0:
+            raise ValueError("round ticks must be >= 0")
 
     def decide(self, *, rounds_done: int, remaining: int, cost_per_page: float | None,
                bytes_sent: int, ram_size: int) -> Decision:
@@ -89,4 +93,4 @@ class PrecopyPolicy:
 
     def to_dict(self) -> dict:
         return {"downtime_target": self.downtime_target, "max_rounds": self.max_rounds,
-                "max_bytes_ratio": self.max_bytes_ratio, "min_round_ticks": self.min_round_ticks}
+                "max_bytes_ratio": self.max_bytes_ratio, "round_ticks": self.round_ticks}

@@ -234,11 +234,15 @@ class Source:
         th = threading.Thread(target=body, name="migrate-handshake", daemon=True)
         th.start()
         m = self.machine
+        cap = m.ticks + self.policy.round_ticks if self.policy.round_ticks else None
         try:
             while th.is_alive():
                 if m.halted:
                     raise GuestStopped(f"the guest stopped ({m.halted}) before the migration began; "
                                        f"it finished on the source")
+                if cap is not None and m.ticks >= cap:
+                    th.join(0.01)       # round_ticks: the guest waits for the handshake now
+                    continue
                 with self.slice_gate:
                     m.step()
                 time.sleep(0)
@@ -383,21 +387,26 @@ class Source:
             th = threading.Thread(target=sender, name="migrate-sender", daemon=True)
             th.start()
             m = self.machine
-            # The round lasts until its pages are sent and, with min_round_ticks,
-            # the guest ran that many ticks after that (migrate/precopy.py): so a
-            # page it writes then differs from the copy that just went.
-            until = None
+            # With round_ticks N (migrate/precopy.py) the guest runs at most N ticks
+            # while the round is sent (then it waits for the sender), and N ticks
+            # after that: so a page it writes then differs from the copy that just
+            # went, and its progress per round is bounded on any machine.
+            n = self.policy.round_ticks
+            cap, until = (m.ticks + n if n else None), None
             try:
                 while True:                     # at least one slice per round: the guest keeps running
                     if m.halted:
                         raise GuestStopped(f"the guest stopped ({m.halted}) during pre-copy; "
                                            f"it finished on the source")
-                    with self.slice_gate:
-                        m.step()
+                    if until is None and cap is not None and m.ticks >= cap and th.is_alive():
+                        th.join(0.01)           # throttled: the round's pages first
+                    else:
+                        with self.slice_gate:
+                            m.step()
                     if failure:
                         break
                     if not th.is_alive():
-                        until = m.ticks + self.policy.min_round_ticks if until is None else until
+                        until = m.ticks + n if until is None else until
                         if m.ticks >= until:
                             break
                     time.sleep(0)   # hand the GIL to the sender now, not after the 5 ms switch interval

@@ -38,7 +38,9 @@ MAX_ROUNDS = "4"                    # pre-copy rounds at most: the guest must no
 ROUND_TICKS = "8"                   # the guest runs 8 ticks (2 counter lines) after each round's
                                     # pages are sent: the counter's page always changed since its
                                     # last copy, however fast or slow this machine is, so a stale
-                                    # copy of it always shows (replay-record, replay-round, drop)
+                                    # copy of it always shows (replay-record, replay-round, drop);
+                                    # and at most 8 while a round is sent or the handshake runs, so
+                                    # it never finishes during pre-copy (<= 20 + 8 + 4 x 16 < 156)
 TIMEOUT = 5.0                       # B's --timeout (seconds per record); A waits twice as long,
                                     # so B's deadline decides first (the delay scenario)
 
@@ -135,6 +137,7 @@ class Lab:
         self.work = Path(workdir).resolve() if workdir else None
         self.vmms: dict[str, Vmm] = {}
         self.trust: Path | None = None
+        self.no_verdict: str | None = None      # B stopped before it said how the migration ended
 
     def say(self, text: str) -> None:
         self.out(f"lab {self.s.name}: {text}")
@@ -202,14 +205,22 @@ class Lab:
 
     def _finish_destination(self, b: Vmm) -> None:
         """B runs the guest to its end if it resumed it; otherwise it would
-        wait for another migration: give it a moment to report, then stop it."""
-        deadline = time.monotonic() + 3 * TIMEOUT
-        while time.monotonic() < deadline and b.proc.poll() is None:
+        wait for another migration: give it time to report, then stop it.
+        B that took a connection always reports (resumed, or failed: its own
+        deadlines end every session); on a loaded machine that may take a while,
+        so it gets a minute before it is stopped, and then that is said."""
+        t0 = time.monotonic()
+        while b.proc.poll() is None:
             if _line(b, " failed: "):
                 break
             if _line(b, "resumed guest"):
                 b.finish(timeout=120)
                 return
+            waited = time.monotonic() - t0
+            if waited > 60 or (waited > 3 * TIMEOUT and not _line(b, "incoming migration from")):
+                if _line(b, "incoming migration from"):
+                    self.no_verdict = f"B took the migration but said nothing of it within {waited:.0f} s"
+                break
             time.sleep(0.05)
         if b.proc.poll() is None:
             b.kill()
@@ -310,7 +321,8 @@ class Lab:
             ca = ca + cb1                   # the first, honest migration: A then B
         if self.s.kind == "rollback":       # the honest history: A, saved, restored, migrated to B
             ca = [c for k in ("A0", "A1", "B1") for c in counts(self.vmms[k].stdout)]
-        r = {"source_failure": _failure(a), "destination_failure": _failure(b), "counts_a": ca, "counts_b": cb,
+        r = {"source_failure": _failure(a), "destination_failure": _failure(b) or self.no_verdict,
+             "counts_a": ca, "counts_b": cb,
              "a_rc": a.proc.returncode if a else None}
         r["attacker"] = [line.split("minivmm mitm: ATTACK ", 1)[1].strip() for line in (mitm.err_lines if mitm else [])
                          if "ATTACK " in line]

@@ -3,6 +3,7 @@ the OS-process versions are in test_end_to_end.py)."""
 
 import socket
 import threading
+import time
 
 import pytest
 
@@ -12,6 +13,7 @@ from migrate.destination import Destination
 from migrate.errors import GuestStopped, MigrationError, PeerTimeout, Refused
 from migrate.precopy import PrecopyPolicy
 from migrate.server import Server
+from migrate.wire import Channel, RecordType
 from migrate.source import MIGRATED, Source
 from minivmm.events import EventBus
 from minivmm.errors import VmmError
@@ -149,11 +151,11 @@ def test_destination_says_why_it_refuses_a_hello(version, ram, status):
     b.close()
 
 
-def test_min_round_ticks_lets_the_guest_run_after_each_round_is_sent():
-    """With min_round_ticks the guest runs that many ticks after a round's
-    pages are sent, whatever the host's speed: every pre-copy round spans at
-    least that much guest time and finds pages dirtied (so pre-copy reaches
-    its round bound, never 'no dirty pages'), and the guest stays exact."""
+def test_round_ticks_let_the_guest_run_after_each_round_is_sent():
+    """With round_ticks the guest runs that many ticks after a round's pages
+    are sent, whatever the host's speed: every pre-copy round spans at least
+    that much guest time and finds pages dirtied (so pre-copy reaches its
+    round bound, never 'no dirty pages'), and the guest stays exact."""
     img = build_image([Program.builtin("counter", args=(60, 100_000))])
     ref = Machine(img)
     ref.run(max_ticks=100_000)
@@ -163,11 +165,11 @@ def test_min_round_ticks_lets_the_guest_run_after_each_round_is_sent():
     m.run(max_ticks=5)
     bus, seen = EventBus(), []
     bus.subscribe(seen.append)
-    policy = PrecopyPolicy(downtime_target=1e-9, max_rounds=3, min_round_ticks=8)
+    policy = PrecopyPolicy(downtime_target=1e-9, max_rounds=3, round_ticks=8)
     report = Source(m, policy=policy, events=bus).migrate(server.label)
     t.join(60)
     server.close()
-    assert report.policy["min_round_ticks"] == 8
+    assert report.policy["round_ticks"] == 8
     started = {e.round: e.vtime for e in seen if type(e).__name__ == "RoundStarted"}
     finished = {e.round: e.vtime for e in seen if type(e).__name__ == "RoundFinished"}
     assert sorted(finished) == [0, 1, 2]
@@ -177,3 +179,35 @@ def test_min_round_ticks_lets_the_guest_run_after_each_round_is_sent():
     assert all(st.dirtied > 0 for st in report.rounds if not st.final)
     d = result["incoming"].machine
     assert d.console.text() == ref.console.text() and d.exits == ref.exits
+
+
+class SlowAnswers(Channel):
+    """A destination that answers WELCOME and every ROUND_ACK 0.4 s late (a slow
+    or loaded host): a free-running guest would run tens of ticks meanwhile."""
+    def send(self, rtype, *parts):
+        if rtype in (RecordType.WELCOME, RecordType.ROUND_ACK):
+            time.sleep(0.4)
+        return super().send(rtype, *parts)
+
+
+def test_round_ticks_bound_the_guest_while_the_handshake_and_each_round_wait():
+    img = build_image([Program.builtin("counter", args=(0, 100_000))])      # counts forever
+    server, result = Server("127.0.0.1:0", channel=lambda sock, timeout: SlowAnswers(sock, timeout=timeout)), {}
+    t = receive_in_thread(server, result, run_ticks=1)
+    m = Machine(img)
+    m.run(max_ticks=5)
+    v0 = m.vclock
+    bus, seen = EventBus(), []
+    bus.subscribe(seen.append)
+    policy = PrecopyPolicy(downtime_target=1e-9, max_rounds=2, round_ticks=3)
+    Source(m, policy=policy, events=bus).migrate(server.label)
+    t.join(60)
+    server.close()
+    period = m.timer.period
+    started = {e.round: e.vtime for e in seen if type(e).__name__ == "RoundStarted"}
+    finished = {e.round: e.vtime for e in seen if type(e).__name__ == "RoundFinished"}
+    # a slice never crosses a tick, so the cap overshoots by less than one tick
+    assert started[0] - v0 < (3 + 1) * period, (v0, started)          # connect + handshake
+    for r, end in finished.items():                                    # sending, then after it
+        assert 3 * period <= end - started[r] < (2 * 3 + 1) * period, (r, started, finished)
+    assert "incoming" in result

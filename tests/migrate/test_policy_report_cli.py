@@ -109,6 +109,6 @@ def test_round_ticks_option_is_checked(capsys):
 
 
 def test_round_ticks_is_a_checked_policy_field():
-    with pytest.raises(ValueError, match="min round ticks"):
-        PrecopyPolicy(min_round_ticks=-1)
-    assert PrecopyPolicy(min_round_ticks=8).to_dict()["min_round_ticks"] == 8
+    with pytest.raises(ValueError, match="round ticks"):
+        PrecopyPolicy(round_ticks=-1)
+    assert PrecopyPolicy(round_ticks=8).to_dict()["round_ticks"] == 8

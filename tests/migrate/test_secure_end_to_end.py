@@ -19,6 +19,11 @@ pytestmark = pytest.mark.slow
 
 SECRET = b"swordfish: launch code"      # guests/programs/keeper.s
 SEED = "e2e-visible-seed"               # so the test knows the process keys to look for
+# The counter guest runs ~200 ticks; a secure handshake on a loaded machine is long enough
+# for a free-running guest to finish on the source before it migrates (seen once in CI-like
+# runs).  These bound its progress during the migration (<= 4 + 4 x 8 ticks) where a test
+# needs it to migrate.
+BOUNDED = ("--round-ticks", "4", "--max-rounds", "4")
 
 
 @pytest.fixture
@@ -112,7 +117,7 @@ def test_a_record_modified_or_replayed_on_the_wire_is_rejected_and_the_guest_sta
     t = trust(tmp_path)
     dst, port = serve(tmp_path, name="dst", trust=t)
     mitm = Mitm(port, meddle)
-    src = Vmm("run", "counter", "--migrate-to", f"127.0.0.1:{mitm.port}", "--after", "5",
+    src = Vmm("run", "counter", *BOUNDED, "--migrate-to", f"127.0.0.1:{mitm.port}", "--after", "5",
               cwd=tmp_path, name="src", trust=t)
     assert src.finish() == 5, src.stderr          # not migrated: the guest ran here
     assert "the guest continues here" in src.stderr
@@ -129,7 +134,7 @@ def test_with_replay_off_a_duplicated_record_passes_the_record_layer(tmp_path):
     t = trust(tmp_path, {"insecure": ("replay",)})
     dst, port = serve(tmp_path, "--insecure", "replay", name="dst", trust=t)
     mitm = Mitm(port, _duplicate_first_pages)
-    src = Vmm("run", "counter", "--insecure", "replay", "--migrate-to", f"127.0.0.1:{mitm.port}",
+    src = Vmm("run", "counter", *BOUNDED, "--insecure", "replay", "--migrate-to", f"127.0.0.1:{mitm.port}",
               "--after", "5", cwd=tmp_path, name="src", trust=t)
     assert src.finish() == 5, src.stderr          # not migrated: the guest ran here
     assert "BUT INSECURE: defence(s) OFF: replay" in src.stderr
@@ -142,7 +147,7 @@ def test_with_encryption_off_an_eavesdropper_reads_the_pages(tmp_path):
     t = trust(tmp_path, {"insecure": ("encryption",)})
     dst, port = serve(tmp_path, "--insecure", "encryption", name="dst", trust=t)
     mitm = Mitm(port)
-    src = Vmm("run", "counter", "--insecure", "encryption", "--migrate-to", f"127.0.0.1:{mitm.port}",
+    src = Vmm("run", "counter", *BOUNDED, "--insecure", "encryption", "--migrate-to", f"127.0.0.1:{mitm.port}",
               "--after", "5", cwd=tmp_path, name="src", trust=t)
     assert src.finish() == 0 and dst.finish() == 0, src.stderr + dst.stderr
     assert b"counter \0" in mitm.wire
@@ -212,7 +217,7 @@ def test_a_forged_abort_after_commit_cannot_make_two_copies(tmp_path, secure, of
     # (it would discard the VM and wait for another one: not the case under test).
     dst, port = serve(tmp_path, *insecure, "--timeout", "60", name="dst", trust=t)
     mitm = Mitm(port, meddle_back=_forge_abort_for_resumed)
-    src = Vmm("run", "counter", *insecure, "--timeout", "60", "--migrate-to", f"127.0.0.1:{mitm.port}",
+    src = Vmm("run", "counter", *BOUNDED, *insecure, "--timeout", "60", "--migrate-to", f"127.0.0.1:{mitm.port}",
               "--after", "5", cwd=tmp_path, name="src", trust=t)
     src_rc = src.finish()
     dst.wait_for("resumed guest", timeout=120)          # (else: its stderr in the failure)
@@ -264,7 +269,7 @@ def test_an_unconfirmed_commit_leaves_no_copy_and_a_sealed_recovery(tmp_path):
     t = trust(tmp_path)
     dst, port = serve(tmp_path, name="dst", trust=t)
     mitm = Mitm(port, _cut_at_commit)
-    src = Vmm("run", "counter", "--migrate-to", f"127.0.0.1:{mitm.port}", "--after", "5",
+    src = Vmm("run", "counter", *BOUNDED, "--migrate-to", f"127.0.0.1:{mitm.port}", "--after", "5",
               cwd=tmp_path, name="src", trust=t)
     assert src.finish() == 4, src.stderr
     dst.wait_for("nothing resumed")

@@ -8,6 +8,7 @@ import pytest
 from guests.build import Program, build_image
 from guests.catalog import get_guest
 from migrate.errors import Refused
+from migrate.precopy import PrecopyPolicy
 from migrate.secure.channel import SealedChannel
 from migrate.secure.commit import read_mark
 from migrate.server import Server
@@ -17,6 +18,11 @@ from minivmm.machine import Machine
 from securehelp import Trust, secure_receive_in_thread
 
 SECRET = b"swordfish: launch code"
+
+
+# The guest's progress during a migration is bounded (test_secure_attacks.BOUNDED): a
+# free-running keeper could exit during a slow secure handshake on a loaded machine.
+BOUNDED = PrecopyPolicy(round_ticks=3, max_rounds=3)
 
 
 def keeper_image(rounds=30):
@@ -52,7 +58,7 @@ def test_protected_keeper_migrates_secure_and_no_secret_or_key_on_the_wire(tmp_p
     t = secure_receive_in_thread(server, res, lambda: trust.mode(b))
     Recorder.wire = bytearray()
     mode = trust.mode(a)
-    report = Source(m, mode=mode, check_ram=True,
+    report = Source(m, mode=mode, check_ram=True, policy=BOUNDED,
                     channel=lambda s, timeout: Recorder(s, timeout=timeout, role="source")).migrate(server.label)
     t.join(60)
     server.close()
@@ -83,7 +89,7 @@ def test_a_busy_destination_refuses_a_secure_source_clearly(tmp_path):
             m = Machine(get_guest("counter").build())
             m.run(max_ticks=5)
             with pytest.raises(Refused, match="busy"):
-                Source(m, mode=trust.mode(a)).migrate(server.label)
+                Source(m, mode=trust.mode(a), policy=BOUNDED).migrate(server.label)
             assert not m.halted and not m.ram.dirty.enabled
         assert m.run(max_ticks=100_000) == "shutdown" and "counter 100" in m.console.text()
     finally:

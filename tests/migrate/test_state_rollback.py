@@ -18,7 +18,7 @@ from minivmm.machine import Machine
 from minivmm.state import HEADER
 
 from securehelp import Trust, secure_receive_in_thread
-from test_secure_attacks import guest, migrate
+from test_secure_attacks import BOUNDED, guest, migrate
 
 
 def hop(src_mode, dst_factory, m):
@@ -30,7 +30,7 @@ def hop(src_mode, dst_factory, m):
         sock, timeout=timeout, role="destination"))
     res = {}
     t = secure_receive_in_thread(server, res, dst_factory, timeout=5, run_ticks=None)
-    res["report"] = Source(m, mode=src_mode, timeout=5).migrate(server.label)
+    res["report"] = Source(m, mode=src_mode, timeout=5, policy=BOUNDED).migrate(server.label)
     t.join(60)
     server.close()
     return res["incoming"].machine
