@@ -19,6 +19,11 @@ from migrate.wire import Channel, RecordType
 from minivmm.machine import Machine
 from vmmproc import Proxy, Vmm, reference_run, serve
 
+# The counter guest runs ~200 ticks: bound its progress during each migration
+# (<= 4 + 4 x 8 ticks) so that it never finishes on the source during a slow
+# pre-copy on a loaded machine (a helper's run saw that once).
+BOUNDED = ("--round-ticks", "4", "--max-rounds", "4")
+
 pytestmark = pytest.mark.slow
 
 
@@ -38,7 +43,7 @@ def images(tmp_path):
 
 def test_counter_continues_without_gap_or_repeat(tmp_path):
     dst, port = serve(tmp_path)
-    src = Vmm("run", "counter", "--migrate-to", f"127.0.0.1:{port}", "--after", "30", "--check-ram",
+    src = Vmm("run", "counter", *BOUNDED, "--migrate-to", f"127.0.0.1:{port}", "--after", "30", "--check-ram",
               cwd=tmp_path, name="src")
     assert src.finish() == 0, src.stderr
     assert dst.finish() == 0, dst.stderr
@@ -96,9 +101,9 @@ def test_demo_guest_migrated_equals_never_migrated(tmp_path):
 def test_a_to_b_to_a_to_b(tmp_path):
     """Three migrations through four VMM processes (hosts A, B, A, B)."""
     b2, p4 = serve(tmp_path, name="b2")
-    a2, p3 = serve(tmp_path, "--migrate-to", f"127.0.0.1:{p4}", "--after", "25", "--check-ram", name="a2")
-    b1, p2 = serve(tmp_path, "--migrate-to", f"127.0.0.1:{p3}", "--after", "25", "--check-ram", name="b1")
-    a1 = Vmm("run", "counter", "--migrate-to", f"127.0.0.1:{p2}", "--after", "25", "--check-ram",
+    a2, p3 = serve(tmp_path, *BOUNDED, "--migrate-to", f"127.0.0.1:{p4}", "--after", "25", "--check-ram", name="a2")
+    b1, p2 = serve(tmp_path, *BOUNDED, "--migrate-to", f"127.0.0.1:{p3}", "--after", "25", "--check-ram", name="b1")
+    a1 = Vmm("run", "counter", *BOUNDED, "--migrate-to", f"127.0.0.1:{p2}", "--after", "25", "--check-ram",
              cwd=tmp_path, name="a1")
     for v in (a1, b1, a2, b2):
         assert v.finish() == 0, v.stderr
@@ -127,7 +132,7 @@ def test_connection_cut_in_stop_and_copy_source_resumes(tmp_path):
     ref = reference_run(tmp_path, "counter")
     dst, port = serve(tmp_path)       # a failed attempt does not count: it still takes one VM
     proxy = Proxy(port, cut_at=RecordType.STATE)          # STATE is sent with the guest paused
-    src = Vmm("run", "counter", "--migrate-to", f"127.0.0.1:{proxy.port}", "--after", "20",
+    src = Vmm("run", "counter", *BOUNDED, "--migrate-to", f"127.0.0.1:{proxy.port}", "--after", "20",
               cwd=tmp_path, name="src")
     assert src.finish() == 5, src.stderr
     assert proxy.cut.is_set()
@@ -136,7 +141,7 @@ def test_connection_cut_in_stop_and_copy_source_resumes(tmp_path):
     dst.wait_for("failed")
     assert "discarded" in dst.stderr and dst.stdout == ""    # never resumed there
     # the destination is still usable: a clean migration now succeeds
-    src2 = Vmm("run", "counter", "--migrate-to", f"127.0.0.1:{port}", "--after", "20", cwd=tmp_path, name="src2")
+    src2 = Vmm("run", "counter", *BOUNDED, "--migrate-to", f"127.0.0.1:{port}", "--after", "20", cwd=tmp_path, name="src2")
     assert src2.finish() == 0 and dst.finish() == 0, src2.stderr + dst.stderr
     assert src2.stdout + dst.stdout == ref.stdout
 
@@ -161,14 +166,14 @@ def test_silent_peer_times_out_and_second_migration_is_refused(tmp_path):
     busy.send(RecordType.HELLO, Hello(16 << 20, {"vm": "first"}).encode())
     assert busy.recv().type is RecordType.WELCOME
     # ... so a second, concurrent one is refused clearly; its guest carries on at home
-    src = Vmm("run", "counter", "--migrate-to", f"127.0.0.1:{port}", "--after", "5", cwd=tmp_path, name="src")
+    src = Vmm("run", "counter", *BOUNDED, "--migrate-to", f"127.0.0.1:{port}", "--after", "5", cwd=tmp_path, name="src")
     assert src.finish() == 5, src.stderr
     assert "refused" in src.stderr and "busy" in src.stderr, src.stderr + "\n--- dst:\n" + dst.stderr
     assert counter_lines(src.stdout) == list(range(1, 101))
     busy.close()
     dst.wait_for("discarded")
     # and the destination then takes the next migration
-    src2 = Vmm("run", "counter", "--migrate-to", f"127.0.0.1:{port}", "--after", "5", cwd=tmp_path, name="src2")
+    src2 = Vmm("run", "counter", *BOUNDED, "--migrate-to", f"127.0.0.1:{port}", "--after", "5", cwd=tmp_path, name="src2")
     assert src2.finish() == 0 and dst.finish() == 0, src2.stderr + dst.stderr
     assert counter_lines(src2.stdout + dst.stdout) == list(range(1, 101))
 
@@ -177,7 +182,7 @@ def test_source_facing_a_silent_destination_keeps_its_guest(tmp_path):
     listener = socket.create_server(("127.0.0.1", 0))     # accepts, never answers
     port = listener.getsockname()[1]
     t0 = time.monotonic()
-    src = Vmm("run", "counter", "--migrate-to", f"127.0.0.1:{port}", "--after", "5", "--timeout", "1",
+    src = Vmm("run", "counter", *BOUNDED, "--migrate-to", f"127.0.0.1:{port}", "--after", "5", "--timeout", "1",
               cwd=tmp_path, name="src")
     assert src.finish() == 5, src.stderr
     assert time.monotonic() - t0 < 60
@@ -225,11 +230,11 @@ def test_source_killed_mid_precopy_destination_discards_and_serves_on(tmp_path):
     dst, port = serve(tmp_path)
     victims = []
     proxy = Proxy(port, cut_at=RecordType.PAGES, on_cut=lambda: victims[0].kill())
-    src = Vmm("run", "counter", "--migrate-to", f"127.0.0.1:{proxy.port}", "--after", "5", cwd=tmp_path, name="src")
+    src = Vmm("run", "counter", *BOUNDED, "--migrate-to", f"127.0.0.1:{proxy.port}", "--after", "5", cwd=tmp_path, name="src")
     victims.append(src)
     dst.wait_for("discarded")
     assert src.proc.returncode == -signal.SIGKILL and dst.stdout == ""     # nothing resumed
-    src2 = Vmm("run", "counter", "--migrate-to", f"127.0.0.1:{port}", "--after", "5", cwd=tmp_path, name="src2")
+    src2 = Vmm("run", "counter", *BOUNDED, "--migrate-to", f"127.0.0.1:{port}", "--after", "5", cwd=tmp_path, name="src2")
     assert src2.finish() == 0 and dst.finish() == 0, src2.stderr + dst.stderr
     assert counter_lines(src2.stdout + dst.stdout) == list(range(1, 101))
 
