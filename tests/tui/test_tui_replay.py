@@ -34,9 +34,10 @@ def test_replay_forward_and_back_shows_each_step():
             await pilot.press("p")
             f = app.frames[app.cursor]
             assert (f.phase, f.round) == ("precopy", 0) and "Pre-copy round 0" in text(app, "#timeline")
-            await pilot.press("o")
-            assert app.frames[app.cursor].round == 1
             assert "obligation 3" in text(app, "#help")
+            await pilot.press("o")                  # the next round: here the final one
+            assert app.frames[app.cursor].round == 1 and app.frames[app.cursor].phase == "stopcopy"
+            assert "obligation 5" in text(app, "#help")
             await pilot.press("e")
             assert app.frames[app.cursor].phase == "done" and "RESUMED" in text(app, "#log")
             assert "counter" in text(app, "#dst-detail")
@@ -64,7 +65,7 @@ def test_writer_round_trip(tmp_path):
 @pytest.mark.parametrize("damage, message", [
     (lambda lines: lines[:len(lines) // 2], "truncated: no end record"),
     (lambda lines: lines[:-1] + [lines[-1][:5]], "truncated"),
-    (lambda lines: [lines[0].replace('"version":1', '"version":9')] + lines[1:], "version 9"),
+    (lambda lines: [lines[0].replace('"version":2', '"version":9')] + lines[1:], "version 9"),
     (lambda lines: ["{not json\n"] + lines[1:], "not a minivmm TUI transcript|not JSON"),
     (lambda lines: lines[:3] + ['{"frame": {"index": 2}}\n'] + lines[3:], "Frame fields"),
     (lambda lines: lines[:2] + [lines[2].replace('"phase":"boot"', '"phase":"hack"')] + lines[3:],
