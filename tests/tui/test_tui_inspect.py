@@ -145,3 +145,14 @@ def test_a_version_1_transcript_still_replays(tmp_path):
             assert shown(app)[0] == 4                   # no finer than the file holds
             await pilot.press("q")
     asyncio.run(main())
+
+
+def test_every_key_of_the_app_is_in_the_documented_key_table():
+    doc = Path(__file__).parents[2] / "docs" / "tui.md"
+    keys_section = doc.read_text().split("## Keys", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"`([^`]+)`", keys_section))
+    names = {"left": "←", "right": "→", "left_square_bracket": "[", "right_square_bracket": "]",
+             "escape": "esc", "ctrl+c": "Ctrl+C"}
+    for b in MigrationApp.BINDINGS:
+        key = names.get(b.key, b.key)
+        assert key in documented, f"key {key!r} ({b.description}) is not in docs/tui.md's key table"
