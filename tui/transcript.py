@@ -26,6 +26,8 @@ import re
 import threading
 from dataclasses import asdict, fields
 
+import numpy as np
+
 from tui import phases
 from tui.model import Frame, HostView, MemoryMap, Message, Proc, RoundPoint, Stats
 
@@ -81,15 +83,13 @@ class Writer:
 
 
 def runs(m: MemoryMap) -> str:
-    out, cells, i, n = [], m.cells, 0, m.ncells
-    while i < n:
-        c = cells[2 * i:2 * i + 2]
-        j = i + 1
-        while j < n and cells[2 * j:2 * j + 2] == c:
-            j += 1
-        out.append(f"{c}{j - i}")
-        i = j
-    return "".join(out)
+    """The cells run-length coded; vectorised (a 256 MiB map is 65536 cells a frame)."""
+    if not m.ncells:
+        return ""
+    cells = np.frombuffer(m.cells.encode("ascii"), np.uint16)      # one value per two-character cell
+    starts = np.concatenate(([0], np.flatnonzero(cells[1:] != cells[:-1]) + 1))
+    counts = np.diff(np.append(starts, len(cells)))
+    return "".join(f"{m.cells[2 * a:2 * a + 2]}{n}" for a, n in zip(starts.tolist(), counts.tolist()))
 
 
 def encode_map(m: MemoryMap) -> dict:

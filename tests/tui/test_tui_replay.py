@@ -94,3 +94,20 @@ def test_an_overlong_line_is_refused_before_it_is_parsed(tmp_path):
                    + "[" + " " * (1 << 20) + "]\n")
     with pytest.raises(TranscriptError, match="longer than"):
         read(bad)
+
+
+def test_a_map_too_varied_for_a_line_is_written_merged(tmp_path):
+    """131072 frames alternating free / user: 393,216 characters of runs; the
+    writer merges cells (two a cell) until the line fits, and says so in per_cell."""
+    from dataclasses import replace
+
+    from tui.model import MemoryMap
+    _, frames = read(FIXTURE)
+    varied = MemoryMap(131072, 1, "f-u-" * 65536)
+    f = replace(frames[0], source=replace(frames[0].source, memory=varied))
+    w = Writer(tmp_path / "t.jsonl", {})
+    w.write(f)
+    w.close()
+    _, again = read(tmp_path / "t.jsonl")
+    mem = again[0].source.memory
+    assert (mem.npages, mem.per_cell, mem.cells) == (131072, 2, "u-" * 65536)
