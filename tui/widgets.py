@@ -64,8 +64,11 @@ class MemoryMapView(Widget):
 
     def show(self, view: HostView, zoom=None) -> None:
         if view is not self.view or zoom != self.zoom:
+            # Its height depends on the width and the role only (get_content_height):
+            # a new view of the same host repaints this widget, no new layout.
+            layout = self.view is None or self.view.role != view.role
             self.view, self.zoom = view, zoom
-            self.refresh(layout=True)
+            self.refresh(layout=layout)
 
     def capacity(self) -> int:
         return max(8, self.size.width or 40) * MAP_ROWS
