@@ -31,6 +31,7 @@ Screen { layout: vertical; }
 .col { width: 1fr; height: 100%; border: round $primary; }
 #middle { width: 1.3fr; }
 #help { height: 6; border: round $secondary; }
+#help.record { height: auto; min-height: 6; max-height: 12; }
 #top { height: 1; }
 #timeline { height: auto; max-height: 5; }
 #stats { height: auto; max-height: 8; }

@@ -33,12 +33,22 @@ def _round_totals(e) -> tuple[tuple[str, str], ...]:
     return out
 
 
+def _quote(e) -> tuple[tuple[str, str], ...]:
+    """The peer's QUOTE this side received: what verifying it established."""
+    if not e.attestation:
+        return ()
+    return (("verdict", "verified: signed by an AK the issuer certified, over this side's nonce "
+                        "bound to this key exchange, PCRs as the policy approves"),) + e.attestation
+
+
 # (role, event class) -> [(when, direction, record type, fields of the event)]
 TABLE = {
     ("source", mev.Handshake): [(LAST, "send", "HELLO", _info),
-                                (LAST, "recv", "WELCOME", lambda e: (("status", "OK: B accepts"),))],
+                                (LAST, "recv", "WELCOME", lambda e: (("status", "OK: B accepts"),)),
+                                (LAST, "recv", "QUOTE", _quote)],
     ("destination", mev.Handshake): [(LAST, "recv", "HELLO", _info),
-                                     (LAST, "send", "WELCOME", lambda e: (("status", "OK: B accepts"),))],
+                                     (LAST, "send", "WELCOME", lambda e: (("status", "OK: B accepts"),)),
+                                     (LAST, "recv", "QUOTE", _quote)],
     ("source", mev.StopAndCopy): [(NEXT, "send", "ROUND_BEGIN",
                                    lambda e: (("final round", f"stop-and-copy ({e.reason}); the guest is "
                                                               f"paused, {e.remaining} pages left"),))],

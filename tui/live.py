@@ -146,6 +146,8 @@ class Tracker:
     def _describe(self, e) -> None:
         """Fill in the body of the record event ``e`` describes (tui.bodies)."""
         for when, direction, rtype, fields in bodies.describes(e):
+            if not fields:
+                continue
             if when == bodies.NEXT:
                 key = (e.role, direction, rtype)
                 self.pending[key] = self.pending.get(key, ()) + fields

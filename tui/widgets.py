@@ -257,9 +257,10 @@ class MessageLog(Widget):
         return t
 
 
-VERDICTS = {"sent": "sent in the clear (plain mode: no authentication)",
+VERDICTS = {"sent": "sent unsealed (plain mode, or a handshake record before the keys exist)",
             "sealed": "encrypted and authenticated by the channel before it left",
-            "accepted": "accepted as it came (plain mode: nothing to verify)",
+            "accepted": "accepted unsealed (plain mode, or a handshake record before the keys exist: "
+                        "a quote is checked by its verifier, below)",
             "verified": "authenticated by the channel (tag, sequence number) before the engine saw it"}
 
 
@@ -316,6 +317,8 @@ class HelpPanel(Shown):
     def show(self, f: Frame, selected: Message | None = None) -> None:
         if self.same((f.phase, f.round, f.note, selected)):
             return
+        # A record's fields may take more lines than a phase's help: the panel grows (CSS).
+        self.set_class(selected is not None, "record")
         if selected is not None:
             self.put(describe(selected))
             return

@@ -52,6 +52,11 @@ def test_a_tampered_record_is_shown_rejected_in_secure_mode():
     rejected = [n for n in notes if "aborted" in n and "failed authentication" in n]
     assert rejected, notes[-8:]
     # The rejection's fields: the reject line, and the ABORT record B sent, carry the reason.
+    # Before that, each side's QUOTE from the other: what verifying it established.
+    for side in ("source", "destination"):
+        quote = [dict(m.body) for m in msgs if (m.side, m.direction, m.rtype) == (side, "recv", "QUOTE")]
+        assert quote and quote[0]["verdict"].startswith("verified") and quote[0]["host"], quote
+        assert quote[0]["PCRs matching the policy"]
     for direction in ("reject", "send"):
         reasons = [dict(m.body).get("reason", "") for m in msgs if (m.rtype, m.direction) == ("ABORT", direction)]
         assert any("failed authentication" in r for r in reasons), [(m.rtype, m.direction, m.body) for m in msgs[-4:]]
