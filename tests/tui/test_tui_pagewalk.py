@@ -11,7 +11,6 @@ from minivmm.memory import GuestRAM
 from minivmm.mmu import PTE_P, PTE_PS, PTE_U, PTE_W, WalkFault, walk
 from minivmm.machine import Machine
 from tui import capture
-from tui.model import CONTENT_ORDER
 from tui.pagewalk import LIVE, process_frames, user_frames
 
 
