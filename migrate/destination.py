@@ -172,7 +172,8 @@ class Destination:
                 ch.deadline = ch.now() + session_limit(hello.ram_size, self.timeout, self.min_rate)
                 self.mode.destination_handshake(ch, hello, rec.body)    # secure: keys + attestation
                 ch.send(RecordType.WELCOME, Welcome(STATUS_OK).encode())
-                self._emit(mev.Handshake, peer=peer, ram_size=hello.ram_size, info=hello.info)
+                self._emit(mev.Handshake, peer=peer, ram_size=hello.ram_size, info=hello.info,
+                           attestation=mev.attestation_fields(getattr(self.mode, "peer", None)))
                 state = PRECOPY
             elif t is RecordType.ROUND_BEGIN:
                 rnd = RoundMark.decode(rec.body, "ROUND_BEGIN")

@@ -31,6 +31,22 @@ class Handshake(MigrationEvent):
     peer: str
     ram_size: int
     info: dict
+    # What this side's verification of the peer's quote established (secure mode),
+    # as text pairs (see attestation_fields); empty in plain mode or with the
+    # attestation defence off.  Emitted only once the quote verified.
+    attestation: tuple[tuple[str, str], ...] = ()
+
+
+def attestation_fields(result) -> tuple[tuple[str, str], ...]:
+    """A verified quote's result (``tpm.AttestationResult``, or None) as
+    immutable text for an event: nothing of the engine's objects leaks out."""
+    if result is None:
+        return ()
+    return (("host", str(result.host)),
+            ("AK", result.ak_name.hex()[:16] + "..."),
+            ("PCRs matching the policy", ", ".join(str(i) for i in sorted(result.pcr_values))),
+            ("approved boot events", str(len(result.events))),
+            ("nonce (bound to the key exchange)", result.nonce.hex()[:16] + "..."))
 
 
 @dataclass(frozen=True)

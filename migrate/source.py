@@ -288,7 +288,8 @@ class Source:
         if welcome.status != STATUS_OK:
             raise Refused(f"destination {peer} refused the migration "
                           f"({STATUS_NAMES[welcome.status]}): {welcome.reason}")
-        self._emit(mev.Handshake, peer=peer, ram_size=m.ram.size, info=info)
+        self._emit(mev.Handshake, peer=peer, ram_size=m.ram.size, info=info,
+                   attestation=mev.attestation_fields(getattr(self.mode, "peer", None)))
 
     # --------------------------------------------------------------- pre-copy
     def _precopy(self, ch: Channel, report: MigrationReport) -> np.ndarray:

@@ -20,7 +20,8 @@ from textual.widgets import Footer, OptionList, Static
 
 from tui import attacks, phases, stepper
 from tui.model import Frame
-from tui.widgets import DetailPanel, HelpPanel, HostPanel, MemoryMapView, MessageLog, StatsPanel, Timeline
+from tui.widgets import (DetailPanel, HelpPanel, HostPanel, MemoryMapView, MessageLog, StatsPanel, Timeline,
+                         map_window, messages_until)
 
 NARROW = 110            # below this width one column shows at a time (a, m, b switch)
 
@@ -30,6 +31,7 @@ Screen { layout: vertical; }
 .col { width: 1fr; height: 100%; border: round $primary; }
 #middle { width: 1.3fr; }
 #help { height: 6; border: round $secondary; }
+#help.record { height: auto; min-height: 6; max-height: 12; }
 #top { height: 1; }
 #timeline { height: auto; max-height: 5; }
 #stats { height: auto; max-height: 8; }
@@ -70,13 +72,20 @@ class MigrationApp(App):
         Binding("p", "step('phase')", "phase"),
         Binding("o", "step('round')", "round"),
         Binding("e", "step('run')", "run"),
-        Binding("space", "step('pause')", "pause"),
+        Binding("space", "step('pause')", "pause", key_display="␣"),
         Binding("left", "back", "back"),
         Binding("right", "forward", "fwd", show=False),
         Binding("r", "restart", "restart"),
         Binding("v", "cycle", "view"),
         Binding("x", "menu", "menu"),
-        Binding("t", "theme", "theme"),
+        Binding("z", "zoom(1)", "zoom"),
+        Binding("Z", "zoom(-1)", "out", show=False),
+        Binding("left_square_bracket", "pan(-1)", "map <", show=False),
+        Binding("right_square_bracket", "pan(1)", "map >", show=False),
+        Binding("k", "select(-1)", "rec"),
+        Binding("j", "select(1)", "record down", show=False),
+        Binding("escape", "select(0)", "unselect", show=False),
+        Binding("t", "theme", "theme", show=False),
         Binding("q", "quit_app", "quit"),
         Binding("a", "column('source')", "A", show=False),
         Binding("m", "column('middle')", "mid", show=False),
@@ -101,6 +110,10 @@ class MigrationApp(App):
         self.renders = 0
         self.run_id = 0
         self.column = "middle"
+        self.zoom = None                # the memory maps' window: None (all), or (pages per cell, first frame)
+        self.focus = 0                  # the frame the last zoom centred on
+        self.selected: int | None = None        # the message (its n) whose fields the help panel shows
+        self.msgs: list = []            # the messages up to the cursor, as the log shows them
 
     # ----------------------------------------------------------- layout
     def compose(self) -> ComposeResult:
@@ -119,7 +132,7 @@ class MigrationApp(App):
                 yield MemoryMapView(id="dst-map")
                 yield DetailPanel(id="dst-detail")
         yield HelpPanel(id="help")
-        yield Footer()
+        yield Footer(compact=True, show_command_palette=False)
 
     def on_mount(self) -> None:
         self.theme = "textual-dark"
@@ -197,12 +210,16 @@ class MigrationApp(App):
         top.update(Text.assemble((f"{f.mode} mode", "bold"), f" | {state}{view}"))
         self.query_one("#timeline", Timeline).show(f)
         self.query_one("#stats", StatsPanel).show(f)
-        self.query_one("#log", MessageLog).show(self.frames, self.cursor)
-        self.query_one("#help", HelpPanel).show(f)
+        self.msgs = messages_until(self.frames, self.cursor)
+        chosen = next((m for m in self.msgs if m.n == self.selected), None)
+        if chosen is None:
+            self.selected = None        # stepped back past it
+        self.query_one("#log", MessageLog).show(self.msgs, self.selected)
+        self.query_one("#help", HelpPanel).show(f, chosen)
         for side, pre in (("source", "src"), ("destination", "dst")):
             v = getattr(f, side)
             self.query_one(f"#{pre}-head", HostPanel).show(v)
-            self.query_one(f"#{pre}-map", MemoryMapView).show(v)
+            self.query_one(f"#{pre}-map", MemoryMapView).show(v, self.zoom)
             self.query_one(f"#{pre}-detail", DetailPanel).show(v)
 
     # --------------------------------------------------------- actions
@@ -237,6 +254,76 @@ class MigrationApp(App):
             self.follow = True
             self.session.command(kind)
             self._dirty = True
+
+    # ------------------------------------------------ memory map zoom
+    def _map(self):
+        """(npages, base pages per cell, capacity) of the maps, or None before any."""
+        if not self.frames:
+            return None
+        f = self.frames[self.cursor]
+        mem = f.source.memory or f.destination.memory
+        if mem is None:
+            return None
+        shown = [w for w in self.query(MemoryMapView) if w.region.width]
+        cap = (shown[0] if shown else self.query_one("#src-map", MemoryMapView)).capacity()
+        return mem.npages, mem.per_cell, cap
+
+    def zoom_into(self, frame: int, finer: int = 4) -> None:
+        """Zoom the maps ``finer`` times closer, centred on ``frame`` (a click, or z)."""
+        geo = self._map()
+        if geo is None:
+            return
+        n, base, cap = geo
+        _, _, per = map_window(n, base, cap, self.zoom)
+        if per <= base:
+            self.notify("the map already shows one page per cell" if base == 1 else
+                        f"this transcript's maps have {base} pages per cell at most")
+            return
+        per = -(-max(base, -(-per // finer)) // base) * base
+        self.zoom, self.focus = (per, frame - per * cap // 2), frame
+        self.render_frame()
+
+    def action_zoom(self, direction: int) -> None:
+        geo = self._map()
+        if geo is None:
+            return
+        n, base, cap = geo
+        lo, hi, per = map_window(n, base, cap, self.zoom)
+        if direction > 0:
+            # Closer around the frame last zoomed into (a click), while it is in view.
+            self.zoom_into(self.focus if self.zoom is not None and lo <= self.focus < hi else (lo + hi) // 2)
+            return
+        if self.zoom is not None:
+            per *= 4
+            whole = map_window(n, base, cap, None)[2]
+            self.zoom = None if per >= whole else (per, (lo + hi) // 2 - per * cap // 2)
+        self.render_frame()
+
+    def action_pan(self, direction: int) -> None:
+        geo = self._map()
+        if geo is None or self.zoom is None:
+            return
+        n, base, cap = geo
+        lo, hi, per = map_window(n, base, cap, self.zoom)
+        lo = map_window(n, base, cap, (per, lo + direction * max(per, (hi - lo) // 2)))[0]
+        self.zoom = (per, lo)
+        self.render_frame()
+
+    # ------------------------------------------------ record selection
+    def select_message(self, n: int | None) -> None:
+        self.selected = n
+        self.render_frame()
+
+    def action_select(self, step: int) -> None:
+        ns = [m.n for m in self.msgs]
+        if step == 0 or not ns:
+            self.select_message(None)
+            return
+        if self.selected not in ns:
+            self.select_message(ns[-1])
+            return
+        i = max(0, min(len(ns) - 1, ns.index(self.selected) + step))
+        self.select_message(ns[i])
 
     def action_back(self) -> None:
         if self.frames:

@@ -15,11 +15,11 @@ import numpy as np
 
 from migrate.residency import untouched
 from minivmm.mmu import WalkFault, read_linear
-from tui.model import (CLOAKED, CONTENT_ORDER, DIRTY, NOT_SENT, PARTIAL, PLAIN, SENT,
-                       TRANSFER_ORDER, HostView, MemoryMap, Proc)
+from tui.pagewalk import process_frames
+from tui.model import (CLOAKED, CONTENT_ORDER, DIRTY, PLAIN, SENT, TRANSFER_ORDER, HostView,
+                       MemoryMap, Proc)
 
 PAGE = 4096
-MAX_CELLS = 1024            # captured resolution; widgets merge cells further to fit
 SCAN = 4096                 # pages tested for zero at once
 CONSOLE_LINES = 40
 REGISTERS = ("eax", "ebx", "ecx", "edx", "esi", "edi", "ebp", "esp", "eip", "eflags", "cr3", "cs")
@@ -43,39 +43,35 @@ def used_pages(ram) -> np.ndarray:
     return used
 
 
-def content(ram, *, kernel_end: int, protected: dict) -> np.ndarray:
-    """Content code (index into CONTENT_ORDER) per frame."""
+def content(ram, *, protected: dict, user: np.ndarray | None) -> np.ndarray:
+    """Content code (index into CONTENT_ORDER) per frame: user where ``user``
+    (the processes' page-table walk) says so, else kernel if the frame holds
+    anything, else free; protected frames as their state says."""
     used = used_pages(ram)
-    codes = np.where(used, _C["u"], _C["f"]).astype(np.uint8)
-    kend = min(kernel_end, ram.npages)
-    codes[:kend][used[:kend]] = _C["k"]
+    codes = np.where(used, _C["k"], _C["f"]).astype(np.uint8)
+    if user is not None:
+        codes[user] = _C["u"]
     for frame, (_, meta) in protected.items():
         if 0 <= frame < ram.npages:
             codes[frame] = _C[CLOAKED] if meta.state == "cloaked" else _C[PLAIN]
     return codes
 
 
+_CONTENT_CH = np.frombuffer("".join(CONTENT_ORDER).encode(), np.uint8)
+_TRANSFER_CH = np.frombuffer("".join(TRANSFER_ORDER).encode(), np.uint8)
+
+
 def memory_map(codes: np.ndarray, sent: np.ndarray | None, dirty: np.ndarray | None) -> MemoryMap:
+    """One cell per frame (the screen merges cells and zooms)."""
     n = len(codes)
-    per = 1
-    while -(-n // per) > MAX_CELLS:
-        per *= 2
-    starts = np.arange(0, n, per)
-    cont = np.maximum.reduceat(codes, starts)
-    size = np.diff(np.append(starts, n))
-    nsent = np.add.reduceat(sent.astype(np.int64), starts) if sent is not None else np.zeros(len(starts), np.int64)
-    anyd = (np.add.reduceat(dirty.astype(np.int64), starts) > 0) if dirty is not None \
-        else np.zeros(len(starts), bool)
-    trans = np.where(anyd, _T[DIRTY], np.where(nsent == size, _T[SENT],
-                                              np.where(nsent > 0, _T[PARTIAL], _T[NOT_SENT])))
-    cells = "".join(CONTENT_ORDER[c] + TRANSFER_ORDER[t] for c, t in zip(cont.tolist(), trans.tolist()))
-    return MemoryMap(n, per, cells)
-
-
-def kernel_end(machine) -> int:
-    """First frame after the kernel image (its highest symbol, rounded up)."""
-    syms = machine.image.kernel_symbols
-    return (max(syms.values()) + PAGE - 1) // PAGE if syms else 0
+    trans = np.zeros(n, np.uint8)
+    if sent is not None:
+        trans[sent[:n].astype(bool)] = _T[SENT]
+    if dirty is not None:
+        trans[dirty[:n].astype(bool)] = _T[DIRTY]
+    out = np.empty((n, 2), np.uint8)
+    out[:, 0], out[:, 1] = _CONTENT_CH[codes], _TRANSFER_CH[trans]
+    return MemoryMap(n, 1, out.tobytes().decode("ascii"))
 
 
 def _disasm(machine, cpu, protected: dict) -> tuple[str, ...]:
@@ -123,7 +119,7 @@ def _console(machine) -> tuple[str, ...]:
 
 def machine_view(role: str, status: str, machine, *, sent=None, dirty=None, all_sent=False) -> HostView:
     protected = dict(machine.protection.frames)      # one C-level copy: safe beside another thread
-    codes = content(machine.ram, kernel_end=kernel_end(machine), protected=protected)
+    codes = content(machine.ram, protected=protected, user=process_frames(machine))
     if all_sent:
         sent = np.ones(len(codes), dtype=bool)
     cpu = machine.cpu()
@@ -144,5 +140,7 @@ def destination_view(status: str, dest=None, machine=None) -> HostView:
         return machine_view("destination", status, machine, all_sent=True)
     if dest is None or dest.ram is None:
         return HostView("destination", status)
-    codes = np.where(used_pages(dest.ram), CONTENT_ORDER.index("u"), 0).astype(np.uint8)
+    # Not restored yet: no CPU, no process table to walk; a received page is
+    # "kernel / other non-zero" or free until B's machine exists.
+    codes = np.where(used_pages(dest.ram), _C["k"], _C["f"]).astype(np.uint8)
     return HostView("destination", status, 0, memory_map(codes, dest.hashes.seen.copy(), None))

@@ -23,7 +23,7 @@ from migrate.errors import MigrationError
 from migrate.precopy import PrecopyPolicy
 from migrate.steps import RECV, SEND, Timebase, attach
 from minivmm.events import EventBus
-from tui import capture, phases
+from tui import bodies, capture, phases
 from tui.model import Frame, HostView, Message, RoundPoint, Stats
 from tui.stepper import Position, SliceGate, Stepper
 
@@ -80,6 +80,9 @@ class Tracker:
         self.t_pause: float | None = None
         self.src_status = "booting"
         self.dst_status = "listening on loopback"
+        self.recent: dict[str, list[Message]] = {"source": [], "destination": []}
+        self.pending: dict[tuple, tuple] = {}   # (side, direction, rtype) -> body for its next record
+        self.updated: list[Message] = []        # bodies filled since the last frame
 
     # ------------------------------------------------------------- capture
     def _capture(self) -> None:
@@ -100,7 +103,8 @@ class Tracker:
                 self._capture()
             rnd = self.round if self.phase in ("precopy", "stopcopy") else None
             f = Frame(self.index, self.phase, rnd, self.scenario.mode, note, message,
-                      self.views["source"], self.views["destination"], self.stats)
+                      self.views["source"], self.views["destination"], self.stats, tuple(self.updated))
+            self.updated.clear()
             self.index += 1
             self.publish(f)
             return f
@@ -128,14 +132,38 @@ class Tracker:
             verdict = "sealed" if getattr(channel, "sealed", False) else "sent"
         else:
             verdict = "verified" if getattr(channel, "sealed", False) else "accepted"
-        msg = Message(pos.n, side, step.direction, step.rtype, step.length, step.seq, verdict)
+        with self.lock:
+            body = self.pending.pop((side, step.direction, step.rtype), ())
+            msg = Message(pos.n, side, step.direction, step.rtype, step.length, step.seq, verdict, body)
+            recent = self.recent[side]
+            recent.append(msg)
+            del recent[:-64]
         arrow = "->" if step.direction == SEND else "<-"
         who = "A" if side == "source" else "B"
         self.frame(f"{who} {arrow} {step.rtype} ({step.length} bytes, seq {step.seq})", msg, fresh=fresh)
 
     # -------------------------------------------------------------- events
+    def _describe(self, e) -> None:
+        """Fill in the body of the record event ``e`` describes (tui.bodies)."""
+        for when, direction, rtype, fields in bodies.describes(e):
+            if not fields:
+                continue
+            if when == bodies.NEXT:
+                key = (e.role, direction, rtype)
+                self.pending[key] = self.pending.get(key, ()) + fields
+                continue
+            recent = self.recent[e.role]
+            for i in range(len(recent) - 1, -1, -1):
+                m = recent[i]
+                if (m.direction, m.rtype) == (direction, rtype):
+                    if not m.body:          # the latest such record, once: never an older one
+                        recent[i] = replace(m, body=fields)
+                        self.updated.append(recent[i])
+                    break
+
     def on_event(self, e) -> None:
         with self.lock:
+            self._describe(e)
             if isinstance(e, mev.RoundFinished) and e.role == "source":
                 st = self.stats
                 self.stats = replace(st, round=e.round, pages_sent=st.pages_sent + e.pages,
@@ -162,7 +190,8 @@ class Tracker:
                 self.round = None
                 who = "A" if e.role == "source" else "B"
                 self.n += 1
-                msg = Message(self.n, e.role, "reject", "ABORT", 0, -1, f"rejected: {e.reason}")
+                msg = Message(self.n, e.role, "reject", "ABORT", 0, -1, f"rejected: {e.reason}",
+                              (("reason", e.reason),))
                 if e.role == "source":
                     self.src_status = "migration aborted: the guest runs on here"
                 else:

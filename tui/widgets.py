@@ -7,7 +7,7 @@ from textual.widget import Widget
 from textual.widgets import Static
 
 from tui import phases
-from tui.model import CONTENT_NAMES, CONTENT_ORDER, DIRTY, NOT_SENT, PARTIAL, SENT, Frame, HostView
+from tui.model import CONTENT_NAMES, CONTENT_ORDER, DIRTY, NOT_SENT, PARTIAL, SENT, Frame, HostView, Message
 
 COLOURS = {"f": "grey35", "k": "dodger_blue2", "u": "green4", "p": "yellow3", "c": "magenta"}
 GLYPHS = {NOT_SENT: "·", PARTIAL: "▒", SENT: "█", DIRTY: "✱"}
@@ -33,33 +33,82 @@ class Shown(Static):
         return False
 
 
+def map_window(npages: int, base_per: int, capacity: int, zoom) -> tuple[int, int, int]:
+    """(first frame, end frame, pages per cell) that a map of ``capacity``
+    cells shows; ``zoom`` is (pages per cell, first frame) or None (the whole
+    map).  A zoomed window is clamped inside RAM and starts on a cell boundary."""
+    capacity = max(1, capacity)
+    if zoom is None:
+        per = -(-max(base_per, -(-npages // capacity)) // base_per) * base_per
+        return 0, npages, per
+    per, lo = zoom
+    per = max(base_per, -(-per // base_per) * base_per)
+    span = per * capacity
+    lo = max(0, min(lo, npages - span))
+    lo -= lo % per
+    return lo, min(npages, lo + span), per
+
+
 class MemoryMapView(Widget):
-    """Page states of one host, as coloured cells; says how many pages per cell."""
+    """Page states of one host, as coloured cells: the whole RAM or a zoomed
+    window of it; always says which frames it shows and how many pages a cell."""
 
     DEFAULT_CSS = "MemoryMapView { height: auto; }"
+    HEAD = 2        # lines above the cells
 
     def __init__(self, **kw):
         super().__init__(**kw)
         self.view: HostView | None = None
+        self.zoom = None
+        self.shown: tuple[int, int, int] | None = None     # (lo, per, width) of the last render
 
-    def show(self, view: HostView) -> None:
-        if view is not self.view:
-            self.view = view
-            self.refresh(layout=True)
+    def show(self, view: HostView, zoom=None) -> None:
+        if view is not self.view or zoom != self.zoom:
+            # Its height depends on the width and the role only (get_content_height):
+            # a new view of the same host repaints this widget, no new layout.
+            layout = self.view is None or self.view.role != view.role
+            self.view, self.zoom = view, zoom
+            self.refresh(layout=layout)
+
+    def capacity(self) -> int:
+        return max(8, self.size.width or 40) * MAP_ROWS
+
+    def legend(self) -> tuple[Text, Text]:
+        recv = "received" if self.view is not None and self.view.role == "destination" else "sent"
+        a = Text()
+        for c in CONTENT_ORDER:
+            a.append("■", style=COLOURS[c])
+            a.append(f"{CONTENT_NAMES[c].split(' (')[0]} ")
+        return a, Text(f"· not {recv} ▒ part █ {recv} ✱ dirty", style="dim")
 
     def get_content_height(self, container, viewport, width) -> int:
-        return MAP_ROWS + 3
+        # The legend wraps in a narrow column: count its lines, or the last is cut.
+        # (The two header lines fit 32 columns: "frames 0x1234-0x1343 of 0x10000".)
+        return MAP_ROWS + self.HEAD + sum(-(-len(x.plain.rstrip()) // max(1, width)) for x in self.legend())
+
+    def on_click(self, event) -> None:
+        """A click on a cell zooms into it (the app keeps the zoom: both hosts show the same frames)."""
+        if self.shown is None or event.y < self.HEAD:
+            return
+        lo, per, width = self.shown
+        i = (event.y - self.HEAD) * width + event.x
+        if 0 <= event.x < width and i < MAP_ROWS * width:
+            self.app.zoom_into(lo + i * per)
 
     def render(self) -> Text:
         v = self.view
         width = max(8, self.size.width or 40)
         if v is None or v.memory is None:
+            self.shown = None
             return Text("memory: nothing yet", style="dim")
-        m = v.memory.regroup(width * MAP_ROWS)
+        lo, hi, per = map_window(v.memory.npages, v.memory.per_cell, width * MAP_ROWS, self.zoom)
+        lo, m = v.memory.window(lo, hi, per)
+        self.shown = (lo, per, width)
         t = Text()
-        recv = "received" if v.role == "destination" else "sent"
-        t.append(f"memory {m.npages * 4 >> 10} MiB: {m.per_cell} page{'s' if m.per_cell > 1 else ''}/cell\n",
-                 style="bold")
+        t.append(f"memory {v.memory.npages * 4 >> 10} MiB, {per} page{'s' if per > 1 else ''}/cell\n", style="bold")
+        last = min(hi, lo + m.ncells * per) - 1
+        where = "(all)" if (lo, last) == (0, v.memory.npages - 1) else f"of {v.memory.npages:#x}"
+        t.append(f"frames {lo:#x}-{last:#x} {where}\n", style="bold" if where != "(all)" else "")
         # One segment per run of equal cells in a row (a few dozen, not a
         # thousand): what keeps a refresh of the whole screen cheap.
         for row in range(0, m.ncells, width):
@@ -74,11 +123,11 @@ class MemoryMapView(Widget):
                 t.append(GLYPHS[run[1]] * n, style=COLOURS[run[0]])
             if row + width < m.ncells:
                 t.append("\n")
+        t.append("\n" * (1 + max(0, MAP_ROWS - -(-m.ncells // width))))
+        a, b = self.legend()
+        t.append_text(a)
         t.append("\n")
-        for c in CONTENT_ORDER:
-            t.append("■", style=COLOURS[c])
-            t.append(f"{CONTENT_NAMES[c].split(' (')[0]} ")
-        t.append(f"\n· not {recv} ▒ part █ {recv} ✱ dirty", style="dim")
+        t.append_text(b)
         return t
 
 
@@ -152,30 +201,91 @@ class Timeline(Shown):
         self.put(t)
 
 
+def messages_until(frames: list[Frame], cursor: int) -> list[Message]:
+    """The messages of frames[:cursor+1], each in its latest copy (a later
+    frame's ``updated`` may carry its body, decoded after its step)."""
+    out: dict[int, Message] = {}
+    for f in frames[:cursor + 1]:
+        if f.message is not None and f.message.n not in out:
+            out[f.message.n] = f.message
+        for m in f.updated:
+            if m.n in out:
+                out[m.n] = m
+    return list(out.values())
+
+
 class MessageLog(Widget):
-    """The latest messages up to the cursor, as many as its height holds."""
+    """The messages up to the cursor, as many as its height holds: the latest,
+    or those around the selected one (j/k, or a click)."""
 
     def __init__(self, **kw):
         super().__init__(**kw)
         self.msgs: tuple = ()
+        self.selected: int | None = None
+        self.rows: list[int] = []           # the n of each message line of the last render
 
-    def show(self, frames: list[Frame], cursor: int) -> None:
-        msgs = tuple(f.message for f in frames[:cursor + 1] if f.message is not None)
-        if msgs != self.msgs:
-            self.msgs = msgs
+    def show(self, msgs: list[Message], selected: int | None) -> None:
+        msgs = tuple(msgs)
+        if (msgs, selected) != (self.msgs, self.selected):
+            self.msgs, self.selected = msgs, selected
             self.refresh()
+
+    def on_click(self, event) -> None:
+        i = event.y - 1
+        if 0 <= i < len(self.rows):
+            self.app.select_message(self.rows[i])
 
     def render(self) -> Text:
         rows = max(1, (self.size.height or 13) - 1)
         t = Text()
-        t.append(f"messages ({len(self.msgs)}): #, host, type, bytes, seq, verdict\n", style="bold")
-        for m in self.msgs[-rows:]:
+        t.append(f"messages ({len(self.msgs)}): # host type bytes seq verdict\n", style="bold")
+        ns = [m.n for m in self.msgs]
+        start = max(0, len(ns) - rows)
+        if self.selected in ns:
+            s = ns.index(self.selected)
+            start = max(0, min(s - rows // 2, len(ns) - rows))
+        shown = self.msgs[start:start + rows]
+        self.rows = [m.n for m in shown]
+        for m in shown:
             arrow = {"send": "->", "recv": "<-", "reject": "XX"}.get(m.direction, "?")
             who = "A" if m.side == "source" else "B"
             style = "bold white on red" if m.direction == "reject" else ("cyan" if m.side == "source" else "green")
+            if m.n == self.selected:
+                style += " reverse"
             seq = "" if m.seq < 0 else str(m.seq)
             t.append(f"{m.n:>4} {who}{arrow} {m.rtype:<11} {m.length:>6} {seq:>3} {m.verdict}\n", style=style)
         return t
+
+
+VERDICTS = {"sent": "sent unsealed (plain mode, or a handshake record before the keys exist)",
+            "sealed": "encrypted and authenticated by the channel before it left",
+            "accepted": "accepted unsealed (plain mode, or a handshake record before the keys exist: "
+                        "a quote is checked by its verifier, below)",
+            "verified": "authenticated by the channel (tag, sequence number) before the engine saw it"}
+
+
+def describe(m: Message) -> Text:
+    """A record's fields: what the step saw, and what its body says (tui.bodies)."""
+    who, other = ("A", "B") if m.side == "source" else ("B", "A")
+    t = Text()
+    t.append(f"record #{m.n}: {m.rtype}", style="bold")
+    if m.direction == "reject":
+        t.append(f"  {who} REJECTED and ended the session", style="bold red")
+    else:
+        way = f"{who} -> {other}, sent by {who}" if m.direction == "send" else f"{other} -> {who}, received by {who}"
+        t.append(f"  {way}; seq {m.seq}, {m.length} bytes\n")
+        t.append(f"{m.verdict}: {VERDICTS.get(m.verdict, '')}\n", style="italic")
+    if m.body:
+        t.append("body: ", style="bold")
+        t.append("; ".join(f"{k} {v}" for k, v in m.body))
+    elif m.length == 0 and m.direction != "reject":
+        t.append("body: empty (the record's type is the whole message)", style="dim")
+    elif m.direction == "recv":
+        t.append(f"body: not decoded yet ({who} reports it after this step) or no event describes it", style="dim")
+    else:
+        t.append("body: no engine event describes it", style="dim")
+    t.append("   (esc: phase help)", style="dim")
+    return t
 
 
 class StatsPanel(Shown):
@@ -202,8 +312,15 @@ class StatsPanel(Shown):
 
 
 class HelpPanel(Shown):
-    def show(self, f: Frame) -> None:
-        if self.same((f.phase, f.round, f.note)):
+    """The current phase's help; or, while a record is selected, its fields."""
+
+    def show(self, f: Frame, selected: Message | None = None) -> None:
+        if self.same((f.phase, f.round, f.note, selected)):
+            return
+        # A record's fields may take more lines than a phase's help: the panel grows (CSS).
+        self.set_class(selected is not None, "record")
+        if selected is not None:
+            self.put(describe(selected))
             return
         t = Text()
         t.append(phases.label(f.phase, f.round) + ": ", style="bold")

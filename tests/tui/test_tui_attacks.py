@@ -35,20 +35,29 @@ def _run_to_end(scenario):
             notes = [f.note for f in app.frames]
             top = str(app.query_one("#top").content)
             await pilot.press("q")
-        return notes, top
-    notes, top = asyncio.run(main())
+        return notes, top, app.msgs
+    notes, top, msgs = asyncio.run(main())
     assert not _engine_threads(before)
-    return notes, top
+    return notes, top, msgs
 
 
 def test_an_eavesdropper_in_plain_mode_shows_the_leaked_secret():
-    notes, top = _run_to_end(Scenario(guest="migrate-lab", plain=True, attack="eavesdrop", run_on=10))
+    notes, top, _ = _run_to_end(Scenario(guest="migrate-lab", plain=True, attack="eavesdrop", run_on=10))
     assert "ATTACK: eavesdrop" in top
     assert any(n.startswith("ATTACK eavesdrop:") and SECRET in n for n in notes), notes[-8:]
 
 
 def test_a_tampered_record_is_shown_rejected_in_secure_mode():
-    notes, _ = _run_to_end(Scenario(guest="migrate-lab", attack="tamper", run_on=10))
+    notes, _, msgs = _run_to_end(Scenario(guest="migrate-lab", attack="tamper", run_on=10))
     rejected = [n for n in notes if "aborted" in n and "failed authentication" in n]
     assert rejected, notes[-8:]
+    # The rejection's fields: the reject line, and the ABORT record B sent, carry the reason.
+    # Before that, each side's QUOTE from the other: what verifying it established.
+    for side in ("source", "destination"):
+        quote = [dict(m.body) for m in msgs if (m.side, m.direction, m.rtype) == (side, "recv", "QUOTE")]
+        assert quote and quote[0]["verdict"].startswith("verified") and quote[0]["host"], quote
+        assert quote[0]["PCRs matching the policy"]
+    for direction in ("reject", "send"):
+        reasons = [dict(m.body).get("reason", "") for m in msgs if (m.rtype, m.direction) == ("ABORT", direction)]
+        assert any("failed authentication" in r for r in reasons), [(m.rtype, m.direction, m.body) for m in msgs[-4:]]
     assert any("the guest ran on at A" in n for n in notes)    # exactly one copy: A's

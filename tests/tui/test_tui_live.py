@@ -33,7 +33,9 @@ def test_step_phase_by_phase_through_a_whole_plain_migration(tmp_path):
     async def main():
         app = MigrationApp(scenario=Scenario(plain=True, run_on=10), record=str(record))
         async with app.run_test(size=(120, 40)) as pilot:
-            held = lambda: app.session.stepper.waiting is not None      # noqa: E731
+            # Held, and the held step's frame has reached the UI (frames cross threads as messages).
+            caught_up = lambda: len(app.frames) == app.session.tracker.index      # noqa: E731
+            held = lambda: app.session.stepper.waiting is not None and caught_up()      # noqa: E731
             assert await _until(pilot, lambda: app.session and held())
             seen = [app.frames[-1].phase]
             # Held at the first message: both engines are stopped, the shared
@@ -43,15 +45,34 @@ def test_step_phase_by_phase_through_a_whole_plain_migration(tmp_path):
             assert app.session.timebase.held and app.session.gate.held
             await pilot.pause(0.3)
             assert m.vclock == v0 and held()
+            # Zoom while held: the live map goes down to one page per cell.
+            mp = app.query_one("#src-map")
+            for _ in range(6):
+                await pilot.press("z")
+            head = str(mp.render()).split("\n")[:2]
+            assert head[0] == "memory 16 MiB, 1 page/cell" and head[1].endswith(" of 0x1000"), head
+            await pilot.press("Z", "Z", "Z", "Z")
+            assert "(all)" in str(mp.render()).split("\n")[1]
             while seen[-1] != "done":
                 await pilot.press("p")
-                assert await _until(pilot, lambda: held() or app.frames[-1].phase == "done")
+                assert await _until(pilot, lambda: held() or (app.frames[-1].phase == "done" and caught_up()))
                 await pilot.pause(0.1)
                 if app.frames[-1].phase != seen[-1]:
                     seen.append(app.frames[-1].phase)
             assert seen == EXPECTED
             assert "Done" in str(app.query_one("#timeline").content)
             assert "RESUMED" in str(app.query_one("#log").render())
+            # Each record's body, as the engine that sent or received it reported it.
+            body = {(m.side, m.direction, m.rtype): dict(m.body) for m in app.msgs}
+            assert body["source", "send", "HELLO"]["vm"] == "demo"
+            assert body["destination", "recv", "HELLO"]["ram"] == "16 MiB"
+            final = max(f.round for f in app.frames if f.phase == "stopcopy")
+            assert body["destination", "recv", "ROUND_BEGIN"]["round"] == str(final)     # the last one
+            assert "stop-and-copy" in body["source", "send", "ROUND_BEGIN"]["final round"]
+            assert body["source", "recv", "RESUMED"]["vclock at resume"] \
+                == body["destination", "send", "RESUMED"]["vclock at resume"]
+            await pilot.press("k")
+            assert "record #" in str(app.query_one("#help").content)
             await pilot.press("q")
         return app
 

@@ -34,9 +34,10 @@ def test_replay_forward_and_back_shows_each_step():
             await pilot.press("p")
             f = app.frames[app.cursor]
             assert (f.phase, f.round) == ("precopy", 0) and "Pre-copy round 0" in text(app, "#timeline")
-            await pilot.press("o")
-            assert app.frames[app.cursor].round == 1
             assert "obligation 3" in text(app, "#help")
+            await pilot.press("o")                  # the next round: here the final one
+            assert app.frames[app.cursor].round == 1 and app.frames[app.cursor].phase == "stopcopy"
+            assert "obligation 5" in text(app, "#help")
             await pilot.press("e")
             assert app.frames[app.cursor].phase == "done" and "RESUMED" in text(app, "#log")
             assert "counter" in text(app, "#dst-detail")
@@ -64,7 +65,7 @@ def test_writer_round_trip(tmp_path):
 @pytest.mark.parametrize("damage, message", [
     (lambda lines: lines[:len(lines) // 2], "truncated: no end record"),
     (lambda lines: lines[:-1] + [lines[-1][:5]], "truncated"),
-    (lambda lines: [lines[0].replace('"version":1', '"version":9')] + lines[1:], "version 9"),
+    (lambda lines: [lines[0].replace('"version":2', '"version":9')] + lines[1:], "version 9"),
     (lambda lines: ["{not json\n"] + lines[1:], "not a minivmm TUI transcript|not JSON"),
     (lambda lines: lines[:3] + ['{"frame": {"index": 2}}\n'] + lines[3:], "Frame fields"),
     (lambda lines: lines[:2] + [lines[2].replace('"phase":"boot"', '"phase":"hack"')] + lines[3:],
@@ -93,3 +94,20 @@ def test_an_overlong_line_is_refused_before_it_is_parsed(tmp_path):
                    + "[" + " " * (1 << 20) + "]\n")
     with pytest.raises(TranscriptError, match="longer than"):
         read(bad)
+
+
+def test_a_map_too_varied_for_a_line_is_written_merged(tmp_path):
+    """131072 frames alternating free / user: 393,216 characters of runs; the
+    writer merges cells (two a cell) until the line fits, and says so in per_cell."""
+    from dataclasses import replace
+
+    from tui.model import MemoryMap
+    _, frames = read(FIXTURE)
+    varied = MemoryMap(131072, 1, "f-u-" * 65536)
+    f = replace(frames[0], source=replace(frames[0].source, memory=varied))
+    w = Writer(tmp_path / "t.jsonl", {})
+    w.write(f)
+    w.close()
+    _, again = read(tmp_path / "t.jsonl")
+    mem = again[0].source.memory
+    assert (mem.npages, mem.per_cell, mem.cells) == (131072, 2, "u-" * 65536)

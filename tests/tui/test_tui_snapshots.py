@@ -27,3 +27,13 @@ def test_main_screen(snap_compare, phase, size):
 
 def test_narrow_screen_shows_host_a_on_v(snap_compare):
     assert snap_compare(_app(), press=["n", "p", "v"], terminal_size=(80, 24))
+
+
+def test_zoomed_map_and_a_selected_record(snap_compare):
+    """A's map clicked near frame 0x140 (the processes' pages), then zoomed to one
+    page per cell; the help panel shows record #5's fields."""
+    async def run_before(pilot):
+        await pilot.press("n", "p")
+        await pilot.click("#src-map", offset=(14, 2))
+        await pilot.press("z", "z", "k")
+    assert snap_compare(_app(), run_before=run_before, terminal_size=(120, 40))
