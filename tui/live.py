@@ -332,7 +332,11 @@ class LiveSession:
             ch = src_mode.channel(sock, timeout=timeout, role="source")
             holder.append(ch)
             return attach(ch, self._hook("source", holder), self.timebase)
-        src = Source(m, policy=PrecopyPolicy(), timeout=10.0, events=events, mode=src_mode,
+        # An attack replays the lab's scenario, with the lab's deterministic rounds
+        # (migrate/lab/scenario.py): a stale page then always shows its damage.
+        from migrate.lab.scenario import ROUND_TICKS
+        rounds = int(ROUND_TICKS) if sc.attack else 0
+        src = Source(m, policy=PrecopyPolicy(round_ticks=rounds), timeout=10.0, events=events, mode=src_mode,
                      channel=channel, slice_gate=self.gate)
         tr.source = src
         host, port = self._listener.getsockname()[:2]
