@@ -29,6 +29,9 @@ SEND = "send"
 RECV = "recv"
 
 
+HEAD_BYTES = 2048        # how much of a record's body a step carries (a PAGES body is 1 MiB)
+
+
 @dataclass(frozen=True)
 class Step:
     n: int              # 1-based: the n-th record this side sent or received
@@ -36,6 +39,11 @@ class Step:
     rtype: str          # the record type's name (HELLO, PAGES, COMMIT, ...)
     length: int         # body length in bytes, as on the wire (sealed: with its tag)
     seq: int            # the record's sequence number in its direction
+    # The first HEAD_BYTES of the body as this side knows it: sent, before it
+    # was sealed; received, once authenticated (a PAGES record's count and
+    # frame numbers, a KEY_SHARE, ...), for a hook that shows what a record
+    # says (the TUI).  A copy: a hook cannot change what crosses.
+    head: bytes = b""
 
 
 StepHook = Callable[[Step], None]

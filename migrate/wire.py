@@ -76,7 +76,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from migrate.errors import ConnectionLost, PeerTimeout, ProtocolError
-from migrate.steps import RECV, SEND, Step
+from migrate.steps import HEAD_BYTES, RECV, SEND, Step
 
 MAGIC = b"MVMIGRAT"
 VERSION = 2                          # 2: the completeness digest v2 (migrate/digest.py)
@@ -196,7 +196,7 @@ class Channel:
         views = [memoryview(p).cast("B") for p in parts]
         length = sum(len(v) for v in views)
         rtype = self._check_body(rtype, length)
-        self._write_record(rtype, HEADER.pack(rtype, 0, length, self.send_seq), views)
+        self._write_record(rtype, HEADER.pack(rtype, 0, length, self.send_seq), views, self._head(views))
 
     @staticmethod
     def _check_body(rtype, length: int) -> RecordType:
@@ -208,11 +208,30 @@ class Channel:
             raise ValueError(f"{rtype.name} body of {length} bytes exceeds its bound {MAX_BODY[rtype]}")
         return rtype
 
-    def _write_record(self, rtype: RecordType, header: bytes, views: list) -> None:
+    @property
+    def overhead(self) -> int:
+        """Bytes a record's wire body has beyond its plaintext (a step's length
+        counts them): none here; the sealed channel's AEAD tag."""
+        return 0
+
+    def _head(self, views) -> bytes:
+        """The first HEAD_BYTES of a body, for a step hook (none without one)."""
+        if self.on_step is None:
+            return b""
+        out, left = [], HEAD_BYTES
+        for v in views:
+            if left <= 0:
+                break
+            out.append(bytes(v[:left]))
+            left -= len(out[-1])
+        return b"".join(out)
+
+    def _write_record(self, rtype: RecordType, header: bytes, views: list, head: bytes = b"") -> None:
         """Put one record (``header`` then ``views``) on the wire within the
-        timeout, or raise the migration error that says why not."""
+        timeout, or raise the migration error that says why not.  ``head``:
+        the start of the body as the sender wrote it (before sealing), for the step hook."""
         length = sum(len(v) for v in views)
-        self._stepped(SEND, rtype, length, self.send_seq)
+        self._stepped(SEND, rtype, length, self.send_seq, head)
         try:
             self._sendall([memoryview(header), *views], self._deadline(self.timeout))
         except (socket.timeout, TimeoutError):
@@ -223,10 +242,10 @@ class Channel:
         self.send_seq += 1
         self.bytes_sent += HEADER.size + length
 
-    def _stepped(self, direction: str, rtype: RecordType, length: int, seq: int) -> None:
+    def _stepped(self, direction: str, rtype: RecordType, length: int, seq: int, head: bytes = b"") -> None:
         self.steps += 1
         if self.on_step is not None:
-            self.on_step(Step(self.steps, direction, rtype.name, length, seq))
+            self.on_step(Step(self.steps, direction, rtype.name, length, seq, head))
 
     def _deadline(self, timeout: float) -> float:
         deadline = self.now() + timeout
@@ -280,7 +299,8 @@ class Channel:
         before any body byte is read (a refusal path reads only a small HELLO)."""
         before = self.bytes_received
         record = self._recv(timeout=timeout, only=only, max_body=max_body)
-        self._stepped(RECV, record.type, self.bytes_received - before - HEADER.size, record.seq)
+        head = bytes(record.body[:HEAD_BYTES]) if self.on_step is not None else b""
+        self._stepped(RECV, record.type, self.bytes_received - before - HEADER.size, record.seq, head)
         return record
 
     def _recv(self, *, timeout: float | None = None, only: frozenset | None = None,

@@ -133,7 +133,8 @@ class Tracker:
         else:
             verdict = "verified" if getattr(channel, "sealed", False) else "accepted"
         with self.lock:
-            body = self.pending.pop((side, step.direction, step.rtype), ())
+            body = (self.pending.pop((side, step.direction, step.rtype), ())
+                    or bodies.from_head(side, step, getattr(channel, "overhead", 0)))
             msg = Message(pos.n, side, step.direction, step.rtype, step.length, step.seq, verdict, body)
             recent = self.recent[side]
             recent.append(msg)

@@ -80,6 +80,10 @@ class SealedChannel(Channel):
     def _aead_on(self) -> bool:
         return self.sealed and self._send_aead is not None
 
+    @property
+    def overhead(self) -> int:
+        return TAG if self._aead_on else 0
+
     # ------------------------------------------------------------------ send
     def send(self, rtype: RecordType, *parts) -> None:
         if not self._aead_on:
@@ -88,7 +92,7 @@ class SealedChannel(Channel):
         rtype = self._check_body(rtype, len(body))
         header = HEADER.pack(rtype, 0, len(body) + TAG, self.send_seq)
         sealed = self._send_aead.encrypt(record_nonce(self._send_dir, self.send_seq), body, header)
-        self._write_record(rtype, header, [memoryview(sealed)])
+        self._write_record(rtype, header, [memoryview(sealed)], self._head([memoryview(body)]))
 
     # ------------------------------------------------------------------ recv
     def _recv(self, *, timeout: float | None = None, only: frozenset | None = None,

@@ -13,7 +13,7 @@ from migrate.secure.channel import SealedChannel
 from migrate.secure.keyschedule import derive
 from migrate.server import Server
 from migrate.source import Source
-from migrate.steps import RECV, SEND, Step, Timebase, attach, real_deadline
+from migrate.steps import HEAD_BYTES, RECV, SEND, Step, Timebase, attach, real_deadline
 from migrate.wire import Channel, RecordType
 from minivmm.machine import Machine
 
@@ -60,8 +60,10 @@ def test_every_record_is_one_step_in_order_on_both_sides():
     tx.send(RecordType.COMMIT)
     for _ in range(3):
         rx.recv()
-    assert sent == [Step(1, SEND, "HELLO", 10, 0), Step(2, SEND, "PAGES", 5, 1), Step(3, SEND, "COMMIT", 0, 2)]
-    assert got == [Step(1, RECV, "HELLO", 10, 0), Step(2, RECV, "PAGES", 5, 1), Step(3, RECV, "COMMIT", 0, 2)]
+    assert sent == [Step(1, SEND, "HELLO", 10, 0, b"x" * 10), Step(2, SEND, "PAGES", 5, 1, b"abcde"),
+                    Step(3, SEND, "COMMIT", 0, 2)]
+    assert got == [Step(1, RECV, "HELLO", 10, 0, b"x" * 10), Step(2, RECV, "PAGES", 5, 1, b"abcde"),
+                   Step(3, RECV, "COMMIT", 0, 2)]
     rx.send(RecordType.PREPARED)
     assert got[-1] == Step(4, SEND, "PREPARED", 0, 0)      # one count over both directions
     a.close(), b.close()
@@ -92,7 +94,7 @@ def test_a_sealed_record_that_fails_authentication_is_not_a_step():
     tx.seal(keys), rx.seal(keys)
     tx.send(RecordType.PAGES, b"page")
     assert rx.recv().body == b"page"
-    assert got == [Step(1, RECV, "PAGES", 4 + 16, 0)]      # the wire length: body and tag
+    assert got == [Step(1, RECV, "PAGES", 4 + 16, 0, b"page")]     # the wire length; the plaintext head
     forged = SealedChannel(socket.socketpair()[0], role="source")
     forged.seal(derive(bytes([1]) * 32, b"transcript"))
     forged.sock = a
@@ -202,3 +204,65 @@ def test_time_held_by_a_hook_is_not_counted_as_the_cost_of_sending_pages():
     assert "error" not in result, result.get("error")
     assert fake.t >= 1000.0 * 10            # every step was held
     assert all(r.seconds == 0.0 and r.send_seconds == 0.0 for r in report.rounds), report.rounds
+
+
+def test_a_step_carries_the_plaintext_head_of_a_body_never_more():
+    """Sent sealed, the hook sees the body as written (not the ciphertext);
+    a 1 MiB body gives it HEAD_BYTES, across the scatter-gather parts."""
+    a, b = socket.socketpair()
+    keys = derive(bytes(32), b"transcript")
+    sent, got = [], []
+    tx = attach(SealedChannel(a, role="source", timeout=5), sent.append)
+    rx = attach(SealedChannel(b, role="destination", timeout=5), got.append)
+    tx.seal(keys), rx.seal(keys)
+    parts = (b"\x01\x00\x00\x00", b"\x07\x00\x00\x00", bytes(range(256)) * 16 * 4)
+    t = threading.Thread(target=lambda: got.append(rx.recv(max_body=1 << 20)))
+    t.start()
+    tx.send(RecordType.PAGES, *parts)
+    t.join(10)
+    body = b"".join(parts)
+    assert sent[0].head == body[:HEAD_BYTES] and len(sent[0].head) == HEAD_BYTES
+    assert got[0].head == body[:HEAD_BYTES] and got[1].body == body
+    a.close(), b.close()
+
+
+def test_the_tui_reads_each_records_fields_from_its_step_and_never_a_key(tmp_path):
+    """A real secure migration, a step hook on both channels: every record no
+    engine event describes gets its fields from the step's head (tui.bodies),
+    they agree with what crossed, and no process key appears in any of them."""
+    from migrate.precopy import PrecopyPolicy
+    from securehelp import Trust, secure_receive_in_thread
+    from tui import bodies
+
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    m = Machine(get_guest("migrate-lab").build())
+    m.run(max_ticks=6)
+    keys = [k.hex()[:16] for k in m.protection._keys.values()]
+    assert keys
+    seen = []
+
+    def hooked(role):
+        def factory(sock, timeout):
+            ch = SealedChannel(sock, timeout=timeout, role=role)
+            return attach(ch, lambda step: seen.append((role, step, bodies.from_head(role, step, ch.overhead))))
+        return factory
+    server, res = Server("127.0.0.1:0", timeout=10, channel=hooked("destination")), {}
+    t = secure_receive_in_thread(server, res, lambda: trust.mode(b), run_ticks=None)
+    Source(m, mode=trust.mode(a), channel=hooked("source"),
+           policy=PrecopyPolicy(round_ticks=3, max_rounds=3)).migrate(server.label)
+    t.join(60)
+    server.close()
+    assert "incoming" in res, res
+    fields = {(role, s.direction, s.rtype): dict(f) for role, s, f in seen if f}
+    pages = [dict(f) for role, s, f in seen if (role, s.direction, s.rtype) == ("source", SEND, "PAGES")]
+    assert pages and all(int(p["pages"]) >= 1 and "frames" in p for p in pages)
+    assert fields["source", SEND, "KEY_SHARE"]["X25519 public key"]
+    assert fields["destination", RECV, "KEY_SHARE"]["nonce"]
+    assert "release key R" in fields["source", RECV, "FINAL_QUOTE"]
+    wrapped = fields["destination", RECV, "KEY_RELEASE"]["wrapped"]
+    length = next(s.length for role, s, _ in seen if (role, s.direction, s.rtype) == ("destination", RECV, "KEY_RELEASE"))
+    assert wrapped.startswith(f"{length - 16 - 32:,} bytes")           # the tag and E are not the keys
+    assert "HMAC" in fields["source", SEND, "COMMIT"]["commit token"]
+    text = repr([f for _, _, f in seen])
+    assert not any(k in text for k in keys)
