@@ -105,9 +105,9 @@ def migration_options(p: argparse.ArgumentParser, *, source: bool) -> None:
         g.add_argument("--max-bytes-ratio", type=_positive(float), default=3.0, metavar="X",
                        help="pre-copy stops before sending more than X times guest RAM (default 3)")
         g.add_argument("--round-ticks", type=_nonnegative_int, default=0, metavar="N",
-                       help="deterministic rounds: the guest runs at most N timer ticks while a pre-copy "
-                            "round is sent (then waits for it) and N ticks after it, and at most N while "
-                            "connecting and attesting (default 0: it runs freely); what a round dirties then "
+                       help="lockstep pre-copy: the guest waits while the source connects and attests and "
+                            "while each round is sent, and runs exactly N timer ticks between rounds "
+                            "(default 0: it runs freely beside the copy); what a round copies and dirties then "
                             "no longer depends on the host's speed (the migration lab uses 8)")
         g.add_argument("--check-ram", action="store_true",
                        help="at pause, hash all guest RAM and refuse to commit if it differs from what "

@@ -17,17 +17,18 @@ rule that holds, in this order:
 4. ``max_bytes_ratio``: the bytes sent so far plus the remaining set would
    exceed this multiple of guest RAM.
 
-``round_ticks`` is no stop rule: with it the guest runs at most that many
-of its timer ticks while a round is sent (beyond that it waits for the
-sender: a throttle, like QEMU's auto-converge), then that many ticks after
-the round's pages are sent, before the next round or the pause begins; and
-at most that many while the source connects and attests.  Default 0: the
-guest runs freely and the next round begins at once.  What a round dirties
-then depends on the guest, not on how fast this host sends, and the guest's
-progress during a migration is bounded (N + 2N per round): the migration
-lab sets it so that the page its attacks aim at has changed since its last
-copy in every round, and the guest never finishes during pre-copy, on an
-idle laptop and on a loaded CI machine alike.
+``round_ticks`` is no stop rule: with it (N > 0) pre-copy runs in
+lockstep.  The guest waits while the source connects and attests and while
+each round is sent, and runs exactly N of its timer ticks between one round
+and the next (or the pause).  Default 0: the guest runs freely beside the
+copy, as a live migration should.  In lockstep what a round copies and
+dirties is the guest's doing alone, not the host's speed, and the guest's
+progress during a migration is N ticks a round: the migration lab sets it so
+that the page its attacks aim at has changed since its last copy in every
+round (a page the guest writes while it is being copied goes as zeros and
+again next round: in lockstep that never happens), and the guest never
+finishes during pre-copy, on an idle laptop and on a loaded CI machine alike.
+It also makes pre-copy easy to follow step by step (the TUI's attacks).
 
 Rules 3 and 4 stop with the target *not met* (``Decision.target_met`` is
 False): the report says so, with the estimate and how far over it is.
@@ -59,7 +60,7 @@ class PrecopyPolicy:
     downtime_target: float = 0.030  # seconds
     max_rounds: int = 30
     max_bytes_ratio: float = 3.0
-    round_ticks: int = 0            # guest ticks per round: at most N while sending, N after
+    round_ticks: int = 0            # > 0: lockstep pre-copy, the guest runs N ticks between rounds
 
     def __post_init__(self):
         if not self.downtime_target > 0:

@@ -234,14 +234,14 @@ class Source:
         th = threading.Thread(target=body, name="migrate-handshake", daemon=True)
         th.start()
         m = self.machine
-        cap = m.ticks + self.policy.round_ticks if self.policy.round_ticks else None
+        lockstep = bool(self.policy.round_ticks)     # the guest waits for the handshake
         try:
             while th.is_alive():
                 if m.halted:
                     raise GuestStopped(f"the guest stopped ({m.halted}) before the migration began; "
                                        f"it finished on the source")
-                if cap is not None and m.ticks >= cap:
-                    th.join(0.01)       # round_ticks: the guest waits for the handshake now
+                if lockstep:
+                    th.join(0.01)
                     continue
                 with self.slice_gate:
                     m.step()
@@ -388,19 +388,18 @@ class Source:
             th = threading.Thread(target=sender, name="migrate-sender", daemon=True)
             th.start()
             m = self.machine
-            # With round_ticks N (migrate/precopy.py) the guest runs at most N ticks
-            # while the round is sent (then it waits for the sender), and N ticks
-            # after that: so a page it writes then differs from the copy that just
-            # went, and its progress per round is bounded on any machine.
+            # With round_ticks N (migrate/precopy.py) pre-copy runs in lockstep: the
+            # guest waits while the round is sent, then runs exactly N ticks.  What
+            # a round copies and dirties is then the guest's doing alone, on any machine.
             n = self.policy.round_ticks
-            cap, until = (m.ticks + n if n else None), None
+            until = None
             try:
                 while True:                     # at least one slice per round: the guest keeps running
                     if m.halted:
                         raise GuestStopped(f"the guest stopped ({m.halted}) during pre-copy; "
                                            f"it finished on the source")
-                    if until is None and cap is not None and m.ticks >= cap and th.is_alive():
-                        th.join(0.01)           # throttled: the round's pages first
+                    if n and until is None and th.is_alive():
+                        th.join(0.01)           # lockstep: the round's pages first
                     else:
                         with self.slice_gate:
                             m.step()

@@ -35,12 +35,12 @@ SECRET = "swordfish: launch code 4-8-15-16"     # what the keeper keeps (guests/
 AFTER = "20"                        # ticks before the migration starts
 MAX_ROUNDS = "4"                    # pre-copy rounds at most: the guest must not finish during
                                     # pre-copy on a loaded machine (the scenario needs it to move)
-ROUND_TICKS = "8"                   # the guest runs 8 ticks (2 counter lines) after each round's
-                                    # pages are sent: the counter's page always changed since its
-                                    # last copy, however fast or slow this machine is, so a stale
-                                    # copy of it always shows (replay-record, replay-round, drop);
-                                    # and at most 8 while a round is sent or the handshake runs, so
-                                    # it never finishes during pre-copy (<= 20 + 8 + 4 x 16 < 156)
+ROUND_TICKS = "8"                   # lockstep pre-copy: the guest waits while a round is sent and
+                                    # runs 8 ticks (2 counter lines) between rounds, so the
+                                    # counter's page always changed since its last copy, however
+                                    # fast or slow this machine is: a stale copy of it always shows
+                                    # (replay-record, replay-round, drop); and it never finishes
+                                    # (nor the keeper) during pre-copy (20 + 4 x 8 < 150 ticks)
 TIMEOUT = 5.0                       # B's --timeout (seconds per record); A waits twice as long,
                                     # so B's deadline decides first (the delay scenario)
 

@@ -42,7 +42,7 @@ def counts(text):
     return [int(n) for n in re.findall(r"^(?:counter|HACKED!) (\d+)$", text, re.M)]
 
 
-# The guest's progress during a migration is bounded (<= 3 + 3 x 6 ticks): on a loaded
+# Lockstep pre-copy bounds the guest's progress during a migration (3 ticks a round): on a loaded
 # machine a free-running guest could finish during a slow secure handshake, before
 # the attack had anything to act on (seen once: forge-commit "never acted").
 BOUNDED = PrecopyPolicy(round_ticks=3, max_rounds=3)

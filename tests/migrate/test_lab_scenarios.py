@@ -88,8 +88,8 @@ def one_copy(r):
 @pytest.mark.parametrize("name", ["replay-record", "replay-round", "drop"])
 def test_plain_stale_page_attacks_damage_the_counter(tmp_path, name):
     # A stale page only does damage if the guest changed it after the copy the
-    # attacker keeps.  The lab's source runs the guest ROUND_TICKS ticks after each
-    # round is sent (--round-ticks), so the counter's page always changed between
+    # attacker keeps.  The lab's source runs pre-copy in lockstep, the guest ROUND_TICKS
+    # ticks between rounds (--round-ticks), so the counter's page always changed between
     # round 0 and the pause, on an idle or a loaded machine: the damage is certain.
     r = run_lab(name, tmp_path, plain=True)
     assert r["attacker"], "the attack never acted"

@@ -31,7 +31,7 @@ def guest():
     return m
 
 
-# The guest's progress during a migration is bounded (<= 3 + 3 x 6 ticks): on a loaded
+# Lockstep pre-copy bounds the guest's progress during a migration (3 ticks a round): on a loaded
 # machine a free-running keeper (30 rounds, one a tick) could exit while a slow secure
 # handshake runs, and its key go with it (seen once: "no keys after the abort").
 BOUNDED = PrecopyPolicy(round_ticks=3, max_rounds=3)

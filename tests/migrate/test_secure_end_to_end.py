@@ -21,8 +21,8 @@ SECRET = b"swordfish: launch code"      # guests/programs/keeper.s
 SEED = "e2e-visible-seed"               # so the test knows the process keys to look for
 # The counter guest runs ~200 ticks; a secure handshake on a loaded machine is long enough
 # for a free-running guest to finish on the source before it migrates (seen once in CI-like
-# runs).  These bound its progress during the migration (<= 4 + 4 x 8 ticks) where a test
-# needs it to migrate.
+# runs).  Lockstep pre-copy bounds its progress during the migration (4 ticks a round, 4
+# rounds at most) where a test needs it to migrate.
 BOUNDED = ("--round-ticks", "4", "--max-rounds", "4")
 
 

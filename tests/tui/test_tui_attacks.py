@@ -64,7 +64,7 @@ def test_a_tampered_record_is_shown_rejected_in_secure_mode():
 
 
 def test_a_dropped_page_in_plain_mode_rolls_the_counter_back_on_b():
-    # The TUI replays the lab's scenario with the lab's deterministic rounds
+    # The TUI replays the lab's scenario with the lab's lockstep pre-copy
     # (--round-ticks): the counter's page always changed after round 0, so the
     # stale copy B keeps shows every time, on any machine.
     from migrate.lab.scenario import counts
