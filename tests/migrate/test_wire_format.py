@@ -1,0 +1,124 @@
+"""The record layer's documented format, number by number (migrate/wire.py).
+
+The record-type numbers and each type's body bound are the wire format two VMMs of
+different builds must agree on: they are read here from the tables in docs/migration.md
+(types 1-13) and docs/protocol.md (the secure types 14-18) and compared with the code, and
+the bounds are then exercised at their edge on a real channel (the bound itself is read, one
+byte more is refused from the header alone).  Raw headers are built from literal numbers,
+not from the module's constants, so a constant changed in the code cannot follow itself
+into the test.
+"""
+
+import re
+import socket
+import struct
+import threading
+from pathlib import Path
+
+import pytest
+
+from migrate.errors import ProtocolError
+from migrate.messages import Hello, Welcome
+from migrate.wire import MAX_BODY, Channel, Record, RecordType
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+_HEAD = struct.Struct("<HHIQ")          # type, flags, length, seq: written out, not imported
+
+
+def _bound(text: str) -> int:
+    """``1 MiB + 1028``, ``32 + 256 KiB``, ``exactly 64`` -> bytes."""
+    expr = text.replace("exactly", "").replace("MiB", "* 1048576").replace("KiB", "* 1024")
+    assert re.fullmatch(r"[0-9 +*]+", expr), text
+    return eval(expr)                   # digits, '+' and '*' only (checked above)
+
+
+def documented() -> dict[str, tuple[int, int]]:
+    """name -> (type number, bound) from the two documents' message tables."""
+    rows = {}
+    for doc in ("migration.md", "protocol.md"):
+        in_table = False
+        for line in (DOCS / doc).read_text().splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if cells[:2] == ["type", "name"]:
+                in_table, bound_col = True, cells.index("bound")
+                continue
+            if not line.startswith("|"):
+                in_table = False
+            if not in_table or not re.fullmatch(r"[0-9]+", cells[0]) or cells[bound_col] == "as plain":
+                continue
+            rows[cells[1]] = (int(cells[0]), _bound(cells[bound_col]))
+    return rows
+
+
+DOCUMENTED = documented()
+
+
+def test_every_record_type_is_documented_with_its_number_and_bound():
+    assert len(DOCUMENTED) == 18
+    assert {t.name: t.value for t in RecordType if t.value} == {n: v for n, (v, _) in DOCUMENTED.items()}
+    assert RecordType.INVALID.value == 0 and len(set(RecordType)) == 19      # no aliases
+    assert {t.name: b for t, b in MAX_BODY.items()} == {n: b for n, (_, b) in DOCUMENTED.items()}
+
+
+@pytest.fixture
+def pair():
+    a, b = socket.socketpair()
+    yield a, Channel(b, timeout=5.0)
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("name", sorted(DOCUMENTED))
+def test_one_byte_past_the_documented_bound_is_refused_from_the_header(pair, name):
+    a, ch = pair
+    number, bound = DOCUMENTED[name]
+    a.sendall(_HEAD.pack(number, 0, bound + 1, 0))        # no body: refused without waiting for one
+    with pytest.raises(ProtocolError, match="exceeds its bound"):
+        ch.recv()
+
+
+@pytest.mark.parametrize("name", sorted(DOCUMENTED))
+def test_a_body_of_exactly_the_documented_bound_is_read(pair, name):
+    a, ch = pair
+    number, bound = DOCUMENTED[name]
+    body = bytes(range(256)) * (bound // 256) + bytes(bound % 256)
+    writer = threading.Thread(target=a.sendall, args=(_HEAD.pack(number, 0, bound, 0) + body,))
+    writer.start()
+    try:
+        rec = ch.recv()
+    finally:
+        writer.join()
+    assert (rec.type.name, rec.seq, rec.flags, bytes(rec.body)) == (name, 0, 0, body)
+
+
+def test_only_flag_bit_0_means_optional(pair):
+    a, ch = pair
+    a.sendall(_HEAD.pack(77, 1, 3, 0) + b"abc" + _HEAD.pack(9, 0, 0, 1))
+    rec = ch.recv()
+    assert (rec.type, rec.seq, ch.skipped) == (RecordType.PREPARED, 1, 1)
+    a.sendall(_HEAD.pack(77, 2, 0, 2))
+    with pytest.raises(ProtocolError, match="unknown flags 0x2"):
+        ch.recv()
+
+
+def test_sixty_four_unknown_optional_records_are_skipped_and_no_more(pair):
+    a, ch = pair
+    a.sendall(b"".join(_HEAD.pack(77, 1, 0, seq) for seq in range(64)) + _HEAD.pack(9, 0, 0, 64))
+    assert ch.recv().seq == 64 and ch.skipped == 64
+    a.sendall(_HEAD.pack(77, 1, 0, 65))
+    with pytest.raises(ProtocolError, match="unknown optional record type 77"):
+        ch.recv()
+
+
+def test_hello_and_welcome_carry_protocol_version_2_after_the_magic():
+    """docs/migration.md: protocol version 2 (1 had the completeness digest v1)."""
+    hello = Hello(16 << 20, {}).encode()
+    assert hello[:12] == b"MVMIGRAT" + struct.pack("<HH", 2, 0)
+    assert Welcome(0).encode()[:12] == b"MVMIGRAT" + struct.pack("<HH", 2, 0)
+
+
+def test_a_record_is_immutable_and_has_no_flags_unless_given():
+    rec = Record(RecordType.PREPARED, b"", 0)
+    assert rec.flags == 0
+    with pytest.raises(AttributeError):
+        rec.seq = 1
