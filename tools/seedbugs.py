@@ -148,7 +148,7 @@ def copy_tree(dest: Path) -> None:
         ".venv", ".git", "mutants", "__pycache__", "*.mvimg", "*.mvstate", ".hypothesis"))
 
 
-def run_tests(tree: Path, tests: list[str], timeout: float) -> tuple[str, float]:
+def run_tests(tree: Path, tests: list[str], timeout: float) -> tuple[str, float, str]:
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-n", "0", "-p", "no:cacheprovider",
            "-m", "not slow", *tests]
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=str(tree))
@@ -156,8 +156,13 @@ def run_tests(tree: Path, tests: list[str], timeout: float) -> tuple[str, float]
     try:
         proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return "TIMEOUT", time.monotonic() - start
-    return ("SURVIVED" if proc.returncode == 0 else "KILLED"), time.monotonic() - start
+        return "TIMEOUT", time.monotonic() - start, ""
+    took = time.monotonic() - start
+    if proc.returncode == 0:
+        return "SURVIVED", took, ""
+    failed = [ln.split()[1] for ln in proc.stdout.decode(errors="replace").splitlines()
+              if ln.startswith(("FAILED ", "ERROR ")) and len(ln.split()) > 1]
+    return "KILLED", took, (failed[0] if failed else f"exit {proc.returncode}")
 
 
 def main(argv=None) -> int:
@@ -168,9 +173,9 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--lines", help="only mutants on lines A-B")
     ap.add_argument("--list", action="store_true", help="list the mutants, run nothing")
-    ap.add_argument("--survivors-of", metavar="JSONL",
-                    help="run only the mutants that survived in this earlier --jsonl output "
-                         "(after adding tests: the 'after' count without re-running the killed ones)")
+    ap.add_argument("--skip-killed-in", metavar="JSONL", action="append", default=[],
+                    help="skip the mutants an earlier run (its --jsonl output) killed: after adding "
+                         "tests, the 'after' count without re-running what was already killed")
     ap.add_argument("--jsonl", help="also write results here")
     ap.add_argument("--scratch", default="/tmp/seedbugs", help="where the tree copies go")
     args = ap.parse_args(argv)
@@ -179,11 +184,11 @@ def main(argv=None) -> int:
     lo, hi = (map(int, args.lines.split("-")) if args.lines else (0, 10 ** 9))
     todo = [(row, text) for row, text in mutants(source) if lo <= row <= hi]
     orig_lines = source.splitlines()
-    if args.survivors_of:
-        with open(args.survivors_of) as f:
-            earlier = [json.loads(line) for line in f]
-        keep = {(r["line"], r["mutant"]) for r in earlier if r["status"] == "SURVIVED"}
-        todo = [(row, text) for row, text in todo if (row, text.splitlines()[row - 1].strip()) in keep]
+    killed_before = set()
+    for name in args.skip_killed_in:
+        with open(name) as f:
+            killed_before |= {(r["line"], r["mutant"]) for r in map(json.loads, f) if r["status"] != "SURVIVED"}
+    todo = [(row, text) for row, text in todo if (row, text.splitlines()[row - 1].strip()) not in killed_before]
 
     def describe(row, text):
         return f"{row}: {orig_lines[row - 1].strip()}  ->  {text.splitlines()[row - 1].strip()}"
@@ -198,7 +203,7 @@ def main(argv=None) -> int:
     trees = [scratch / f"w{i}" for i in range(args.workers)]
     for t in trees:
         copy_tree(t)
-    status, took = run_tests(trees[0], args.tests, args.timeout * 3)
+    status, took, _ = run_tests(trees[0], args.tests, args.timeout * 3)
     if status != "SURVIVED":
         print(f"the tests fail on the unmutated copy ({status}); nothing to measure", file=sys.stderr)
         return 2
@@ -213,13 +218,13 @@ def main(argv=None) -> int:
         target = tree / args.module
         try:
             target.write_text(text)
-            status, took = run_tests(tree, args.tests, args.timeout)
+            status, took, killer = run_tests(tree, args.tests, args.timeout)
         finally:
             target.write_text(source)
             free.append(tree)
-        rec = {"line": row, "status": status, "seconds": round(took, 1),
+        rec = {"line": row, "status": status, "seconds": round(took, 1), "killed_by": killer,
                "original": orig_lines[row - 1].strip(), "mutant": text.splitlines()[row - 1].strip()}
-        print(f"{status:8} {describe(row, text)}", flush=True)
+        print(f"{status:8} {describe(row, text)}" + (f"  [{killer}]" if killer else ""), flush=True)
         if out:
             out.write(json.dumps(rec) + "\n")
             out.flush()
