@@ -71,3 +71,13 @@ def test_exchange_agrees_is_used_once_and_refuses_a_low_order_share():
         a.exchange(b.share.public)              # the private half is gone after one use
     with pytest.raises(ProtocolError, match="peer key share refused"):
         ks.Ephemeral().exchange(bytes(32))      # the all-zero point: an all-zero secret
+
+
+def test_shares_and_session_keys_cannot_be_changed_after_the_fact():
+    import dataclasses
+    share = ks.KeyShare(bytes(32), bytes(32))
+    keys = ks.derive(bytes(range(32)), bytes(32))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        share.nonce = bytes(32)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        keys.s2d = keys.d2s                     # both directions under one key: nonce reuse
