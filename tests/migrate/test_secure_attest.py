@@ -42,3 +42,25 @@ def test_unreadable_trust_settings_fail_closed(tmp_path):
 ])
 def test_each_verifier_failure_has_its_own_words(cls, words):
     assert words in describe_failure(cls("x"))
+
+
+def test_the_final_quote_must_come_from_the_same_tpm_in_the_same_state(tmp_path):
+    """same_state() is the source's check of the FINAL_QUOTE against the handshake's
+    quote: another TPM, even one in a state the policy approves, is named (dropping
+    this check survived every secure test: issue 19's seeded-bug run)."""
+    import os
+    from securehelp import Trust
+    from migrate.secure.attest import same_state
+
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b")
+    judge = Attestor(trust.host("judge", role="destination"), trust.issuer, trust.policy)
+
+    def attest(tpm_dir):
+        nonce, binding = os.urandom(32), os.urandom(32)
+        evidence = Attestor(tpm_dir, trust.issuer, trust.policy).quote(nonce, binding)
+        return judge.verify(evidence, nonce, binding, who="peer")
+
+    first = attest(a)
+    assert same_state(first, attest(a)) is None
+    assert same_state(first, attest(b)) == "a different TPM answered the final quote"

@@ -217,6 +217,8 @@ NPAGES = RAM // 4096
 USER_BASE, USER_END = 0x40000000, 0x80000000
 FPU_OK = [[U64_MAX, 0xFFFF]] * 8 + [(1 << 128) - 1] * 10
 EDGES = [
+    (("cpu", "gdt_limit"), 0, -1, "cpu.gdt_limit"),
+    (("cpu", "idt_limit"), 0xFFFF, 0x10000, "cpu.idt_limit"),
     (("timer", "period"), 1_000_000_000, 1_000_000_001, "timer.period"),
     (("timer", "exit_cost"), 100_000, 100_001, "timer.exit_cost"),          # at most the period
     (("timer", "exit_cost"), 1, 0, "timer.exit_cost"),
@@ -377,11 +379,32 @@ def test_ring_and_paging_rules_of_the_cpu(doc):
         bad["cpu"].update(change)
         with pytest.raises(ProtocolError, match=why):
             check_state_doc(bad, RAM)
+    for cs, ss in ((0x08, 0x10), (0x1B, 0x23)):                     # ring 0 and ring 3
+        good = copy.deepcopy(doc)
+        good["cpu"].update(cs=cs, ss=ss)
+        check_state_doc(good, RAM)
     good = copy.deepcopy(doc)
     good["cpu"].update(cr3=RAM - 4096 + 0xFFF)
     check_state_doc(good, RAM)
     good["cpu"].update(cr0=good["cpu"]["cr0"] & ~(1 << 31), cr3=RAM)  # paging off: cr3 unused
     check_state_doc(good, RAM)
+
+
+def test_the_shortest_timer_period(doc):
+    good = copy.deepcopy(doc)
+    t = good["timer"]
+    t.update(period=1000, next_tick=t["vclock"] + 1000)
+    check_state_doc(good, RAM)
+    t.update(period=999, next_tick=t["vclock"] + 999)
+    with pytest.raises(ProtocolError, match="timer.period: 999 outside"):
+        check_state_doc(good, RAM)
+    for vclock, ok in ((0, True), (-1, False), (COUNTER_MAX, True), (COUNTER_MAX + 1, False)):
+        t.update(period=1000, vclock=vclock, next_tick=vclock + 1)
+        if ok:
+            check_state_doc(good, RAM)
+        else:
+            with pytest.raises(ProtocolError, match="timer.vclock"):
+                check_state_doc(good, RAM)
 
 
 def test_a_running_guest_must_not_have_halted(doc):
