@@ -64,3 +64,12 @@ def test_the_final_quote_must_come_from_the_same_tpm_in_the_same_state(tmp_path)
     first = attest(a)
     assert same_state(first, attest(a)) is None
     assert same_state(first, attest(b)) == "a different TPM answered the final quote"
+
+
+def test_a_tpm_without_an_ak_certificate_does_not_quote(tmp_path):
+    from migrate.measure import measure_start
+    from migrate.secure.setup import protection_policy
+    measure_start(tmp_path / "tpm", {"role": "source"}, protection_policy(insecure=()))
+    attestor = Attestor(tmp_path / "tpm", tmp_path / "issuer", tmp_path / "policy.json")
+    with pytest.raises(AttestationFailed, match="has no AK certificate"):
+        attestor.quote(bytes(32), bytes(32))

@@ -122,3 +122,21 @@ def test_a_record_is_immutable_and_has_no_flags_unless_given():
     assert rec.flags == 0
     with pytest.raises(AttributeError):
         rec.seq = 1
+
+
+def test_a_sent_record_has_the_documented_header_and_numbered_steps():
+    a, b = socket.socketpair()
+    try:
+        ch, steps = Channel(a, timeout=5.0), []
+        ch.on_step = steps.append
+        ch.send(RecordType.COMMIT)
+        ch.send(RecordType.ROUND_ACK, b"\x01\x00\x00\x00", b"\x02\x00\x00\x00")
+        got = b.recv(64)
+        assert got == (_HEAD.pack(10, 0, 0, 0) + _HEAD.pack(13, 0, 8, 1) + bytes([1, 0, 0, 0, 2, 0, 0, 0]))
+        b.sendall(_HEAD.pack(9, 0, 0, 0))
+        ch.recv()
+        assert [(s.n, s.direction, s.rtype, s.length, s.seq) for s in steps] == \
+            [(1, "send", "COMMIT", 0, 0), (2, "send", "ROUND_ACK", 8, 1), (3, "recv", "PREPARED", 0, 0)]
+    finally:
+        a.close()
+        b.close()
