@@ -225,6 +225,8 @@ EDGES = [
     (("timer", "next_tick"), 100_257, 100_256, "timer.next_tick"),          # after vclock 100256 ...
     (("timer", "next_tick"), 200_256, 200_257, "timer.next_tick"),          # ... at most a period ahead
     (("timer", "delivered"), COUNTER_MAX, COUNTER_MAX + 1, "timer.delivered"),
+    (("timer", "delivered"), 0, -1, "timer.delivered"),
+    (("dirty", "dirty_pfns"), [0], [-1], "dirty.dirty_pfns[0]"),
     (("vmm", "tick_us"), 1_000_000, 1_000_001, "vmm.tick_us"),
     (("vmm", "tick_us"), 1, 0, "vmm.tick_us"),
     (("vmm", "event_seq"), COUNTER_MAX, COUNTER_MAX + 1, "vmm.event_seq"),

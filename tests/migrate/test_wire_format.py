@@ -140,3 +140,44 @@ def test_a_sent_record_has_the_documented_header_and_numbered_steps():
     finally:
         a.close()
         b.close()
+
+
+def test_a_record_the_socket_takes_in_pieces_arrives_whole():
+    """Small socket buffers and a slow reader: sendmsg takes each record a piece at a
+    time, across the boundaries of its parts; the reader gets every byte, in order."""
+    a, b = socket.socketpair()
+    for s, opt in ((a, socket.SO_SNDBUF), (b, socket.SO_RCVBUF)):
+        s.setsockopt(socket.SOL_SOCKET, opt, 4096)
+    parts = [bytes([i]) * n for i, n in enumerate((5000, 1, 70_000, 3, 4096 * 20))]
+    got = bytearray()
+    total = 16 + sum(map(len, parts))
+
+    def reader():
+        while len(got) < total:
+            chunk = b.recv(1000)
+            if not chunk:
+                return
+            got.extend(chunk)
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        Channel(a, timeout=30.0).send(RecordType.STATE, *parts)
+    finally:
+        t.join(60)
+        a.close()
+        b.close()
+    assert bytes(got) == _HEAD.pack(7, 0, total - 16, 0) + b"".join(parts)
+
+
+def test_a_peer_that_never_reads_cannot_hold_a_send_and_nothing_follows():
+    from migrate.errors import ConnectionLost, PeerTimeout
+    a, b = socket.socketpair()
+    try:
+        ch = Channel(a, timeout=0.3)
+        with pytest.raises(PeerTimeout, match="did not take a STATE record"):
+            ch.send(RecordType.STATE, bytes(1 << 20))          # far more than the socket buffers
+        with pytest.raises(ConnectionLost, match="nothing more is sent after a failed send"):
+            ch.send(RecordType.ABORT, b"late")
+    finally:
+        a.close()
+        b.close()
