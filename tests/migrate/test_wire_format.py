@@ -173,9 +173,18 @@ def test_a_peer_that_never_reads_cannot_hold_a_send_and_nothing_follows():
     from migrate.errors import ConnectionLost, PeerTimeout
     a, b = socket.socketpair()
     try:
-        ch = Channel(a, timeout=0.3)
-        with pytest.raises(PeerTimeout, match="did not take a STATE record"):
-            ch.send(RecordType.STATE, bytes(1 << 20))          # far more than the socket buffers
+        ch, out = Channel(a, timeout=0.3), []
+
+        def send():
+            try:
+                ch.send(RecordType.STATE, bytes(1 << 20))      # far more than the socket buffers
+            except Exception as exc:                            # noqa: BLE001 - asserted below
+                out.append(exc)
+        t = threading.Thread(target=send, daemon=True)
+        t.start()
+        t.join(60)                                              # a bound on the test, not a timing
+        assert not t.is_alive(), "the send ignored its timeout"
+        assert isinstance(out[0], PeerTimeout) and "did not take a STATE record" in str(out[0])
         with pytest.raises(ConnectionLost, match="nothing more is sent after a failed send"):
             ch.send(RecordType.ABORT, b"late")
     finally:
