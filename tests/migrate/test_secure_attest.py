@@ -73,3 +73,24 @@ def test_a_tpm_without_an_ak_certificate_does_not_quote(tmp_path):
     attestor = Attestor(tmp_path / "tpm", tmp_path / "issuer", tmp_path / "policy.json")
     with pytest.raises(AttestationFailed, match="has no AK certificate"):
         attestor.quote(bytes(32), bytes(32))
+
+
+def test_a_quote_over_fewer_pcrs_is_refused_even_if_the_policy_would_pass_it(tmp_path):
+    """A peer's TPM quoting only PCRs 8 and 9 leaves its protection policy (PCR 10)
+    unproven.  The generated policy requires PCR 10 itself; a hand-written one that
+    does not must still not let such a quote through."""
+    import json
+    import os
+    from securehelp import Trust
+    from tpm import SoftTpm, bind_nonce
+
+    trust = Trust(tmp_path)
+    loose = json.loads(trust.policy.read_text())
+    del loose["pcrs"]["10"]
+    (tmp_path / "loose.json").write_text(json.dumps(loose))
+    peer = SoftTpm.open(trust.host("peer"), startup=None, create=False)
+    judge = Attestor(trust.host("judge", role="destination"), trust.issuer, tmp_path / "loose.json")
+    nonce, binding = os.urandom(32), os.urandom(32)
+    evidence = peer.quote(bind_nonce(nonce, binding), [8, 9]).to_bytes()
+    with pytest.raises(AttestationFailed, match=r"quote covers PCRs \[8, 9\], expected \[8, 9, 10\]"):
+        judge.verify(evidence, nonce, binding, who="peer")

@@ -133,10 +133,12 @@ def test_a_sent_record_has_the_documented_header_and_numbered_steps():
         ch.send(RecordType.ROUND_ACK, b"\x01\x00\x00\x00", b"\x02\x00\x00\x00")
         got = b.recv(64)
         assert got == (_HEAD.pack(10, 0, 0, 0) + _HEAD.pack(13, 0, 8, 1) + bytes([1, 0, 0, 0, 2, 0, 0, 0]))
-        b.sendall(_HEAD.pack(9, 0, 0, 0))
+        b.sendall(_HEAD.pack(9, 0, 0, 0) + _HEAD.pack(12, 0, 3, 1) + b"why")
+        ch.recv()
         ch.recv()
         assert [(s.n, s.direction, s.rtype, s.length, s.seq) for s in steps] == \
-            [(1, "send", "COMMIT", 0, 0), (2, "send", "ROUND_ACK", 8, 1), (3, "recv", "PREPARED", 0, 0)]
+            [(1, "send", "COMMIT", 0, 0), (2, "send", "ROUND_ACK", 8, 1), (3, "recv", "PREPARED", 0, 0),
+             (4, "recv", "ABORT", 3, 1)]
     finally:
         a.close()
         b.close()
@@ -190,3 +192,38 @@ def test_a_peer_that_never_reads_cannot_hold_a_send_and_nothing_follows():
     finally:
         a.close()
         b.close()
+
+
+def test_an_unknown_optional_record_as_large_as_the_largest_bound_is_skipped(pair):
+    a, ch = pair
+    largest = 8 << 20                                       # KEY_RELEASE's bound
+    writer = threading.Thread(target=a.sendall, args=(_HEAD.pack(77, 1, largest, 0) + bytes(largest)
+                                                      + _HEAD.pack(9, 0, 0, 1),))
+    writer.start()
+    try:
+        assert ch.recv().type is RecordType.PREPARED
+    finally:
+        writer.join()
+    a.sendall(_HEAD.pack(77, 1, largest + 1, 2))
+    with pytest.raises(ProtocolError, match="unknown optional record type 77"):
+        ch.recv()
+
+
+def test_pending_abort_peeks_at_a_whole_abort_header_only(pair):
+    """The source's last look before COMMIT: true only when a complete ABORT header is
+    waiting, and the record stays there for recv()."""
+    a, ch = pair
+    assert ch.pending_abort() is False                      # nothing waiting
+    a.sendall(_HEAD.pack(12, 0, 2, 0)[:15])
+    assert ch.pending_abort() is False                      # half a header
+    a.sendall(_HEAD.pack(12, 0, 2, 0)[15:] + b"no")
+    assert ch.pending_abort() is True
+    rec = ch.recv()
+    assert (rec.type, bytes(rec.body)) == (RecordType.ABORT, b"no")
+    a.sendall(_HEAD.pack(9, 0, 0, 1))
+    assert ch.pending_abort() is False                      # another record waiting
+    assert ch.recv().type is RecordType.PREPARED
+    a.sendall(_HEAD.pack(1, 12, 0, 2))                      # flags 12 (ABORT's number): not ABORT
+    assert ch.pending_abort() is False
+    ch.sock.close()
+    assert ch.pending_abort() is False                      # a dead socket: COMMIT's send will tell
