@@ -176,6 +176,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-killed-in", metavar="JSONL", action="append", default=[],
                     help="skip the mutants an earlier run (its --jsonl output) killed: after adding "
                          "tests, the 'after' count without re-running what was already killed")
+    ap.add_argument("--only-survivors-of", metavar="JSONL", action="append", default=[],
+                    help="run only the mutants that survived in an earlier run (to confirm new tests)")
     ap.add_argument("--jsonl", help="also write results here")
     ap.add_argument("--scratch", default="/tmp/seedbugs", help="where the tree copies go")
     args = ap.parse_args(argv)
@@ -189,6 +191,12 @@ def main(argv=None) -> int:
         with open(name) as f:
             killed_before |= {(r["line"], r["mutant"]) for r in map(json.loads, f) if r["status"] != "SURVIVED"}
     todo = [(row, text) for row, text in todo if (row, text.splitlines()[row - 1].strip()) not in killed_before]
+    if args.only_survivors_of:
+        survived = set()
+        for name in args.only_survivors_of:
+            with open(name) as f:
+                survived |= {(r["line"], r["mutant"]) for r in map(json.loads, f) if r["status"] == "SURVIVED"}
+        todo = [(row, text) for row, text in todo if (row, text.splitlines()[row - 1].strip()) in survived]
 
     def describe(row, text):
         return f"{row}: {orig_lines[row - 1].strip()}  ->  {text.splitlines()[row - 1].strip()}"
