@@ -227,3 +227,26 @@ def test_pending_abort_peeks_at_a_whole_abort_header_only(pair):
     assert ch.pending_abort() is False
     ch.sock.close()
     assert ch.pending_abort() is False                      # a dead socket: COMMIT's send will tell
+
+
+def test_recv_narrowed_by_type_and_by_bound_before_the_body(pair):
+    a, ch = pair
+    a.sendall(_HEAD.pack(9, 0, 0, 0))
+    assert ch.recv(only=frozenset({RecordType.PREPARED})).type is RecordType.PREPARED
+    a.sendall(_HEAD.pack(12, 0, 3, 1) + b"why")
+    with pytest.raises(ProtocolError, match="unexpected ABORT record"):
+        ch.recv(only=frozenset({RecordType.PREPARED}))
+    a2, b2 = socket.socketpair()
+    try:
+        narrow = Channel(b2, timeout=5.0)
+        a2.sendall(_HEAD.pack(1, 0, 100, 0) + bytes(100))
+        assert len(narrow.recv(max_body=100).body) == 100
+        a2.sendall(_HEAD.pack(1, 0, 101, 1))                        # no body: refused from the header
+        with pytest.raises(ProtocolError, match="HELLO record of 101 bytes exceeds its bound 100"):
+            narrow.recv(max_body=100)
+        a2.sendall(_HEAD.pack(8, 0, 41, 1))                         # the type's own bound still holds
+        with pytest.raises(ProtocolError, match="DIGEST record of 41 bytes exceeds its bound 40"):
+            narrow.recv(max_body=1000)
+    finally:
+        a2.close()
+        b2.close()
