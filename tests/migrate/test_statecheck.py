@@ -269,6 +269,11 @@ EDGES = [
      (USER_END - 0x40800000) // 4096 - 3, "image.processes[0].data_pages"),
     (("image", "processes", 0, "args"), [U32_MAX] * 8, [0] * 9, "image.processes[0].args: 9 entries"),
     (PROC + ("ident",), U64_MAX, U64_MAX + 1, "processes[0].ident"),
+    (PROC + ("ident",), 0, -1, "processes[0].ident"),
+    (PROC + ("nonce_counter",), 0, -1, "processes[0].nonce_counter"),
+    (PROC + ("key_handle",), 1, 2, "processes[0].key_handle: 2 outside [1, 1]"),     # next_handle is 2
+    (PROC + ("cr3",), 1085440, RAM, f"processes[0].cr3: {RAM} outside"),
+    (PROC + ("fpu",), [[0, 0]] * 8 + [0] * 10, [[0, 0]] * 8 + [-1] + [0] * 9, "fpu.xmm0"),
     (PROC + ("nonce_counter",), U64_MAX, U64_MAX + 1, "processes[0].nonce_counter"),
     (PROC + ("stopped",), "x" * 4096, "x" * 4097, "processes[0].stopped"),
     (PROC + ("name",), "x" * 256, "x" * 257, "processes[0].name"),
@@ -428,3 +433,29 @@ def test_a_running_guest_must_not_have_halted(doc):
     halted["vmm"].update(shutdown_status=U32_MAX + 1)
     with pytest.raises(ProtocolError, match="vmm.shutdown_status"):
         check_state_doc(halted, RAM, running=False)
+
+
+def test_protected_process_in_address_space_zero_and_the_first_handle(doc):
+    good = copy.deepcopy(doc)
+    good["vmm"]["pids"]["0"] = 9
+    good["protection"]["processes"][0]["cr3"] = 0
+    check_state_doc(good, RAM)
+    empty = copy.deepcopy(doc)
+    empty["protection"].update(processes=[], keys={}, next_handle=1)     # no key handed out yet
+    check_state_doc(empty, RAM)
+    empty["protection"]["next_handle"] = 0
+    with pytest.raises(ProtocolError, match="protection.next_handle: 0 outside"):
+        check_state_doc(empty, RAM)
+
+
+def test_at_most_two_protected_page_entries_per_frame(doc):
+    """Detached cloaked pages hold no frame, so only the count bounds them: two entries
+    per RAM frame (8192 at 16 MiB) are accepted, one more is refused."""
+    good = copy.deepcopy(doc)
+    proc = good["protection"]["processes"][0]
+    nonce, tag = proc["pages"][0][4], proc["pages"][0][5]
+    proc["pages"] = [[USER_BASE // 4096 + 1 + i, -1, "cloaked", 1, nonce, tag] for i in range(2 * NPAGES)]
+    check_state_doc(good, RAM)
+    proc["pages"].append([USER_BASE // 4096 + 1 + 2 * NPAGES, -1, "cloaked", 1, nonce, tag])
+    with pytest.raises(ProtocolError, match=f"{2 * NPAGES + 1} protected pages for {NPAGES} frames"):
+        check_state_doc(good, RAM)

@@ -250,3 +250,27 @@ def test_recv_narrowed_by_type_and_by_bound_before_the_body(pair):
     finally:
         a2.close()
         b2.close()
+
+
+def test_a_receive_whose_time_is_exactly_up_is_a_timeout(pair):
+    """The clock seam (``Channel.now``) at the deadline itself: a timeout, never a
+    non-blocking read that reports a lost connection instead."""
+    from migrate.errors import PeerTimeout
+    a, ch = pair
+    ch.timeout, ch.now = 0.0, lambda: 100.0
+    with pytest.raises(PeerTimeout, match="0 of 16 bytes"):
+        ch.recv()
+
+
+@pytest.mark.parametrize("text, address", [
+    ("[::1]:65535", ("::1", 65535)), ("host]:0", ("host]", 0)), ("[host:1", ("[host", 1)),
+])
+def test_addresses_at_their_edges(text, address):
+    from migrate.wire import parse_address
+    assert parse_address(text) == address
+
+
+def test_a_port_past_65535_is_refused():
+    from migrate.wire import parse_address
+    with pytest.raises(ValueError, match="port out of range"):
+        parse_address("127.0.0.1:65536")
