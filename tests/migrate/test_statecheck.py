@@ -459,3 +459,26 @@ def test_at_most_two_protected_page_entries_per_frame(doc):
     proc["pages"].append([USER_BASE // 4096 + 1 + 2 * NPAGES, -1, "cloaked", 1, nonce, tag])
     with pytest.raises(ProtocolError, match=f"{2 * NPAGES + 1} protected pages for {NPAGES} frames"):
         check_state_doc(good, RAM)
+
+
+@pytest.mark.parametrize("path", [("timer",), ("console",), ("dirty",), ("vmm",), ("identity",), ("image",),
+                                  ("image", "processes", 0), ("protection",), PROC, PROC + ("pinned",),
+                                  PROC + ("saved",), PROC + ("shown",), ("cpu",)])
+def test_every_object_has_exactly_its_fields(doc, path):
+    where = ".".join(str(p) for p in path).replace(".0", "[0]")
+    extra = copy.deepcopy(doc)
+    _set(extra, path + ("zz",), 0)
+    with pytest.raises(ProtocolError, match=re.escape(f"{where}: fields differ: missing [], unknown ['zz']")):
+        check_state_doc(extra, RAM)
+    obj = doc
+    for k in path:
+        obj = obj[k]
+    first = sorted(obj)[0]
+    missing = copy.deepcopy(doc)
+    _set(missing, path + (first,), KeyError)
+    with pytest.raises(ProtocolError, match=re.escape(f"{where}: fields differ: missing ['{first}']")):
+        check_state_doc(missing, RAM)
+    listed = copy.deepcopy(doc)
+    _set(listed, path, [])
+    with pytest.raises(ProtocolError, match=re.escape(f"{where}: list where an object belongs")):
+        check_state_doc(listed, RAM)
