@@ -227,6 +227,8 @@ EDGES = [
     (("timer", "delivered"), COUNTER_MAX, COUNTER_MAX + 1, "timer.delivered"),
     (("timer", "delivered"), 0, -1, "timer.delivered"),
     (("dirty", "dirty_pfns"), [0], [-1], "dirty.dirty_pfns[0]"),
+    (("dirty", "enabled"), True, 1, "dirty.enabled: int where true/false belongs"),
+    (("identity", "vm_id"), "0" * 32, 0, "identity.vm_id: int where a string belongs"),
     (("vmm", "tick_us"), 1_000_000, 1_000_001, "vmm.tick_us"),
     (("vmm", "tick_us"), 1, 0, "vmm.tick_us"),
     (("vmm", "event_seq"), COUNTER_MAX, COUNTER_MAX + 1, "vmm.event_seq"),
@@ -430,7 +432,10 @@ def test_a_running_guest_must_not_have_halted(doc):
     halted["vmm"].update(halted=None)
     with pytest.raises(ProtocolError, match="shutdown_status: set, but the guest has not shut down"):
         check_state_doc(halted, RAM)
-    halted["vmm"].update(shutdown_status=U32_MAX + 1)
+    halted["vmm"].update(halted="exploded", shutdown_status=0)
+    with pytest.raises(ProtocolError, match="vmm.halted: 'exploded' is not a halt reason"):
+        check_state_doc(halted, RAM, running=False)
+    halted["vmm"].update(halted="shutdown", shutdown_status=U32_MAX + 1)
     with pytest.raises(ProtocolError, match="vmm.shutdown_status"):
         check_state_doc(halted, RAM, running=False)
 
