@@ -274,3 +274,13 @@ def test_a_port_past_65535_is_refused():
     from migrate.wire import parse_address
     with pytest.raises(ValueError, match="port out of range"):
         parse_address("127.0.0.1:65536")
+
+
+def test_send_takes_type_numbers_and_refuses_unknown_ones_as_value_errors(pair):
+    a, ch = pair
+    sender = Channel(a, timeout=5.0)
+    sender.send(9)                                  # a plain number is a record type too
+    assert ch.sock.recv(16) == _HEAD.pack(9, 0, 0, 0)
+    for bad in (0, 99):
+        with pytest.raises(ValueError):
+            sender.send(bad)
