@@ -490,3 +490,19 @@ def test_every_object_has_exactly_its_fields(doc, path):
     _set(listed, path, [])
     with pytest.raises(ProtocolError, match=re.escape(f"{where}: list where an object belongs")):
         check_state_doc(listed, RAM)
+
+
+@pytest.mark.parametrize("path, value, why", [
+    (("vmm", "pids"), {"4097": 1}, "vmm.pids[4097]: address space not page-aligned"),
+    (("vmm", "pids"), {"4096": 1 << 32}, "vmm.pids[4096]"),
+    (("vmm", "names"), {"x": "a"}, "vmm.names: key 'x' is not a decimal number"),
+    (("image", "kernel_symbols"), {"a": 1 << 32}, "image.kernel_symbols[a]"),
+    (("image", "processes", 0, "name"), "x" * 257, "image.processes[0].name"),
+    (("image", "processes", 0, "symbols"), {"a": 1 << 32}, "image.processes[0].symbols[a]"),
+    (PROC + ("pages", 0), [1, 2, 3, 4, 5], "a page entry is [vpn, frame, state, version, nonce, tag]"),
+])
+def test_table_entries_are_checked_one_by_one(doc, path, value, why):
+    bad = copy.deepcopy(doc)
+    _set(bad, path, value)
+    with pytest.raises(ProtocolError, match=re.escape(why)):
+        check_state_doc(bad, RAM)

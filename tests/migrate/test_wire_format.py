@@ -284,3 +284,19 @@ def test_send_takes_type_numbers_and_refuses_unknown_ones_as_value_errors(pair):
     for bad in (0, 99):
         with pytest.raises(ValueError):
             sender.send(bad)
+
+
+def test_a_tcp_channel_turns_nagle_off_and_close_closes():
+    """Small control records (PREPARED, COMMIT) must not wait for Nagle's timer."""
+    server = socket.create_server(("127.0.0.1", 0))
+    try:
+        client = socket.create_connection(server.getsockname())
+        peer, _ = server.accept()
+        ch = Channel(client, timeout=5.0)
+        assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        ch.close()
+        assert client.fileno() == -1
+        assert peer.recv(1) == b""                          # the peer sees the end
+        peer.close()
+    finally:
+        server.close()
