@@ -229,6 +229,7 @@ EDGES = [
     (("dirty", "dirty_pfns"), [0], [-1], "dirty.dirty_pfns[0]"),
     (("dirty", "enabled"), True, 1, "dirty.enabled: int where true/false belongs"),
     (("protection", "enabled"), False, 0, "protection.enabled: int where true/false belongs"),
+    (PROC + ("pinned", "cr0"), 0, -1, "processes[0].pinned.cr0: -1 outside"),
     (PROC + ("pinned",), None, 0, "processes[0].pinned: int where an object belongs"),
     (("protection",), None, 0, "protection: int where an object belongs"),
     (("identity", "vm_id"), "0" * 32, 0, "identity.vm_id: int where a string belongs"),
@@ -506,3 +507,11 @@ def test_table_entries_are_checked_one_by_one(doc, path, value, why):
     _set(bad, path, value)
     with pytest.raises(ProtocolError, match=re.escape(why)):
         check_state_doc(bad, RAM)
+
+
+def test_the_top_level_has_exactly_its_sections(doc):
+    for bad, why in (({k: v for k, v in doc.items() if k != "timer"}, "(top level): fields differ: missing ['timer']"),
+                     (dict(doc, zz=0), "(top level): fields differ: missing [], unknown ['zz']"),
+                     ([doc], "(top level): list where an object belongs")):
+        with pytest.raises(ProtocolError, match=re.escape(why)):
+            check_state_doc(copy.deepcopy(bad), RAM)
