@@ -501,6 +501,7 @@ def test_every_object_has_exactly_its_fields(doc, path):
     (("image", "processes", 0, "name"), "x" * 257, "image.processes[0].name"),
     (("image", "processes", 0, "symbols"), {"a": 1 << 32}, "image.processes[0].symbols[a]"),
     (PROC + ("pages", 0), [1, 2, 3, 4, 5], "a page entry is [vpn, frame, state, version, nonce, tag]"),
+    (("console", "per_pid", "0"), "!!!", "console.per_pid[0]: not base64"),
 ])
 def test_table_entries_are_checked_one_by_one(doc, path, value, why):
     bad = copy.deepcopy(doc)
