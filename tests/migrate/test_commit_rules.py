@@ -168,3 +168,25 @@ def test_a_round_that_carries_fewer_pages_than_it_announced_is_refused():
     out = feed(encode(HELLO + recs + TAIL))
     assert isinstance(out, ProtocolError), out
     assert f"({NPAGES - dropped} of {NPAGES} pages received)" in str(out)
+
+
+def test_a_page_zeroed_in_a_later_round_is_zero_at_the_destination():
+    """Round 0 carries a page with data; the guest then zeroes it, and round 1 sends
+    it as a ZERO_PAGES entry.  The digest covers the records, not the RAM, so only the
+    destination's own bookkeeping (which pages hold received data) clears the stale
+    copy: the resumed guest must see zeros there, not the old bytes."""
+    import numpy as np
+    from migrate.messages import decode_pages, encode_zero_pages
+    from test_stream_fuzz import SOURCE_RAM
+
+    npages = len(SOURCE_RAM) // 4096
+    pfn = next(int(p) for t, b in ROUND0 if t is RecordType.PAGES
+               for p, page in zip(*decode_pages(b, npages)) if page.any())
+    round1 = [(RecordType.ROUND_BEGIN, RoundMark(1, 1).encode()),
+              (RecordType.ZERO_PAGES, encode_zero_pages(np.array([pfn]))),
+              (RecordType.ROUND_END, RoundMark(1, 1).encode())]
+    out = feed(encode(redigest(HELLO + ROUND0 + round1 + TAIL)))
+    assert not isinstance(out, Exception), out
+    want = bytearray(SOURCE_RAM)
+    want[pfn * 4096:(pfn + 1) * 4096] = bytes(4096)
+    assert bytes(out.machine.ram.view) == bytes(want)

@@ -206,3 +206,313 @@ def test_a_state_document_past_what_a_machine_can_need_is_cut_off():
     a.close()
     assert isinstance(out["error"], ProtocolError) and "can need" in str(out["error"])
     assert sent >= state_limit(RAM) - (1 << 20)         # a real document's worth is taken
+
+
+# ------------------------------------------------------- each limit at its edge
+# (issue 19: a bound off by one, or a limit constant changed, passed the cases above).
+# Each case: the value at the limit is accepted, one past it is refused by name.
+# The limits are written out as numbers (docs/migration.md, "State document").
+U32_MAX, U64_MAX, COUNTER_MAX = 0xFFFFFFFF, (1 << 64) - 1, 1 << 62
+NPAGES = RAM // 4096
+USER_BASE, USER_END = 0x40000000, 0x80000000
+FPU_OK = [[U64_MAX, 0xFFFF]] * 8 + [(1 << 128) - 1] * 10
+EDGES = [
+    (("cpu", "gdt_limit"), 0, -1, "cpu.gdt_limit"),
+    (("cpu", "idt_limit"), 0xFFFF, 0x10000, "cpu.idt_limit"),
+    (("timer", "period"), 1_000_000_000, 1_000_000_001, "timer.period"),
+    (("timer", "exit_cost"), 100_000, 100_001, "timer.exit_cost"),          # at most the period
+    (("timer", "exit_cost"), 1, 0, "timer.exit_cost"),
+    (("timer", "next_tick"), 100_257, 100_256, "timer.next_tick"),          # after vclock 100256 ...
+    (("timer", "next_tick"), 200_256, 200_257, "timer.next_tick"),          # ... at most a period ahead
+    (("timer", "delivered"), COUNTER_MAX, COUNTER_MAX + 1, "timer.delivered"),
+    (("timer", "delivered"), 0, -1, "timer.delivered"),
+    (("dirty", "dirty_pfns"), [0], [-1], "dirty.dirty_pfns[0]"),
+    (("dirty", "enabled"), True, 1, "dirty.enabled: int where true/false belongs"),
+    (("protection", "enabled"), False, 0, "protection.enabled: int where true/false belongs"),
+    (PROC + ("pinned", "cr0"), 0, -1, "processes[0].pinned.cr0: -1 outside"),
+    (PROC + ("pinned",), None, 0, "processes[0].pinned: int where an object belongs"),
+    (("protection",), None, 0, "protection: int where an object belongs"),
+    (("identity", "vm_id"), "0" * 32, 0, "identity.vm_id: int where a string belongs"),
+    (("vmm", "tick_us"), 1_000_000, 1_000_001, "vmm.tick_us"),
+    (("vmm", "tick_us"), 1, 0, "vmm.tick_us"),
+    (("vmm", "event_seq"), COUNTER_MAX, COUNTER_MAX + 1, "vmm.event_seq"),
+    (("vmm", "slices"), COUNTER_MAX, COUNTER_MAX + 1, "vmm.slices"),
+    (("vmm", "slices"), 0, -1, "vmm.slices"),
+    (("vmm", "event_seq"), 0, -1, "vmm.event_seq"),
+    (("vmm", "pids", "0"), U32_MAX, U32_MAX + 1, "vmm.pids[0]"),              # address space 0 is one
+    (("vmm", "halt_detail"), "x" * 4096, "x" * 4097, "vmm.halt_detail"),
+    (("vmm", "names"), {str(i): "n" for i in range(4096)}, {str(i): "n" for i in range(4097)}, "vmm.names: 4097"),
+    (("vmm", "names", "1"), "x" * 256, "x" * 257, "vmm.names[1]"),
+    (("vmm", "exits"), {str(i): 0 for i in range(4096)}, {str(i): 0 for i in range(4097)}, "vmm.exits: 4097"),
+    (("vmm", "exits"), {"1": U32_MAX}, {"1": U32_MAX + 1}, "vmm.exits[1]"),
+    (("vmm", "exits"), {"4294967295": 0}, {"4294967296": 0}, "vmm.exits[4294967296]"),
+    (("console", "channel"), 255, 256, "console.channel"),
+    (("console", "per_pid"), {"255": ""}, {"256": ""}, "console.per_pid[256]"),
+    (("dirty", "dirty_pfns"), [0, NPAGES - 1], [0, NPAGES], "dirty.dirty_pfns[1]"),
+    (("dirty", "dirty_pfns"), [3, 4], [3, 3], "dirty.dirty_pfns[1]"),             # strictly ascending
+    (("identity", "generation"), (1 << 40) - 1, 1 << 40, "identity.generation"),
+    (("image", "name"), "x" * 256, "x" * 257, "image.name"),
+    (("image", "description"), "x" * 4096, "x" * 4097, "image.description"),
+    (("image", "min_ram"), RAM, RAM + 1, "image.min_ram"),
+    (("image", "min_ram"), 1, 0, "image.min_ram"),
+    (("image", "entry"), RAM - 1, RAM, "image.entry"),
+    (("image", "entry"), 0, -1, "image.entry"),
+    (("image", "boot_esp"), 0, -1, "image.boot_esp"),
+    (("image", "processes", 0, "cr3"), 0, -4096, "image.processes[0].cr3"),
+    (("identity", "vm_id"), "0123456789abcdef" * 2, "0123456789abcdeg" * 2, "identity.vm_id"),
+    (("image", "boot_esp"), RAM, RAM + 1, "image.boot_esp"),
+    (("image", "kernel_symbols"), {f"s{i}": 0 for i in range(4096)}, {f"s{i}": 0 for i in range(4097)},
+     "image.kernel_symbols: 4097"),
+    (("image", "kernel_symbols"), {"x" * 256: U32_MAX}, {"x" * 257: 0}, "symbol name of 257"),
+    (("image", "kernel_symbols"), {"a": U32_MAX}, {"": 0}, "symbol name of 0"),
+    (("image", "processes", 0, "pid"), 16, 17, "image.processes[0].pid"),
+    (("image", "processes", 0, "pid"), 3, 2, "pid 2 twice"),
+    (("image", "processes", 0, "cr3"), RAM - 4096, RAM, "image.processes[0].cr3"),
+    (("image", "processes", 0, "cr3"), 4096, 4097, "not page-aligned"),
+    (("image", "processes", 0, "entry"), USER_BASE, USER_BASE - 1, "image.processes[0].entry"),
+    (("image", "processes", 0, "entry"), USER_END - 1, USER_END, "image.processes[0].entry"),
+    (("image", "processes", 0, "data_pages"), (USER_END - 0x40800000) // 4096 - 4,
+     (USER_END - 0x40800000) // 4096 - 3, "image.processes[0].data_pages"),
+    (("image", "processes", 0, "args"), [U32_MAX] * 8, [0] * 9, "image.processes[0].args: 9 entries"),
+    (PROC + ("ident",), U64_MAX, U64_MAX + 1, "processes[0].ident"),
+    (PROC + ("ident",), 0, -1, "processes[0].ident"),
+    (PROC + ("nonce_counter",), 0, -1, "processes[0].nonce_counter"),
+    (PROC + ("key_handle",), 1, 2, "processes[0].key_handle: 2 outside [1, 1]"),     # next_handle is 2
+    (PROC + ("cr3",), 1085440, RAM, f"processes[0].cr3: {RAM} outside"),
+    (PROC + ("fpu",), [[0, 0]] * 8 + [0] * 10, [[0, 0]] * 8 + [-1] + [0] * 9, "fpu.xmm0"),
+    (PROC + ("nonce_counter",), U64_MAX, U64_MAX + 1, "processes[0].nonce_counter"),
+    (PROC + ("stopped",), "x" * 4096, "x" * 4097, "processes[0].stopped"),
+    (PROC + ("name",), "x" * 256, "x" * 257, "processes[0].name"),
+    (PROC + ("shared_vaddr",), USER_END - 4096, USER_END, "processes[0].shared_vaddr"),
+    (PROC + ("shared_vaddr",), USER_BASE + 4096, USER_BASE, "the info page cannot be the shared page"),
+    (PROC + ("pages", 0, 0), USER_BASE // 4096 + 7, USER_BASE // 4096 - 1, "pages[0].vpn"),
+    (PROC + ("pages", 0, 1), NPAGES - 1, NPAGES, "pages[0].frame"),
+    (PROC + ("pages", 0, 3), U32_MAX, U32_MAX + 1, "pages[0].version"),
+    (PROC + ("pages", 0, 4), "00" * 12, "00" * 11, "pages[0].nonce"),
+    (PROC + ("pages", 0, 5), "00" * 16, "00" * 15, "pages[0].tag"),
+    (PROC + ("pages", 0, 5), "00" * 16, "0" * 32 + "0", "pages[0].tag"),
+    (PROC + ("pinned", "segments", "ds"), [0xFFFF, "null"], [0x10000, "null"], "pinned.segments.ds[0]"),
+    (PROC + ("pinned", "segments", "ds"), [0, "table not mapped"], [0, "unmapped"], "pinned.segments.ds[1]"),
+    (PROC + ("pinned", "cr0"), (1 << 0) | (1 << 16) | (1 << 31), 1 << 1, "pinned.cr0"),
+    (PROC + ("fpu",), FPU_OK, [[U64_MAX + 1, 0]] + FPU_OK[1:], "fpu.st0[0]"),
+    (PROC + ("fpu",), FPU_OK, [[0, 0x10000]] + FPU_OK[1:], "fpu.st0[1]"),
+    (PROC + ("fpu",), FPU_OK, FPU_OK[:8] + [1 << 128] + FPU_OK[9:], "fpu.xmm0"),
+    (PROC + ("fpu",), FPU_OK, FPU_OK[:-1] + [1 << 128], "fpu.mxcsr"),
+    (PROC + ("fpu",), FPU_OK, [[0, 0, 0]] + FPU_OK[1:], "fpu.st0"),
+]
+
+
+@pytest.mark.parametrize("path, ok, bad, why", EDGES, ids=[f"{c[3][:40]}-{i}" for i, c in enumerate(EDGES)])
+def test_each_limit_at_its_edge(doc, path, ok, bad, why):
+    good = copy.deepcopy(doc)
+    _set(good, path, ok)
+    check_state_doc(good, RAM)
+    _set(good, path, bad)
+    with pytest.raises(ProtocolError, match="state document: .*" + re.escape(why)):
+        check_state_doc(good, RAM)
+
+
+def test_the_live_protected_processes_own_their_pid_cr3_key_and_frames_alone(doc):
+    """A second live protected process that shares any of them is refused; an exited
+    one keeps its fields (its frames are not checked against the live ones)."""
+    for field, value, why in (("pid", None, "pid"), ("cr3", None, "cr3"), ("key_handle", None, "key_handle")):
+        bad = copy.deepcopy(doc)
+        prot = bad["protection"]
+        twin = copy.deepcopy(prot["processes"][0])
+        twin["pages"] = []
+        for other in ("pid", "cr3", "key_handle"):
+            if other != field:
+                twin[other] = {"pid": 77, "cr3": 1138688, "key_handle": 2}[other]
+        prot["next_handle"], prot["keys"]["2"] = 3, prot["keys"]["1"]
+        prot["processes"].append(twin)
+        with pytest.raises(ProtocolError, match=f"{why}: .* belongs to another live protected process"):
+            check_state_doc(bad, RAM)
+        twin[field] = {"pid": 77, "cr3": 1138688, "key_handle": 2}[field]
+        check_state_doc(bad, RAM)                       # all three its own: accepted
+        twin["pages"] = copy.deepcopy(prot["processes"][0]["pages"][:1])
+        with pytest.raises(ProtocolError, match="owned twice"):
+            check_state_doc(bad, RAM)
+        twin.update(exited=True, in_kernel=False, saved=None, pid=1, cr3=1085440, key_handle=1)
+        check_state_doc(bad, RAM)                       # an exited process: not a live owner
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"exited": True, "in_kernel": False}, "an exited process with a saved context"),
+    ({"exited": True, "saved": None}, "an exited process with a saved context"),
+    ({"shown": None}, "in the kernel without a saved and a shown context"),
+    ({"cr3": 4096}, "is not in the VMM's process table"),
+])
+def test_process_consistency_rules(doc, change, why):
+    bad = copy.deepcopy(doc)
+    bad["protection"]["processes"][0].update(change)
+    with pytest.raises(ProtocolError, match=why):
+        check_state_doc(bad, RAM)
+
+
+def test_a_live_process_needs_its_key_and_keys_their_size(doc):
+    bad = copy.deepcopy(doc)
+    bad["protection"]["keys"] = {}
+    with pytest.raises(ProtocolError, match="no key 1 for a live process"):
+        check_state_doc(bad, RAM)
+    bad["protection"]["keys"] = {"1": "AAAA" * 10 + "AA=="}          # 31 bytes
+    with pytest.raises(ProtocolError, match=r"keys\[1\]: a key is 32 bytes"):
+        check_state_doc(bad, RAM)
+    bad["protection"]["keys"] = {"1": doc["protection"]["keys"]["1"], "2": doc["protection"]["keys"]["1"]}
+    with pytest.raises(ProtocolError, match=r"keys\[2\]"):          # handle 2 >= next_handle 2
+        check_state_doc(bad, RAM)
+
+
+def test_the_last_user_page_is_a_page_and_one_past_it_is_not(doc):
+    bad = copy.deepcopy(doc)
+    pages = bad["protection"]["processes"][0]["pages"]
+    top = [i for i, e in enumerate(pages) if e[0] == USER_END // 4096 - 1]    # the stack's last page
+    assert top
+    check_state_doc(bad, RAM)
+    pages[top[0]][0] = USER_END // 4096
+    with pytest.raises(ProtocolError, match=rf"pages\[{top[0]}\].vpn"):
+        check_state_doc(bad, RAM)
+
+
+def test_page_state_rules(doc):
+    bad = copy.deepcopy(doc)
+    page = bad["protection"]["processes"][0]["pages"][0]
+    page[4] = ""
+    with pytest.raises(ProtocolError, match="a cloaked page without nonce and tag"):
+        check_state_doc(bad, RAM)
+    page[2:6] = ["plaintext", 1, "", ""]
+    check_state_doc(bad, RAM)
+    page[1] = -1
+    with pytest.raises(ProtocolError, match="a plaintext page must be in a frame"):
+        check_state_doc(bad, RAM)
+    page[2] = "cloaked"
+    page[4:6] = doc["protection"]["processes"][0]["pages"][0][4:6]
+    check_state_doc(bad, RAM)                                          # a detached cloaked page
+    bad["protection"]["processes"][0]["pages"].append(list(page))
+    with pytest.raises(ProtocolError, match="twice"):
+        check_state_doc(bad, RAM)
+
+
+def test_ring_and_paging_rules_of_the_cpu(doc):
+    for change, why in (({"cs": 0x1B, "ss": 0x10}, "privilege level"), ({"cs": 0x19, "ss": 0x11}, "privilege level"),
+                        ({"cr3": RAM}, "cpu.cr3")):
+        bad = copy.deepcopy(doc)
+        bad["cpu"].update(change)
+        with pytest.raises(ProtocolError, match=why):
+            check_state_doc(bad, RAM)
+    for cs, ss in ((0x08, 0x10), (0x1B, 0x23)):                     # ring 0 and ring 3
+        good = copy.deepcopy(doc)
+        good["cpu"].update(cs=cs, ss=ss)
+        check_state_doc(good, RAM)
+    good = copy.deepcopy(doc)
+    good["cpu"].update(cr3=RAM - 4096 + 0xFFF)
+    check_state_doc(good, RAM)
+    good["cpu"].update(cr0=good["cpu"]["cr0"] & ~(1 << 31), cr3=RAM)  # paging off: cr3 unused
+    check_state_doc(good, RAM)
+
+
+def test_the_shortest_timer_period(doc):
+    good = copy.deepcopy(doc)
+    t = good["timer"]
+    t.update(period=1000, next_tick=t["vclock"] + 1000)
+    check_state_doc(good, RAM)
+    t.update(period=999, next_tick=t["vclock"] + 999)
+    with pytest.raises(ProtocolError, match="timer.period: 999 outside"):
+        check_state_doc(good, RAM)
+    for vclock, ok in ((0, True), (-1, False), (COUNTER_MAX, True), (COUNTER_MAX + 1, False)):
+        t.update(period=1000, vclock=vclock, next_tick=vclock + 1)
+        if ok:
+            check_state_doc(good, RAM)
+        else:
+            with pytest.raises(ProtocolError, match="timer.vclock"):
+                check_state_doc(good, RAM)
+
+
+def test_a_running_guest_must_not_have_halted(doc):
+    halted = copy.deepcopy(doc)
+    halted["vmm"].update(halted="shutdown", shutdown_status=0)
+    check_state_doc(halted, RAM, running=False)
+    with pytest.raises(ProtocolError, match="vmm.halted"):
+        check_state_doc(halted, RAM)
+    halted["vmm"].update(halted=None)
+    with pytest.raises(ProtocolError, match="shutdown_status: set, but the guest has not shut down"):
+        check_state_doc(halted, RAM)
+    halted["vmm"].update(halted="exploded", shutdown_status=0)
+    with pytest.raises(ProtocolError, match="vmm.halted: 'exploded' is not a halt reason"):
+        check_state_doc(halted, RAM, running=False)
+    halted["vmm"].update(halted="shutdown", shutdown_status=U32_MAX + 1)
+    with pytest.raises(ProtocolError, match="vmm.shutdown_status"):
+        check_state_doc(halted, RAM, running=False)
+
+
+def test_protected_process_in_address_space_zero_and_the_first_handle(doc):
+    good = copy.deepcopy(doc)
+    good["vmm"]["pids"]["0"] = 9
+    good["protection"]["processes"][0]["cr3"] = 0
+    check_state_doc(good, RAM)
+    empty = copy.deepcopy(doc)
+    empty["protection"].update(processes=[], keys={}, next_handle=1)     # no key handed out yet
+    check_state_doc(empty, RAM)
+    empty["protection"]["next_handle"] = 0
+    with pytest.raises(ProtocolError, match="protection.next_handle: 0 outside"):
+        check_state_doc(empty, RAM)
+
+
+def test_at_most_two_protected_page_entries_per_frame(doc):
+    """Detached cloaked pages hold no frame, so only the count bounds them: two entries
+    per RAM frame (8192 at 16 MiB) are accepted, one more is refused."""
+    good = copy.deepcopy(doc)
+    proc = good["protection"]["processes"][0]
+    nonce, tag = proc["pages"][0][4], proc["pages"][0][5]
+    proc["pages"] = [[USER_BASE // 4096 + 1 + i, -1, "cloaked", 1, nonce, tag] for i in range(2 * NPAGES)]
+    check_state_doc(good, RAM)
+    proc["pages"].append([USER_BASE // 4096 + 1 + 2 * NPAGES, -1, "cloaked", 1, nonce, tag])
+    with pytest.raises(ProtocolError, match=f"{2 * NPAGES + 1} protected pages for {NPAGES} frames"):
+        check_state_doc(good, RAM)
+
+
+@pytest.mark.parametrize("path", [("timer",), ("console",), ("dirty",), ("vmm",), ("identity",), ("image",),
+                                  ("image", "processes", 0), ("protection",), PROC, PROC + ("pinned",),
+                                  PROC + ("saved",), PROC + ("shown",), ("cpu",)])
+def test_every_object_has_exactly_its_fields(doc, path):
+    where = ".".join(str(p) for p in path).replace(".0", "[0]")
+    extra = copy.deepcopy(doc)
+    _set(extra, path + ("zz",), 0)
+    with pytest.raises(ProtocolError, match=re.escape(f"{where}: fields differ: missing [], unknown ['zz']")):
+        check_state_doc(extra, RAM)
+    obj = doc
+    for k in path:
+        obj = obj[k]
+    first = sorted(obj)[0]
+    missing = copy.deepcopy(doc)
+    _set(missing, path + (first,), KeyError)
+    with pytest.raises(ProtocolError, match=re.escape(f"{where}: fields differ: missing ['{first}']")):
+        check_state_doc(missing, RAM)
+    listed = copy.deepcopy(doc)
+    _set(listed, path, [])
+    with pytest.raises(ProtocolError, match=re.escape(f"{where}: list where an object belongs")):
+        check_state_doc(listed, RAM)
+
+
+@pytest.mark.parametrize("path, value, why", [
+    (("vmm", "pids"), {"4097": 1}, "vmm.pids[4097]: address space not page-aligned"),
+    (("vmm", "pids"), {"4096": 1 << 32}, "vmm.pids[4096]"),
+    (("vmm", "names"), {"x": "a"}, "vmm.names: key 'x' is not a decimal number"),
+    (("image", "kernel_symbols"), {"a": 1 << 32}, "image.kernel_symbols[a]"),
+    (("image", "processes", 0, "name"), "x" * 257, "image.processes[0].name"),
+    (("image", "processes", 0, "symbols"), {"a": 1 << 32}, "image.processes[0].symbols[a]"),
+    (PROC + ("pages", 0), [1, 2, 3, 4, 5], "a page entry is [vpn, frame, state, version, nonce, tag]"),
+    (("console", "per_pid", "0"), "!!!", "console.per_pid[0]: not base64"),
+])
+def test_table_entries_are_checked_one_by_one(doc, path, value, why):
+    bad = copy.deepcopy(doc)
+    _set(bad, path, value)
+    with pytest.raises(ProtocolError, match=re.escape(why)):
+        check_state_doc(bad, RAM)
+
+
+def test_the_top_level_has_exactly_its_sections(doc):
+    for bad, why in (({k: v for k, v in doc.items() if k != "timer"}, "(top level): fields differ: missing ['timer']"),
+                     (dict(doc, zz=0), "(top level): fields differ: missing [], unknown ['zz']"),
+                     ([doc], "(top level): list where an object belongs")):
+        with pytest.raises(ProtocolError, match=re.escape(why)):
+            check_state_doc(copy.deepcopy(bad), RAM)
