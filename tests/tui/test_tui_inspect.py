@@ -14,13 +14,10 @@ from tui.app import MigrationApp
 from tui.transcript import read
 from tui.widgets import GLYPHS, MemoryMapView
 
-FIXTURE = Path(__file__).with_name("plain-demo.jsonl")
+from test_tui_replay import FIXTURE, _app, text
+
 HEADER = re.compile(r"memory 16 MiB, (\d+) pages?/cell\nframes 0x([0-9a-f]+)-0x([0-9a-f]+) (\(all\)|of 0x1000)")
 
-
-def _app():
-    _, frames = read(FIXTURE)
-    return MigrationApp(frames=frames, replay_name="plain-demo.jsonl")
 
 
 def shown(app, wid="#src-map"):
@@ -71,11 +68,6 @@ def test_zoom_into_the_memory_map_down_to_one_page_per_cell(size):
             assert per2 < per and not whole and lo2 <= frame <= hi2
             await pilot.press("q")
     asyncio.run(main())
-
-
-def text(app, wid):
-    w = app.query_one(wid)
-    return str(w.content) if hasattr(w, "content") else str(w.render())
 
 
 def test_a_selected_record_shows_its_fields():
