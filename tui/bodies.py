@@ -101,9 +101,8 @@ def _from_head(rtype: str, head: bytes, length: int):
                                                   f"bytes of page contents (protected pages: their ciphertext)"),)
     if rtype == "ZERO_PAGES":
         return _frames(head, length) + (("data", "none: these frames are all zero"),)
-    if rtype == "STATE":
-        return (("state document chunk", f"{length:,} bytes of JSON"),
-                ("begins", head[:40].decode("utf-8", "replace") + ("..." if length > 40 else "")))
+    if rtype == "STATE":      # its text is not shown: in plain mode a chunk may hold process keys
+        return (("state document chunk", f"{length:,} bytes of JSON"),)
     if rtype == "KEY_SHARE" and len(head) >= 64:
         return (("X25519 public key", _hex(head[:32])), ("nonce", _hex(head[32:64])),
                 ("why", "ephemeral: the session keys come from both shares; the peer's quote must bind the nonce"))
