@@ -333,11 +333,13 @@ class LiveSession:
             ch = src_mode.channel(sock, timeout=timeout, role="source")
             holder.append(ch)
             return attach(ch, self._hook("source", holder), self.timebase)
-        # An attack replays the lab's scenario, with the lab's deterministic rounds
-        # (migrate/lab/scenario.py): a stale page then always shows its damage.
-        from migrate.lab.scenario import ROUND_TICKS
-        rounds = int(ROUND_TICKS) if sc.attack else 0
-        src = Source(m, policy=PrecopyPolicy(round_ticks=rounds), timeout=10.0, events=events, mode=src_mode,
+        # An attack replays the lab's scenario, with the lab's lockstep pre-copy and
+        # round bound (migrate/lab/scenario.py): a stale page then always shows its
+        # damage, and the guest never finishes during pre-copy on a loaded machine.
+        from migrate.lab.scenario import MAX_ROUNDS, ROUND_TICKS
+        policy = PrecopyPolicy(round_ticks=int(ROUND_TICKS), max_rounds=int(MAX_ROUNDS)) if sc.attack \
+            else PrecopyPolicy()
+        src = Source(m, policy=policy, timeout=10.0, events=events, mode=src_mode,
                      channel=channel, slice_gate=self.gate)
         tr.source = src
         host, port = self._listener.getsockname()[:2]
