@@ -51,11 +51,10 @@ RECORDS = [(RecordType.ROUND_BEGIN, b"\0" * 8), (RecordType.PAGES, b"\1" * 4100)
            (RecordType.ABORT, b"why")]
 
 
-def sealed_stream(records=RECORDS, keys=None):
-    """(keys, raw records as the source put them on the wire)."""
-    keys = keys or session()[0]
+def wire_bytes(role, records, keys):
+    """Every byte a sealed channel of ``role`` puts on the wire for ``records``."""
     a, b = socket.socketpair()
-    tx = SealedChannel(a, role="source")
+    tx = SealedChannel(a, role=role, timeout=2)
     tx.seal(keys)
     for rtype, body in records:
         tx.send(rtype, body)
@@ -64,6 +63,13 @@ def sealed_stream(records=RECORDS, keys=None):
     while chunk := b.recv(1 << 20):
         raw += chunk
     b.close()
+    return raw
+
+
+def sealed_stream(records=RECORDS, keys=None):
+    """(keys, raw records as the source put them on the wire)."""
+    keys = keys or session()[0]
+    raw = wire_bytes("source", records, keys)
     out, off = [], 0
     while off < len(raw):
         length = HEADER.unpack_from(raw, off)[2]
@@ -222,17 +228,7 @@ def documented_record(key, direction, seq, rtype, body):
 
 
 def sent_by(role, records):
-    a, b = socket.socketpair()
-    tx = SealedChannel(a, role=role, timeout=2)
-    tx.seal(KAT_KEYS)
-    for rtype, body in records:
-        tx.send(rtype, body)
-    a.close()
-    raw = b""
-    while chunk := b.recv(1 << 16):
-        raw += chunk
-    b.close()
-    return raw
+    return wire_bytes(role, records, KAT_KEYS)
 
 
 def received_by(role, raw, n, **kw):
