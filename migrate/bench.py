@@ -39,6 +39,7 @@ sealed release key, wrap) times on their own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -142,14 +143,36 @@ def _start_destination(tmp: Path, name: str, mode_args: list[str]):
     return dest, f"127.0.0.1:{int(port_file.read_text())}"
 
 
-def secure_vs_plain(sizes, cases, repeat, plain_addr, secure_addr, tmp: Path) -> list:
+class NoDestination(RuntimeError):
+    """A destination VMM of the benchmark did not start."""
+
+
+@contextlib.contextmanager
+def destinations(tmp: Path):
+    """The benchmark's two peers in ``tmp``: trust set-up, a plain and a secure
+    ``serve --forever`` destination, and this process's certified source TPM.
+    Yields (plain address, secure address, the source's Attestor); the
+    destinations are stopped on exit.  NoDestination if one did not start."""
+    issuer, policy = setup(tmp / "trust")
+    dest, plain_addr = _start_destination(tmp, "plain", ["--plain"])
+    sdest, secure_addr = _start_destination(tmp, "secure", ["--issuer", str(issuer), "--attest-policy", str(policy)])
+    try:
+        if plain_addr is None or secure_addr is None:
+            raise NoDestination("a destination VMM did not start")
+        src_tpm = tmp / "tpm-source"
+        measure_start(src_tpm, {"role": "source", "bench": True}, protection_policy())
+        certify(src_tpm, issuer)
+        yield plain_addr, secure_addr, Attestor(src_tpm, issuer, policy)
+    finally:
+        for d in (dest, sdest):
+            d.kill()
+            d.wait()
+
+
+def secure_vs_plain(sizes, cases, repeat, plain_addr, secure_addr, attestor) -> list:
     """Same guests, same run: plain and secure alternately; ratios and phase
     times.  Returns the verdicts of the secure goals (64 MiB, protected)."""
     verdicts: list = []
-    src_tpm = tmp / "tpm-source"
-    measure_start(src_tpm, {"role": "source", "bench": True}, protection_policy())
-    certify(src_tpm, tmp / "trust" / "issuer")
-    attestor = Attestor(src_tpm, tmp / "trust" / "issuer", tmp / "trust" / "policy.json")
     print(f"\nsecure vs plain (same guests, alternating; median of {repeat} run(s) of each)")
     print(f"{'RAM':>4} {'workload':10} {'plain ms':>9} {'secure ms':>9} {'total x':>7} "
           f"{'plain down':>10} {'secure down':>11} {'down x':>6} {'handshake ms':>12} {'key release ms':>14}")
@@ -184,57 +207,55 @@ def main(args) -> int:
     sizes = [16] if args.quick else [int(s) for s in str(args.sizes).split(",")]
     cases = ["idle", "counter"] if args.quick else ["idle", "idle-full", "dirty-low", "dirty-high", "counter"]
     with tempfile.TemporaryDirectory(prefix="minivmm-bench-") as tmp:
-        tmp = Path(tmp)
-        issuer, policy = setup(tmp / "trust")
-        dest, address = _start_destination(tmp, "plain", ["--plain"])
-        sdest, saddress = _start_destination(tmp, "secure", ["--issuer", str(issuer), "--attest-policy", str(policy)])
         try:
-            if address is None or saddress is None:
-                print("bench-migrate: a destination VMM did not start", file=sys.stderr)
-                return 1
-            progress = Progress("bench-migrate", 1 + (0 if args.secure_only else len(sizes) * len(cases) * args.repeat))
-            with progress.step("loopback TCP ceiling, 256 MiB between two processes"):
-                ceiling = loopback_ceiling()
-            print(f"loopback TCP ceiling (two processes, 1 MiB sendall): {ceiling / 1e6:.0f} MB/s")
-            print(f"pre-copy policy: {PrecopyPolicy().to_dict()}")
-            print(f"{'RAM':>4} {'workload':10} {'total ms':>9} {'downtime ms':>11} {'bytes sent':>11} "
-                  f"{'rounds':>6} {'RAM MB/s':>8} {'RAM/ceil':>8} {'wire MB/s':>9} {'wire/ceil':>9}  "
-                  f"dirty rate (pages/s)  stop")
-            verdicts = []
-            for mib in ([] if args.secure_only else sizes):
-                for case in cases:
-                    best = None
-                    for k in range(args.repeat):
-                        with progress.step(f"{mib} MiB {case} guest: boot, run 20 ticks, migrate"
-                                           + (f" (run {k + 1} of {args.repeat})" if args.repeat > 1 else "")):
-                            m = prepare(case, mib << 20)
-                            report = Source(m).migrate(address)
-                        if best is None or report.downtime_seconds < best.downtime_seconds:
-                            best = report
-                        time.sleep(0.2)         # let B finish its one tick and listen again
-                    r = best
-                    ram_rate = r.ram_size / r.total_seconds
-                    wire_rate = r.bytes_sent / r.total_seconds
-                    rate = r.rounds[0].dirty_rate
-                    stop = r.stop_reason.split(" (")[0]
-                    print(f"{mib:4d} {case:10} {r.total_seconds * 1e3:9.1f} {r.downtime_seconds * 1e3:11.2f} "
-                          f"{r.bytes_sent:11d} {r.precopy_rounds:6d} {ram_rate / 1e6:8.0f} "
-                          f"{100 * ram_rate / ceiling:7.0f}% {wire_rate / 1e6:9.0f} {100 * wire_rate / ceiling:8.0f}%  "
-                          f"{rate:20.0f}  {stop}", flush=True)
-                    if (mib, case) in GOALS:
-                        goal, key = GOALS[mib, case]
-                        value = {"ram_pct": 100 * ram_rate / ceiling, "downtime_ms": r.downtime_seconds * 1e3}[key]
-                        verdicts.append((goal, value))
-                        print(f"     {goal.name}: {value:.1f}{goal.unit}  {goal.verdict(value)}", flush=True)
-            verdicts += secure_vs_plain(sizes, ["counter", "protected"] if args.quick
-                                        else ["idle-full", "counter", "protected"],
-                                        args.repeat, address, saddress, tmp)
-            if verdicts:
-                print(summary(verdicts))
-            else:
-                print("goals: none measured (they need --sizes with 256 (idle) and 64 (counter, protected))")
-        finally:
-            for d in (dest, sdest):
-                d.kill()
-                d.wait()
+            with destinations(Path(tmp)) as (address, saddress, attestor):
+                return _tables(args, sizes, cases, address, saddress, attestor)
+        except NoDestination as exc:
+            print(f"bench-migrate: {exc}", file=sys.stderr)
+            return 1
+
+
+def _tables(args, sizes, cases, address, saddress, attestor) -> int:
+    """The plain table (unless --secure-only), then the secure-vs-plain table."""
+    progress = Progress("bench-migrate", 1 + (0 if args.secure_only else len(sizes) * len(cases) * args.repeat))
+    with progress.step("loopback TCP ceiling, 256 MiB between two processes"):
+        ceiling = loopback_ceiling()
+    print(f"loopback TCP ceiling (two processes, 1 MiB sendall): {ceiling / 1e6:.0f} MB/s")
+    print(f"pre-copy policy: {PrecopyPolicy().to_dict()}")
+    print(f"{'RAM':>4} {'workload':10} {'total ms':>9} {'downtime ms':>11} {'bytes sent':>11} "
+          f"{'rounds':>6} {'RAM MB/s':>8} {'RAM/ceil':>8} {'wire MB/s':>9} {'wire/ceil':>9}  "
+          f"dirty rate (pages/s)  stop")
+    verdicts = []
+    for mib in ([] if args.secure_only else sizes):
+        for case in cases:
+            best = None
+            for k in range(args.repeat):
+                with progress.step(f"{mib} MiB {case} guest: boot, run 20 ticks, migrate"
+                                   + (f" (run {k + 1} of {args.repeat})" if args.repeat > 1 else "")):
+                    m = prepare(case, mib << 20)
+                    report = Source(m).migrate(address)
+                if best is None or report.downtime_seconds < best.downtime_seconds:
+                    best = report
+                time.sleep(0.2)         # let B finish its one tick and listen again
+            r = best
+            ram_rate = r.ram_size / r.total_seconds
+            wire_rate = r.bytes_sent / r.total_seconds
+            rate = r.rounds[0].dirty_rate
+            stop = r.stop_reason.split(" (")[0]
+            print(f"{mib:4d} {case:10} {r.total_seconds * 1e3:9.1f} {r.downtime_seconds * 1e3:11.2f} "
+                  f"{r.bytes_sent:11d} {r.precopy_rounds:6d} {ram_rate / 1e6:8.0f} "
+                  f"{100 * ram_rate / ceiling:7.0f}% {wire_rate / 1e6:9.0f} {100 * wire_rate / ceiling:8.0f}%  "
+                  f"{rate:20.0f}  {stop}", flush=True)
+            if (mib, case) in GOALS:
+                goal, key = GOALS[mib, case]
+                value = {"ram_pct": 100 * ram_rate / ceiling, "downtime_ms": r.downtime_seconds * 1e3}[key]
+                verdicts.append((goal, value))
+                print(f"     {goal.name}: {value:.1f}{goal.unit}  {goal.verdict(value)}", flush=True)
+    verdicts += secure_vs_plain(sizes, ["counter", "protected"] if args.quick
+                                else ["idle-full", "counter", "protected"],
+                                args.repeat, address, saddress, attestor)
+    if verdicts:
+        print(summary(verdicts))
+    else:
+        print("goals: none measured (they need --sizes with 256 (idle) and 64 (counter, protected))")
     return 0

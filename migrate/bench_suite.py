@@ -29,12 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from migrate.bench import _start_destination, loopback_ceiling, prepare
-from migrate.measure import measure_start
+from migrate.bench import destinations, loopback_ceiling, prepare
 from migrate.precopy import PrecopyPolicy
-from migrate.secure.attest import Attestor
 from migrate.secure.mode import SecureMode
-from migrate.secure.setup import certify, protection_policy, setup
 from migrate.source import Source
 
 
@@ -58,6 +55,12 @@ def memcpy_rate(total: int = 64 << 20) -> float:
     return total / (time.perf_counter() - t0)
 
 
+def _rounds(report) -> list[dict]:
+    """Pages sent and dirtied per round of a migration (the plot's series)."""
+    return [{"round": s.round, "sent": s.pages, "data": s.data_pages, "dirtied": s.dirtied}
+            for s in report.rounds]
+
+
 def suite(quick: bool, repeat: int, progress_factory, smoke: bool = False) -> dict:
     full_mib = 64 if smoke else 256
     sizes = [16, 64] if (quick or smoke) else [16, 64, 256]
@@ -70,84 +73,65 @@ def suite(quick: bool, repeat: int, progress_factory, smoke: bool = False) -> di
 
     plan = repeat * (2 + 2 + 2 + 2 * len(sizes) + 2 * (len(dirty_cases) - 1))
     progress = progress_factory("bench migration", plan)
-    with tempfile.TemporaryDirectory(prefix="minivmm-bench-") as tmp:
-        tmp = Path(tmp)
-        issuer, policy = setup(tmp / "trust")
-        dest, plain_addr = _start_destination(tmp, "plain", ["--plain"])
-        sdest, secure_addr = _start_destination(tmp, "secure", ["--issuer", str(issuer), "--attest-policy", str(policy)])
-        try:
-            if plain_addr is None or secure_addr is None:
-                raise RuntimeError("a destination VMM did not start")
-            src_tpm = tmp / "tpm-source"
-            measure_start(src_tpm, {"role": "source", "bench": True}, protection_policy())
-            certify(src_tpm, tmp / "trust" / "issuer")
-            attestor = Attestor(src_tpm, tmp / "trust" / "issuer", tmp / "trust" / "policy.json")
+    with tempfile.TemporaryDirectory(prefix="minivmm-bench-") as tmp, \
+            destinations(Path(tmp)) as (plain_addr, secure_addr, attestor):
+        def migrate(kind, case, mib):
+            m = prepare(case, mib << 20)
+            if kind == "secure":
+                r = Source(m, mode=SecureMode(attestor)).migrate(secure_addr)
+            else:
+                r = Source(m).migrate(plain_addr)
+            time.sleep(0.2)         # let the destination finish its one tick and listen again
+            return r
 
-            def migrate(kind, case, mib):
-                m = prepare(case, mib << 20)
+        for k in range(repeat):
+            of = f"(run {k + 1} of {repeat})"
+            with progress.step(f"ceilings: loopback TCP, 256 MiB between two processes {of}"):
+                ceiling = loopback_ceiling()
+            with progress.step(f"ceilings: AES-256-GCM, memory copy {of}"):
+                add("ceiling_aes_gcm_MBps", aes_gcm_rate() / 1e6)
+                add("ceiling_memcpy_MBps", memcpy_rate() / 1e6)
+            add("ceiling_loopback_MBps", ceiling / 1e6)
+            for kind in ("plain", "secure"):
+                with progress.step(f"{full_mib} MiB guest, RAM full of random data, {kind} {of}"):
+                    r = migrate(kind, "idle-full", full_mib)
+                rate = r.ram_size / r.total_seconds
+                add(f"full_{kind}_MBps", rate / 1e6)
+                add(f"full_{kind}_pct_of_loopback", 100 * rate / ceiling)
+                add(f"full_{kind}_total_ms", r.total_seconds * 1e3)
+                add(f"full_{kind}_downtime_ms", r.downtime_seconds * 1e3)
+                if k == 0:
+                    series["rounds"][f"{kind} idle-full {full_mib} MiB"] = _rounds(r)
                 if kind == "secure":
-                    r = Source(m, mode=SecureMode(attestor)).migrate(secure_addr)
-                else:
-                    r = Source(m).migrate(plain_addr)
-                time.sleep(0.2)         # let the destination finish its one tick and listen again
-                return r
-
-            for k in range(repeat):
-                of = f"(run {k + 1} of {repeat})"
-                with progress.step(f"ceilings: loopback TCP, 256 MiB between two processes {of}"):
-                    ceiling = loopback_ceiling()
-                with progress.step(f"ceilings: AES-256-GCM, memory copy {of}"):
-                    add("ceiling_aes_gcm_MBps", aes_gcm_rate() / 1e6)
-                    add("ceiling_memcpy_MBps", memcpy_rate() / 1e6)
-                add("ceiling_loopback_MBps", ceiling / 1e6)
+                    add("full_secure_over_plain_total_x", figures["full_secure_total_ms"][-1]
+                        / figures["full_plain_total_ms"][-1])
+            for kind in ("plain", "secure"):
+                with progress.step(f"64 MiB protected guest (keeper + counter), {kind} {of}"):
+                    r = migrate(kind, "protected", 64)
+                add(f"protected_{kind}_total_ms", r.total_seconds * 1e3)
+                add(f"protected_{kind}_downtime_ms", r.downtime_seconds * 1e3)
+            add("protected_secure_over_plain_total_x",
+                figures["protected_secure_total_ms"][-1] / figures["protected_plain_total_ms"][-1])
+            add("protected_secure_over_plain_downtime_x",
+                figures["protected_secure_downtime_ms"][-1] / figures["protected_plain_downtime_ms"][-1])
+            for mib in sizes:
                 for kind in ("plain", "secure"):
-                    with progress.step(f"{full_mib} MiB guest, RAM full of random data, {kind} {of}"):
-                        r = migrate(kind, "idle-full", full_mib)
-                    rate = r.ram_size / r.total_seconds
-                    add(f"full_{kind}_MBps", rate / 1e6)
-                    add(f"full_{kind}_pct_of_loopback", 100 * rate / ceiling)
-                    add(f"full_{kind}_total_ms", r.total_seconds * 1e3)
-                    add(f"full_{kind}_downtime_ms", r.downtime_seconds * 1e3)
+                    with progress.step(f"{mib} MiB counter guest, {kind} {of}"):
+                        r = migrate(kind, "counter", mib)
+                    add(f"counter_{mib}MiB_{kind}_downtime_ms", r.downtime_seconds * 1e3)
+                    add(f"counter_{mib}MiB_{kind}_total_ms", r.total_seconds * 1e3)
+            for case in dirty_cases:
+                for kind in ("plain", "secure"):
+                    if case == "counter":
+                        continue            # measured above (64 MiB)
+                    with progress.step(f"64 MiB {case} guest, {kind} {of}"):
+                        r = migrate(kind, case, 64)
+                    add(f"{case}_64MiB_{kind}_downtime_ms", r.downtime_seconds * 1e3)
+                    add(f"{case}_64MiB_{kind}_total_ms", r.total_seconds * 1e3)
+                    add(f"{case}_64MiB_{kind}_dirty_rate_pages_per_s", r.rounds[0].dirty_rate)
+                    add(f"{case}_64MiB_{kind}_rounds", r.precopy_rounds)
                     if k == 0:
-                        series["rounds"][f"{kind} idle-full {full_mib} MiB"] = [
-                            {"round": s.round, "sent": s.pages, "data": s.data_pages, "dirtied": s.dirtied}
-                            for s in r.rounds]
-                    if kind == "secure":
-                        add("full_secure_over_plain_total_x", figures["full_secure_total_ms"][-1]
-                            / figures["full_plain_total_ms"][-1])
-                for kind in ("plain", "secure"):
-                    with progress.step(f"64 MiB protected guest (keeper + counter), {kind} {of}"):
-                        r = migrate(kind, "protected", 64)
-                    add(f"protected_{kind}_total_ms", r.total_seconds * 1e3)
-                    add(f"protected_{kind}_downtime_ms", r.downtime_seconds * 1e3)
-                add("protected_secure_over_plain_total_x",
-                    figures["protected_secure_total_ms"][-1] / figures["protected_plain_total_ms"][-1])
-                add("protected_secure_over_plain_downtime_x",
-                    figures["protected_secure_downtime_ms"][-1] / figures["protected_plain_downtime_ms"][-1])
-                for mib in sizes:
-                    for kind in ("plain", "secure"):
-                        with progress.step(f"{mib} MiB counter guest, {kind} {of}"):
-                            r = migrate(kind, "counter", mib)
-                        add(f"counter_{mib}MiB_{kind}_downtime_ms", r.downtime_seconds * 1e3)
-                        add(f"counter_{mib}MiB_{kind}_total_ms", r.total_seconds * 1e3)
-                for case in dirty_cases:
-                    for kind in ("plain", "secure"):
-                        if case == "counter":
-                            continue            # measured above (64 MiB)
-                        with progress.step(f"64 MiB {case} guest, {kind} {of}"):
-                            r = migrate(kind, case, 64)
-                        add(f"{case}_64MiB_{kind}_downtime_ms", r.downtime_seconds * 1e3)
-                        add(f"{case}_64MiB_{kind}_total_ms", r.total_seconds * 1e3)
-                        add(f"{case}_64MiB_{kind}_dirty_rate_pages_per_s", r.rounds[0].dirty_rate)
-                        add(f"{case}_64MiB_{kind}_rounds", r.precopy_rounds)
-                        if k == 0:
-                            series["rounds"][f"{kind} {case} 64 MiB"] = [
-                                {"round": s.round, "sent": s.pages, "data": s.data_pages, "dirtied": s.dirtied}
-                                for s in r.rounds]
-        finally:
-            for d in (dest, sdest):
-                d.kill()
-                d.wait()
+                        series["rounds"][f"{kind} {case} 64 MiB"] = _rounds(r)
     series["by_size"] = {"sizes_mib": sizes}
     series["by_dirty"] = {"cases": dirty_cases}
     goals = [
