@@ -19,9 +19,9 @@ def _med(values):
     return statistics.median(values)
 
 
-def _err(values):
-    m = _med(values)
-    return [[m - min(values)], [max(values) - m]]
+def _err(*series):
+    """Error bars from min to max around the median, one per series."""
+    return [[_med(v) - min(v) for v in series], [max(v) - _med(v) for v in series]]
 
 
 def _save(fig, out: Path, name: str, made: list) -> None:
@@ -29,6 +29,20 @@ def _save(fig, out: Path, name: str, made: list) -> None:
     fig.savefig(out / name, dpi=90)
     plt.close(fig)
     made.append(name)
+
+
+def _downtime_and_total(out: Path, made: list, name: str, title: str, xlabel: str, draw) -> None:
+    """Downtime and total time side by side, plain and secure in each;
+    ``draw(ax, what, kind)`` plots one mode's line of one panel."""
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.3))
+    for ax, what in zip(axes, ("downtime", "total")):
+        for kind in ("plain", "secure"):
+            draw(ax, what, kind)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"{what} (ms)")
+        ax.legend()
+    fig.suptitle(title)
+    _save(fig, out, name, made)
 
 
 def plot_all(out: Path, sections: list[dict]) -> list[str]:
@@ -64,35 +78,27 @@ def plot_all(out: Path, sections: list[dict]) -> list[str]:
         _save(fig, out, "rounds.png", made)
     # Downtime and total time against RAM size, plain and secure.
     sizes = mig["series"]["by_size"]["sizes_mib"]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.3))
-    for ax, what in zip(axes, ("downtime", "total")):
-        for kind in ("plain", "secure"):
-            keys = [f"counter_{m}MiB_{kind}_{what}_ms" for m in sizes]
-            if all(k in f for k in keys):
-                ax.errorbar(sizes, [_med(f[k]) for k in keys],
-                            yerr=[[_med(f[k]) - min(f[k]) for k in keys], [max(f[k]) - _med(f[k]) for k in keys]],
-                            marker="o", capsize=3, label=kind)
-        ax.set_xlabel("guest RAM (MiB), counter")
-        ax.set_ylabel(f"{what} (ms)")
-        ax.legend()
-    fig.suptitle("downtime and total time against RAM size")
-    _save(fig, out, "by_ram_size.png", made)
+
+    def by_size(ax, what, kind):
+        keys = [f"counter_{m}MiB_{kind}_{what}_ms" for m in sizes]
+        if all(k in f for k in keys):
+            ax.errorbar(sizes, [_med(f[k]) for k in keys], yerr=_err(*(f[k] for k in keys)),
+                        marker="o", capsize=3, label=kind)
+    _downtime_and_total(out, made, "by_ram_size.png", "downtime and total time against RAM size",
+                        "guest RAM (MiB), counter", by_size)
     # Against the dirty rate (64 MiB).
     cases = mig["series"]["by_dirty"]["cases"]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.3))
-    for ax, what in zip(axes, ("downtime", "total")):
-        for kind in ("plain", "secure"):
-            xs, ys = [], []
-            for c in cases:
-                key = f"counter_64MiB_{kind}_{what}_ms" if c == "counter" else f"{c}_64MiB_{kind}_{what}_ms"
-                rate = (0.0 if c == "counter" else _med(f.get(f"{c}_64MiB_{kind}_dirty_rate_pages_per_s", [0.0])))
-                if key in f:
-                    xs.append(rate)
-                    ys.append(_med(f[key]))
-            ax.plot(xs, ys, marker="o", label=kind)
-        ax.set_xlabel("round 0 dirty rate (pages/s), 64 MiB")
-        ax.set_ylabel(f"{what} (ms)")
-        ax.legend()
-    fig.suptitle("downtime and total time against the dirty rate (counter, " + ", ".join(cases[1:]) + ")")
-    _save(fig, out, "by_dirty_rate.png", made)
+
+    def by_dirty(ax, what, kind):
+        xs, ys = [], []
+        for c in cases:
+            key = f"{c}_64MiB_{kind}_{what}_ms"
+            rate = (0.0 if c == "counter" else _med(f.get(f"{c}_64MiB_{kind}_dirty_rate_pages_per_s", [0.0])))
+            if key in f:
+                xs.append(rate)
+                ys.append(_med(f[key]))
+        ax.plot(xs, ys, marker="o", label=kind)
+    _downtime_and_total(out, made, "by_dirty_rate.png",
+                        "downtime and total time against the dirty rate (counter, " + ", ".join(cases[1:]) + ")",
+                        "round 0 dirty rate (pages/s), 64 MiB", by_dirty)
     return made
