@@ -4,6 +4,14 @@ import threading
 
 from migrate.destination import Destination
 from migrate.errors import MigrationError
+from migrate.precopy import PrecopyPolicy
+
+# Lockstep pre-copy (migrate/precopy.py) for tests whose short guest must migrate:
+# its progress during the migration is 3 ticks a round, 3 rounds at most, on any
+# machine.  A free-running guest could finish, or its keeper (30 rounds, one a
+# tick) exit with its key, during a slow secure handshake on a loaded machine
+# (seen: forge-commit "never acted", "no keys after the abort").
+BOUNDED = PrecopyPolicy(round_ticks=3, max_rounds=3)
 
 
 def receive_in_thread(server, result, *, timeout=5.0, run_ticks=100_000, mode_factory=None):

@@ -17,12 +17,7 @@ from migrate.errors import ConnectionLost
 from migrate.messages import Hello
 from migrate.wire import Channel, RecordType
 from minivmm.machine import Machine
-from vmmproc import Proxy, Vmm, reference_run, serve
-
-# The counter guest runs ~200 ticks: lockstep pre-copy bounds its progress during
-# each migration (4 ticks a round, 4 rounds at most) so that it never finishes on
-# the source during a slow pre-copy on a loaded machine (a helper's run saw that once).
-BOUNDED = ("--round-ticks", "4", "--max-rounds", "4")
+from vmmproc import BOUNDED, Proxy, Vmm, reference_run, serve
 
 pytestmark = pytest.mark.slow
 

@@ -18,12 +18,11 @@ from migrate.lab.attacks import make_attack
 from migrate.lab.eavesdrop import analyse
 from migrate.lab.relay import Relay
 from migrate.secure.channel import SealedChannel
-from migrate.precopy import PrecopyPolicy
 from migrate.server import Server
 from migrate.source import MIGRATED, Source
 from minivmm.machine import Machine
 
-from inproc import receive_in_thread
+from inproc import BOUNDED, receive_in_thread
 from securehelp import Trust, secure_receive_in_thread
 
 SECRET = "swordfish: launch code 4-8-15-16"
@@ -40,12 +39,6 @@ def guest():
 
 def counts(text):
     return [int(n) for n in re.findall(r"^(?:counter|HACKED!) (\d+)$", text, re.M)]
-
-
-# Lockstep pre-copy bounds the guest's progress during a migration (3 ticks a round): on a loaded
-# machine a free-running guest could finish during a slow secure handshake, before
-# the attack had anything to act on (seen once: forge-commit "never acted").
-BOUNDED = PrecopyPolicy(round_ticks=3, max_rounds=3)
 
 
 def attacked(name, trust=None, *, dest_timeout=5.0, **kw):

@@ -9,7 +9,6 @@ import pytest
 
 from guests.build import Program, build_image
 from migrate.errors import MigrationError
-from migrate.precopy import PrecopyPolicy
 from migrate.secure import generation, keyrelease
 from migrate.secure.channel import SealedChannel
 from migrate.secure.commit import read_mark
@@ -20,6 +19,7 @@ from migrate.source import MIGRATED, Source
 from minivmm.machine import Machine
 from tpm import EventType, Issuer, SoftTpm
 
+from inproc import BOUNDED
 from securehelp import Trust, secure_receive_in_thread
 
 
@@ -29,12 +29,6 @@ def guest():
     m = Machine(img)
     m.run(max_ticks=6)
     return m
-
-
-# Lockstep pre-copy bounds the guest's progress during a migration (3 ticks a round): on a loaded
-# machine a free-running keeper (30 rounds, one a tick) could exit while a slow secure
-# handshake runs, and its key go with it (seen once: "no keys after the abort").
-BOUNDED = PrecopyPolicy(round_ticks=3, max_rounds=3)
 
 
 def migrate(trust, src_mode, dst_factory, m=None, insecure=()):

@@ -13,17 +13,12 @@ from migrate.wire import HEADER, RecordType
 from minivmm.protection import seeded_keys
 
 from mitm import Mitm
-from vmmproc import Vmm, reference_run, serve
+from vmmproc import BOUNDED, Vmm, reference_run, serve
 
 pytestmark = pytest.mark.slow
 
 SECRET = b"swordfish: launch code"      # guests/programs/keeper.s
 SEED = "e2e-visible-seed"               # so the test knows the process keys to look for
-# The counter guest runs ~200 ticks; a secure handshake on a loaded machine is long enough
-# for a free-running guest to finish on the source before it migrates (seen once in CI-like
-# runs).  Lockstep pre-copy bounds its progress during the migration (4 ticks a round, 4
-# rounds at most) where a test needs it to migrate.
-BOUNDED = ("--round-ticks", "4", "--max-rounds", "4")
 
 
 @pytest.fixture

@@ -8,21 +8,16 @@ import pytest
 from guests.build import Program, build_image
 from guests.catalog import get_guest
 from migrate.errors import Refused
-from migrate.precopy import PrecopyPolicy
 from migrate.secure.channel import SealedChannel
 from migrate.secure.commit import read_mark
 from migrate.server import Server
 from migrate.source import MIGRATED, Source
 from minivmm.machine import Machine
 
+from inproc import BOUNDED
 from securehelp import Trust, secure_receive_in_thread
 
 SECRET = b"swordfish: launch code"
-
-
-# The guest's progress during a migration is bounded (test_secure_attacks.BOUNDED): a
-# free-running keeper could exit during a slow secure handshake on a loaded machine.
-BOUNDED = PrecopyPolicy(round_ticks=3, max_rounds=3)
 
 
 def keeper_image(rounds=30):

@@ -18,7 +18,8 @@ from minivmm.machine import Machine
 from minivmm.state import HEADER
 
 from securehelp import Trust, secure_receive_in_thread
-from test_secure_attacks import BOUNDED, guest, migrate
+from inproc import BOUNDED
+from test_secure_attacks import guest, migrate
 
 
 def hop(src_mode, dst_factory, m):

@@ -17,7 +17,7 @@ from migrate.steps import HEAD_BYTES, RECV, SEND, Step, Timebase, attach, real_d
 from migrate.wire import Channel, RecordType
 from minivmm.machine import Machine
 
-from inproc import receive_in_thread
+from inproc import BOUNDED, receive_in_thread
 
 
 class FakeClock:
@@ -230,7 +230,6 @@ def test_the_tui_reads_each_records_fields_from_its_step_and_never_a_key(tmp_pat
     """A real secure migration, a step hook on both channels: every record no
     engine event describes gets its fields from the step's head (tui.bodies),
     they agree with what crossed, and no process key appears in any of them."""
-    from migrate.precopy import PrecopyPolicy
     from securehelp import Trust, secure_receive_in_thread
     from tui import bodies
 
@@ -249,8 +248,7 @@ def test_the_tui_reads_each_records_fields_from_its_step_and_never_a_key(tmp_pat
         return factory
     server, res = Server("127.0.0.1:0", timeout=10, channel=hooked("destination")), {}
     t = secure_receive_in_thread(server, res, lambda: trust.mode(b), run_ticks=None)
-    Source(m, mode=trust.mode(a), channel=hooked("source"),
-           policy=PrecopyPolicy(round_ticks=3, max_rounds=3)).migrate(server.label)
+    Source(m, mode=trust.mode(a), channel=hooked("source"), policy=BOUNDED).migrate(server.label)
     t.join(60)
     server.close()
     assert "incoming" in res, res
