@@ -23,7 +23,14 @@ carries a SHA-256 checksum.  Every file is versioned, bounded and checked before
 parsing (CorruptStateError names the file), and written atomically.
 
 Every public operation takes an advisory lock on the directory and re-reads the
-state, so a VMM and the CLI may share one host TPM from two processes.
+state, so a VMM and the CLI may share one host TPM from two processes.  "Re-reads"
+is exact only for files that changed: each file's identity (device, inode, size,
+mtime and ctime in ns) is kept with what was parsed from it, and a file whose
+identity is unchanged since this instance last read or wrote it is not read,
+checked and parsed again (that cost ~1 ms per command, several per migration
+handshake and one inside its downtime).  Any write -- another process's atomic
+replace (a new inode) or an in-place edit (a new ctime, which no user can set
+back) -- changes the identity, so the next command reloads and checks the file.
 """
 
 from __future__ import annotations
@@ -175,6 +182,11 @@ class SoftTpm:
         self._depth = 0
         self._mutex = threading.RLock()
         self._reserved = None  # the clock value this instance persisted ahead (a reservation)
+        # file name -> identity (os.stat fields) of the version whose content is in
+        # this instance (read and checked by _load, or written by _write_*).
+        self._seen: dict[str, tuple] = {}
+        self._ek_qn: tuple[bytes, bytes] | None = None      # (proof, EK qualified name)
+        self._replayed: tuple[EventLog, int, PcrBank] | None = None   # (log, len(log), bank)
 
     # ------------------------------------------------------------------ open
     @classmethod
@@ -285,36 +297,71 @@ class SoftTpm:
                     if load:
                         self._load(volatile)
                     yield
+                except BaseException:
+                    # A command that failed half-way (a write that did not happen, a
+                    # corrupt file) may leave memory ahead of or apart from the
+                    # files: the next command reads every file again.
+                    self._seen.clear()
+                    raise
                 finally:
                     self._depth = 0
 
     def _mac_key(self, label: bytes) -> bytes:
         return _derive(self._persist.proof, label)
 
+    def _identity(self, name: str) -> tuple | None:
+        try:
+            st = os.stat(self.state_dir / name)
+        except OSError:
+            return None         # missing or unreadable: statefile.read says which
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def _unchanged(self, name: str) -> tuple | None:
+        """The file's identity, or None if it must be read (changed, or never read)."""
+        ident = self._identity(name)
+        return ident if ident is not None and self._seen.get(name) == ident else None
+
+    def _note_written(self, name: str) -> None:
+        ident = self._identity(name)
+        if ident is None:
+            self._seen.pop(name, None)
+        else:
+            self._seen[name] = ident
+
     def _load(self, volatile: bool = True) -> None:
         path = self.state_dir / STATE_FILE
         if self._persist is None and not path.exists():
             raise NoTpmStateError(f"no TPM state in {self.state_dir}")
-        payload = statefile.read(path, STATE_MAGIC, STATE_VERSION, MAX_STATE_PAYLOAD)
-        try:
-            persist = PersistentState.from_bytes(payload)
-        except FormatError as e:
-            raise CorruptStateError(path, str(e)) from None
-        self._persist = persist
-        self._ak = keys.private_from_bytes(persist.ak_private)
+        if self._persist is None or not self._unchanged(STATE_FILE):
+            ident = self._identity(STATE_FILE)
+            payload = statefile.read(path, STATE_MAGIC, STATE_VERSION, MAX_STATE_PAYLOAD)
+            try:
+                persist = PersistentState.from_bytes(payload)
+            except FormatError as e:
+                raise CorruptStateError(path, str(e)) from None
+            self._persist = persist
+            self._ak = keys.private_from_bytes(persist.ak_private)
+            # (an identity taken before the read: a write racing it shows next time)
+            self._seen[STATE_FILE] = ident
+        persist = self._persist
         # The TPM clock only moves forward: never behind what is on disk -- unless
         # what is on disk is this instance's own reservation ahead of its clock.
         if persist.clock > self._now_clock() and persist.clock != self._reserved:
             self._clock_base, self._t0 = persist.clock, time.monotonic()
 
         cpath = self.state_dir / COUNTERS_FILE
-        cpayload = statefile.read(
-            cpath, COUNTERS_MAGIC, STATE_VERSION, MAX_COUNTERS_PAYLOAD, self._mac_key(b"nv-counters")
-        )
-        try:
-            counters = NvCounters.from_bytes(cpayload)
-        except FormatError as e:
-            raise CorruptStateError(cpath, str(e)) from None
+        if self._unchanged(COUNTERS_FILE):
+            counters = self._counters
+        else:
+            ident = self._identity(COUNTERS_FILE)
+            cpayload = statefile.read(
+                cpath, COUNTERS_MAGIC, STATE_VERSION, MAX_COUNTERS_PAYLOAD, self._mac_key(b"nv-counters")
+            )
+            try:
+                counters = NvCounters.from_bytes(cpayload)
+            except FormatError as e:
+                raise CorruptStateError(cpath, str(e)) from None
+            self._seen[COUNTERS_FILE] = ident
         if counters.generation < persist.nv_generation:
             raise CounterError(
                 f"{cpath}: NV counters rolled back (generation {counters.generation} < "
@@ -336,6 +383,9 @@ class SoftTpm:
     def _load_volatile(self) -> None:
         persist = self._persist
         vpath = self.state_dir / VOLATILE_FILE
+        if self._unchanged(VOLATILE_FILE):
+            return
+        ident = self._identity(VOLATILE_FILE)
         vpayload = statefile.read(
             vpath, VOLATILE_MAGIC, VOLATILE_VERSION, MAX_EVENTLOG_BYTES + 8, self._mac_key(b"volatile")
         )
@@ -346,6 +396,7 @@ class SoftTpm:
         if volatile.reset_count != persist.reset_count:
             raise CorruptStateError(vpath, "belongs to another boot (resetCount differs)")
         self._log = volatile.event_log
+        self._seen[VOLATILE_FILE] = ident
 
     def _now_clock(self) -> int:
         return self._clock_base + int((time.monotonic() - self._t0) * 1000)
@@ -357,6 +408,7 @@ class SoftTpm:
             nv_generation=self._counters.generation,
         )
         statefile.write(self.state_dir / STATE_FILE, STATE_MAGIC, STATE_VERSION, self._persist.to_bytes())
+        self._note_written(STATE_FILE)
 
     def _write_volatile(self) -> None:
         statefile.write(
@@ -366,6 +418,7 @@ class SoftTpm:
             VolatileState(self._persist.reset_count, self._log).to_bytes(),
             self._mac_key(b"volatile"),
         )
+        self._note_written(VOLATILE_FILE)
 
     def _write_counters(self) -> None:
         statefile.write(
@@ -375,6 +428,7 @@ class SoftTpm:
             self._counters.to_bytes(),
             self._mac_key(b"nv-counters"),
         )
+        self._note_written(COUNTERS_FILE)
 
     # ------------------------------------------------------------ identity
     # The key hierarchy a quote's qualifiedSigner names (TPM 2.0 Part 1, clause 16):
@@ -386,8 +440,14 @@ class SoftTpm:
         return keys.derive_private_key(self._persist.proof, b"endorsement primary key (EK)")
 
     def _ek_qualified_name(self) -> bytes:
-        ek_name = keys.name_of(keys.ek_public_area(self._ek_key().public_key()))
-        return keys.qualified_name(keys.hierarchy_qualified_name(keys.TPM_RH_ENDORSEMENT), ek_name)
+        # A function of the proof secret alone; deriving the EK costs a scalar
+        # multiplication, so it is done once per proof (each quote names it).
+        proof = self._persist.proof
+        if self._ek_qn is None or self._ek_qn[0] != proof:
+            ek_name = keys.name_of(keys.ek_public_area(self._ek_key().public_key()))
+            self._ek_qn = (proof, keys.qualified_name(keys.hierarchy_qualified_name(keys.TPM_RH_ENDORSEMENT),
+                                                      ek_name))
+        return self._ek_qn[1]
 
     def _ak_qualified_name(self) -> bytes:
         ak_name = keys.name_of(keys.public_area(self._ak.public_key()))
@@ -469,7 +529,13 @@ class SoftTpm:
 
     # ----------------------------------------------------------------- PCRs
     def _bank(self) -> PcrBank:
-        return self._log.replay()
+        # The log only ever grows in place (extend) or is replaced (load, startup):
+        # the object (held here, so its id is never reused) and its length name its
+        # content.  Callers only read the bank.
+        log, n = self._log, len(self._log)
+        if self._replayed is None or self._replayed[0] is not log or self._replayed[1] != n:
+            self._replayed = (log, n, log.replay())
+        return self._replayed[2]
 
     def read_pcr(self, index: int) -> bytes:
         check_index(index)

@@ -194,3 +194,63 @@ def test_quotes_write_nothing_within_the_clock_reservation_and_a_restart_never_r
     assert again > max(clocks)
     restarted = SoftTpm.open(tmp_path / "t").quote(b"n").attest.clock_info.clock
     assert restarted > again
+
+
+def test_a_command_on_an_unchanged_tpm_reads_no_file_and_a_changed_file_is_read_again(tmp_path, monkeypatch):
+    """Each command re-reads only the files that changed since this handle last
+    read or wrote them (a quote inside a migration's downtime must not pay for
+    three reads and MACs); another handle's write is still seen at once."""
+    from tpm import statefile
+    a = SoftTpm.open(tmp_path / "t")
+    b = SoftTpm.open(tmp_path / "t", startup=None)
+    a.extend(8, D, data=b"a")
+    reads = []
+    real = statefile.read
+    monkeypatch.setattr(statefile, "read", lambda path, *args: reads.append(path.name) or real(path, *args))
+    a.quote(b"n")
+    a.read_pcr(8)
+    assert reads == []
+    b.extend(9, D, data=b"b")                       # another process's write: a new file
+    reads.clear()
+    assert a.read_pcr(9) != bytes(32)
+    assert reads == [VOLATILE_FILE]                 # ... and only that file is read again
+    assert a.read_pcr(9) == b.read_pcr(9)
+
+
+def test_damage_in_place_is_seen_by_a_live_handle_even_with_the_old_mtime(tmp_path):
+    """A file edited in place with its timestamps put back (os.utime) is still
+    read and checked again: its ctime moved, and no user can set ctime."""
+    import os
+    tpm = SoftTpm.open(tmp_path / "t")
+    tpm.extend(8, D, data=b"x")
+    tpm.read_pcr(8)
+    path = tmp_path / "t" / VOLATILE_FILE
+    st = os.stat(path)
+    data = bytearray(path.read_bytes())
+    data[20] ^= 1
+    with open(path, "r+b") as f:                    # same inode, same size
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(CorruptStateError) as e:
+        tpm.read_pcr(8)
+    assert e.value.path == path
+
+
+def test_an_extend_whose_write_failed_leaves_no_event_behind(tmp_path, monkeypatch):
+    """A failed write (disk full) must not leave the event in memory only: the
+    handle reads its files again after any failed command."""
+    import errno
+    from tpm import statefile
+    from tpm.errors import TpmError
+    tpm = SoftTpm.open(tmp_path / "t")
+    tpm.extend(8, D, data=b"x")
+    before = tpm.read_pcr(8)
+
+    def full(path, data, mode=0o600):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with monkeypatch.context() as m:
+        m.setattr(statefile, "atomic_write_bytes", full)
+        with pytest.raises((OSError, TpmError)):
+            tpm.extend(8, D, data=b"lost")
+    assert tpm.read_pcr(8) == before
+    assert [e.data for e in tpm.event_log()] == [b"x"]
