@@ -226,9 +226,14 @@ class SecureMode(PlainMode):
             rec = ch.recv(only=frozenset({RecordType.QUOTE, RecordType.ABORT}))
             if rec.type is RecordType.ABORT:
                 raise SecurityError(f"destination aborted the handshake: {decode_reason(rec.body)}")
+            # Ours goes out before we verify theirs, so that both ends verify at
+            # once (a verification is the handshake's longest step).  It gives the
+            # peer nothing: a quote holds measurements, which are public, and is
+            # bound to this session's transcript, so it proves nothing elsewhere;
+            # nothing of the VM crosses before both verifications passed.
+            ch.send(RecordType.QUOTE, own.result())
             if self.on("attestation"):
                 self.peer = self.attestor.verify(rec.body, eph.share.nonce, th, who="destination")
-            ch.send(RecordType.QUOTE, own.result())
         finally:
             pool.shutdown(wait=True)
         self._machine.migration_identity = self.vm      # both attested: the generation is spent
