@@ -50,6 +50,7 @@ from migrate.errors import (CommitUnconfirmed, ConnectionLost, GuestStopped, Mig
 from migrate.messages import (STATUS_NAMES, STATUS_OK, Digest, Hello, Resumed, RoundMark, Welcome,
                               decode_reason, encode_pages, encode_reason, encode_zero_pages)
 from migrate.precopy import PrecopyPolicy
+from migrate.prescan import Prescan
 from migrate.report import MigrationReport, RoundStats
 from migrate.residency import untouched
 from migrate.secure.mode import PlainMode
@@ -85,6 +86,7 @@ class Source:
         self.page_hashes = PageHashes(machine.ram.npages) if check_ram else None
         self._stop = threading.Event()
         self._protected = (np.zeros(0, dtype=np.int64), None)
+        self._prescan: Prescan | None = None    # round 0's zero test, made beside the handshake
         self._t0 = clock.now()
 
     def _emit(self, cls, **fields) -> None:
@@ -109,6 +111,12 @@ class Source:
         gc_was_on = False
         opened: list = []               # the channel, as soon as the helper thread has one
         try:
+            # Round 0's zero test overlaps the handshake (migrate/prescan.py); the
+            # dirty log starts first, so a page it finds zero and that is written
+            # afterwards goes again next round.
+            m.dirty_log_start()
+            self._prescan = Prescan(m.ram.array.reshape(-1, PAGE_SIZE), m.ram.host_address,
+                                    span=ZERO_SCAN, min_span=MAX_BATCH)
             try:
                 # Connect and handshake beside the running guest: a peer that
                 # never answers (any non-VMM server) must not freeze it.
@@ -184,6 +192,9 @@ class Source:
                 self._abort(ch, report, exc)
             raise
         finally:
+            if self._prescan is not None:       # ended before round 0 used it
+                self._prescan.cancel()
+                self._prescan = None
             if gc_was_on:
                 gc.enable()
             report.total_seconds = clock.now() - self._t0
@@ -294,7 +305,7 @@ class Source:
     # --------------------------------------------------------------- pre-copy
     def _precopy(self, ch: Channel, report: MigrationReport) -> np.ndarray:
         m = self.machine
-        m.dirty_log_start()
+        # (the dirty log runs since before the handshake: migrate())
         m.seal_for_export()         # after the log starts, so the pages it rewrites are logged
         pfns = np.arange(m.ram.npages, dtype=np.int64)        # round 0: everything
         rnd = 0
@@ -430,13 +441,16 @@ class Source:
             self.mode.round_begins(ch)      # secure: a fresh nonce; the destination quotes meanwhile
         ch.send(RecordType.ROUND_BEGIN, RoundMark(rnd, len(pfns)).encode())
         pages = self.machine.ram.array.reshape(-1, PAGE_SIZE)
-        fresh = None
-        if len(pfns) > ZERO_SCAN:
+        fresh, masks = None, None
+        if rnd == 0 and self._prescan is not None:      # tested beside the handshake
+            fresh, masks = self._prescan.result()
+            self._prescan = None
+        elif len(pfns) > ZERO_SCAN:
             fresh = untouched(self.machine.ram.host_address, self.machine.ram.npages)
         zeros: list[np.ndarray] = []
         nzeros = 0
         prot = self._protected[0]
-        for idx, nz, data in self._chunks(pages, pfns, fresh):
+        for idx, nz, data in self._chunks(pages, pfns, fresh, masks):
             if len(prot):       # protected frames go as their sealed copies, never as "zero"
                 nz = nz | np.isin(idx, prot)
             if not nz.all():
@@ -476,14 +490,15 @@ class Source:
         if not final:
             self.mode.round_acked(ch)       # secure: that quote, verified while the guest runs
 
-    def _chunks(self, pages: np.ndarray, pfns: np.ndarray, fresh):
+    def _chunks(self, pages: np.ndarray, pfns: np.ndarray, fresh, masks=None):
         """Yield (frames, nonzero mask, private copy or None) over ``pfns``.
 
         Long contiguous runs (round 0) are tested for zero in place, without
         a copy, ZERO_SCAN pages at a time; frames the host never backed are
-        zero without being read.  A page found zero and written right after
-        is dirty and goes again next round.  Other sets are copied first and
-        tested on the copy."""
+        zero without being read; ``masks`` (round 0: migrate/prescan.py) holds
+        the test of a run made earlier, keyed by its first frame.  A page found
+        zero and written right after is dirty and goes again next round.
+        Other sets are copied first and tested on the copy."""
         start, n = 0, len(pfns)
         while start < n:
             if self._stop.is_set():
@@ -491,7 +506,10 @@ class Source:
             first = int(pfns[start])
             span = min(ZERO_SCAN, n - start)
             if span > MAX_BATCH and int(pfns[start + span - 1]) - first + 1 == span:
-                if fresh is not None and fresh[first:first + span].all():
+                done = masks.get(first) if masks else None
+                if done is not None and len(done) == span:
+                    nz = done
+                elif fresh is not None and fresh[first:first + span].all():
                     nz = np.zeros(span, dtype=bool)
                 else:
                     nz = pages[first:first + span].view(np.uint64).max(axis=1) != 0
