@@ -65,12 +65,13 @@ def test_a_frame_protected_and_dropped_within_one_round_never_crosses_in_plainte
     frames stop being protected before the sender decides what to do with
     the copy.  Deciding on "protected now" sends the secret in clear."""
     copied, exited, ready = threading.Event(), threading.Event(), threading.Event()
+    snapshot = threading.Event()
     seen = {"plain_copies": 0}
 
     class Driven(Machine):
         """The guest's thread: its ordinary slices, plus waits in between."""
         def step(self):
-            if not self.ram.dirty.enabled:      # the handshake: hold the keeper back until
+            if not snapshot.is_set():           # the handshake: hold the keeper back until
                 time.sleep(0.001)               # round 0's snapshot is taken
                 return
             super().step()
@@ -84,6 +85,10 @@ def test_a_frame_protected_and_dropped_within_one_round_never_crosses_in_plainte
     class Racing(Source):
         """The sender's thread: copy only once the secret is there, and make
         the decision about a copy holding it only once the keeper is gone."""
+        def _snapshot_protected(self, pfns):
+            super()._snapshot_protected(pfns)
+            snapshot.set()
+
         def _send_pages(self, ch, rnd, pfns, stats):
             if rnd == 0:
                 assert ready.wait(WAIT), "the keeper never protected its secret"
