@@ -229,11 +229,12 @@ class Source:
         return rec
 
     # -------------------------------------------------------------- handshake
-    def _beside_guest(self, work, *, cancel):
+    def _beside_guest(self, work, *, cancel, when="before the migration began", name="migrate-handshake"):
         """Run ``work()`` on a helper thread while the guest keeps running its
         slices on this thread (the only one that calls into Unicorn); return
         its result or raise its exception.  If the guest stops or fails
-        first, ``cancel()`` unblocks the helper (closes its socket)."""
+        first, ``cancel()`` unblocks the helper (closes its socket); ``when``
+        says in the error when that happened."""
         result: list = []
         failure: list[BaseException] = []
 
@@ -242,15 +243,14 @@ class Source:
                 result.append(work())
             except BaseException as exc:        # noqa: BLE001 - handed to the guest thread
                 failure.append(exc)
-        th = threading.Thread(target=body, name="migrate-handshake", daemon=True)
+        th = threading.Thread(target=body, name=name, daemon=True)
         th.start()
         m = self.machine
         lockstep = bool(self.policy.round_ticks)     # the guest waits for the handshake
         try:
             while th.is_alive():
                 if m.halted:
-                    raise GuestStopped(f"the guest stopped ({m.halted}) before the migration began; "
-                                       f"it finished on the source")
+                    raise GuestStopped(f"the guest stopped ({m.halted}) {when}; it finished on the source")
                 if lockstep:
                     th.join(0.01)
                     continue
@@ -325,6 +325,12 @@ class Source:
             decision = self.policy.decide(rounds_done=rnd + 1, remaining=len(dirty), cost_per_page=cost,
                                           bytes_sent=ch.bytes_sent, ram_size=m.ram.size)
             if decision.stop:
+                # Secure: the last round's final quote, verified while the guest
+                # still runs (what it dirties meanwhile is fetched at the pause).
+                wait = self.mode.before_pause()
+                if wait is not None:
+                    self._beside_guest(wait, cancel=lambda: None, when="during pre-copy",
+                                       name="migrate-before-pause")
                 report.stop_reason = decision.reason
                 report.target_met = decision.target_met
                 report.estimated_pages_seconds = decision.estimate

@@ -13,6 +13,7 @@ seam                      where                                   plain mode
 ``round_begins(ch)``      source, before each pre-copy round      nothing
 ``round_acked(ch)``       source, after a pre-copy round's ACK    nothing
 ``round_ended(ch)``       destination, after sending ROUND_ACK    nothing
+``before_pause()``        source, last round done, guest running  ``None``
 ``at_pause(machine, peer)`` source, the guest just paused         nothing
 ``take(ch, rec)``         destination, a record outside the engine ``False`` (not ours)
 ``split_state(doc)``      source, the state document at pause     ``(doc, None)``
@@ -96,6 +97,10 @@ class PlainMode:
     def round_ended(self, ch) -> None:
         pass
 
+    def before_pause(self):
+        """Work to finish beside the still-running guest before it pauses, or None."""
+        return None
+
     def at_pause(self, machine, peer: str) -> None:
         pass
 
@@ -162,6 +167,7 @@ class SecureMode(PlainMode):
         self._nonce = None          # source: the fresh nonce of the current pre-copy round
         self._release_public = None  # source: R, as the final quotes name it
         self._verified = None       # source: R, from the last round's final quote, verified
+        self._verifying = None      # source: that verification while it runs (a future)
         self._committing = None     # source: keys escrowed and mark written, from the pause on
         self._marking = None        # source: the pending mark, made durable beside pre-copy
         self._accepting = None      # destination: the generation, advanced beside pre-copy
@@ -345,14 +351,33 @@ class SecureMode(PlainMode):
             raise KeyReleaseRefused("no process key released: the destination's release key changed "
                                     "between two final quotes")
         self._release_public = r_pub
-        # Verified here, on the sender thread, while the guest still runs: the pause
-        # follows the last round at once, so a verification left running would sit
-        # in the downtime.
+        # Verified on a thread while the next round is sent, or, after the last
+        # round, while the guest still runs before the pause (before_pause): never
+        # inside the downtime, and no round waits for it.  A failure surfaces at
+        # the next round's quote or before the pause, before anything secret left.
         self._verified = None
-        self._verified = self._check_final(evidence, self._nonce, r_pub)
+        self._verification()                # the previous round's first (one TPM verifier at a time)
+        nonce = self._nonce
+        self._verifying = _background(lambda: self._check_final(evidence, nonce, r_pub), "secure-verify")
         self._time("key_release", t0)
 
+    def _verification(self) -> None:
+        """Wait for the running verification of a final quote; raise its failure."""
+        if self._verifying is not None:
+            done, self._verifying = self._verifying, None
+            self._verified = done.result()
+
+    def before_pause(self):
+        return self._verification if self._verifying is not None else None
+
     def _check_final(self, evidence: bytes, nonce: bytes, r_pub: bytes) -> bytes:
+        t0 = time.perf_counter()
+        try:
+            return self._check_final_quote(evidence, nonce, r_pub)
+        finally:
+            self._time("key_release", t0)
+
+    def _check_final_quote(self, evidence: bytes, nonce: bytes, r_pub: bytes) -> bytes:
         if self.on("toctou") and self.peer is not None:     # (--insecure attestation: no peer to compare)
             try:
                 final = self.attestor.verify(evidence, nonce, keyrelease.binding(self.keys.transcript, r_pub),
@@ -382,6 +407,7 @@ class SecureMode(PlainMode):
 
     def source_final(self, ch, secret: bytes) -> None:
         t0 = time.perf_counter()
+        self._verification()        # (already done before the pause: Source calls before_pause)
         if self._verified is None:
             raise ProtocolError("no verified final quote from the last pre-copy round")
         ch.send(RecordType.KEY_RELEASE, keyrelease.wrap(secret, self._verified, self.keys))
