@@ -355,8 +355,8 @@ class SecureMode(PlainMode):
         # round, while the guest still runs before the pause (before_pause): never
         # inside the downtime, and no round waits for it.  A failure surfaces at
         # the next round's quote or before the pause, before anything secret left.
-        self._verified = None
-        self._verification()                # the previous round's first (one TPM verifier at a time)
+        self._verification()                # the previous round's first (its failure stops us here)
+        self._verified = None               # only the newest quote's verification counts
         nonce = self._nonce
         self._verifying = _background(lambda: self._check_final(evidence, nonce, r_pub), "secure-verify")
         self._time("key_release", t0)
