@@ -335,7 +335,13 @@ class SecureMode(PlainMode):
         if not self._quote_asked:
             return
         t0 = time.perf_counter()
-        ch.send(RecordType.FINAL_QUOTE, self._release.public, self._final_quote.result())
+        quote = self._final_quote.result()
+        if self._accepting is not None:
+            # The generation's NV writes (fsyncs) end before the first final quote
+            # goes: the source waits for it with its guest running, and so they
+            # are never left for the pause (destination_final waits for them).
+            self._accepting.result()
+        ch.send(RecordType.FINAL_QUOTE, self._release.public, quote)
         self._quote_asked, self._quote_sent = False, True
         self._time("key_release", t0)
 
