@@ -33,7 +33,7 @@ from minivmm.errors import (GuestError, GuestHang, KernelPanic, KeysDestroyed, S
 from minivmm.image import GuestImage, ImageProcess
 from minivmm.interrupts import DeliveryError, deliver, kernel_read
 from minivmm.memory import GuestRAM
-from minivmm.mmu import Mmu, WalkFault, read_linear, walk
+from minivmm.mmu import CR0_PG, Mmu, WalkFault, read_linear, walk
 from minivmm.protection import Protection, seeded_keys
 from minivmm.state import MachineState, VmmState
 from minivmm.timer import Timer
@@ -56,6 +56,28 @@ class _Trap:
     error_code: int | None = None
     cr2: int | None = None
 
+
+
+def _descriptor_access_bytes(ram: GuestRAM, cpu: CpuState) -> list[tuple[int, int]]:
+    """(physical address, value) of the access byte (byte 5) of each GDT
+    descriptor that ``cpu``'s segment selectors name (null and LDT selectors
+    have none in the GDT; a table the walk cannot reach is write_cpu's error)."""
+    out = []
+    for name in ("cs", "ss", "ds", "es", "fs", "gs"):
+        sel = getattr(cpu, name)
+        if sel & ~3 == 0 or sel & 4 or (sel & ~7) + 7 > cpu.gdt_limit:
+            continue
+        lin = (cpu.gdt_base + (sel & ~7) + 5) & 0xFFFFFFFF
+        addr = lin
+        if cpu.cr0 & CR0_PG:
+            try:
+                page, _ = walk(ram, cpu.cr3, lin, write=False, user=False, wp=False)
+            except WalkFault:
+                continue
+            addr = page | (lin & 0xFFF)
+        if addr < ram.size:
+            out.append((addr, ram.view[addr]))
+    return out
 
 class Machine:
     """A bootable x86 machine running one guest image.
@@ -722,9 +744,16 @@ class Machine:
         m.pids, m.names, m.exits = dict(v.pids), dict(v.names), dict(v.exits)
         m.events.seq, m.slices = v.event_seq, v.slices
         m.halted, m.halt_detail, m.shutdown_status = v.halted, v.halt_detail, v.shutdown_status
+        # Loading a selector sets the accessed bit of its GDT descriptor in guest
+        # memory, which the guest's own loads (an iret into user mode) had not
+        # always done: put those bytes back, so that a restored guest (a migrated
+        # one) sees exactly the memory it was saved with.
+        access = _descriptor_access_bytes(m.ram, st.cpu)
         write_cpu(m._uc, m.mmu, st.cpu)
         if m.mmu.bad_machine_access is not None:
             raise StateError(f"state: CPU descriptor tables point at unmapped {m.mmu.bad_machine_access:#x}")
+        for addr, value in access:
+            m.ram.view[addr] = value
         return m
 
     def save(self, path, *, wrap=None) -> None:

@@ -5,6 +5,7 @@ import struct
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from guests.build import Program
@@ -74,6 +75,24 @@ def test_restore_continues_exactly_from_user_and_kernel_mode():
         assert clone.vclock == ref.vclock and clone.ticks == ref.ticks
         assert clone.exits == ref.exits
     assert cpls == {0, 3}            # restored into both privilege levels
+
+
+def test_restore_leaves_guest_ram_byte_for_byte_in_user_and_kernel_mode():
+    """Loading the saved selectors on restore must not write guest memory: a
+    segment load sets the accessed bit of its GDT descriptor, and the guest's
+    own entry to user mode (iret) had not set it, so a guest restored in user
+    mode found one GDT byte changed (a migrated run differed from one never
+    migrated in a byte the guest can read)."""
+    for want in (3, 0):
+        m = workload()
+        for _ in range(40):
+            m.step()
+        while m.cpu().cpl != want:
+            m.step()
+        st = m.save_state()
+        clone = Machine.restore(MachineState.from_bytes(st.to_bytes()))
+        changed = [hex(int(a)) for a in np.flatnonzero(clone.ram.array != m.ram.array)[:8]]
+        assert changed == [], (want, changed)
 
 
 def test_corrupt_state_gets_clear_errors():
