@@ -14,7 +14,8 @@ the next round's set and is sent again; the final round runs with the guest
 paused.  Each page is copied once into a private buffer, then digested and
 sent from that buffer, so the digest always describes the bytes on the wire.
 
-Protected pages (DESIGN §5): ``seal_for_export`` runs before round 0, before
+Protected pages (DESIGN §5): ``seal_for_export`` runs before round 0 (before the
+handshake, with round 0's copies of protected frames and its zero test), before
 each round's dirty fetch and at pause, with the dirty log on, so every page
 it cloaks is sent again.  It is a no-op until process protection lands.
 Because the guest runs beside the sender, an owner can decrypt its page in
@@ -87,6 +88,7 @@ class Source:
         self._stop = threading.Event()
         self._protected = (np.zeros(0, dtype=np.int64), None)
         self._prescan: Prescan | None = None    # round 0's zero test, made beside the handshake
+        self._round0_ready = False              # round 0's seal and protected copies taken (migrate())
         self._t0 = clock.now()
 
     def _emit(self, cls, **fields) -> None:
@@ -111,10 +113,15 @@ class Source:
         gc_was_on = False
         opened: list = []               # the channel, as soon as the helper thread has one
         try:
-            # Round 0's zero test overlaps the handshake (migrate/prescan.py); the
-            # dirty log starts first, so a page it finds zero and that is written
-            # afterwards goes again next round.
+            # Round 0's local work overlaps the handshake: the dirty log starts,
+            # protected pages are sealed and copied (ciphertext) on this thread,
+            # and the zero test runs on another (migrate/prescan.py).  What the
+            # guest writes from here on -- a page found zero, a protected page its
+            # owner decrypts -- is dirty and goes again next round.
             m.dirty_log_start()
+            m.seal_for_export()
+            self._snapshot_protected(np.arange(m.ram.npages, dtype=np.int64))
+            self._round0_ready = True
             self._prescan = Prescan(m.ram.array.reshape(-1, PAGE_SIZE), m.ram.host_address,
                                     span=ZERO_SCAN, min_span=MAX_BATCH)
             try:
@@ -305,8 +312,7 @@ class Source:
     # --------------------------------------------------------------- pre-copy
     def _precopy(self, ch: Channel, report: MigrationReport) -> np.ndarray:
         m = self.machine
-        # (the dirty log runs since before the handshake: migrate())
-        m.seal_for_export()         # after the log starts, so the pages it rewrites are logged
+        # (the dirty log runs, and round 0's pages were sealed, before the handshake: migrate())
         pfns = np.arange(m.ram.npages, dtype=np.int64)        # round 0: everything
         rnd = 0
         cost = None
@@ -384,7 +390,10 @@ class Source:
 
     def _round(self, ch: Channel, rnd: int, pfns: np.ndarray, *, final: bool) -> RoundStats:
         stats = RoundStats(rnd, len(pfns), final=final)
-        self._snapshot_protected(pfns)
+        if rnd == 0 and self._round0_ready:
+            self._round0_ready = False          # sealed and copied before the handshake
+        else:
+            self._snapshot_protected(pfns)
         self._emit(mev.RoundStarted, round=rnd, pages=len(pfns))
         # Round timings on the channel's clock (migrate/steps.py): it is the
         # monotonic clock unless a step hook holds the engine (the TUI while a

@@ -65,14 +65,14 @@ def test_a_frame_protected_and_dropped_within_one_round_never_crosses_in_plainte
     frames stop being protected before the sender decides what to do with
     the copy.  Deciding on "protected now" sends the secret in clear."""
     copied, exited, ready = threading.Event(), threading.Event(), threading.Event()
-    snapshot = threading.Event()
+    sending = threading.Event()
     seen = {"plain_copies": 0}
 
     class Driven(Machine):
         """The guest's thread: its ordinary slices, plus waits in between."""
         def step(self):
-            if not snapshot.is_set():           # the handshake: hold the keeper back until
-                time.sleep(0.001)               # round 0's snapshot is taken
+            if not sending.is_set():            # the handshake: hold the keeper back until
+                time.sleep(0.001)               # round 0's sender runs (its snapshot is taken)
                 return
             super().step()
             proc = self.protection.procs.get(KEEPER)
@@ -85,12 +85,9 @@ def test_a_frame_protected_and_dropped_within_one_round_never_crosses_in_plainte
     class Racing(Source):
         """The sender's thread: copy only once the secret is there, and make
         the decision about a copy holding it only once the keeper is gone."""
-        def _snapshot_protected(self, pfns):
-            super()._snapshot_protected(pfns)
-            snapshot.set()
-
         def _send_pages(self, ch, rnd, pfns, stats):
             if rnd == 0:
+                sending.set()
                 assert ready.wait(WAIT), "the keeper never protected its secret"
             try:
                 super()._send_pages(ch, rnd, pfns, stats)
