@@ -198,12 +198,12 @@ class Destination:
             elif t is RecordType.PAGES:
                 if rec.placed:                  # already in RAM, whole (and authenticated)
                     pfns = landing.pfns
-                    hashes.update_views(pfns, rec.placed)
+                    hashes.update_views(pfns, rec.placed, tag=rec.tag)
                 else:                           # not placed: a body that fits no whole number of pages
                     pfns, data = decode_pages(rec.body, npages)
                     room(pfns)
                     ram.array.reshape(-1, 4096)[pfns] = data
-                    hashes.update(pfns, data)   # the digest folds records in arrival order (GMAC)
+                    hashes.update(pfns, data, tag=rec.tag)     # folded in arrival order (GMAC or AEAD tag)
                 round_pages += len(pfns)
                 written[pfns] = True
                 stats.data_pages += len(pfns)

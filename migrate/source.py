@@ -489,10 +489,10 @@ class Source:
                 if not final:           # paused: nothing changes under the copy
                     self._blank_late_protected(s, d)
                 self._overlay_protected(s, d)
-                self.hashes.update(s, d)
                 if self.page_hashes is not None:
                     self.page_hashes.update(s, d)
                 ch.send(RecordType.PAGES, body)
+                self.hashes.update(s, d, tag=ch.sent_tag)    # sealed: its AEAD tag (migrate/digest.py)
                 stats.data_pages += len(s)
             stats.send_seconds += ch.now() - ts
         if zeros:

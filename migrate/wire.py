@@ -79,7 +79,8 @@ from migrate.errors import ConnectionLost, PeerTimeout, ProtocolError
 from migrate.steps import HEAD_BYTES, RECV, SEND, Step
 
 MAGIC = b"MVMIGRAT"
-VERSION = 2                          # 2: the completeness digest v2 (migrate/digest.py)
+VERSION = 3                          # 2: the completeness digest v2 (migrate/digest.py);
+                                     # 3: a sealed PAGES record's AEAD tag stands for its GMAC there
 HEADER = struct.Struct("<HHIQ")
 FLAG_OPTIONAL = 0x0001
 KNOWN_FLAGS = FLAG_OPTIONAL
@@ -152,6 +153,8 @@ class Record:
     # its head (count, frame numbers) and the pages are already in these
     # buffers (the runs of guest RAM the sink named), in frame order.
     placed: tuple = ()
+    # The AES-GCM tag that authenticated it (sealed channel), else empty.
+    tag: bytes = b""
 
 
 def pages_head_size(length: int) -> int:
@@ -192,6 +195,7 @@ class Channel:
         self.skipped = 0
         self.deadline: float | None = None
         self.broken: str | None = None      # why a send failed (then nothing more is sent)
+        self.sent_tag = b""                 # the last record's AEAD tag (sealed channel), else empty
         # The protocol-step seam (migrate/steps.py): a hook at every record, and the
         # clock every timeout and deadline is measured on (a TUI holding the engine
         # stops it, so nothing times out while a student reads).

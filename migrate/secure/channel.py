@@ -91,6 +91,7 @@ class SealedChannel(Channel):
 
     # ------------------------------------------------------------------ send
     def send(self, rtype: RecordType, *parts) -> None:
+        self.sent_tag = b""
         if not self._aead_on:
             return super().send(rtype, *parts)
         views = [memoryview(p).cast("B") for p in parts]
@@ -104,6 +105,7 @@ class SealedChannel(Channel):
         sealed = memoryview(self._out)[:len(body) + TAG]
         self._send_aead.encrypt_into(record_nonce(self._send_dir, self.send_seq), body, header, sealed)
         self._write_record(rtype, header, [sealed], self._head([memoryview(body)]))
+        self.sent_tag = bytes(sealed[-TAG:])        # the page digest folds it (migrate/digest.py)
 
     # ------------------------------------------------------------------ recv
     def _recv(self, *, timeout: float | None = None, only: frozenset | None = None,
@@ -135,9 +137,9 @@ class SealedChannel(Channel):
             raise ProtocolError(f"unexpected {rtype.name} record")
         counter = self.recv_seq if self.check_sequence else seq
         if sink is not None and rtype is RecordType.PAGES and pages_head_size(length - TAG):
-            views = self._open_pages(header, length, counter, deadline, sink, seq)
+            (head, *views), tag = self._open_pages(header, length, counter, deadline, sink, seq)
             self.recv_seq = max(self.recv_seq, seq) + 1 if not self.check_sequence else self.recv_seq + 1
-            return Record(rtype, views[0], seq, flags, tuple(views[1:]))
+            return Record(rtype, head, seq, flags, tuple(views), tag)
         sealed = self._read_exact(length, deadline, f"a sealed {rtype.name} body")
         try:
             body = self._recv_aead.decrypt(record_nonce(self._recv_dir, counter), sealed, header)
@@ -145,11 +147,11 @@ class SealedChannel(Channel):
             raise RecordRejected(f"{rtype.name} record number {seq} failed authentication "
                                  f"(modified, forged, replayed or out of order)") from None
         self.recv_seq = max(self.recv_seq, seq) + 1 if not self.check_sequence else self.recv_seq + 1
-        return Record(rtype, body, seq, flags)
+        return Record(rtype, body, seq, flags, tag=bytes(sealed[-TAG:]))
 
-    def _open_pages(self, header: bytes, length: int, counter: int, deadline: float, sink, seq: int) -> list:
+    def _open_pages(self, header: bytes, length: int, counter: int, deadline: float, sink, seq: int):
         """A sealed PAGES record decrypted straight into the buffers ``sink``
-        names (guest RAM): [head, *buffers].  AES-GCM is a stream cipher, so
+        names (guest RAM): ([head, *buffers], its tag).  AES-GCM is a stream cipher, so
         the head (count, frame numbers) is decrypted first and the pages run
         by run into guest RAM; the tag is checked at the end, over the whole
         record.  Until then nothing of it counts: the caller marks the pages
@@ -181,7 +183,7 @@ class SealedChannel(Channel):
             dec.update_into(staging[off:off + len(v)], v)
             off += len(v)
         self._authenticated(dec, tag, seq)
-        return [head, *views]
+        return [head, *views], bytes(tag)
 
     @staticmethod
     def _authenticated(dec, tag: bytearray, seq: int) -> None:
