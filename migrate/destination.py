@@ -32,6 +32,7 @@ from minivmm.memory import GuestRAM
 from minivmm.state import MachineState
 from migrate import clock, events as mev
 from migrate.digest import StreamDigest
+from migrate.landing import Landing
 from migrate.errors import (DigestMismatch, InternalError, MigrationError, PeerAborted, ProtocolError,
                             Unsupported, VersionMismatch)
 from migrate.messages import (STATUS_OK, STATUS_UNSUPPORTED, STATUS_VERSION, Digest, Hello, Resumed, RoundMark, Welcome, decode_pages,
@@ -142,8 +143,15 @@ class Destination:
         hello = None
         stats = None
         prefault = None
+        landing = None
+
+        def room(pfns):             # before a placed record's pages are read
+            if round_pages + len(pfns) > rnd.pages:
+                raise ProtocolError(f"round {rnd.round} carries more than the {rnd.pages} pages it announced")
+            prefault.pages_coming(pfns)
         while True:
-            rec = ch.recv()
+            # In a round, PAGES land straight in guest RAM (migrate/landing.py).
+            rec = ch.recv(sink=landing if state is IN_ROUND else None)
             if rec.type is RecordType.ABORT:
                 raise PeerAborted(f"source aborted: {decode_reason(rec.body)}")
             if state in (PRECOPY, IN_ROUND, STATE) and self.mode.take(ch, rec):
@@ -164,6 +172,7 @@ class Destination:
                 hashes = StreamDigest(npages)
                 self.ram, self.hashes = ram, hashes
                 written = np.zeros(npages, dtype=bool)      # pages holding received data
+                landing = Landing(ram.array, npages, room)
                 max_state = state_limit(hello.ram_size)
                 report.ram_size = hello.ram_size
                 # The whole session is bounded too: a source that sends one
@@ -187,14 +196,16 @@ class Destination:
                 self._emit(mev.RoundStarted, round=rnd.round, pages=rnd.pages)
                 state = IN_ROUND
             elif t is RecordType.PAGES:
-                pfns, data = decode_pages(rec.body, npages)
-                prefault.pages_coming(pfns)
+                if rec.placed:                  # already in RAM, whole (and authenticated)
+                    pfns = landing.pfns
+                    hashes.update_views(pfns, rec.placed, tag=rec.tag)
+                else:                           # not placed: a body that fits no whole number of pages
+                    pfns, data = decode_pages(rec.body, npages)
+                    room(pfns)
+                    ram.array.reshape(-1, 4096)[pfns] = data
+                    hashes.update(pfns, data, tag=rec.tag)     # folded in arrival order (GMAC or AEAD tag)
                 round_pages += len(pfns)
-                if round_pages > rnd.pages:
-                    raise ProtocolError(f"round {rnd.round} carries more than the {rnd.pages} pages it announced")
-                ram.array.reshape(-1, 4096)[pfns] = data
                 written[pfns] = True
-                hashes.update(pfns, data)      # the digest folds records in arrival order (GMAC, memory speed)
                 stats.data_pages += len(pfns)
                 stats.bytes += len(rec.body)
             elif t is RecordType.ZERO_PAGES:

@@ -5,13 +5,18 @@ the source each PAGES / ZERO_PAGES record it sends, the destination each one
 it stores.  A PAGES record contributes its frame numbers and a GHASH tag of
 its page bytes (AES-GCM with an empty plaintext and the pages as associated
 data: a GMAC, ~20 GB/s with the CPU's carry-less multiply, one call per
-record of up to 256 pages); a ZERO_PAGES record its frame numbers.  At the
+record of up to 256 pages); a ZERO_PAGES record its frame numbers.  A PAGES
+record the secure channel sealed (AES-256-GCM under the session key,
+``migrate/secure/channel.py``) contributes that record's own 16-byte tag
+instead (kind 3): the channel already authenticated its pages, header and
+sequence number, and a second pass over them would only repeat it.  At the
 end::
 
     digest = SHA-256( "minivmm-migration-digest v2\\0" || ram_size:u64
                       || stream || SHA-256(state document) )
     stream = SHA-256 over, per record i:  kind:u8 || i:u64 || count:u32
                       || frame numbers (u32 each) || tag[16] (PAGES only)
+    kind   = 1 PAGES (tag: the GMAC), 2 ZERO_PAGES, 3 sealed PAGES (tag: its AEAD tag)
 
 The destination resumes only if its own digest equals the source's and every
 page arrived at least once (``seen``, the per-page bitmap).  The records reach
@@ -42,15 +47,17 @@ import hashlib
 import struct
 
 import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 PAGE_SIZE = 4096
 ZERO_PAGE_HASH = hashlib.sha256(bytes(PAGE_SIZE)).digest()
 DOMAIN = b"minivmm-migration-digest v2\0"
-_GMAC = AESGCM(bytes(16))          # public key: a checksum, see above
+_KEY = bytes(16)                   # public key: a checksum, see above
+_GMAC = AESGCM(_KEY)
 _REC = struct.Struct("<BQI")
 _NONCE = struct.Struct(">4xQ")
-PAGES_KIND, ZERO_KIND = 1, 2
+PAGES_KIND, ZERO_KIND, SEALED_KIND = 1, 2, 3
 
 
 class StreamDigest:
@@ -69,11 +76,30 @@ class StreamDigest:
         self.records += 1
         self.seen[pfns] = True
 
-    def update(self, pfns: np.ndarray, data: np.ndarray) -> None:
-        """One PAGES record: ``data[i]`` is page ``pfns[i]`` (shape (n, 4096))."""
+    def update(self, pfns: np.ndarray, data: np.ndarray, tag: bytes = b"") -> None:
+        """One PAGES record: ``data[i]`` is page ``pfns[i]`` (shape (n, 4096)).
+        ``tag``: the record's AES-GCM tag if the channel sealed it (then it
+        stands for the pages: see the module's docstring)."""
+        if tag:
+            self._fold(SEALED_KIND, pfns, tag)
+            return
         pages = np.ascontiguousarray(data, dtype=np.uint8).data.cast("B")
         tag = _GMAC.encrypt(_NONCE.pack(self.records), b"", pages)
         self._fold(PAGES_KIND, pfns, tag)
+
+    def update_views(self, pfns: np.ndarray, views, tag: bytes = b"") -> None:
+        """One PAGES record whose pages lie in ``views`` (buffers, in frame
+        order: the runs of guest RAM a destination received them into).  The
+        same tag as :meth:`update` over the concatenation: GHASH takes its
+        associated data in pieces."""
+        if tag:
+            self._fold(SEALED_KIND, pfns, tag)
+            return
+        gmac = Cipher(algorithms.AES(_KEY), modes.GCM(_NONCE.pack(self.records))).encryptor()
+        for v in views:
+            gmac.authenticate_additional_data(v)
+        gmac.finalize()
+        self._fold(PAGES_KIND, pfns, gmac.tag)
 
     def update_zero(self, pfns: np.ndarray) -> None:
         """One ZERO_PAGES record."""

@@ -145,6 +145,18 @@ def encode_pages(pfns: np.ndarray, data: np.ndarray) -> tuple:
     return (_U32.pack(len(pfns)), pfns.astype("<u4").tobytes(), np.ascontiguousarray(data).data.cast("B"))
 
 
+def pages_body(buf: bytearray, pfns: np.ndarray) -> tuple[memoryview, np.ndarray]:
+    """Lay a PAGES body out in ``buf`` (a sender's reused buffer, at least
+    MAX_BODY[PAGES] bytes): the count and frame numbers written, the pages
+    left for the caller.  Returns (the body, the (count, 4096) uint8 array
+    inside it that the pages go in) -- the same bytes as :func:`encode_pages`."""
+    n = len(pfns)
+    _U32.pack_into(buf, 0, n)
+    np.frombuffer(buf, dtype="<u4", count=n, offset=4)[:] = pfns
+    data = np.frombuffer(buf, dtype=np.uint8, count=n * PAGE_SIZE, offset=4 + 4 * n).reshape(n, PAGE_SIZE)
+    return memoryview(buf)[:4 + n * (4 + PAGE_SIZE)], data
+
+
 def decode_pages(body: bytes, npages: int) -> tuple[np.ndarray, np.ndarray]:
     """(pfns, data of shape (count, 4096))."""
     if len(body) < 4:
@@ -157,6 +169,18 @@ def decode_pages(body: bytes, npages: int) -> tuple[np.ndarray, np.ndarray]:
     pfns = _pfns(body, count, npages, "PAGES")
     data = np.frombuffer(body, dtype=np.uint8, offset=4 + 4 * count).reshape(count, PAGE_SIZE)
     return pfns, data
+
+
+def decode_pages_head(head: bytes, length: int, npages: int) -> np.ndarray:
+    """The frame numbers of a PAGES record of ``length`` body bytes from its
+    head (count, frame numbers), read before its pages: the same checks as
+    :func:`decode_pages`."""
+    (count,) = _U32.unpack_from(head)
+    if not 1 <= count <= MAX_BATCH:
+        raise ProtocolError(f"PAGES count {count} outside 1..{MAX_BATCH}")
+    if length != 4 + count * (4 + PAGE_SIZE) or len(head) != 4 + 4 * count:
+        raise ProtocolError(f"PAGES of {length} bytes, {count} pages need {4 + count * (4 + PAGE_SIZE)}")
+    return _pfns(head, count, npages, "PAGES")
 
 
 def encode_zero_pages(pfns: np.ndarray) -> bytes:

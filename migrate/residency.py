@@ -44,6 +44,7 @@ def untouched(host_address: int, npages: int) -> np.ndarray | None:
 
 
 MADV_POPULATE_WRITE = 23        # Linux 5.14+: fault pages in writable without writing them
+MADV_HUGEPAGE = 14              # back with 2 MiB pages where the kernel can (THP "madvise" mode)
 REGION_PAGES = 4096             # 16 MiB
 
 
@@ -73,15 +74,21 @@ class Prefaulter:
         except (OSError, AttributeError):
             self._madvise = None
             return
+        # 2 MiB pages: one fault (and one zeroing pass) per 512 pages instead of
+        # 512 faults -- backing 64 MiB measured 31-40 ms instead of 97-135 ms
+        # here.  Only this incoming RAM, which receives data region by region.
+        self._madvise(ctypes.c_void_p(host_address), ctypes.c_size_t(npages * PAGE_SIZE), MADV_HUGEPAGE)
         threading.Thread(target=self._run, name="prefault-ram", daemon=True).start()
 
     def pages_coming(self, pfns: np.ndarray) -> None:
         if self._madvise is None or self._stopped.is_set():
             return
-        for region in np.unique(pfns // REGION_PAGES):
+        first, last = int(pfns[0]) // REGION_PAGES, int(pfns[-1]) // REGION_PAGES
+        regions = range(first, last + 1) if last - first < 2 else np.unique(pfns // REGION_PAGES).tolist()
+        for region in regions:          # (frames increasing: a record spans one or two regions)
             if not self.requested[region]:
                 self.requested[region] = True
-                self._queue.put(int(region))
+                self._queue.put(region)
 
     def _run(self) -> None:
         c = self._ctypes

@@ -49,16 +49,37 @@ from migrate.digest import PageHashes, StreamDigest, hash_ram
 from migrate.errors import (CommitUnconfirmed, ConnectionLost, GuestStopped, MigrationError,
                             PeerAborted, PeerTimeout, ProtocolError, Refused)
 from migrate.messages import (STATUS_NAMES, STATUS_OK, Digest, Hello, Resumed, RoundMark, Welcome,
-                              decode_reason, encode_pages, encode_reason, encode_zero_pages)
+                              decode_reason, encode_reason, encode_zero_pages, pages_body)
 from migrate.precopy import PrecopyPolicy
 from migrate.prescan import Prescan
 from migrate.report import MigrationReport, RoundStats
 from migrate.residency import untouched
 from migrate.secure.mode import PlainMode
-from migrate.wire import MAX_BATCH, MAX_CHUNK, MAX_ZERO_BATCH, PAGE_SIZE, Channel, RecordType, parse_address
+from migrate.wire import (MAX_BATCH, MAX_BODY, MAX_CHUNK, MAX_ZERO_BATCH, PAGE_SIZE, Channel, RecordType,
+                          parse_address)
 
 MIGRATED = "migrated"
+# While a pre-copy round is sent, the guest gets this share of the time its
+# thread could run: after a slice that took t seconds of CPU it waits
+# t * (1 - share) / share for the sender (QEMU's auto-converge throttles
+# vCPUs the same way).  On a 2-core host the guest's slices took as much CPU as
+# the sender and the destination's receive together; every core they take is
+# one the migration's pipeline waits for.  Lockstep pre-copy (round_ticks) holds
+# the guest anyway.
+PRECOPY_GUEST_SHARE = 0.25
 ZERO_SCAN = 4096            # pages tested for zero at once in contiguous runs (16 MiB)
+
+
+def nonzero_pages(block: np.ndarray) -> np.ndarray:
+    """Bool per page of ``block`` (shape (n, 4096)): not all zero.  A page
+    whose first 8 bytes are not zero is decided by them (one cache line per
+    page read, not 64); only the rest are read whole."""
+    words = block.view(np.uint64)
+    nz = words[:, 0] != 0
+    maybe = np.flatnonzero(~nz)
+    if len(maybe):
+        nz[maybe] = words[maybe].max(axis=1) != 0
+    return nz
 
 
 class _Stopped(Exception):
@@ -86,6 +107,7 @@ class Source:
         self.hashes = StreamDigest(machine.ram.npages)     # the completeness digest (migrate/digest.py)
         self.page_hashes = PageHashes(machine.ram.npages) if check_ram else None
         self._stop = threading.Event()
+        self._body = bytearray(MAX_BODY[RecordType.PAGES])     # the PAGES record being sent (reused)
         self._protected = (np.zeros(0, dtype=np.int64), None)
         self._prescan: Prescan | None = None    # round 0's zero test, made beside the handshake
         self._round0_ready = False              # round 0's seal and protected copies taken (migrate())
@@ -427,8 +449,11 @@ class Source:
                     if n and until is None and th.is_alive():
                         th.join(0.01)           # lockstep: the round's pages first
                     else:
+                        cpu = time.thread_time()
                         with self.slice_gate:
                             m.step()
+                        if th.is_alive():       # throttled while the round is sent
+                            th.join((time.thread_time() - cpu) * (1 - PRECOPY_GUEST_SHARE) / PRECOPY_GUEST_SHARE)
                     if failure:
                         break
                     if not th.is_alive():
@@ -481,14 +506,22 @@ class Source:
             copies = None if data is None else data[nz]
             for b in range(0, len(sel), MAX_BATCH):
                 s = sel[b:b + MAX_BATCH]
-                d = pages[s] if copies is None else copies[b:b + MAX_BATCH]   # private copy:
+                # The private copy goes straight into the record's body (one
+                # reused buffer): then digested and sent as one.
+                body, d = pages_body(self._body, s)
+                if copies is not None:
+                    d[:] = copies[b:b + MAX_BATCH]
+                elif int(s[-1]) - int(s[0]) + 1 == len(s):
+                    d[:] = pages[int(s[0]):int(s[-1]) + 1]
+                else:
+                    np.take(pages, s, axis=0, out=d)
                 if not final:           # paused: nothing changes under the copy
                     self._blank_late_protected(s, d)
                 self._overlay_protected(s, d)
-                self.hashes.update(s, d)                                       # digested and sent
                 if self.page_hashes is not None:
                     self.page_hashes.update(s, d)
-                ch.send(RecordType.PAGES, *encode_pages(s, d))                 # as one
+                ch.send(RecordType.PAGES, body)
+                self.hashes.update(s, d, tag=ch.sent_tag)    # sealed: its AEAD tag (migrate/digest.py)
                 stats.data_pages += len(s)
             stats.send_seconds += ch.now() - ts
         if zeros:
@@ -527,14 +560,14 @@ class Source:
                 elif fresh is not None and fresh[first:first + span].all():
                     nz = np.zeros(span, dtype=bool)
                 else:
-                    nz = pages[first:first + span].view(np.uint64).max(axis=1) != 0
+                    nz = nonzero_pages(pages[first:first + span])
                 yield pfns[start:start + span], nz, None
                 start += span
                 continue
             idx = pfns[start:start + MAX_BATCH]
             start += len(idx)
             data = pages[idx]
-            yield idx, data.view(np.uint64).max(axis=1) != 0, data
+            yield idx, nonzero_pages(data), data
 
     def _send_zeros(self, ch: Channel, zeros: list[np.ndarray], stats: RoundStats) -> None:
         z = np.concatenate(zeros)

@@ -79,7 +79,8 @@ from migrate.errors import ConnectionLost, PeerTimeout, ProtocolError
 from migrate.steps import HEAD_BYTES, RECV, SEND, Step
 
 MAGIC = b"MVMIGRAT"
-VERSION = 2                          # 2: the completeness digest v2 (migrate/digest.py)
+VERSION = 3                          # 2: the completeness digest v2 (migrate/digest.py);
+                                     # 3: a sealed PAGES record's AEAD tag stands for its GMAC there
 HEADER = struct.Struct("<HHIQ")
 FLAG_OPTIONAL = 0x0001
 KNOWN_FLAGS = FLAG_OPTIONAL
@@ -139,6 +140,7 @@ MAX_BODY = {
 }
 MAX_BODY_ANY = max(MAX_BODY.values())
 MAX_SKIPPED = 64                     # unknown optional records tolerated per session
+IOV_MAX = 1024                       # buffers per recvmsg_into call (Linux's UIO_MAXIOV)
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,21 @@ class Record:
     body: bytes | bytearray
     seq: int
     flags: int = 0
+    # A PAGES record received with a ``sink`` (Channel.recv): ``body`` is only
+    # its head (count, frame numbers) and the pages are already in these
+    # buffers (the runs of guest RAM the sink named), in frame order.
+    placed: tuple = ()
+    # The AES-GCM tag that authenticated it (sealed channel), else empty.
+    tag: bytes = b""
+
+
+def pages_head_size(length: int) -> int:
+    """The size of a PAGES body's head (count u32, frame numbers u32 each)
+    for a body of ``length`` bytes, or 0 if no whole number of pages fits."""
+    n = length - 4
+    if n <= 0 or n % (4 + PAGE_SIZE):
+        return 0
+    return 4 + 4 * (n // (4 + PAGE_SIZE))
 
 
 class Channel:
@@ -178,6 +195,7 @@ class Channel:
         self.skipped = 0
         self.deadline: float | None = None
         self.broken: str | None = None      # why a send failed (then nothing more is sent)
+        self.sent_tag = b""                 # the last record's AEAD tag (sealed channel), else empty
         # The protocol-step seam (migrate/steps.py): a hook at every record, and the
         # clock every timeout and deadline is measured on (a TUI holding the engine
         # stops it, so nothing times out while a student reads).
@@ -294,17 +312,29 @@ class Channel:
         return HEADER.unpack(head)[0] == RecordType.ABORT
 
     def recv(self, *, timeout: float | None = None, only: frozenset | None = None,
-             max_body: int | None = None) -> Record:
+             max_body: int | None = None, sink=None) -> Record:
         """Receive one record.  ``only``/``max_body`` narrow what is accepted
-        before any body byte is read (a refusal path reads only a small HELLO)."""
+        before any body byte is read (a refusal path reads only a small HELLO).
+
+        ``sink`` (the destination's guest RAM, ``migrate/landing.py``): a
+        PAGES record's head (count, frame numbers) is read first and handed to
+        ``sink(head, length)``, which checks it and returns the writable
+        buffers its pages belong in; the pages are then read (sealed:
+        decrypted) straight into them -- no buffer per record, no copy.  The
+        record comes back with ``placed`` set.  A PAGES body whose length
+        fits no whole number of pages is read the ordinary way."""
         before = self.bytes_received
-        record = self._recv(timeout=timeout, only=only, max_body=max_body)
-        head = bytes(record.body[:HEAD_BYTES]) if self.on_step is not None else b""
+        record = self._recv(timeout=timeout, only=only, max_body=max_body, sink=sink)
+        head = b""
+        if self.on_step is not None:
+            head = bytes(record.body[:HEAD_BYTES])
+            if record.placed:
+                head = (head + bytes(record.placed[0][:HEAD_BYTES]))[:HEAD_BYTES]
         self._stepped(RECV, record.type, self.bytes_received - before - HEADER.size, record.seq, head)
         return record
 
     def _recv(self, *, timeout: float | None = None, only: frozenset | None = None,
-              max_body: int | None = None) -> Record:
+              max_body: int | None = None, sink=None) -> Record:
         """One record off the wire, checked; subclasses (the sealed channel) override this."""
         deadline = self._deadline(self.timeout if timeout is None else timeout)
         while True:
@@ -332,6 +362,12 @@ class Channel:
             bound = MAX_BODY[rtype] if max_body is None else min(max_body, MAX_BODY[rtype])
             if length > bound:
                 raise ProtocolError(f"{rtype.name} record of {length} bytes exceeds its bound {bound}")
+            if sink is not None and rtype is RecordType.PAGES and pages_head_size(length):
+                head = self._read_exact(pages_head_size(length), deadline, "a PAGES head")
+                views = sink(head, length)
+                self._read_into(views, deadline, "a PAGES body")
+                self.recv_seq += 1
+                return Record(rtype, head, seq, flags, tuple(views))
             body = self._read_exact(length, deadline, f"a {rtype.name} body") if length else b""
             self.recv_seq += 1
             return Record(rtype, body, seq, flags)
@@ -358,6 +394,35 @@ class Channel:
             got += k
         self.bytes_received += n
         return buf
+
+    def _read_into(self, views: list, deadline: float, what: str) -> None:
+        """Fill the writable buffers ``views``, in order, from the stream
+        (``recvmsg_into``: one call fills several runs of RAM)."""
+        views = [memoryview(v).cast("B") for v in views if len(v)]
+        n = sum(len(v) for v in views)
+        got = 0
+        while views:
+            left = deadline - self.now()
+            if left <= 0:
+                raise PeerTimeout(f"timed out waiting for {what} ({got} of {n} bytes after "
+                                  f"{self.timeout:g} s, or the phase deadline)")
+            try:
+                self.sock.settimeout(left)
+                k = self.sock.recvmsg_into(views[:IOV_MAX])[0]
+            except (socket.timeout, TimeoutError):
+                continue
+            except OSError as exc:
+                raise ConnectionLost(f"connection lost while reading {what}: {exc.strerror or exc}") from None
+            if k == 0:
+                raise ConnectionLost(f"peer closed the connection while we waited for {what} "
+                                     f"(after {self.recv_seq} records)")
+            got += k
+            while views and k >= len(views[0]):
+                k -= len(views[0])
+                views.pop(0)
+            if k:
+                views[0] = views[0][k:]
+        self.bytes_received += n
 
     def close(self) -> None:
         try:

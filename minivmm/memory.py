@@ -28,7 +28,7 @@ class GuestRAM:
             raise VmmError(f"guest RAM must be a page multiple in [{MIN_RAM >> 20}, "
                            f"{MAX_RAM >> 20}] MiB, not {size} bytes")
         self.size = size
-        self._map = mmap.mmap(-1, size)          # anonymous, page-aligned, zero-filled
+        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)   # zero-filled
         self._cbuf = (ctypes.c_ubyte * size).from_buffer(self._map)
         self.view = memoryview(self._map)
         self.array = np.frombuffer(self._map, dtype=np.uint8)

@@ -70,6 +70,7 @@ class _Recording(Channel):
         self.received: list[bytes] = []
 
     def recv(self, **kw):
+        kw.pop("sink", None)        # whole records (pages in the body), to replay them later
         rec = super().recv(**kw)
         self.received.append(make(rec.type, bytes(rec.body), rec.seq))
         return rec

@@ -35,11 +35,13 @@ import socket
 import struct
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from migrate.errors import ProtocolError
 from migrate.secure.errors import RecordRejected
-from migrate.wire import (FLAG_OPTIONAL, HEADER, KNOWN_FLAGS, MAX_BODY, Channel, Record, RecordType)
+from migrate.wire import (FLAG_OPTIONAL, HEADER, KNOWN_FLAGS, MAX_BODY, Channel, Record, RecordType,
+                          pages_head_size)
 
 TAG = 16
 SOURCE_TO_DEST, DEST_TO_SOURCE = 1, 2
@@ -66,6 +68,8 @@ class SealedChannel(Channel):
         self.check_sequence = replay
         self._send_aead = self._recv_aead = None
         self.sealed = False
+        self._out = bytearray()         # reused: the sealed body of the record being sent
+        self._staging = bytearray()     # reused: a placed PAGES record's ciphertext
 
     def seal(self, keys) -> None:
         """Install the session keys: from the next record on, both directions sealed."""
@@ -74,6 +78,7 @@ class SealedChannel(Channel):
         self._recv_dir = DEST_TO_SOURCE if self.role == "source" else SOURCE_TO_DEST
         if self.encryption:
             self._send_aead, self._recv_aead = AESGCM(send_key), AESGCM(recv_key)
+            self._recv_key = recv_key
         self.sealed = True
 
     @property
@@ -86,22 +91,30 @@ class SealedChannel(Channel):
 
     # ------------------------------------------------------------------ send
     def send(self, rtype: RecordType, *parts) -> None:
+        self.sent_tag = b""
         if not self._aead_on:
             return super().send(rtype, *parts)
-        body = b"".join(memoryview(p).cast("B") for p in parts)
+        views = [memoryview(p).cast("B") for p in parts]
+        body = views[0] if len(views) == 1 else b"".join(views)      # one part: no joining copy
         rtype = self._check_body(rtype, len(body))
         header = HEADER.pack(rtype, 0, len(body) + TAG, self.send_seq)
-        sealed = self._send_aead.encrypt(record_nonce(self._send_dir, self.send_seq), body, header)
-        self._write_record(rtype, header, [memoryview(sealed)], self._head([memoryview(body)]))
+        # Sealed into one reused buffer (a fresh 1 MiB one per record costs
+        # its page faults); the send below is done with it before it returns.
+        if len(self._out) < len(body) + TAG:
+            self._out = bytearray(len(body) + TAG)
+        sealed = memoryview(self._out)[:len(body) + TAG]
+        self._send_aead.encrypt_into(record_nonce(self._send_dir, self.send_seq), body, header, sealed)
+        self._write_record(rtype, header, [sealed], self._head([memoryview(body)]))
+        self.sent_tag = bytes(sealed[-TAG:])        # the page digest folds it (migrate/digest.py)
 
     # ------------------------------------------------------------------ recv
     def _recv(self, *, timeout: float | None = None, only: frozenset | None = None,
-              max_body: int | None = None) -> Record:
+              max_body: int | None = None, sink=None) -> Record:
         if not self.sealed:
-            return super()._recv(timeout=timeout, only=only, max_body=max_body)
+            return super()._recv(timeout=timeout, only=only, max_body=max_body, sink=sink)
         if not self._aead_on:
             if self.check_sequence:
-                return super()._recv(timeout=timeout, only=only, max_body=max_body)
+                return super()._recv(timeout=timeout, only=only, max_body=max_body, sink=sink)
             return self._recv_clear_any_seq(timeout, only, max_body)
         deadline = self._deadline(self.timeout if timeout is None else timeout)
         header = bytes(self._read_exact(HEADER.size, deadline, "a record header"))
@@ -122,15 +135,63 @@ class SealedChannel(Channel):
             raise RecordRejected(f"sealed {rtype.name} record of {length} bytes outside 16..{bound + TAG}")
         if only is not None and rtype not in only:
             raise ProtocolError(f"unexpected {rtype.name} record")
-        sealed = self._read_exact(length, deadline, f"a sealed {rtype.name} body")
         counter = self.recv_seq if self.check_sequence else seq
+        if sink is not None and rtype is RecordType.PAGES and pages_head_size(length - TAG):
+            (head, *views), tag = self._open_pages(header, length, counter, deadline, sink, seq)
+            self.recv_seq = max(self.recv_seq, seq) + 1 if not self.check_sequence else self.recv_seq + 1
+            return Record(rtype, head, seq, flags, tuple(views), tag)
+        sealed = self._read_exact(length, deadline, f"a sealed {rtype.name} body")
         try:
             body = self._recv_aead.decrypt(record_nonce(self._recv_dir, counter), sealed, header)
         except InvalidTag:
             raise RecordRejected(f"{rtype.name} record number {seq} failed authentication "
                                  f"(modified, forged, replayed or out of order)") from None
         self.recv_seq = max(self.recv_seq, seq) + 1 if not self.check_sequence else self.recv_seq + 1
-        return Record(rtype, body, seq, flags)
+        return Record(rtype, body, seq, flags, tag=bytes(sealed[-TAG:]))
+
+    def _open_pages(self, header: bytes, length: int, counter: int, deadline: float, sink, seq: int):
+        """A sealed PAGES record decrypted straight into the buffers ``sink``
+        names (guest RAM): ([head, *buffers], its tag).  AES-GCM is a stream cipher, so
+        the head (count, frame numbers) is decrypted first and the pages run
+        by run into guest RAM; the tag is checked at the end, over the whole
+        record.  Until then nothing of it counts: the caller marks the pages
+        stored and digests them only after this returns, and a record that
+        fails ends the session, which discards the RAM it was decrypted into
+        (nothing is resumed from it).  A head the sink refuses is blamed on
+        its content only if the record authenticates; otherwise it is a
+        forgery like any other."""
+        n = length - TAG
+        hsize = pages_head_size(n)
+        dec = Cipher(algorithms.AES(self._recv_key), modes.GCM(record_nonce(self._recv_dir, counter))).decryptor()
+        dec.authenticate_additional_data(header)
+        head = dec.update(bytes(self._read_exact(hsize, deadline, "a sealed PAGES head")))
+        if len(self._staging) < n - hsize:
+            self._staging = bytearray(n - hsize)
+        staging = memoryview(self._staging)[:n - hsize]
+        tag = bytearray(TAG)
+        try:
+            views = sink(head, n)
+        except ProtocolError:
+            self._read_into([staging, tag], deadline, "a sealed PAGES body")
+            dec.update_into(staging, staging)
+            self._authenticated(dec, tag, seq)
+            raise
+        self._read_into([staging, tag], deadline, "a sealed PAGES body")
+        off = 0
+        for v in views:
+            v = memoryview(v).cast("B")
+            dec.update_into(staging[off:off + len(v)], v)
+            off += len(v)
+        self._authenticated(dec, tag, seq)
+        return [head, *views], bytes(tag)
+
+    @staticmethod
+    def _authenticated(dec, tag: bytearray, seq: int) -> None:
+        try:
+            dec.finalize_with_tag(bytes(tag))
+        except InvalidTag:
+            raise RecordRejected(f"PAGES record number {seq} failed authentication "
+                                 f"(modified, forged, replayed or out of order)") from None
 
     def _recv_clear_any_seq(self, timeout, only, max_body) -> Record:
         """--insecure replay and encryption both off: any sequence number is taken."""

@@ -13,7 +13,7 @@ from migrate.destination import Destination
 from migrate.errors import GuestStopped, MigrationError, PeerTimeout, Refused
 from migrate.precopy import PrecopyPolicy
 from migrate.server import Server
-from migrate.wire import Channel, RecordType
+from migrate.wire import VERSION, Channel, RecordType
 from migrate.source import MIGRATED, Source
 from minivmm.events import EventBus
 from minivmm.errors import VmmError
@@ -130,7 +130,8 @@ def test_many_rounds_under_a_tight_policy_still_exact():
     assert d.console.text() == ref.console.text() and d.exits == ref.exits
 
 
-@pytest.mark.parametrize("version, ram, status", [(1, 16 << 20, 2), (3, 16 << 20, 2), (2, 512 << 20, 3)])
+@pytest.mark.parametrize("version, ram, status", [(1, 16 << 20, 2), (2, 16 << 20, 2), (VERSION + 1, 16 << 20, 2),
+                                                  (VERSION, 512 << 20, 3)])
 def test_destination_says_why_it_refuses_a_hello(version, ram, status):
     """A minivmm peer with another protocol version or an impossible RAM size
     gets WELCOME(VERSION / UNSUPPORTED) with the reason, not just a hang-up."""

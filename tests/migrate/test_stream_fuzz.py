@@ -262,10 +262,12 @@ def test_a_vmm_bug_while_receiving_is_contained(monkeypatch):
     """An unexpected exception inside the destination (a bug, simulated) is
     an InternalError: nothing resumed, the serving VMM lives on."""
     import migrate.destination as dest
+    import migrate.landing as landing
 
-    def broken(body, npages):
+    def broken(*args):
         raise KeyError("simulated bug")
     monkeypatch.setattr(dest, "decode_pages", broken)
+    monkeypatch.setattr(landing, "decode_pages_head", broken)      # PAGES placed in RAM
     out = feed(encode(RECORDS))
     assert isinstance(out, InternalError) and "simulated bug" in str(out)
 

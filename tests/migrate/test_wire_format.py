@@ -110,11 +110,12 @@ def test_sixty_four_unknown_optional_records_are_skipped_and_no_more(pair):
         ch.recv()
 
 
-def test_hello_and_welcome_carry_protocol_version_2_after_the_magic():
-    """docs/migration.md: protocol version 2 (1 had the completeness digest v1)."""
+def test_hello_and_welcome_carry_protocol_version_3_after_the_magic():
+    """docs/migration.md: protocol version 3 (1 had the completeness digest v1; 2 folded a
+    GMAC for sealed PAGES records too, where 3 folds the record's AEAD tag)."""
     hello = Hello(16 << 20, {}).encode()
-    assert hello[:12] == b"MVMIGRAT" + struct.pack("<HH", 2, 0)
-    assert Welcome(0).encode()[:12] == b"MVMIGRAT" + struct.pack("<HH", 2, 0)
+    assert hello[:12] == b"MVMIGRAT" + struct.pack("<HH", 3, 0)
+    assert Welcome(0).encode()[:12] == b"MVMIGRAT" + struct.pack("<HH", 3, 0)
 
 
 def test_a_record_is_immutable_and_has_no_flags_unless_given():
