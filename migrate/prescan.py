@@ -22,7 +22,7 @@ import threading
 
 import numpy as np
 
-from migrate.residency import untouched
+from migrate.residency import nonzero_pages, untouched
 
 
 class Prescan:
@@ -53,7 +53,7 @@ class Prescan:
                 if fresh is not None and fresh[first:first + n].all():
                     self.masks[first] = np.zeros(n, dtype=bool)
                 else:
-                    self.masks[first] = self._pages[first:first + n].view(np.uint64).max(axis=1) != 0
+                    self.masks[first] = nonzero_pages(self._pages[first:first + n])
         except Exception:           # noqa: BLE001 - an optimisation: the round tests what is missing itself
             self.masks.clear()
 

@@ -53,7 +53,7 @@ from migrate.messages import (STATUS_NAMES, STATUS_OK, Digest, Hello, Resumed, R
 from migrate.precopy import PrecopyPolicy
 from migrate.prescan import Prescan
 from migrate.report import MigrationReport, RoundStats
-from migrate.residency import untouched
+from migrate.residency import nonzero_pages, untouched
 from migrate.secure.mode import PlainMode
 from migrate.wire import (MAX_BATCH, MAX_BODY, MAX_CHUNK, MAX_ZERO_BATCH, PAGE_SIZE, Channel, RecordType,
                           parse_address)
@@ -68,18 +68,6 @@ MIGRATED = "migrated"
 # the guest anyway.
 PRECOPY_GUEST_SHARE = 0.25
 ZERO_SCAN = 4096            # pages tested for zero at once in contiguous runs (16 MiB)
-
-
-def nonzero_pages(block: np.ndarray) -> np.ndarray:
-    """Bool per page of ``block`` (shape (n, 4096)): not all zero.  A page
-    whose first 8 bytes are not zero is decided by them (one cache line per
-    page read, not 64); only the rest are read whole."""
-    words = block.view(np.uint64)
-    nz = words[:, 0] != 0
-    maybe = np.flatnonzero(~nz)
-    if len(maybe):
-        nz[maybe] = words[maybe].max(axis=1) != 0
-    return nz
 
 
 class _Stopped(Exception):
