@@ -103,7 +103,10 @@ SEL_KCODE, SEL_KDATA, SEL_UCODE, SEL_UDATA, SEL_TSS = 0x08, 0x10, 0x1B, 0x23, 0x
 def asm_prelude() -> str:
     """``.equ`` lines for every public constant above, for guest sources."""
     lines = []
-    for name, value in sorted(globals().items()):
+    # A copy first (one C call, atomic under the GIL): another thread may add a
+    # module global meanwhile (a warning's __warningregistry__), and iterating
+    # the live dict then raises "dictionary changed size" (seen under load).
+    for name, value in sorted(dict(globals()).items()):
         if name.isupper() and isinstance(value, int):
             lines.append(f".equ {name}, {value:#x}")
     return "\n".join(lines)
