@@ -221,7 +221,8 @@ class MigrationApp(App):
         view = ""
         if self.screen.has_class("narrow"):
             view = f" | v: view ({ {'middle': 'protocol', 'source': 'A', 'destination': 'B'}[self.column] })"
-        top.update(Text.assemble((f"{f.mode} mode", "bold"), f" | {state}{view}"))
+        # One line, fixed height (CSS): no new layout of the screen for it.
+        top.update(Text.assemble((f"{f.mode} mode", "bold"), f" | {state}{view}"), layout=False)
         self.query_one("#timeline", Timeline).show(f)
         self.query_one("#stats", StatsPanel).show(f)
         self.msgs = messages_until(self.frames, self.cursor)

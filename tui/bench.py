@@ -34,12 +34,14 @@ async def _measure(app: MigrationApp, out: dict) -> None:
                 await asyncio.sleep(0.005)
                 lags.append(time.perf_counter() - t0 - 0.005)
         task = asyncio.get_running_loop().create_task(probe())
+        # Plain sleeps, not pilot.pause(): the Pilot's pause forces a screen
+        # update each time; in a terminal the app updates on its own timers only.
         while not app.frames or app.frames[-1].message is None:
-            await pilot.pause(0.01)
+            await asyncio.sleep(0.01)
         lags.clear()
         r0, t0 = app.renders, time.perf_counter()
         while app.frames[-1].phase not in ("done", "aborted"):
-            await pilot.pause(0.01)
+            await asyncio.sleep(0.01)
         t1 = time.perf_counter()
         out.update(seconds=t1 - t0, renders=app.renders - r0, frames=len(app.frames),
                    max_lag_ms=max(lags) * 1000 if lags else 0.0,
