@@ -3,13 +3,16 @@
 A Textual ``Static`` renders its whole text again on every update, and an
 update of an auto-height Static lays out the whole screen again.  Most
 panels change a line or two a step (a register, the vclock, one row of the
-memory map), so a screen update redid ~25 ms of work for that at 120x40
-(``tui.bench``, issue 15's 50 ms goal).  :class:`Paragraphs` keeps each
-line of its text (a "paragraph": it may wrap to several screen lines)
-with the strips Textual rendered for it, renders only the paragraphs that
-changed, marks only their screen lines dirty, and asks for a new layout
-only when its height changed.  Each paragraph goes through the same Textual
-rendering a Static uses (``Visual.to_strips``), so the screen is the same.
+memory map; the log's lines move up by one), so each screen update redid
+all of it: 15-50 ms of the UI thread at 120x40 (``tui.bench``, issue 15's
+goal: the event loop never blocked longer than 50 ms).
+
+:class:`Paragraphs` splits its text into lines ("paragraphs": each may wrap
+to several screen lines), renders a paragraph it has not seen at this width
+through the same Textual path a Static uses (``Visual.to_strips``, so the
+screen is the same), keeps the result by the paragraph's text, marks only
+the screen lines of changed paragraphs dirty, and asks for a new layout
+only when an auto-height panel's height changed.
 """
 
 from __future__ import annotations
@@ -25,15 +28,15 @@ class Paragraphs(Widget):
     """Shows a rich Text; ``put(text)`` replaces it, repainting what changed."""
 
     DEFAULT_CSS = "Paragraphs { height: auto; }"
+    KEEP = 64           # rendered paragraphs kept beyond those shown (a log's recent lines)
 
     def __init__(self, **kw):
         super().__init__(**kw)
         self._text = Text()
         self._paras: list[Text] = [Text()]
-        self._strips: list[list[Strip] | None] = [None]     # per paragraph, at self._shape
-        self._shape = None          # (width, visual style) the strips were rendered for
-        self._flat: list[Strip] | None = None       # all paragraphs' strips, in order
-        self._known: dict = {}      # paragraph -> its strips at self._shape (a log's lines move up)
+        self._known: dict = {}          # (width, style, paragraph) -> its strips
+        self._flat: list[Strip] | None = None       # the screen lines at _flat_shape
+        self._flat_shape = None
 
     @property
     def content(self) -> Text:
@@ -43,26 +46,23 @@ class Paragraphs(Widget):
     def render(self) -> Text:
         return self._text
 
-    # A Static's text is one Content: its lines are the text's lines, each wrapped
-    # to the width, and a trailing newline is one more (blank) line; the same here.
     def put(self, text: Text) -> None:
+        # A Static's text is one Content: its lines are the text's lines, each wrapped
+        # to the width, and a trailing newline is one more (blank) line; the same here.
         paras = text.split("\n", allow_blank=True) or [Text()]
-        old, self._text = self._paras, text
-        shape = self._current_shape()
-        self._flat = None
-        if shape is None or shape != self._shape or len(paras) != len(old):
-            self._paras, self._strips = paras, [None] * len(paras)
+        old, self._paras, self._text, self._flat = self._paras, paras, text, None
+        width = self.size.width
+        if width <= 0 or len(paras) != len(old):
             self.refresh(layout=self._auto_height)
             return
+        style = self.visual_style
         y, dirty, moved = 0, [], False
-        for i, (a, b) in enumerate(zip(old, paras)):
-            height = len(self._strips[i]) if self._strips[i] is not None else None
-            if a != b or self._strips[i] is None:
-                self._strips[i] = self._render_para(b, shape)
-                moved |= height != len(self._strips[i])
-                dirty.append(Region(0, y, shape[0], len(self._strips[i])))
-            y += len(self._strips[i])
-        self._paras = paras
+        for a, b in zip(old, paras):
+            new = self._strips(b, width, style)
+            if a != b:
+                moved |= len(new) != len(self._strips(a, width, style))
+                dirty.append(Region(0, y, width, len(new)))
+            y += len(new)
         if moved:                       # a paragraph wraps to more or fewer lines
             self.refresh(layout=self._auto_height)
         elif dirty:
@@ -74,43 +74,34 @@ class Paragraphs(Widget):
         # text grows or shrinks (fixed heights are set in tui.app's CSS).
         return self.styles.height is None or self.styles.height.is_auto
 
-    def _current_shape(self):
-        width = self.size.width
-        return (width, self.visual_style) if width > 0 else None
-
-    def _render_para(self, para: Text, shape) -> list[Strip]:
-        if len(self._known) > 4 * len(self._paras) + 64:
-            self._known = {}
-        key = (para.plain, tuple(para.spans), para.style)
-        strips = self._known.get(key)
+    def _strips(self, para: Text, width: int, style) -> list[Strip]:
+        key = (width, style, para.plain, tuple(para.spans), para.style)
+        strips = self._known.pop(key, None)
         if strips is None:
             visual = visualize(self, para, markup=False)
-            strips = Visual.to_strips(self, visual, shape[0], None, self.visual_style) or [Strip.blank(0)]
-            self._known[key] = strips
+            strips = Visual.to_strips(self, visual, width, None, style) or [Strip.blank(0)]
+            while len(self._known) > len(self._paras) + self.KEEP:
+                del self._known[next(iter(self._known))]        # the least recently used
+        self._known[key] = strips
         return strips
 
-    def _lines(self, width: int) -> list[Strip]:
-        shape = (width, self.visual_style)
-        if shape != self._shape:
-            self._shape, self._strips, self._flat, self._known = shape, [None] * len(self._paras), None, {}
-        if self._flat is None:
-            out: list[Strip] = []
-            for i, p in enumerate(self._paras):
-                if self._strips[i] is None:
-                    self._strips[i] = self._render_para(p, shape)
-                out.extend(self._strips[i])
-            self._flat = out
-        return self._flat
-
     def get_content_height(self, container, viewport, width: int) -> int:
-        return len(self._lines(width)) if width > 0 else len(self._paras)
+        # Asked at other widths too (a scrollbar comes or goes): the cache keys on the width.
+        style = self.visual_style
+        return sum(len(self._strips(p, width, style)) for p in self._paras)
 
     def render_line(self, y: int) -> Strip:
-        width = self.size.width
-        lines = self._lines(width)
-        return lines[y] if y < len(lines) else Strip.blank(width, self.visual_style.rich_style)
+        width, style = self.size.width, self.visual_style
+        if self._flat is None or self._flat_shape != (width, style):
+            self._flat = [s for p in self._paras for s in self._strips(p, width, style)]
+            self._flat_shape = (width, style)
+        if y >= len(self._flat):
+            return Strip.blank(width, style.rich_style)
+        # Each paragraph was rendered on its own (line 0): give its cells their place
+        # in the whole text, as a Static's do, for Textual's mouse text selection.
+        return self._flat[y].apply_offsets(0, y)
 
     def notify_style_update(self) -> None:
         super().notify_style_update()
-        self._shape = self._flat = None         # a theme change: colours differ, render again
-        self._known = {}
+        self._known.clear()             # a theme change: the colours differ
+        self._flat = None
