@@ -50,10 +50,18 @@ class Paragraphs(Widget):
         # A Static's text is one Content: its lines are the text's lines, each wrapped
         # to the width, and a trailing newline is one more (blank) line; the same here.
         paras = text.split("\n", allow_blank=True) or [Text()]
-        old, self._paras, self._text, self._flat = self._paras, paras, text, None
         width = self.size.width
-        if width <= 0 or len(paras) != len(old):
+        if width <= 0:
+            self._paras, self._text, self._flat = paras, text, None
             self.refresh(layout=self._auto_height)
+            return
+        before = self.get_content_height(None, None, width)
+        old, self._paras, self._text, self._flat = self._paras, paras, text, None
+        if self._auto_height and self.get_content_height(None, None, width) != before:
+            self.refresh(layout=True)           # taller or shorter: the screen is laid out again
+            return
+        if len(paras) != len(old):
+            self.refresh()                      # the same height (a map's is fixed): repaint it
             return
         style = self.visual_style
         y, dirty, moved = 0, [], False
@@ -63,8 +71,8 @@ class Paragraphs(Widget):
                 moved |= len(new) != len(self._strips(a, width, style))
                 dirty.append(Region(0, y, width, len(new)))
             y += len(new)
-        if moved:                       # a paragraph wraps to more or fewer lines
-            self.refresh(layout=self._auto_height)
+        if moved:                       # lines moved up or down inside: repaint it all
+            self.refresh()
         elif dirty:
             self.refresh(*dirty)
 
