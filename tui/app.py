@@ -30,6 +30,7 @@ CSS = """
 Screen { layout: vertical; }
 #main { height: 1fr; }
 .col { width: 1fr; height: 100%; border: round $primary; }
+#source, #destination { scrollbar-gutter: stable; }   /* a scrollbar that comes and goes would change the width: every line laid out and rendered again */
 #middle { width: 1.3fr; }
 #help { height: 6; border: round $secondary; }
 #help.record { height: auto; min-height: 6; max-height: 12; }
