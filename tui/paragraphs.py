@@ -52,8 +52,10 @@ class Paragraphs(Widget):
         paras = text.split("\n", allow_blank=True) or [Text()]
         width = self.size.width
         if width <= 0:
+            # Not laid out yet, or hidden (one column at a time below 110 columns):
+            # showing it lays the screen out anyway, with this text.
             self._paras, self._text, self._flat = paras, text, None
-            self.refresh(layout=self._auto_height)
+            self.refresh()
             return
         before = self.get_content_height(None, None, width)
         old, self._paras, self._text, self._flat = self._paras, paras, text, None
