@@ -30,6 +30,7 @@ CSS = """
 Screen { layout: vertical; }
 #main { height: 1fr; }
 .col { width: 1fr; height: 100%; border: round $primary; }
+#source, #destination { scrollbar-gutter: stable; }   /* a scrollbar that comes and goes would change the width: every line laid out and rendered again */
 #middle { width: 1.3fr; }
 #help { height: 6; border: round $secondary; }
 #help.record { height: auto; min-height: 6; max-height: 12; }
@@ -221,7 +222,8 @@ class MigrationApp(App):
         view = ""
         if self.screen.has_class("narrow"):
             view = f" | v: view ({ {'middle': 'protocol', 'source': 'A', 'destination': 'B'}[self.column] })"
-        top.update(Text.assemble((f"{f.mode} mode", "bold"), f" | {state}{view}"))
+        # One line, fixed height (CSS): no new layout of the screen for it.
+        top.update(Text.assemble((f"{f.mode} mode", "bold"), f" | {state}{view}"), layout=False)
         self.query_one("#timeline", Timeline).show(f)
         self.query_one("#stats", StatsPanel).show(f)
         self.msgs = messages_until(self.frames, self.cursor)

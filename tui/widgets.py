@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from rich.text import Text
-from textual.widget import Widget
-from textual.widgets import Static
-
 from tui import phases
+from tui.paragraphs import Paragraphs
 from tui.model import CONTENT_NAMES, CONTENT_ORDER, DIRTY, NOT_SENT, PARTIAL, SENT, Frame, HostView, Message
 
 COLOURS = {"f": "grey35", "k": "dodger_blue2", "u": "green4", "p": "yellow3", "c": "magenta"}
@@ -14,17 +12,12 @@ GLYPHS = {NOT_SENT: "·", PARTIAL: "▒", SENT: "█", DIRTY: "✱"}
 MAP_ROWS = 6
 
 
-class Shown(Static):
-    """A Static that re-renders only when what it shows changed (``key``):
+class Shown(Paragraphs):
+    """Paragraphs that re-render only when what they show changed (``key``):
     most steps change the log and the help line, not the hosts."""
 
     _key = None
     _view = None
-
-    def put(self, t: Text) -> None:
-        # Fixed-height widgets (CSS in tui.app) need no new layout: a
-        # refresh then repaints this widget only, not the whole screen.
-        self.update(t, layout=self.styles.height is None or self.styles.height.is_auto)
 
     def same(self, key) -> bool:
         if key is not None and key == self._key:
@@ -49,7 +42,7 @@ def map_window(npages: int, base_per: int, capacity: int, zoom) -> tuple[int, in
     return lo, min(npages, lo + span), per
 
 
-class MemoryMapView(Widget):
+class MemoryMapView(Paragraphs):
     """Page states of one host, as coloured cells: the whole RAM or a zoomed
     window of it; always says which frames it shows and how many pages a cell."""
 
@@ -64,11 +57,12 @@ class MemoryMapView(Widget):
 
     def show(self, view: HostView, zoom=None) -> None:
         if view is not self.view or zoom != self.zoom:
-            # Its height depends on the width and the role only (get_content_height):
-            # a new view of the same host repaints this widget, no new layout.
-            layout = self.view is None or self.view.role != view.role
+            # Only the rows whose cells changed are rendered and repainted (Paragraphs).
             self.view, self.zoom = view, zoom
-            self.refresh(layout=layout)
+            self.put(self.build())
+
+    def on_resize(self, event) -> None:
+        self.put(self.build())          # a row holds as many cells as the width
 
     def capacity(self) -> int:
         return max(8, self.size.width or 40) * MAP_ROWS
@@ -95,7 +89,7 @@ class MemoryMapView(Widget):
         if 0 <= event.x < width and i < MAP_ROWS * width:
             self.app.zoom_into(lo + i * per)
 
-    def render(self) -> Text:
+    def build(self) -> Text:
         v = self.view
         width = max(8, self.size.width or 40)
         if v is None or v.memory is None:
@@ -214,7 +208,7 @@ def messages_until(frames: list[Frame], cursor: int) -> list[Message]:
     return list(out.values())
 
 
-class MessageLog(Widget):
+class MessageLog(Paragraphs):
     """The messages up to the cursor, as many as its height holds: the latest,
     or those around the selected one (j/k, or a click)."""
 
@@ -228,14 +222,17 @@ class MessageLog(Widget):
         msgs = tuple(msgs)
         if (msgs, selected) != (self.msgs, self.selected):
             self.msgs, self.selected = msgs, selected
-            self.refresh()
+            self.put(self.build())
+
+    def on_resize(self, event) -> None:
+        self.put(self.build())          # as many lines as the height holds
 
     def on_click(self, event) -> None:
         i = event.y - 1
         if 0 <= i < len(self.rows):
             self.app.select_message(self.rows[i])
 
-    def render(self) -> Text:
+    def build(self) -> Text:
         rows = max(1, (self.size.height or 13) - 1)
         t = Text()
         t.append(f"messages ({len(self.msgs)}): # host type bytes seq verdict\n", style="bold")
