@@ -18,6 +18,7 @@ so that its peers can see what it now trusts.
 from __future__ import annotations
 
 import hmac
+import threading
 from pathlib import Path
 
 from tpm import AttestationPolicy, AttestationResult, SoftTpm, Verifier, bind_nonce, load_trust_anchor
@@ -64,6 +65,25 @@ def load_policy(path: Path | str) -> AttestationPolicy:
         raise AttestationFailed(f"cannot load the attestation policy {path}: {exc}") from None
 
 
+_TPMS: dict[Path, SoftTpm] = {}
+_TPMS_LOCK = threading.Lock()
+
+
+def host_tpm(tpm_dir: Path) -> SoftTpm:
+    """This process's handle on the host TPM in ``tpm_dir``, one per directory.
+    A handle keeps what it read of the TPM's files until they change, and a
+    new handle's first quote persists the clock ahead again (an fsync): a
+    destination serving many migrations would pay both at every session's
+    handshake.  Sharing is safe: a handle serialises its commands and re-reads
+    whatever another process changed (tpm/softtpm.py)."""
+    key = Path(tpm_dir).resolve()
+    with _TPMS_LOCK:
+        tpm = _TPMS.get(key)
+        if tpm is None or not (key / "tpm-state.bin").exists():
+            tpm = _TPMS[key] = SoftTpm.open(key, startup=None, create=False)
+        return tpm
+
+
 class Attestor:
     """This VMM's TPM (to quote) and its verifier of peers (issuer + policy)."""
 
@@ -73,7 +93,7 @@ class Attestor:
         self.policy_path = policy
         self.trust = trust          # the trust event's digest measured at start (migrate.secure.trust)
         try:
-            self.tpm = SoftTpm.open(self.tpm_dir, startup=None, create=False)
+            self.tpm = host_tpm(self.tpm_dir)
         except tpm_errors.TpmError as exc:
             raise AttestationFailed(f"this VMM's TPM {self.tpm_dir}: {exc}") from None
 
