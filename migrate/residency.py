@@ -61,6 +61,26 @@ MADV_HUGEPAGE = 14              # back with 2 MiB pages where the kernel can (TH
 REGION_PAGES = 4096             # 16 MiB
 
 
+_LIBC = []
+
+
+def _madvise():
+    """libc's madvise (looked up once: dlopen(NULL)'s first lookup cost 2-9 ms,
+    at every incoming migration, before WELCOME), or None."""
+    if not _LIBC:
+        import ctypes
+        try:
+            _LIBC.append(ctypes.CDLL(None, use_errno=True).madvise)
+        except (OSError, AttributeError):
+            _LIBC.append(None)
+    return _LIBC[0]
+
+
+def prepare() -> None:
+    """Look up what Prefaulter needs ahead of the first migration (a server
+    calls it when it starts listening)."""
+    _madvise()
+
 class Prefaulter:
     """Back the destination's guest RAM ahead of the receive loop, one 16 MiB
     region at a time, on a worker thread (ctypes releases the GIL), so storing
@@ -82,10 +102,8 @@ class Prefaulter:
         self.requested = np.zeros(-(-npages // REGION_PAGES), dtype=bool)
         self._queue: queue.Queue = queue.Queue()
         self._stopped = threading.Event()
-        try:
-            self._madvise = ctypes.CDLL(None, use_errno=True).madvise
-        except (OSError, AttributeError):
-            self._madvise = None
+        self._madvise = _madvise()
+        if self._madvise is None:
             return
         # 2 MiB pages: one fault (and one zeroing pass) per 512 pages instead of
         # 512 faults -- backing 64 MiB measured 31-40 ms instead of 97-135 ms

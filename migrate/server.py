@@ -13,6 +13,7 @@ import queue
 import socket
 import threading
 
+from migrate import residency
 from migrate.errors import MigrationError
 from migrate.messages import STATUS_BUSY, Welcome
 from migrate.wire import Channel, RecordType, parse_address
@@ -39,6 +40,7 @@ class Server:
         self._refusing = threading.BoundedSemaphore(MAX_REFUSING)
         self._thread = threading.Thread(target=self._accept_loop, name="migrate-acceptor", daemon=True)
         self._thread.start()
+        residency.prepare()     # (its one-off libc lookup now, not after a source's HELLO)
 
     @property
     def label(self) -> str:

@@ -128,15 +128,18 @@ class Source:
             # and the zero test runs on another (migrate/prescan.py).  What the
             # guest writes from here on -- a page found zero, a protected page its
             # owner decrypts -- is dirty and goes again next round.
+            # (Before the handshake thread starts, not beside it: the seal and the
+            # copies are interpreter work, and beside the handshake they took the
+            # GIL from it -- both ran slower, measured.)
             m.dirty_log_start()
+            self._seal_round0()
             self._prescan = Prescan(m.ram.array.reshape(-1, PAGE_SIZE), m.ram.host_address,
                                     span=ZERO_SCAN, min_span=MAX_BATCH)
             try:
                 # Connect and handshake beside the running guest: a peer that
                 # never answers (any non-VMM server) must not freeze it.
                 ch = self._beside_guest(lambda: self._open(addr, peer, opened),
-                                        cancel=lambda: [c.close() for c in opened],
-                                        first=self._seal_round0)
+                                        cancel=lambda: [c.close() for c in opened])
             finally:
                 ch = ch or (opened[0] if opened else None)
             remaining = self._precopy(ch, report)
@@ -245,21 +248,19 @@ class Source:
 
     # -------------------------------------------------------------- handshake
     def _seal_round0(self) -> None:
-        """On the guest's thread, while the handshake runs: round 0's seal and its
+        """On the guest's thread, before the handshake: round 0's seal and its
         copies of the protected frames (ciphertext), so that round 0 sends as soon
         as both ends are attested."""
         self.machine.seal_for_export()
         self._snapshot_protected(np.arange(self.machine.ram.npages, dtype=np.int64))
         self._round0_ready = True
 
-    def _beside_guest(self, work, *, cancel, first=None, when="before the migration began",
-                      name="migrate-handshake"):
+    def _beside_guest(self, work, *, cancel, when="before the migration began", name="migrate-handshake"):
         """Run ``work()`` on a helper thread while the guest keeps running its
         slices on this thread (the only one that calls into Unicorn); return
-        its result or raise its exception.  ``first()``, if given, runs on this
-        thread once the helper has started, before the first slice.  If the
-        guest stops or fails first, ``cancel()`` unblocks the helper (closes
-        its socket); ``when`` says in the error when that happened."""
+        its result or raise its exception.  If the guest stops or fails
+        first, ``cancel()`` unblocks the helper (closes its socket); ``when``
+        says in the error when that happened."""
         result: list = []
         failure: list[BaseException] = []
 
@@ -273,8 +274,6 @@ class Source:
         m = self.machine
         lockstep = bool(self.policy.round_ticks)     # the guest waits for the handshake
         try:
-            if first is not None:
-                first()
             while th.is_alive():
                 if m.halted:
                     raise GuestStopped(f"the guest stopped ({m.halted}) {when}; it finished on the source")
