@@ -1,0 +1,67 @@
+"""What the source leaves behind when a migration fails before COMMIT (issue 19:
+each test kills a one-line mutant of ``migrate/source.py`` that the commit-rule
+and hostile-peer tests let through).  Real sources, real TCP, scripted peers."""
+
+import gc
+import socket
+
+import pytest
+
+from guests.catalog import get_guest
+from migrate.errors import ConnectionLost, PeerAborted, ProtocolError
+from migrate.source import Source
+from migrate.wire import HEADER, RecordType
+from minivmm.machine import Machine
+
+from scripted import ScriptedDestination
+
+IMAGE = get_guest("counter").build()
+
+
+def fresh_guest():
+    m = Machine(IMAGE)
+    m.run(max_ticks=3)
+    return m
+
+
+def test_a_handshake_that_fails_tells_the_peer_why_and_hangs_up():
+    """A destination whose WELCOME is not a minivmm WELCOME (one magic byte
+    flipped): the source refuses it, says ABORT on the channel it opened and
+    closes it -- the peer is not left waiting for a source that gave up."""
+    peer = ScriptedDestination(flip_at=HEADER.size, xor=0x01, timeout=10)
+    m = fresh_guest()
+    with pytest.raises(ProtocolError, match="not a minivmm migration destination"):
+        Source(m, timeout=5).migrate(peer.address)
+    peer.close()
+    assert peer.received == [RecordType.HELLO, RecordType.ABORT]
+    assert not peer.thread.is_alive()
+    assert m.halted is None and m.run(max_ticks=100_000) == "shutdown"
+
+
+def closed_port():
+    s = socket.create_server(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_a_failed_migration_leaves_the_garbage_collector_as_it_found_it():
+    """The source turns the collector off for the downtime only: off before
+    (the caller's choice, e.g. a latency-sensitive host), off after; on before,
+    on after, even when the failure comes after the source turned it off."""
+    was = gc.isenabled()
+    try:
+        gc.disable()
+        with pytest.raises(ConnectionLost):
+            Source(fresh_guest(), connect_timeout=5).migrate(("127.0.0.1", closed_port()))
+        assert not gc.isenabled()
+
+        gc.enable()
+        peer = ScriptedDestination(after_prepared=[(RecordType.ABORT, b"no")])
+        with pytest.raises(PeerAborted):
+            Source(fresh_guest(), timeout=5).migrate(peer.address)
+        peer.close()
+        assert RecordType.DIGEST in peer.received          # it failed inside the downtime
+        assert gc.isenabled()
+    finally:
+        (gc.enable if was else gc.disable)()
