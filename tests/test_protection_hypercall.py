@@ -111,3 +111,12 @@ def test_a_page_the_kernel_marks_not_present_is_not_taken(idle):
     [view] = m.protection.view()
     assert victim >> 12 not in m.protection.frames
     assert vaddr not in [p.vaddr for p in view.pages]
+
+
+def test_the_info_page_is_never_the_shared_page_even_if_the_kernel_maps_it_writable(idle):
+    m, cr3 = idle
+    pte = get_pte(m, cr3[1], abi.INFO_VADDR)
+    assert pte & (PTE_P | PTE_U) == PTE_P | PTE_U
+    set_pte(m, cr3[1], abi.INFO_VADDR, pte | PTE_W)
+    assert protect(m, cr3[1], 1, shared=abi.INFO_VADDR) == -abi.EINVAL
+    assert not m.protection.view()

@@ -65,3 +65,27 @@ def test_a_failed_migration_leaves_the_garbage_collector_as_it_found_it():
         assert gc.isenabled()
     finally:
         (gc.enable if was else gc.disable)()
+
+
+def test_a_commit_that_could_not_be_sent_gives_the_guest_back_as_an_abort():
+    """The COMMIT record fails to go out (the connection drops under it): no whole
+    COMMIT reached the destination, so it cannot resume; the source takes its
+    guest back and reports an abort, not an unconfirmed commit."""
+    from migrate.wire import Channel
+
+    class CommitFails(Channel):
+        def send(self, rtype, *parts):
+            if rtype is RecordType.COMMIT:
+                self.close()
+                raise ConnectionLost("the connection dropped under COMMIT")
+            return super().send(rtype, *parts)
+
+    peer = ScriptedDestination(timeout=10)
+    m = fresh_guest()
+    src = Source(m, timeout=5, channel=lambda sock, timeout: CommitFails(sock, timeout=timeout))
+    with pytest.raises(ConnectionLost, match="dropped under COMMIT") as err:
+        src.migrate(peer.address)
+    peer.close()
+    assert RecordType.COMMIT not in peer.received
+    assert err.value.report.outcome == "aborted" and m.halted is None
+    assert m.run(max_ticks=100_000) == "shutdown" and "counter 100" in m.console.text()
