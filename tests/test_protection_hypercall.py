@@ -120,3 +120,34 @@ def test_the_info_page_is_never_the_shared_page_even_if_the_kernel_maps_it_writa
     set_pte(m, cr3[1], abi.INFO_VADDR, pte | PTE_W)
     assert protect(m, cr3[1], 1, shared=abi.INFO_VADDR) == -abi.EINVAL
     assert not m.protection.view()
+
+
+
+def _map_user_range(m, cr3, large, tables, table_frames):
+    """The user range of address space ``cr3`` replaced (as a hostile kernel may):
+    ``large`` 4 MiB pages, all of the first 4 MiB of RAM, then one page table per
+    entry of ``tables`` (in ``table_frames``), each with that many present entries.
+    The shared page 0x40800000 lies in a large page."""
+    m.ram.view[cr3 + 0x400:cr3 + 0x800] = bytes(0x400)
+    for i in range(large):
+        struct.pack_into("<I", m.ram.view, cr3 + 0x400 + 4 * i, 0x87)     # base 0, PS|U|W|P
+    for j, (count, frame) in enumerate(zip(tables, table_frames)):
+        pt = frame << 12
+        m.ram.view[pt:pt + 4096] = bytes(4096)
+        for i in range(count):
+            struct.pack_into("<I", m.ram.view, pt + 4 * i, (i << 12) | 7)
+        struct.pack_into("<I", m.ram.view, cr3 + 0x400 + 4 * (large + j), pt | 7)
+
+
+@pytest.mark.parametrize("large, tables, refused", [
+    (16, [], False), (15, [1024], False),           # MAX_PROTECT pages: walked in full
+    (16, [1], True), (15, [1024, 1], True)])        # one more: refused at the bound
+def test_one_hc_protect_walks_at_most_max_protect_pages(idle, large, tables, refused):
+    # 16 x 1024 = 16384 pages: the bound docs/guest-abi.md gives for E2BIG.
+    m, cr3 = idle
+    frames = [get_pte(m, cr3[2], SHARED + k * abi.PAGE_SIZE) >> 12 for k in (1, 2)]   # pid 2's data
+    _map_user_range(m, cr3[1], large, tables, frames)
+    # Every frame here is mapped many times over, so a walk that completes is refused
+    # for that (EINVAL); one that stops at the bound, for its size (E2BIG).
+    assert protect(m, cr3[1], 1) == (-abi.E2BIG if refused else -abi.EINVAL)
+    assert not m.protection.view()
