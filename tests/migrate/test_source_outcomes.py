@@ -1,6 +1,7 @@
-"""What the source leaves behind when a migration fails before COMMIT (issue 19:
-each test kills a one-line mutant of ``migrate/source.py`` that the commit-rule
-and hostile-peer tests let through).  Real sources, real TCP, scripted peers."""
+"""How the source ends a migration: what it leaves behind when it fails before
+COMMIT, and what it reports when it completes (issue 19: each test kills a
+one-line mutant of ``migrate/source.py`` that the commit-rule and hostile-peer
+tests let through).  Real sources, real TCP, scripted peers."""
 
 import gc
 import socket
@@ -89,3 +90,36 @@ def test_a_commit_that_could_not_be_sent_gives_the_guest_back_as_an_abort():
     assert RecordType.COMMIT not in peer.received
     assert err.value.report.outcome == "aborted" and m.halted is None
     assert m.run(max_ticks=100_000) == "shutdown" and "counter 100" in m.console.text()
+
+
+def test_a_crash_before_commit_still_aborts_and_gives_the_guest_back():
+    """Not a MigrationError: ^C (or a VMM bug) on the guest's thread during
+    pre-copy.  The source still says ABORT, stops the dirty log and keeps its
+    guest; the interrupt goes on to the caller."""
+    from migrate import events as mev
+    from minivmm.events import EventBus
+
+    def interrupt(_event):
+        raise KeyboardInterrupt
+    bus = EventBus()
+    bus.subscribe(interrupt, mev.RoundFinished)
+    peer = ScriptedDestination(timeout=10)
+    m = fresh_guest()
+    src = Source(m, timeout=5, events=bus)
+    with pytest.raises(KeyboardInterrupt):
+        src.migrate(peer.address)
+    peer.close()
+    assert peer.received[-1] is RecordType.ABORT and RecordType.COMMIT not in peer.received
+    assert src.report.outcome == "aborted" and not m.ram.dirty.enabled and m.halted is None
+
+
+@pytest.mark.parametrize("same_host", [True, False], ids=["one host", "two hosts"])
+def test_the_downtime_is_measured_on_the_clock_both_ends_share(same_host):
+    """Same boot id: the destination's monotonic resume time minus our pause time;
+    otherwise an upper bound, pause to RESUMED received.  Either way it lies
+    within the migration's total time."""
+    peer = ScriptedDestination(boot_id=None if same_host else "another-host")
+    report = Source(fresh_guest(), timeout=5).migrate(peer.address)
+    peer.close()
+    assert 0 < report.downtime_seconds <= report.total_seconds
+    assert report.downtime_method.startswith("both VMMs on this host" if same_host else "different hosts")
