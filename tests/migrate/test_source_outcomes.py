@@ -64,6 +64,8 @@ def test_a_failed_migration_leaves_the_garbage_collector_as_it_found_it():
         peer.close()
         assert RecordType.DIGEST in peer.received          # it failed inside the downtime
         assert gc.isenabled()
+        # and an ABORT is not answered with an ABORT: the destination gave up already
+        assert peer.received[-1] is RecordType.DIGEST and RecordType.ABORT not in peer.received
     finally:
         (gc.enable if was else gc.disable)()
 
