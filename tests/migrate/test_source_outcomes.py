@@ -122,9 +122,27 @@ def test_the_downtime_is_measured_on_the_clock_both_ends_share(same_host):
     within the migration's total time."""
     from migrate import clock
     peer = ScriptedDestination(boot_id=None if same_host else "another-host")
+    m = fresh_guest()
+    src = Source(m, timeout=5)
+    m.run(max_ticks=20)                 # the engine's clock starts at migrate(), not before
     t0 = clock.now()
-    report = Source(fresh_guest(), timeout=5).migrate(peer.address)
+    report = src.migrate(peer.address)
     took = clock.now() - t0
     peer.close()
     assert 0 < report.downtime_seconds <= report.total_seconds <= took
     assert report.downtime_method.startswith("both VMMs on this host" if same_host else "different hosts")
+
+
+def test_a_guest_that_already_stopped_is_not_migrated():
+    """Nothing to migrate: refused before any connection is made."""
+    import select
+    from migrate.errors import GuestStopped
+    m = fresh_guest()
+    assert m.run(max_ticks=100_000) == "shutdown"
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        with pytest.raises(GuestStopped, match="has already stopped"):
+            Source(m, timeout=5).migrate(listener.getsockname()[:2])
+        assert select.select([listener], [], [], 0)[0] == []       # nobody connected
+    finally:
+        listener.close()
