@@ -37,6 +37,7 @@ def test_plain_and_insecure_together_are_refused_and_each_alone_is_fine():
     cliopts.check(parse("--plain"))
     cliopts.check(parse("--insecure", "replay"))
     cliopts.check(argparse.Namespace())             # a command without these options
+    cliopts.check(argparse.Namespace(insecure=["replay"]))      # one with --insecure but no --plain
 
 
 def test_the_default_is_secure_and_the_announcement_names_every_defence_off():
