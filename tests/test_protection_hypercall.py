@@ -1,4 +1,5 @@
-"""HC_PROTECT's checks, one by one, against what a hostile kernel controls.
+"""HC_PROTECT's checks, one by one, and the fill hook's owner lookup, against
+what a hostile kernel controls.
 
 The kernel decides which pid a CR3 belongs to (``HC_PROC_START``) and what the
 page tables of a process map; the hypercall's own arguments come from the
@@ -151,3 +152,19 @@ def test_one_hc_protect_walks_at_most_max_protect_pages(idle, large, tables, ref
     # for that (EINVAL); one that stops at the bound, for its size (E2BIG).
     assert protect(m, cr3[1], 1) == (-abi.E2BIG if refused else -abi.EINVAL)
     assert not m.protection.view()
+
+
+def test_the_owner_is_known_by_its_address_space_whatever_low_bits_cr3_carries(idle):
+    """CR3's low bits are ignored by the MMU (bits 0-2 reserved, 3-4 cache control):
+    a kernel that sets them when it switches to the protected process must not make
+    the VMM take the owner for a stranger (it would cloak the page under the
+    owner, which would then compute on ciphertext that no MAC check guards)."""
+    m, cr3 = idle
+    assert protect(m, cr3[1], 1) == 0
+    proc = m.protection.procs[1]
+    vaddr, meta = next((vpn << 12, meta) for vpn, meta in sorted(proc.pages.items()))
+    for low in (0x1, 0x8, 0x18, 0x7):
+        assert m.protection.on_fill(m._uc, vaddr, meta.ppn << 12, True, False, False, cr3[1] | low) is None
+        assert meta.state == "plaintext", hex(low)
+    assert m.protection.on_fill(m._uc, vaddr, meta.ppn << 12, True, False, False, cr3[2]) is None
+    assert meta.state == "cloaked"                  # another process: cloaked first, as always

@@ -270,6 +270,27 @@ def test_a_commit_without_the_sessions_token_is_not_obeyed(tmp_path):
     assert res2["report"].outcome == "completed" and "incoming" in res2
 
 
+class NoFinalQuote(SecureMode):
+    """A source that never asks the destination for its final quote (no FRESH_NONCE)
+    and does not wait for one."""
+    def round_begins(self, ch):
+        pass
+
+    def round_acked(self, ch):
+        pass
+
+
+def test_a_destination_refuses_a_source_that_never_asked_for_its_final_quote(tmp_path):
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    m = guest()
+    keys = dict(m.protection._keys)
+    m, res = migrate(trust, NoFinalQuote(trust.mode(a).attestor), lambda: trust.mode(b), m)
+    assert "the source asked for no final quote" in str(res["error"]), res
+    assert "no verified final quote" in str(res["source_error"])
+    assert_home_intact(m, keys, res)
+
+
 def test_connections_cut_before_attestation_spend_no_generation(tmp_path):
     """A man in the middle who cuts the connection after HELLO, again and
     again, must not burn the VM's generations: once they ran MAX_STEP ahead
