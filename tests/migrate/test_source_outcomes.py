@@ -104,6 +104,8 @@ def test_a_crash_before_commit_still_aborts_and_gives_the_guest_back():
     def interrupt(_event):
         raise KeyboardInterrupt
     bus = EventBus()
+    aborted = []
+    bus.subscribe(aborted.append, mev.Aborted)
     bus.subscribe(interrupt, mev.RoundFinished)
     peer = ScriptedDestination(timeout=10)
     m = fresh_guest()
@@ -113,6 +115,7 @@ def test_a_crash_before_commit_still_aborts_and_gives_the_guest_back():
     peer.close()
     assert peer.received[-1] is RecordType.ABORT and RecordType.COMMIT not in peer.received
     assert src.report.outcome == "aborted" and not m.ram.dirty.enabled and m.halted is None
+    assert [e.reason for e in aborted] == ["KeyboardInterrupt: "]       # said once, to subscribers too
 
 
 @pytest.mark.parametrize("same_host", [True, False], ids=["one host", "two hosts"])
@@ -146,3 +149,24 @@ def test_a_guest_that_already_stopped_is_not_migrated():
         assert select.select([listener], [], [], 0)[0] == []       # nobody connected
     finally:
         listener.close()
+
+
+def test_a_reply_of_the_wrong_type_is_never_taken_for_prepared():
+    """A destination that answers DIGEST with RESUMED (it resumed without being told
+    to, or a confused peer): not PREPARED, so no COMMIT goes out and the guest stays."""
+    import time
+    from migrate import clock
+    from migrate.messages import Resumed
+
+    class ResumesUnasked(ScriptedDestination):
+        def _raw(self, ch, rtype, body=b""):
+            if rtype is RecordType.PREPARED:
+                rtype, body = RecordType.RESUMED, Resumed(0, time.monotonic(), clock.boot_id()).encode()
+            return super()._raw(ch, rtype, body)
+
+    peer = ResumesUnasked(timeout=10)
+    m = fresh_guest()
+    with pytest.raises(ProtocolError, match="expected PREPARED, destination sent RESUMED"):
+        Source(m, timeout=5).migrate(peer.address)
+    peer.close()
+    assert RecordType.COMMIT not in peer.received and m.halted is None
