@@ -93,3 +93,17 @@ def test_a_secure_start_needs_the_trust_files_then_measures_them(monkeypatch, tm
     assert isinstance(mode, SecureMode) and mode.insecure == {"replay"}
     assert mode.attestor.trust == args.trust_digest
     assert set(INSECURE) >= mode.insecure
+
+
+def test_attest_setup_approves_the_secure_build_and_each_defence_asked_for(tmp_path, capsys):
+    from migrate.secure.setup import make_policy
+    from migrate.secure import trust
+    from tpm import AttestationPolicy, Issuer
+    p = argparse.ArgumentParser()
+    cliopts.add_setup_command(p.add_subparsers())
+    a = p.parse_args(["attest-setup", "--dir", str(tmp_path), "--approve-insecure", "toctou"])
+    assert a.func(a) == 0
+    assert "approves this build, secure; and with --insecure toctou" in capsys.readouterr().out
+    key = Issuer.load(tmp_path / "issuer").public_key
+    want = trust.approve(make_policy(({}, {"insecure": ("toctou",)})), key)
+    assert AttestationPolicy.load(tmp_path / "policy.json") == want
