@@ -270,6 +270,29 @@ def test_a_commit_without_the_sessions_token_is_not_obeyed(tmp_path):
     assert res2["report"].outcome == "completed" and "incoming" in res2
 
 
+class GenerationNotRecorded(SecureMode):
+    """A destination whose TPM fails to record the VM's new generation (the NV
+    write beside pre-copy raises)."""
+    def destination_handshake(self, ch, hello, hello_body):
+        super().destination_handshake(ch, hello, hello_body)
+        from concurrent.futures import Future
+        self._accepting = Future()
+        self._accepting.set_exception(OSError("TPM NV write failed"))
+
+
+def test_a_destination_that_could_not_record_the_generation_never_says_prepared(tmp_path):
+    """The generation must be durable before PREPARED (else an older copy of the VM
+    could come back here later): a failed NV write fails the migration, at home."""
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    m = guest()
+    keys = dict(m.protection._keys)
+    m, res = migrate(trust, trust.mode(a), lambda: GenerationNotRecorded(trust.mode(b).attestor), m)
+    assert "TPM NV write failed" in str(res["error"]), res
+    assert "source_error" in res and "report" not in res
+    assert_home_intact(m, keys, res)
+
+
 class NoFinalQuote(SecureMode):
     """A source that never asks the destination for its final quote (no FRESH_NONCE)
     and does not wait for one."""
