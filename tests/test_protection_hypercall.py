@@ -168,3 +168,4 @@ def test_the_owner_is_known_by_its_address_space_whatever_low_bits_cr3_carries(i
         assert meta.state == "plaintext", hex(low)
     assert m.protection.on_fill(m._uc, vaddr, meta.ppn << 12, True, False, False, cr3[2]) is None
     assert meta.state == "cloaked"                  # another process: cloaked first, as always
+

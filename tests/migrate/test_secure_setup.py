@@ -50,7 +50,7 @@ def test_a_written_policy_is_whole_and_names_its_issuer(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["policy.json"]     # no .tmp left
     assert AttestationPolicy.load(path) == trust.approve(make_policy(), key)
     assert AttestationPolicy.load(path) != make_policy()
-    write_policy(path, ({}, {"protection": False}), key)                      # replaced in place
+    write_policy(str(path), ({}, {"protection": False}), key)                 # replaced in place
     assert AttestationPolicy.load(path) == trust.approve(make_policy(({}, {"protection": False})), key)
 
 
