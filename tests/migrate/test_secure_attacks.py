@@ -521,3 +521,31 @@ def test_the_release_key_private_half_is_held_only_where_the_mode_says(tmp_path)
     assert loose.open(keyrelease.wrap(b"k", loose.public, keys), keys) == b"k"
     with pytest.raises(KeyReleaseRefused, match="refuses to unseal"):
         sealed.open(keyrelease.wrap(b"k", sealed.public, keys), keys)
+
+
+def test_the_secret_part_of_the_state_is_checked_before_it_is_merged(tmp_path):
+    """``merge_state`` on the destination takes the decrypted KEY_RELEASE secret and
+    the public state a source sent (a hostile but attested source controls both):
+    exactly one ``protection`` entry, no protection in the public part, the identity
+    HELLO announced, and the size bound at its edge."""
+    from migrate.errors import ProtocolError
+    from migrate.secure.mode import MAX_SECRET
+    trust = Trust(tmp_path)
+    mode = trust.mode(trust.host("b", role="destination"))
+    mode.vm = ("a" * 32, 5)                           # as destination_handshake sets it from HELLO
+    doc = {"identity": {"vm_id": "a" * 32, "generation": 5}, "protection": None, "cpu": {}}
+    merged = mode.merge_state(doc, b'{"protection": {"p": 1}}')
+    assert merged == {**doc, "protection": {"p": 1}}
+    for secret, why in [(b'{"protection": null, "extra": 1}', "exactly 'protection'"),
+                        (b'{}', "exactly 'protection'"), (b'[]', "exactly 'protection'")]:
+        with pytest.raises(ProtocolError, match=why):
+            mode.merge_state(doc, secret)
+    for ident in ({"vm_id": "b" * 32, "generation": 5}, {"vm_id": "a" * 32, "generation": 4}, ["a" * 32, 5]):
+        with pytest.raises(ProtocolError, match="not the ones HELLO announced"):
+            mode.merge_state({**doc, "identity": ident}, b'{"protection": null}')
+    with pytest.raises(ProtocolError, match="carries protection state"):
+        mode.merge_state({**doc, "protection": {"p": 1}}, b'{"protection": null}')
+    edge = b'{"protection": null' + b" " * (MAX_SECRET - 20) + b"}"
+    assert len(edge) == MAX_SECRET and mode.merge_state(doc, edge)["protection"] is None
+    with pytest.raises(ProtocolError, match="too large"):
+        mode.merge_state(doc, edge + b" ")
