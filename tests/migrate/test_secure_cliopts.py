@@ -107,3 +107,14 @@ def test_attest_setup_approves_the_secure_build_and_each_defence_asked_for(tmp_p
     key = Issuer.load(tmp_path / "issuer").public_key
     want = trust.approve(make_policy(({}, {"insecure": ("toctou",)})), key)
     assert AttestationPolicy.load(tmp_path / "policy.json") == want
+
+
+def test_recover_needs_this_hosts_existing_tpm_and_makes_none(tmp_path):
+    """A recovery file opens only under the TPM it was sealed to: with no TPM state
+    in --tpm-dir, recover refuses and does not make a fresh TPM there."""
+    p = argparse.ArgumentParser()
+    cliopts.add_recover_command(p.add_subparsers())
+    a = p.parse_args(["recover", str(tmp_path / "vm.sealed"), "--tpm-dir", str(tmp_path / "tpm")])
+    with pytest.raises(ValueError, match="this host's TPM refuses to open"):
+        a.func(a)
+    assert not (tmp_path / "tpm").exists()
