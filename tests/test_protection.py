@@ -458,3 +458,24 @@ def test_the_read_only_view_mirrors_the_metadata_field_by_field():
     assert m.protection.process(1).saved_context is None     # only while it is in the kernel
     assert m.run(max_ticks=3000) == "shutdown"
     assert m.protection.process(1).exited is True
+
+
+def test_the_kernel_sees_a_stopped_process_fault_as_a_protection_violation():
+    """After the integrity violation the keeper's next read of its page is refused
+    with the #PF error code the hardware gives for a user read of a present page
+    it may not use: P (1) | U (4), W clear -- not "not present", which a kernel
+    would answer by paging something in and resuming it."""
+    m = Machine(get_guest("attack-tamper").build())
+    seen = []
+    m.events.subscribe(seen.append, ev.Fault, ev.IntegrityViolation, ev.ProcessStart)
+    assert m.run(max_ticks=2000) == "shutdown"
+    [v] = of(seen, ev.IntegrityViolation)
+    faults = [e for e in of(seen, ev.Fault) if e.pid == 1 and e.vector == 14]
+    assert faults[0].seq == v.seq + 1
+    assert (faults[0].error_code, faults[0].address) == (5, SECRET_PAGE)
+    # A kernel that resumes it anyway: every later fill of it is refused the same way
+    # (the fill the MMU would make for its read, then for a write, of that page).
+    cr3 = next(e.cr3 for e in of(seen, ev.ProcessStart) if e.pid == 1)
+    frame = m.protection.procs[1].pages[SECRET_PAGE >> 12].ppn << 12
+    for write, code in ((False, 5), (True, 7)):
+        assert m.protection.on_fill(m._uc, SECRET_PAGE, frame, True, write, False, cr3) == code

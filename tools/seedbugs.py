@@ -149,8 +149,10 @@ def copy_tree(dest: Path) -> None:
 
 
 def run_tests(tree: Path, tests: list[str], timeout: float) -> tuple[str, float, str]:
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-n", "0", "-p", "no:cacheprovider",
-           "-m", "not slow", *tests]
+    # Serial, and without loading xdist at all (the project's addopts ask for
+    # "-n auto"): its start-up is paid once per mutant.
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:xdist", "-o", "addopts=",
+           "-p", "no:cacheprovider", "-m", "not slow", *tests]
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=str(tree))
     start = time.monotonic()
     try:

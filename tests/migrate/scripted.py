@@ -18,7 +18,9 @@ from migrate.wire import HEADER, Channel, RecordType
 
 
 class ScriptedDestination:
-    def __init__(self, *, flip_at=None, xor=0, cut_at=None, after_prepared=(), timeout=10.0):
+    def __init__(self, *, flip_at=None, xor=0, cut_at=None, after_prepared=(), timeout=10.0,
+                 boot_id=None):
+        self.boot_id = boot_id or clock.boot_id()      # RESUMED's: another host if it differs
         self.flip_at, self.xor, self.cut_at = flip_at, xor, cut_at
         self.after_prepared = list(after_prepared)     # (type, body) sent with PREPARED, in one write
         self.timeout = timeout
@@ -62,7 +64,7 @@ class ScriptedDestination:
                     raw += b"".join(self._raw(ch, t, b) for t, b in self.after_prepared)
                 elif rec.type is RecordType.COMMIT:
                     raw = self._raw(ch, RecordType.RESUMED,
-                                    Resumed(0, time.monotonic(), clock.boot_id()).encode())
+                                    Resumed(0, time.monotonic(), self.boot_id).encode())
                 else:
                     continue
                 if not self._reply(conn, raw):

@@ -190,3 +190,15 @@ def test_a_page_zeroed_in_a_later_round_is_zero_at_the_destination():
     want = bytearray(SOURCE_RAM)
     want[pfn * 4096:(pfn + 1) * 4096] = bytes(4096)
     assert bytes(out.machine.ram.view) == bytes(want)
+
+
+def test_a_source_that_never_stops_sending_rounds_is_cut_off_at_the_bound():
+    """A hostile source sends empty rounds forever (each one cheap for it, each one
+    a ROUND_ACK and a report entry for the destination): round MAX_ROUNDS - 1 is
+    the last one taken, the next is refused by name."""
+    from migrate.destination import MAX_ROUNDS
+    rounds = [(t, RoundMark(n, 0).encode()) for n in range(MAX_ROUNDS + 1)
+              for t in (RecordType.ROUND_BEGIN, RecordType.ROUND_END)]
+    out = feed(encode(HELLO + rounds))
+    assert isinstance(out, ProtocolError), out
+    assert f"ROUND_BEGIN {MAX_ROUNDS}, expected round {MAX_ROUNDS}" in str(out)

@@ -270,6 +270,50 @@ def test_a_commit_without_the_sessions_token_is_not_obeyed(tmp_path):
     assert res2["report"].outcome == "completed" and "incoming" in res2
 
 
+class GenerationNotRecorded(SecureMode):
+    """A destination whose TPM fails to record the VM's new generation (the NV
+    write beside pre-copy raises)."""
+    def destination_handshake(self, ch, hello, hello_body):
+        super().destination_handshake(ch, hello, hello_body)
+        from concurrent.futures import Future
+        self._accepting = Future()
+        self._accepting.set_exception(OSError("TPM NV write failed"))
+
+
+def test_a_destination_that_could_not_record_the_generation_never_says_prepared(tmp_path):
+    """The generation must be durable before PREPARED (else an older copy of the VM
+    could come back here later): a failed NV write fails the migration, at home."""
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    m = guest()
+    keys = dict(m.protection._keys)
+    m, res = migrate(trust, trust.mode(a), lambda: GenerationNotRecorded(trust.mode(b).attestor), m)
+    assert "TPM NV write failed" in str(res["error"]), res
+    assert "source_error" in res and "report" not in res
+    assert_home_intact(m, keys, res)
+
+
+class NoFinalQuote(SecureMode):
+    """A source that never asks the destination for its final quote (no FRESH_NONCE)
+    and does not wait for one."""
+    def round_begins(self, ch):
+        pass
+
+    def round_acked(self, ch):
+        pass
+
+
+def test_a_destination_refuses_a_source_that_never_asked_for_its_final_quote(tmp_path):
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    m = guest()
+    keys = dict(m.protection._keys)
+    m, res = migrate(trust, NoFinalQuote(trust.mode(a).attestor), lambda: trust.mode(b), m)
+    assert "the source asked for no final quote" in str(res["error"]), res
+    assert "no verified final quote" in str(res["source_error"])
+    assert_home_intact(m, keys, res)
+
+
 def test_connections_cut_before_attestation_spend_no_generation(tmp_path):
     """A man in the middle who cuts the connection after HELLO, again and
     again, must not burn the VM's generations: once they ran MAX_STEP ahead
@@ -477,3 +521,31 @@ def test_the_release_key_private_half_is_held_only_where_the_mode_says(tmp_path)
     assert loose.open(keyrelease.wrap(b"k", loose.public, keys), keys) == b"k"
     with pytest.raises(KeyReleaseRefused, match="refuses to unseal"):
         sealed.open(keyrelease.wrap(b"k", sealed.public, keys), keys)
+
+
+def test_the_secret_part_of_the_state_is_checked_before_it_is_merged(tmp_path):
+    """``merge_state`` on the destination takes the decrypted KEY_RELEASE secret and
+    the public state a source sent (a hostile but attested source controls both):
+    exactly one ``protection`` entry, no protection in the public part, the identity
+    HELLO announced, and the size bound at its edge."""
+    from migrate.errors import ProtocolError
+    from migrate.secure.mode import MAX_SECRET
+    trust = Trust(tmp_path)
+    mode = trust.mode(trust.host("b", role="destination"))
+    mode.vm = ("a" * 32, 5)                           # as destination_handshake sets it from HELLO
+    doc = {"identity": {"vm_id": "a" * 32, "generation": 5}, "protection": None, "cpu": {}}
+    merged = mode.merge_state(doc, b'{"protection": {"p": 1}}')
+    assert merged == {**doc, "protection": {"p": 1}}
+    for secret, why in [(b'{"protection": null, "extra": 1}', "exactly 'protection'"),
+                        (b'{}', "exactly 'protection'"), (b'[]', "exactly 'protection'")]:
+        with pytest.raises(ProtocolError, match=why):
+            mode.merge_state(doc, secret)
+    for ident in ({"vm_id": "b" * 32, "generation": 5}, {"vm_id": "a" * 32, "generation": 4}, ["a" * 32, 5]):
+        with pytest.raises(ProtocolError, match="not the ones HELLO announced"):
+            mode.merge_state({**doc, "identity": ident}, b'{"protection": null}')
+    with pytest.raises(ProtocolError, match="carries protection state"):
+        mode.merge_state({**doc, "protection": {"p": 1}}, b'{"protection": null}')
+    edge = b'{"protection": null' + b" " * (MAX_SECRET - 20) + b"}"
+    assert len(edge) == MAX_SECRET and mode.merge_state(doc, edge)["protection"] is None
+    with pytest.raises(ProtocolError, match="too large"):
+        mode.merge_state(doc, edge + b" ")

@@ -75,12 +75,19 @@ def feed(data: bytes):
         try:
             a.sendall(data)
             a.shutdown(socket.SHUT_WR)
-            while a.recv(65536):        # drain the destination's replies
+        except OSError:
+            pass
+
+    def drain():                        # the destination's replies, read while the stream
+        try:                            # goes out (a long one gets many ROUND_ACKs)
+            while a.recv(65536):
                 pass
         except OSError:
             pass
     t = threading.Thread(target=writer, daemon=True)
+    d = threading.Thread(target=drain, daemon=True)
     t.start()
+    d.start()
     t0 = time.monotonic()
     try:
         return Destination(timeout=TIMEOUT).receive(Channel(b, timeout=TIMEOUT), "fuzz")
@@ -90,6 +97,7 @@ def feed(data: bytes):
         assert time.monotonic() - t0 < 10 * TIMEOUT + 5, "the destination took unbounded time"
         b.close()
         t.join(5)
+        d.join(5)
         a.close()
 
 

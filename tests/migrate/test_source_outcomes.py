@@ -1,0 +1,172 @@
+"""How the source ends a migration: what it leaves behind when it fails before
+COMMIT, and what it reports when it completes (issue 19: each test kills a
+one-line mutant of ``migrate/source.py`` that the commit-rule and hostile-peer
+tests let through).  Real sources, real TCP, scripted peers."""
+
+import gc
+import socket
+
+import pytest
+
+from guests.catalog import get_guest
+from migrate.errors import ConnectionLost, PeerAborted, ProtocolError
+from migrate.source import Source
+from migrate.wire import HEADER, RecordType
+from minivmm.machine import Machine
+
+from scripted import ScriptedDestination
+
+IMAGE = get_guest("counter").build()
+
+
+def fresh_guest():
+    m = Machine(IMAGE)
+    m.run(max_ticks=3)
+    return m
+
+
+def test_a_handshake_that_fails_tells_the_peer_why_and_hangs_up():
+    """A destination whose WELCOME is not a minivmm WELCOME (one magic byte
+    flipped): the source refuses it, says ABORT on the channel it opened and
+    closes it -- the peer is not left waiting for a source that gave up."""
+    peer = ScriptedDestination(flip_at=HEADER.size, xor=0x01, timeout=10)
+    m = fresh_guest()
+    with pytest.raises(ProtocolError, match="not a minivmm migration destination"):
+        Source(m, timeout=5).migrate(peer.address)
+    peer.close()
+    assert peer.received == [RecordType.HELLO, RecordType.ABORT]
+    assert not peer.thread.is_alive()
+    assert m.halted is None and m.run(max_ticks=100_000) == "shutdown"
+
+
+def closed_port():
+    s = socket.create_server(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_a_failed_migration_leaves_the_garbage_collector_as_it_found_it():
+    """The source turns the collector off for the downtime only: off before
+    (the caller's choice, e.g. a latency-sensitive host), off after; on before,
+    on after, even when the failure comes after the source turned it off."""
+    was = gc.isenabled()
+    try:
+        gc.disable()
+        with pytest.raises(ConnectionLost):
+            Source(fresh_guest(), connect_timeout=5).migrate(("127.0.0.1", closed_port()))
+        assert not gc.isenabled()
+
+        gc.enable()
+        peer = ScriptedDestination(after_prepared=[(RecordType.ABORT, b"no")])
+        with pytest.raises(PeerAborted):
+            Source(fresh_guest(), timeout=5).migrate(peer.address)
+        peer.close()
+        assert RecordType.DIGEST in peer.received          # it failed inside the downtime
+        assert gc.isenabled()
+        # and an ABORT is not answered with an ABORT: the destination gave up already
+        assert peer.received[-1] is RecordType.DIGEST and RecordType.ABORT not in peer.received
+    finally:
+        (gc.enable if was else gc.disable)()
+
+
+def test_a_commit_that_could_not_be_sent_gives_the_guest_back_as_an_abort():
+    """The COMMIT record fails to go out (the connection drops under it): no whole
+    COMMIT reached the destination, so it cannot resume; the source takes its
+    guest back and reports an abort, not an unconfirmed commit."""
+    from migrate.wire import Channel
+
+    class CommitFails(Channel):
+        def send(self, rtype, *parts):
+            if rtype is RecordType.COMMIT:
+                self.close()
+                raise ConnectionLost("the connection dropped under COMMIT")
+            return super().send(rtype, *parts)
+
+    peer = ScriptedDestination(timeout=10)
+    m = fresh_guest()
+    src = Source(m, timeout=5, channel=lambda sock, timeout: CommitFails(sock, timeout=timeout))
+    with pytest.raises(ConnectionLost, match="dropped under COMMIT") as err:
+        src.migrate(peer.address)
+    peer.close()
+    assert RecordType.COMMIT not in peer.received
+    assert err.value.report.outcome == "aborted" and m.halted is None
+    assert m.run(max_ticks=100_000) == "shutdown" and "counter 100" in m.console.text()
+
+
+def test_a_crash_before_commit_still_aborts_and_gives_the_guest_back():
+    """Not a MigrationError: ^C (or a VMM bug) on the guest's thread during
+    pre-copy.  The source still says ABORT, stops the dirty log and keeps its
+    guest; the interrupt goes on to the caller."""
+    from migrate import events as mev
+    from minivmm.events import EventBus
+
+    def interrupt(_event):
+        raise KeyboardInterrupt
+    bus = EventBus()
+    aborted = []
+    bus.subscribe(aborted.append, mev.Aborted)
+    bus.subscribe(interrupt, mev.RoundFinished)
+    peer = ScriptedDestination(timeout=10)
+    m = fresh_guest()
+    src = Source(m, timeout=5, events=bus)
+    with pytest.raises(KeyboardInterrupt):
+        src.migrate(peer.address)
+    peer.close()
+    assert peer.received[-1] is RecordType.ABORT and RecordType.COMMIT not in peer.received
+    assert src.report.outcome == "aborted" and not m.ram.dirty.enabled and m.halted is None
+    assert [e.reason for e in aborted] == ["KeyboardInterrupt: "]       # said once, to subscribers too
+
+
+@pytest.mark.parametrize("same_host", [True, False], ids=["one host", "two hosts"])
+def test_the_downtime_is_measured_on_the_clock_both_ends_share(same_host):
+    """Same boot id: the destination's monotonic resume time minus our pause time;
+    otherwise an upper bound, pause to RESUMED received.  Either way it lies
+    within the migration's total time."""
+    from migrate import clock
+    peer = ScriptedDestination(boot_id=None if same_host else "another-host")
+    m = fresh_guest()
+    src = Source(m, timeout=5)
+    m.run(max_ticks=20)                 # the engine's clock starts at migrate(), not before
+    t0 = clock.now()
+    report = src.migrate(peer.address)
+    took = clock.now() - t0
+    peer.close()
+    assert 0 < report.downtime_seconds <= report.total_seconds <= took
+    assert report.downtime_method.startswith("both VMMs on this host" if same_host else "different hosts")
+
+
+def test_a_guest_that_already_stopped_is_not_migrated():
+    """Nothing to migrate: refused before any connection is made."""
+    import select
+    from migrate.errors import GuestStopped
+    m = fresh_guest()
+    assert m.run(max_ticks=100_000) == "shutdown"
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        with pytest.raises(GuestStopped, match="has already stopped"):
+            Source(m, timeout=5).migrate(listener.getsockname()[:2])
+        assert select.select([listener], [], [], 0)[0] == []       # nobody connected
+    finally:
+        listener.close()
+
+
+def test_a_reply_of_the_wrong_type_is_never_taken_for_prepared():
+    """A destination that answers DIGEST with RESUMED (it resumed without being told
+    to, or a confused peer): not PREPARED, so no COMMIT goes out and the guest stays."""
+    import time
+    from migrate import clock
+    from migrate.messages import Resumed
+
+    class ResumesUnasked(ScriptedDestination):
+        def _raw(self, ch, rtype, body=b""):
+            if rtype is RecordType.PREPARED:
+                rtype, body = RecordType.RESUMED, Resumed(0, time.monotonic(), clock.boot_id()).encode()
+            return super()._raw(ch, rtype, body)
+
+    peer = ResumesUnasked(timeout=10)
+    m = fresh_guest()
+    with pytest.raises(ProtocolError, match="expected PREPARED, destination sent RESUMED"):
+        Source(m, timeout=5).migrate(peer.address)
+    peer.close()
+    assert RecordType.COMMIT not in peer.received and m.halted is None

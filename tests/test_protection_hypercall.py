@@ -1,0 +1,171 @@
+"""HC_PROTECT's checks, one by one, and the fill hook's owner lookup, against
+what a hostile kernel controls.
+
+The kernel decides which pid a CR3 belongs to (``HC_PROC_START``) and what the
+page tables of a process map; the hypercall's own arguments come from the
+process.  Each test builds a real guest, stops it while its processes are
+alive, changes what a hostile kernel could change (its page tables in guest
+RAM, the pid it announces), and makes the call the VMM makes for
+``HC_PROTECT`` (``Machine._dispatch_hypercall``) with exactly those values.
+Issue 19: each check here had a one-line mutant no other test noticed.
+"""
+
+import struct
+
+import pytest
+
+from guesthelp import prog
+from guests.build import build_image
+from minivmm import abi, events as ev
+from minivmm.machine import Machine
+
+IDLE = """
+_start:
+    mov eax, SYS_YIELD
+    int 0x80
+    jmp _start
+"""
+SHARED = abi.DATA_VADDR                 # the page each idle process would name as shared
+PTE_P, PTE_W, PTE_U = 1, 2, 4
+
+
+@pytest.fixture
+def idle():
+    """Two live processes (pids 1 and 2), neither protected yet: (machine, {pid: cr3})."""
+    m = Machine(build_image([prog("a", IDLE, data_pages=3), prog("b", IDLE, data_pages=3)]))
+    cr3 = {}
+    m.events.subscribe(lambda e: cr3.setdefault(e.pid, e.cr3 & 0xFFFFF000), ev.ProcessStart)
+    m.run(until=lambda m: len(cr3) == 2, max_ticks=200)
+    assert sorted(cr3) == [1, 2]
+    return m, cr3
+
+
+def protect(m, cr3, pid, shared=SHARED, flags=0):
+    return m.protection.protect(cr3, pid, m.names.get(pid, "?"), shared, flags)
+
+
+def pte_addr(m, cr3, vaddr):
+    pde = struct.unpack_from("<I", m.ram.view, cr3 + (vaddr >> 22) * 4)[0]
+    return (pde & 0xFFFFF000) + ((vaddr >> 12) & 0x3FF) * 4
+
+
+def set_pte(m, cr3, vaddr, value):
+    struct.pack_into("<I", m.ram.view, pte_addr(m, cr3, vaddr), value)
+
+
+def get_pte(m, cr3, vaddr):
+    return struct.unpack_from("<I", m.ram.view, pte_addr(m, cr3, vaddr))[0]
+
+
+def test_a_call_from_an_address_space_the_kernel_never_announced_is_refused(idle):
+    m, cr3 = idle
+    assert protect(m, cr3[1], 0) == -abi.EPERM
+    assert not m.protection.view()
+
+
+def test_an_address_space_announced_again_under_a_new_pid_cannot_be_protected_twice(idle):
+    # The kernel re-announces pid 1's CR3 as pid 9 (HC_PROC_START), then the
+    # code in that address space asks again: a second owner of the same pages.
+    m, cr3 = idle
+    assert protect(m, cr3[1], 1) == 0
+    owned = dict(m.protection.frames)
+    assert protect(m, cr3[1], 9) == -abi.EEXIST
+    assert [p.pid for p in m.protection.view()] == [1]
+    assert m.protection.by_cr3[cr3[1]].pid == 1 and m.protection.frames == owned
+
+
+def test_a_live_pid_cannot_be_protected_again_from_another_address_space(idle):
+    # The kernel announces pid 2's CR3 as pid 1 while pid 1 is protected and alive.
+    m, cr3 = idle
+    assert protect(m, cr3[1], 1) == 0
+    assert protect(m, cr3[2], 1) == -abi.EEXIST
+    assert m.protection.procs[1].cr3 == cr3[1] and cr3[2] not in m.protection.by_cr3
+
+
+def test_an_exited_pid_may_be_protected_again(idle):
+    m, cr3 = idle
+    assert protect(m, cr3[1], 1) == 0
+    m.protection.process_exited(1)
+    assert protect(m, cr3[2], 1) == 0           # pids are reused: the exited namesake is replaced
+    assert m.protection.procs[1].cr3 == cr3[2] and not m.protection.procs[1].exited
+
+
+def test_a_shared_page_the_kernel_maps_read_only_is_refused(idle):
+    m, cr3 = idle
+    pte = get_pte(m, cr3[1], SHARED)
+    assert pte & (PTE_P | PTE_W | PTE_U) == PTE_P | PTE_W | PTE_U
+    set_pte(m, cr3[1], SHARED, pte & ~PTE_W)
+    assert protect(m, cr3[1], 1) == -abi.EINVAL
+    set_pte(m, cr3[1], SHARED, pte)
+    assert protect(m, cr3[1], 1) == 0
+
+
+def test_a_page_the_kernel_marks_not_present_is_not_taken(idle):
+    # A not-present entry that still carries user and write bits and a frame
+    # number (here: the frame of pid 2's data page) maps nothing: the VMM must
+    # not take that frame from its owner.
+    m, cr3 = idle
+    vaddr = SHARED + 2 * abi.PAGE_SIZE
+    victim = get_pte(m, cr3[2], SHARED) & 0xFFFFF000
+    set_pte(m, cr3[1], vaddr, victim | PTE_W | PTE_U)            # P clear
+    assert protect(m, cr3[1], 1) == 0
+    [view] = m.protection.view()
+    assert victim >> 12 not in m.protection.frames
+    assert vaddr not in [p.vaddr for p in view.pages]
+
+
+def test_the_info_page_is_never_the_shared_page_even_if_the_kernel_maps_it_writable(idle):
+    m, cr3 = idle
+    pte = get_pte(m, cr3[1], abi.INFO_VADDR)
+    assert pte & (PTE_P | PTE_U) == PTE_P | PTE_U
+    set_pte(m, cr3[1], abi.INFO_VADDR, pte | PTE_W)
+    assert protect(m, cr3[1], 1, shared=abi.INFO_VADDR) == -abi.EINVAL
+    assert not m.protection.view()
+
+
+
+def _map_user_range(m, cr3, large, tables, table_frames):
+    """The user range of address space ``cr3`` replaced (as a hostile kernel may):
+    ``large`` 4 MiB pages, all of the first 4 MiB of RAM, then one page table per
+    entry of ``tables`` (in ``table_frames``), each with that many present entries.
+    The shared page 0x40800000 lies in a large page."""
+    m.ram.view[cr3 + 0x400:cr3 + 0x800] = bytes(0x400)
+    for i in range(large):
+        struct.pack_into("<I", m.ram.view, cr3 + 0x400 + 4 * i, 0x87)     # base 0, PS|U|W|P
+    for j, (count, frame) in enumerate(zip(tables, table_frames)):
+        pt = frame << 12
+        m.ram.view[pt:pt + 4096] = bytes(4096)
+        for i in range(count):
+            struct.pack_into("<I", m.ram.view, pt + 4 * i, (i << 12) | 7)
+        struct.pack_into("<I", m.ram.view, cr3 + 0x400 + 4 * (large + j), pt | 7)
+
+
+@pytest.mark.parametrize("large, tables, refused", [
+    (16, [], False), (15, [1024], False),           # MAX_PROTECT pages: walked in full
+    (16, [1], True), (15, [1024, 1], True)])        # one more: refused at the bound
+def test_one_hc_protect_walks_at_most_max_protect_pages(idle, large, tables, refused):
+    # 16 x 1024 = 16384 pages: the bound docs/guest-abi.md gives for E2BIG.
+    m, cr3 = idle
+    frames = [get_pte(m, cr3[2], SHARED + k * abi.PAGE_SIZE) >> 12 for k in (1, 2)]   # pid 2's data
+    _map_user_range(m, cr3[1], large, tables, frames)
+    # Every frame here is mapped many times over, so a walk that completes is refused
+    # for that (EINVAL); one that stops at the bound, for its size (E2BIG).
+    assert protect(m, cr3[1], 1) == (-abi.E2BIG if refused else -abi.EINVAL)
+    assert not m.protection.view()
+
+
+def test_the_owner_is_known_by_its_address_space_whatever_low_bits_cr3_carries(idle):
+    """CR3's low bits are ignored by the MMU (bits 0-2 reserved, 3-4 cache control):
+    a kernel that sets them when it switches to the protected process must not make
+    the VMM take the owner for a stranger (it would cloak the page under the
+    owner, which would then compute on ciphertext that no MAC check guards)."""
+    m, cr3 = idle
+    assert protect(m, cr3[1], 1) == 0
+    proc = m.protection.procs[1]
+    vaddr, meta = next((vpn << 12, meta) for vpn, meta in sorted(proc.pages.items()))
+    for low in (0x1, 0x8, 0x18, 0x7):
+        assert m.protection.on_fill(m._uc, vaddr, meta.ppn << 12, True, False, False, cr3[1] | low) is None
+        assert meta.state == "plaintext", hex(low)
+    assert m.protection.on_fill(m._uc, vaddr, meta.ppn << 12, True, False, False, cr3[2]) is None
+    assert meta.state == "cloaked"                  # another process: cloaked first, as always
+
