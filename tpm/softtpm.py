@@ -594,7 +594,10 @@ class SoftTpm:
         selection = _selection(pcrs)
         with self._txn():
             now = self._now_clock()
-            if now > self._persist.clock:       # reserve ahead: the next quotes write nothing
+            # Reserve ahead: the next quotes write nothing.  (>=: a quote in the same
+            # millisecond as the persisted value reserves too, so whether an
+            # instance's first quote writes does not depend on the host's speed.)
+            if now >= self._persist.clock:
                 self._persist = replace(self._persist, clock=now + CLOCK_RESERVE_MS)
                 self._write_persistent()
                 self._reserved = self._persist.clock
