@@ -374,25 +374,7 @@ class Channel:
 
     def _read_exact(self, n: int, deadline: float, what: str) -> bytearray:
         buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            left = deadline - self.now()
-            if left <= 0:
-                raise PeerTimeout(f"timed out waiting for {what} ({got} of {n} bytes after "
-                                  f"{self.timeout:g} s, or the phase deadline)")
-            try:
-                self.sock.settimeout(left)
-                k = self.sock.recv_into(view[got:])
-            except (socket.timeout, TimeoutError):
-                continue                    # the loop reports it with the byte count
-            except OSError as exc:
-                raise ConnectionLost(f"connection lost while reading {what}: {exc.strerror or exc}") from None
-            if k == 0:
-                raise ConnectionLost(f"peer closed the connection while we waited for {what} "
-                                     f"(after {self.recv_seq} records)")
-            got += k
-        self.bytes_received += n
+        self._read_into([buf], deadline, what)
         return buf
 
     def _read_into(self, views: list, deadline: float, what: str) -> None:
