@@ -127,15 +127,24 @@ class Stepper:
                 pos = self.last = position()
                 with self._cond:
                     stop = self._stops_at(pos)
+                    # Held from before the frame goes out: the app may render the
+                    # frame at once, and nothing arrives after it to say "HELD"
+                    # (seen: a demo showing "running" while both VMMs waited); and
+                    # a key pressed as soon as it shows must release this step.
+                    gen = self._generation
+                    if stop:
+                        self.waiting = pos
                 # Capturing the hosts is the TUI's time, not the engine's: the
                 # shared clock stands still meanwhile (no deadline, no round timing).
-                with self.timebase:
-                    frame(pos, stop)
+                try:
+                    with self.timebase:
+                        frame(pos, stop)
+                except BaseException:
+                    self.waiting = None
+                    raise
                 if not stop:
                     return
                 with self._cond:
-                    gen = self._generation
-                    self.waiting = pos
                     self.timebase.hold()
                     try:
                         while self._generation == gen and not self.closed:
