@@ -109,6 +109,7 @@ class MigrationApp(App):
         self.session = None
         self.writer = None
         self._dirty = True
+        self._shown_held = False        # what the header said last (render_frame)
         self.renders = 0
         self.run_id = 0
         self.column = "middle"
@@ -200,8 +201,15 @@ class MigrationApp(App):
             self.writer = None
 
     # ---------------------------------------------------------- render
+    def _held(self) -> bool:
+        return self.session is not None and self.session.stepper.waiting is not None
+
     def _tick(self) -> None:
-        if self._dirty:
+        # Also when only the hold changed: the held step's frame arrives before
+        # its engine starts waiting, and nothing arrives after it, so a frame
+        # rendered in between said "running" while both VMMs waited (seen in the
+        # demo under load).
+        if self._dirty or (not self.replay and self._held() != self._shown_held):
             self._dirty = False
             self.render_frame()
 
@@ -215,7 +223,7 @@ class MigrationApp(App):
         if self.replay:
             state = f"REPLAY {self.replay_name}: step {self.cursor + 1}/{len(self.frames)}"
         else:
-            held = self.session is not None and self.session.stepper.waiting is not None
+            held = self._shown_held = self._held()
             state = (f"LIVE: step {self.cursor + 1}/{len(self.frames)}  "
                      + ("HELD: both VMMs stopped, no deadline runs" if held else
                         ("browsing history" if not self.follow else "running")))

@@ -127,24 +127,20 @@ class Stepper:
                 pos = self.last = position()
                 with self._cond:
                     stop = self._stops_at(pos)
-                    # Held from before the frame goes out: the app may render the
-                    # frame at once, and nothing arrives after it to say "HELD"
-                    # (seen: a demo showing "running" while both VMMs waited); and
-                    # a key pressed as soon as it shows must release this step.
+                    # Taken before the frame goes out: a key pressed as soon as the
+                    # frame shows releases this step (taken after, it was lost and
+                    # the engine waited for a second key).
                     gen = self._generation
-                    if stop:
-                        self.waiting = pos
                 # Capturing the hosts is the TUI's time, not the engine's: the
                 # shared clock stands still meanwhile (no deadline, no round timing).
-                try:
-                    with self.timebase:
-                        frame(pos, stop)
-                except BaseException:
-                    self.waiting = None
-                    raise
+                with self.timebase:
+                    frame(pos, stop)
                 if not stop:
                     return
                 with self._cond:
+                    # (set after the frame: whoever sees ``waiting`` finds its frame
+                    # published; the app re-renders when it changes, app._tick)
+                    self.waiting = pos
                     self.timebase.hold()
                     try:
                         while self._generation == gen and not self.closed:
