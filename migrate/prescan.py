@@ -22,7 +22,7 @@ import threading
 
 import numpy as np
 
-from migrate.residency import nonzero_pages, untouched
+from migrate.residency import nonzero_run, untouched
 
 
 class Prescan:
@@ -50,10 +50,7 @@ class Prescan:
                 n = min(self.span, npages - first)
                 if self._stop.is_set() or n <= self._min:
                     return
-                if fresh is not None and fresh[first:first + n].all():
-                    self.masks[first] = np.zeros(n, dtype=bool)
-                else:
-                    self.masks[first] = nonzero_pages(self._pages[first:first + n])
+                self.masks[first] = nonzero_run(self._pages, first, n, fresh)
         except Exception:           # noqa: BLE001 - an optimisation: the round tests what is missing itself
             self.masks.clear()
 

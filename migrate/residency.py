@@ -56,6 +56,15 @@ def nonzero_pages(block: np.ndarray) -> np.ndarray:
     return nz
 
 
+def nonzero_run(pages: np.ndarray, first: int, n: int, fresh: np.ndarray | None) -> np.ndarray:
+    """``nonzero_pages`` of the contiguous run of ``n`` pages from ``first`` of
+    ``pages`` (shape (npages, 4096)), in place; a run the host never backed
+    (``fresh``, from :func:`untouched`, or None) is zero without being read."""
+    if fresh is not None and fresh[first:first + n].all():
+        return np.zeros(n, dtype=bool)
+    return nonzero_pages(pages[first:first + n])
+
+
 MADV_POPULATE_WRITE = 23        # Linux 5.14+: fault pages in writable without writing them
 MADV_HUGEPAGE = 14              # back with 2 MiB pages where the kernel can (THP "madvise" mode)
 REGION_PAGES = 4096             # 16 MiB
@@ -80,6 +89,7 @@ def prepare() -> None:
     """Look up what Prefaulter needs ahead of the first migration (a server
     calls it when it starts listening)."""
     _madvise()
+
 
 class Prefaulter:
     """Back the destination's guest RAM ahead of the receive loop, one 16 MiB

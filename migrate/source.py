@@ -53,7 +53,7 @@ from migrate.messages import (STATUS_NAMES, STATUS_OK, Digest, Hello, Resumed, R
 from migrate.precopy import PrecopyPolicy
 from migrate.prescan import Prescan
 from migrate.report import MigrationReport, RoundStats
-from migrate.residency import nonzero_pages, untouched
+from migrate.residency import nonzero_pages, nonzero_run, untouched
 from migrate.secure.mode import PlainMode
 from migrate.wire import (MAX_BATCH, MAX_BODY, MAX_CHUNK, MAX_ZERO_BATCH, PAGE_SIZE, Channel, RecordType,
                           parse_address)
@@ -551,13 +551,9 @@ class Source:
             first = int(pfns[start])
             span = min(ZERO_SCAN, n - start)
             if span > MAX_BATCH and int(pfns[start + span - 1]) - first + 1 == span:
-                done = masks.get(first) if masks else None
-                if done is not None and len(done) == span:
-                    nz = done
-                elif fresh is not None and fresh[first:first + span].all():
-                    nz = np.zeros(span, dtype=bool)
-                else:
-                    nz = nonzero_pages(pages[first:first + span])
+                nz = masks.get(first) if masks else None
+                if nz is None or len(nz) != span:
+                    nz = nonzero_run(pages, first, span, fresh)
                 yield pfns[start:start + span], nz, None
                 start += span
                 continue
