@@ -316,10 +316,18 @@ class SoftTpm:
             return None         # missing or unreadable: statefile.read says which
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
-    def _unchanged(self, name: str) -> tuple | None:
-        """The file's identity, or None if it must be read (changed, or never read)."""
+    def _changed_payload(self, name: str, magic: int, version: int, max_payload: int,
+                         mac_key: bytes | None = None) -> bytes | None:
+        """The file's checked payload, or None if its identity is what this handle
+        last read or wrote (its content is in memory).  The identity is taken
+        before the read (a write racing it shows next time) and kept at once:
+        if parsing what was read fails, the command fails and _txn forgets it."""
         ident = self._identity(name)
-        return ident if ident is not None and self._seen.get(name) == ident else None
+        if ident is not None and self._seen.get(name) == ident:
+            return None
+        payload = statefile.read(self.state_dir / name, magic, version, max_payload, mac_key)
+        self._seen[name] = ident
+        return payload
 
     def _note_written(self, name: str) -> None:
         ident = self._identity(name)
@@ -332,17 +340,14 @@ class SoftTpm:
         path = self.state_dir / STATE_FILE
         if self._persist is None and not path.exists():
             raise NoTpmStateError(f"no TPM state in {self.state_dir}")
-        if self._persist is None or not self._unchanged(STATE_FILE):
-            ident = self._identity(STATE_FILE)
-            payload = statefile.read(path, STATE_MAGIC, STATE_VERSION, MAX_STATE_PAYLOAD)
+        payload = self._changed_payload(STATE_FILE, STATE_MAGIC, STATE_VERSION, MAX_STATE_PAYLOAD)
+        if payload is not None:
             try:
                 persist = PersistentState.from_bytes(payload)
             except FormatError as e:
                 raise CorruptStateError(path, str(e)) from None
             self._persist = persist
             self._ak = keys.private_from_bytes(persist.ak_private)
-            # (an identity taken before the read: a write racing it shows next time)
-            self._seen[STATE_FILE] = ident
         persist = self._persist
         # The TPM clock only moves forward: never behind what is on disk -- unless
         # what is on disk is this instance's own reservation ahead of its clock.
@@ -350,18 +355,15 @@ class SoftTpm:
             self._clock_base, self._t0 = persist.clock, time.monotonic()
 
         cpath = self.state_dir / COUNTERS_FILE
-        if self._unchanged(COUNTERS_FILE):
-            counters = self._counters
-        else:
-            ident = self._identity(COUNTERS_FILE)
-            cpayload = statefile.read(
-                cpath, COUNTERS_MAGIC, STATE_VERSION, MAX_COUNTERS_PAYLOAD, self._mac_key(b"nv-counters")
-            )
+        cpayload = self._changed_payload(
+            COUNTERS_FILE, COUNTERS_MAGIC, STATE_VERSION, MAX_COUNTERS_PAYLOAD, self._mac_key(b"nv-counters")
+        )
+        counters = self._counters
+        if cpayload is not None:
             try:
                 counters = NvCounters.from_bytes(cpayload)
             except FormatError as e:
                 raise CorruptStateError(cpath, str(e)) from None
-            self._seen[COUNTERS_FILE] = ident
         if counters.generation < persist.nv_generation:
             raise CounterError(
                 f"{cpath}: NV counters rolled back (generation {counters.generation} < "
@@ -383,12 +385,11 @@ class SoftTpm:
     def _load_volatile(self) -> None:
         persist = self._persist
         vpath = self.state_dir / VOLATILE_FILE
-        if self._unchanged(VOLATILE_FILE):
-            return
-        ident = self._identity(VOLATILE_FILE)
-        vpayload = statefile.read(
-            vpath, VOLATILE_MAGIC, VOLATILE_VERSION, MAX_EVENTLOG_BYTES + 8, self._mac_key(b"volatile")
+        vpayload = self._changed_payload(
+            VOLATILE_FILE, VOLATILE_MAGIC, VOLATILE_VERSION, MAX_EVENTLOG_BYTES + 8, self._mac_key(b"volatile")
         )
+        if vpayload is None:
+            return
         try:
             volatile = VolatileState.from_bytes(vpayload)
         except FormatError as e:
@@ -396,7 +397,6 @@ class SoftTpm:
         if volatile.reset_count != persist.reset_count:
             raise CorruptStateError(vpath, "belongs to another boot (resetCount differs)")
         self._log = volatile.event_log
-        self._seen[VOLATILE_FILE] = ident
 
     def _now_clock(self) -> int:
         return self._clock_base + int((time.monotonic() - self._t0) * 1000)
