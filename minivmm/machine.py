@@ -57,7 +57,6 @@ class _Trap:
     cr2: int | None = None
 
 
-
 def _descriptor_access_bytes(ram: GuestRAM, cpu: CpuState) -> list[tuple[int, int]]:
     """(physical address, value) of the access byte (byte 5) of each GDT
     descriptor that ``cpu``'s segment selectors name (null and LDT selectors
@@ -78,6 +77,7 @@ def _descriptor_access_bytes(ram: GuestRAM, cpu: CpuState) -> list[tuple[int, in
         if addr < ram.size:
             out.append((addr, ram.view[addr]))
     return out
+
 
 class Machine:
     """A bootable x86 machine running one guest image.

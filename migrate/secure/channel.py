@@ -138,7 +138,7 @@ class SealedChannel(Channel):
         counter = self.recv_seq if self.check_sequence else seq
         if sink is not None and rtype is RecordType.PAGES and pages_head_size(length - TAG):
             (head, *views), tag = self._open_pages(header, length, counter, deadline, sink, seq)
-            self.recv_seq = max(self.recv_seq, seq) + 1 if not self.check_sequence else self.recv_seq + 1
+            self._advance(seq)
             return Record(rtype, head, seq, flags, tuple(views), tag)
         sealed = self._read_exact(length, deadline, f"a sealed {rtype.name} body")
         try:
@@ -146,8 +146,13 @@ class SealedChannel(Channel):
         except InvalidTag:
             raise RecordRejected(f"{rtype.name} record number {seq} failed authentication "
                                  f"(modified, forged, replayed or out of order)") from None
-        self.recv_seq = max(self.recv_seq, seq) + 1 if not self.check_sequence else self.recv_seq + 1
+        self._advance(seq)
         return Record(rtype, body, seq, flags, tag=bytes(sealed[-TAG:]))
+
+    def _advance(self, seq: int) -> None:
+        """A record ``seq`` was accepted: the next one expected (with the replay
+        defence off, whatever came, the count only grows)."""
+        self.recv_seq = max(self.recv_seq, seq) + 1 if not self.check_sequence else self.recv_seq + 1
 
     def _open_pages(self, header: bytes, length: int, counter: int, deadline: float, sink, seq: int):
         """A sealed PAGES record decrypted straight into the buffers ``sink``

@@ -385,8 +385,7 @@ class SecureMode(PlainMode):
         host's TPM recording the spent generation (NV writes: four fsyncs, 10-60 ms
         here) and the pending migrated-away mark.  Left to the pause, a slow disk
         would lengthen the downtime; here it only lengthens pre-copy."""
-        pending = [f for f in (self._verifying, self._remember, self._marking) if f is not None and not f.done()]
-        if not pending and self._verifying is None:
+        if self._verifying is None and all(f is None or f.done() for f in (self._remember, self._marking)):
             return None
 
         def finish():
