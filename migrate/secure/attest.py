@@ -25,6 +25,7 @@ from tpm import AttestationPolicy, AttestationResult, SoftTpm, Verifier, bind_no
 from tpm import errors as tpm_errors
 from tpm.measure import VMM_PCRS
 
+from migrate.secure import workers
 from migrate.secure.errors import AttestationFailed
 
 QUOTED_PCRS = tuple(VMM_PCRS)          # 8, 9, 10
@@ -96,6 +97,7 @@ class Attestor:
             self.tpm = host_tpm(self.tpm_dir)
         except tpm_errors.TpmError as exc:
             raise AttestationFailed(f"this VMM's TPM {self.tpm_dir}: {exc}") from None
+        workers.prepare()           # the protocol's side-work threads, started now (workers.py)
 
     def quote(self, peer_nonce: bytes, binding: bytes) -> bytes:
         """Evidence over PCRs 8-10 whose qualifying data binds the peer's nonce and ``binding``."""

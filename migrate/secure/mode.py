@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import wait
 from pathlib import Path
 
 from migrate.errors import ProtocolError, Refused
@@ -46,6 +46,7 @@ from migrate.secure.attest import Attestor, same_state
 from migrate.secure.channel import SealedChannel
 from migrate.secure.errors import AttestationFailed, KeyReleaseRefused, SecurityError, StaleGeneration
 from migrate.secure.keyschedule import Ephemeral, KeyShare, derive, transcript_hash
+from migrate.secure.workers import background
 from migrate.wire import Channel, RecordType
 
 INSECURE = ("attestation", "encryption", "toctou", "replay", "ordering")
@@ -54,22 +55,6 @@ MAX_SECRET = 8 << 20
 # a page entry is one list of ~110 bytes.
 SECRET_LIMITS = Limits(max_depth=8, max_containers=MAX_SECRET // 64, max_values=MAX_SECRET // 4,
                        max_strings=MAX_SECRET // 16)
-
-
-def _background(work, name: str, *, now: bool = False):
-    """``work()`` on its own thread; its future.  Unless ``now``, the new thread
-    first yields the interpreter: the thread that started it is on the
-    protocol's critical path (about to send a record and wait), and a new thread
-    that runs Python at once keeps it waiting for the GIL up to a switch
-    interval (5 ms) -- seen as 2 ms between a verification and WELCOME."""
-    def run():
-        if not now:
-            time.sleep(0)
-        return work()
-    pool = ThreadPoolExecutor(1, thread_name_prefix=name)
-    future = pool.submit(run)
-    pool.shutdown(wait=False)
-    return future
 
 
 def _canonical(doc) -> bytes:
@@ -231,7 +216,7 @@ class SecureMode(PlainMode):
         self.keys = derive(eph.exchange(peer_share.public), th)
         # Our quote is made while the destination's is on its way (at once: it is
         # what we wait for next).
-        own = _background(lambda: self.attestor.quote(peer_share.nonce, th), "secure-quote", now=True)
+        own = background(lambda: self.attestor.quote(peer_share.nonce, th), now=True)
         try:
             rec = ch.recv(only=frozenset({RecordType.QUOTE, RecordType.ABORT}))
             if rec.type is RecordType.ABORT:
@@ -252,14 +237,14 @@ class SecureMode(PlainMode):
             # now (an older generation) is never resumed here again (rollback.py).
             # A TPM NV write costs ~25 ms here: it runs beside pre-copy and is
             # joined before this session touches the TPM again or commits.
-            self._remember = _background(lambda: generation.accept(self.attestor.tpm, *self.vm), "secure-nv")
+            self._remember = background(lambda: generation.accept(self.attestor.tpm, *self.vm))
         if self.on("ordering"):
             # The durable migrated-away mark (two fsyncs) exists before the guest
             # pauses: made beside pre-copy, waited for before the pause.  (Started
             # here, after attestation, not beside it: its thread took the
             # interpreter from the handshake, ~2 ms, measured.)
             self._mark = commit.MigrationMark(self.state_dir, self.vm[0], self.vm[1])
-            self._marking = _background(self._mark.prepare, "secure-mark")
+            self._marking = background(self._mark.prepare)
         ch.seal(self.keys)                  # WELCOME and everything after: sealed
         self._time("attestation", t0)
 
@@ -298,8 +283,7 @@ class SecureMode(PlainMode):
         if self.on("replay"):
             # Advanced durably (NV writes, fsyncs: ~5-20 ms) beside the pre-copy rounds;
             # waited for before PREPARED, so the VM never resumes here without it.
-            self._accepting = _background(lambda: generation.accept(self.attestor.tpm, vm_id, gen),
-                                          "secure-generation")
+            self._accepting = background(lambda: generation.accept(self.attestor.tpm, vm_id, gen))
         self.vm = (vm_id, gen)
         self._time("attestation", t0)
 
@@ -334,7 +318,7 @@ class SecureMode(PlainMode):
         if self._quote_asked or len(rec.body) != 32:
             raise ProtocolError("FRESH_NONCE repeated before its FINAL_QUOTE, or of the wrong size")
         nonce, binding = bytes(rec.body), keyrelease.binding(self.keys.transcript, self._release.public)
-        self._final_quote = _background(lambda: self.attestor.quote(nonce, binding), "secure-quote")
+        self._final_quote = background(lambda: self.attestor.quote(nonce, binding))
         self._quote_asked = True
         return True
 
@@ -371,7 +355,7 @@ class SecureMode(PlainMode):
         self._verification()                # the previous round's first (its failure stops us here)
         self._verified = None               # only the newest quote's verification counts
         nonce = self._nonce
-        self._verifying = _background(lambda: self._check_final(evidence, nonce, r_pub), "secure-verify")
+        self._verifying = background(lambda: self._check_final(evidence, nonce, r_pub))
         self._time("key_release", t0)
 
     def _verification(self) -> None:
@@ -426,7 +410,7 @@ class SecureMode(PlainMode):
                 escrow = commit.escrow_keys(machine, self.attestor.tpm)
                 self._mark.commit(self.vm[1], peer, escrow)
                 return escrow
-            self._committing = _background(prepare, "secure-commit")
+            self._committing = background(prepare)
 
     def source_final(self, ch, secret: bytes) -> None:
         t0 = time.perf_counter()

@@ -1,0 +1,85 @@
+"""The secure protocol's side-work threads (migrate/secure/workers.py): started
+before the protocol needs them, never making a job wait behind another, and
+rebuilt in a forked child."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from migrate.secure import workers
+
+
+def test_a_job_on_a_prepared_pool_starts_no_thread():
+    # The point of the module: a job on the critical path costs a queue put,
+    # not a thread start (which waits for the new thread to get the GIL).
+    workers.prepare()
+    before = {t.ident for t in threading.enumerate()}
+    for _ in range(workers.WARM):
+        assert workers.background(lambda: 7).result(timeout=30) == 7
+    assert {t.ident for t in threading.enumerate()} <= before
+
+
+def test_a_job_never_waits_behind_a_blocked_one():
+    # An NV write can take 60 ms; a quote submitted meanwhile must not queue
+    # behind it -- and a job waiting for another job's result must not starve it.
+    release = threading.Event()
+    slow = [workers.background(release.wait) for _ in range(workers.WARM + 2)]
+    try:
+        inner = workers.background(lambda: "quote")
+        outer = workers.background(lambda: inner.result(timeout=30) + " verified")
+        assert outer.result(timeout=30) == "quote verified"
+        assert not any(f.done() for f in slow)
+    finally:
+        release.set()
+    assert all(f.result(timeout=30) for f in slow)
+
+
+def test_a_failure_reaches_whoever_waits():
+    def fail():
+        raise ValueError("quote refused")
+    with pytest.raises(ValueError, match="quote refused"):
+        workers.background(fail).result(timeout=30)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_runs_jobs_on_its_own_workers():
+    # The parent's workers do not exist in a child: a job put on their queue
+    # would wait for ever.  (The test suite's fork server forks VMM processes.)
+    workers.prepare()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                    # child: report, never return into pytest
+        try:
+            ok = workers.background(lambda: os.getpid()).result(timeout=10) == os.getpid()
+            os.write(w, b"ok" if ok else b"bad")
+        except BaseException as exc:                # noqa: BLE001 - reported to the parent
+            os.write(w, repr(exc).encode()[:200])
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        answer = os.read(r, 256)
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    assert answer == b"ok"
+
+
+def test_a_job_running_at_exit_finishes_before_the_process_ends(tmp_path):
+    # An NV write still running when a VMM exits ends as on a thread of its own.
+    import subprocess
+    import sys
+    done = tmp_path / "written"
+    code = ("import time, pathlib\n"
+            "from migrate.secure import workers\n"
+            "started = __import__('threading').Event()\n"
+            "def nv_write():\n"
+            "    started.set(); time.sleep(0.3)\n"
+            f"    pathlib.Path({str(done)!r}).write_text('ok')\n"
+            "workers.background(nv_write)\n"
+            "started.wait()\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    assert done.read_text() == "ok"
