@@ -40,6 +40,7 @@ import json
 import socket
 import threading
 import time
+from concurrent.futures import Future, wait as futures_wait
 
 import numpy as np
 
@@ -261,36 +262,35 @@ class Source:
         its result or raise its exception.  If the guest stops or fails
         first, ``cancel()`` unblocks the helper (closes its socket); ``when``
         says in the error when that happened."""
-        result: list = []
-        failure: list[BaseException] = []
+        done: Future = Future()
 
         def body():
             try:
-                result.append(work())
+                done.set_result(work())
             except BaseException as exc:        # noqa: BLE001 - handed to the guest thread
-                failure.append(exc)
-        th = threading.Thread(target=body, name=name, daemon=True)
-        th.start()
+                done.set_exception(exc)
+        threading.Thread(target=body, name=name, daemon=True).start()
+        return self._guest_until(done, cancel=cancel, when=when)
+
+    def _guest_until(self, done: Future, *, cancel=lambda: None, when: str):
+        """Run the guest's slices until ``done`` (a future) is; its result."""
         m = self.machine
-        lockstep = bool(self.policy.round_ticks)     # the guest waits for the handshake
+        lockstep = bool(self.policy.round_ticks)     # the guest waits for the work
         try:
-            while th.is_alive():
+            while not done.done():
                 if m.halted:
                     raise GuestStopped(f"the guest stopped ({m.halted}) {when}; it finished on the source")
                 if lockstep:
-                    th.join(0.01)
+                    futures_wait((done,), 0.01)
                     continue
                 with self.slice_gate:
                     m.step()
                 time.sleep(0)
         except BaseException:
             cancel()
-            th.join(self.connect_timeout + 1)
+            futures_wait((done,), self.connect_timeout + 1)
             raise
-        th.join()
-        if failure:
-            raise failure[0]
-        return result[0]
+        return done.result()
 
     def _open(self, addr, peer: str, opened: list) -> Channel:
         """On the helper thread: connect, HELLO, WELCOME."""
@@ -352,10 +352,9 @@ class Source:
             if decision.stop:
                 # Secure: the last round's final quote, verified while the guest
                 # still runs (what it dirties meanwhile is fetched at the pause).
-                wait = self.mode.before_pause()
-                if wait is not None:
-                    self._beside_guest(wait, cancel=lambda: None, when="during pre-copy",
-                                       name="migrate-before-pause")
+                pending = self.mode.before_pause()     # secure: a future, already running
+                if pending is not None:
+                    self._guest_until(pending, when="during pre-copy")
                 report.stop_reason = decision.reason
                 report.target_met = decision.target_met
                 report.estimated_pages_seconds = decision.estimate

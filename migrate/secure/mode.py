@@ -91,7 +91,8 @@ class PlainMode:
         pass
 
     def before_pause(self):
-        """Work to finish beside the still-running guest before it pauses, or None."""
+        """Work that must end before the guest pauses, already running (a
+        future: the source runs the guest's slices until it is done), or None."""
         return None
 
     def at_pause(self, machine, peer: str) -> None:
@@ -377,7 +378,9 @@ class SecureMode(PlainMode):
             self._remembered()
             if self._marking is not None:
                 self._marking.result()
-        return finish
+        # On a worker, not a thread started now: a thread start waits for the
+        # GIL, which the guest's thread holds between its slices (workers.py).
+        return background(finish, now=True)
 
     def _check_final(self, evidence: bytes, nonce: bytes, r_pub: bytes) -> bytes:
         t0 = time.perf_counter()

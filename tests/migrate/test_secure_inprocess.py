@@ -90,3 +90,45 @@ def test_a_busy_destination_refuses_a_secure_source_clearly(tmp_path):
     finally:
         hog.close()
         server.close()
+
+
+def test_the_guest_runs_while_the_destinations_final_quote_is_verified(tmp_path):
+    """Final quotes are verified beside the running guest (the next round, or
+    before the pause), never by holding it: a pause there would be downtime
+    that no report counts.  The source's verifier here returns only once the
+    guest has run 20 more ticks; a source that waited for it without running
+    the guest would wait out the 20 s and fail."""
+    from migrate.precopy import PrecopyPolicy
+    from migrate.secure.attest import Attestor
+    from migrate.secure.mode import SecureMode
+    import time
+
+    class Watching(Attestor):
+        machine = None
+        waited = 0
+
+        def verify(self, evidence, my_nonce, binding, *, who):
+            if "final quote" in who:
+                start, deadline = self.machine.vclock, time.monotonic() + 20
+                while self.machine.vclock < start + 20:
+                    if time.monotonic() > deadline:
+                        raise AssertionError("the guest did not run while a final quote was verified")
+                    time.sleep(0.001)
+                Watching.waited += 1
+            return super().verify(evidence, my_nonce, binding, who=who)
+
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    m = Machine(keeper_image(rounds=400))
+    m.run(max_ticks=8)
+    attestor = Watching(a, trust.issuer, trust.policy)
+    attestor.machine = m
+    server, res = server_for(trust, b), {}
+    t = secure_receive_in_thread(server, res, lambda: trust.mode(b))
+    report = Source(m, mode=SecureMode(attestor), check_ram=True,
+                    policy=PrecopyPolicy(max_rounds=3)).migrate(server.label)
+    t.join(60)
+    server.close()
+    assert "error" not in res, res.get("error")
+    assert report.outcome == "completed" and m.halted == MIGRATED
+    assert Watching.waited >= 1
