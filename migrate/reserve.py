@@ -77,6 +77,14 @@ class RamReserve:
                 return          # not supported here: the destination's prefault thread does it
             self._backed = off + n
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the region being made is wholly backed (or backing
+        stopped); whether it is."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        return self._map is not None and self._backed >= self.size
+
     def take(self, size: int) -> tuple[mmap.mmap | None, bool]:
         """(a zero mapping of exactly ``size`` bytes, whether it is wholly
         backed), or (None, False) if there is none or it is too small."""
