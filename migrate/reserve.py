@@ -59,7 +59,10 @@ class RamReserve:
             if self._closed or self._map is not None or (self._thread and self._thread.is_alive()):
                 return
             self._stop.clear()
-            self._map, self._backed = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), 0
+            try:
+                self._map, self._backed = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), 0
+            except (OSError, ValueError):       # an optimisation: without it, fresh RAM as before
+                return
             self._thread = threading.Thread(target=self._back, args=(self._map,), name="reserve-ram", daemon=True)
             self._thread.start()
 
@@ -98,7 +101,11 @@ class RamReserve:
             thread.join()       # stops after its current 2 MiB step
         backed = self._backed >= size
         if size < len(m):
-            m.resize(size)      # shrinks in place (mremap): the tail goes back to the host
+            try:
+                m.resize(size)      # shrinks in place (mremap): the tail goes back to the host
+            except (OSError, ValueError, SystemError):     # no mremap here: fresh RAM as before
+                m.close()
+                return None, False
         return m, backed
 
     def close(self) -> None:
