@@ -25,11 +25,16 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import threading
 
 from migrate.residency import MADV_HUGEPAGE, MADV_POPULATE_WRITE, PAGE_SIZE, _madvise
 
 STEP = 2 << 20          # backed per call: a take() waits at most one step
+# The backing thread's nice value: a refill runs while the received guest runs,
+# and in the benchmark while another destination receives; it must not take a
+# core from either (10: a tenth of a normal thread's share when they compete).
+BACKGROUND_NICE = 10
 
 
 def _address(m: mmap.mmap) -> int:
@@ -70,6 +75,10 @@ class RamReserve:
         madvise = _madvise()
         if madvise is None:
             return
+        try:        # background work: yield to guests and migrations (Linux: nice is per thread)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+        except (OSError, AttributeError):
+            pass
         base = _address(m)
         madvise(ctypes.c_void_p(base), ctypes.c_size_t(self.size), MADV_HUGEPAGE)
         for off in range(0, self.size, STEP):
