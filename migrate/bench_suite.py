@@ -142,5 +142,6 @@ def suite(quick: bool, repeat: int, progress_factory, smoke: bool = False) -> di
         ("64 MiB protected guest, secure/plain downtime", "protected_secure_over_plain_downtime_x", "<=", 1.25, "x"),
     ]
     params = {"repeat": repeat, "full_ram_mib": full_mib, "sizes_mib": sizes, "dirty_cases": dirty_cases,
-              "precopy_policy": PrecopyPolicy().to_dict(), "transport": "loopback TCP, two processes"}
+              "precopy_policy": PrecopyPolicy().to_dict(), "transport": "loopback TCP, two processes",
+              "destination": "serve --reserve-ram 256: guest RAM backed before each migration arrives"}
     return {"name": "migration", "params": params, "figures": figures, "goals": goals, "series": series}

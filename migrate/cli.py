@@ -348,6 +348,7 @@ def _extend_run(run_parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------- serve
 def cmd_serve(args) -> int:
     from migrate.destination import Destination
+    from migrate.reserve import RamReserve
     from migrate.server import Server
     _refuse_source_options_without_target(args.parser, args)
     _state_files(args, "destination")
@@ -364,6 +365,7 @@ def cmd_serve(args) -> int:
         tmp.write_text(f"{server.address[1]}\n")
         os.replace(tmp, args.port_file)
     status, done = EXIT_OK, 0
+    reserve = RamReserve(args.reserve_ram << 20) if args.reserve_ram else None
     try:
         while args.forever or done < args.count:
             ch, peer = server.next_connection("busy: another migration is arriving")
@@ -371,7 +373,7 @@ def cmd_serve(args) -> int:
             dest, incoming = None, None
             try:
                 mode = lab_hooks.apply_destination(args, secure_cli.session_mode(args, _tpm_dir(args, "destination")))
-                dest = Destination(timeout=args.timeout, events=_events_printer(args), mode=mode)
+                dest = Destination(timeout=args.timeout, events=_events_printer(args), mode=mode, reserve=reserve)
                 incoming = dest.receive(ch, peer)
                 m = incoming.machine
             except MigrationError as exc:
@@ -384,6 +386,8 @@ def cmd_serve(args) -> int:
                     continue
             finally:
                 ch.close()
+                if reserve is not None:
+                    reserve.refill()        # backed while the guest runs, for the next one
             server.set_busy_reason("busy: running a migrated guest")
             if incoming is not None:
                 print(incoming.report.format(), file=sys.stderr, flush=True)     # stdout is the guest's console
@@ -400,6 +404,8 @@ def cmd_serve(args) -> int:
             done += 1
     finally:
         server.close()
+        if reserve is not None:
+            reserve.close()
     return status
 
 
@@ -422,6 +428,10 @@ def _add_serve(sub) -> None:
                    help="stop each received guest when its timer has delivered T ticks since boot "
                         "(compare with 'minivmm run GUEST --ticks T')")
     s.add_argument("--events", action="store_true", help="print VMM and migration events to stderr")
+    s.add_argument("--reserve-ram", type=mib, default=0, metavar="MIB",
+                   help="back MIB of guest RAM before a migration arrives (held while idle), so that "
+                        "receiving pages does not wait for the host to allocate and zero memory; a guest "
+                        "of up to MIB takes it (default: none)")
     migration_options(s, source=True)
     lab_hooks.add_serve_options(s)
     s.set_defaults(func=cmd_serve, parser=s)

@@ -75,7 +75,7 @@ def main(args) -> int:
         port_file = Path(tmp) / "port"
         child = subprocess.Popen(
             [sys.executable, "-m", "minivmm", "serve", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
-             "--tpm-dir", str(base / "destination"), *mode_args],
+             "--tpm-dir", str(base / "destination"), "--reserve-ram", str(ram >> 20), *mode_args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
         pumps = [threading.Thread(target=_pump, args=(child.stdout, b), daemon=True),
                  threading.Thread(target=_pump, args=(child.stderr, _Lines("B ! ")), daemon=True)]

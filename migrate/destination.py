@@ -75,8 +75,11 @@ class Incoming:
 
 class Destination:
     def __init__(self, *, timeout: float = 10.0, events: EventBus | None = None,
-                 min_rate: float = MIN_SESSION_RATE, mode=None):
+                 min_rate: float = MIN_SESSION_RATE, mode=None, reserve=None):
         self.mode = mode or PlainMode()     # the secure layer's seams (migrate/secure/mode.py)
+        # Guest RAM backed before the source's HELLO (migrate/reserve.py), or None:
+        # fresh RAM, backed region by region while pages arrive (Prefaulter).
+        self.reserve = reserve
         self.timeout = timeout
         self.min_rate = min_rate
         self.events = events or EventBus()
@@ -166,8 +169,9 @@ class Destination:
                     status = STATUS_VERSION if isinstance(exc, VersionMismatch) else STATUS_UNSUPPORTED
                     ch.send(RecordType.WELCOME, Welcome(status, str(exc)).encode())
                     raise
-                ram = GuestRAM(hello.ram_size)
-                prefault = self._prefault = Prefaulter(ram.host_address, ram.npages)
+                mapping, backed = self.reserve.take(hello.ram_size) if self.reserve else (None, False)
+                ram = GuestRAM(hello.ram_size, mapping=mapping)
+                prefault = self._prefault = Prefaulter(ram.host_address, ram.npages, backed=backed)
                 npages = ram.npages
                 hashes = StreamDigest(npages)
                 self.ram, self.hashes = ram, hashes

@@ -102,7 +102,8 @@ class Prefaulter:
     Unicorn's own allocations would wait for -- inside the downtime.  Best
     effort: does nothing where the call does not exist."""
 
-    def __init__(self, host_address: int, npages: int):
+    def __init__(self, host_address: int, npages: int, *, backed: bool = False):
+        """``backed``: the RAM is wholly backed already (``migrate/reserve.py``): nothing to do."""
         import ctypes
         import queue
         import threading
@@ -112,7 +113,7 @@ class Prefaulter:
         self.requested = np.zeros(-(-npages // REGION_PAGES), dtype=bool)
         self._queue: queue.Queue = queue.Queue()
         self._stopped = threading.Event()
-        self._madvise = _madvise()
+        self._madvise = None if backed else _madvise()
         if self._madvise is None:
             return
         # 2 MiB pages: one fault (and one zeroing pass) per 512 pages instead of

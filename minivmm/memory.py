@@ -23,12 +23,18 @@ MAX_RAM = 256 << 20
 
 
 class GuestRAM:
-    def __init__(self, size: int):
+    def __init__(self, size: int, mapping: mmap.mmap | None = None):
+        """``mapping``: an anonymous mapping of exactly ``size`` bytes, all zero, to
+        use instead of a new one (a migration destination's RAM backed ahead
+        of time: ``migrate/reserve.py``)."""
         if size % PAGE_SIZE or not MIN_RAM <= size <= MAX_RAM:
             raise VmmError(f"guest RAM must be a page multiple in [{MIN_RAM >> 20}, "
                            f"{MAX_RAM >> 20}] MiB, not {size} bytes")
+        if mapping is not None and len(mapping) != size:
+            raise VmmError(f"a mapping of {len(mapping)} bytes cannot hold {size} bytes of guest RAM")
         self.size = size
-        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)   # zero-filled
+        self._map = mapping if mapping is not None else \
+            mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)   # zero-filled
         self._cbuf = (ctypes.c_ubyte * size).from_buffer(self._map)
         self.view = memoryview(self._map)
         self.array = np.frombuffer(self._map, dtype=np.uint8)
