@@ -291,6 +291,61 @@ def test_a_tpm_reset_or_resume_between_the_quotes_releases_nothing(tmp_path, how
     assert src.verdicts == ["ok", "KeyReleaseRefused"]
 
 
+class ResetAfterItsLastQuote(SecureMode):
+    """The same after the last final quote, before KEY_RELEASE is opened: the
+    source saw nothing (its last quote was genuine and unchanged); the PCR
+    policy of the sealed release key holds again after the re-measure."""
+    remeasure = None
+
+    def destination_final(self, ch):
+        self._final_quote.result()
+        trust, name = self.remeasure
+        _reconfigure(self.attestor.tpm, b"an unapproved VMM ran here")
+        trust.host(name, role="destination")
+        return super().destination_final(ch)
+
+
+def test_a_tpm_reset_after_the_last_final_quote_opens_no_key(tmp_path):
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    before = _pcrs(b)
+    m = guest()
+    keys = dict(m.protection._keys)
+    attestor_b = trust.mode(b).attestor
+    hostile = type("R", (ResetAfterItsLastQuote,), {"remeasure": (trust, "b")})
+    m, res = migrate(trust.mode(a), lambda: hostile(attestor_b))
+    assert _pcrs(b) == before
+    assert isinstance(res["error"], KeyReleaseRefused), res
+    assert "refuses to open the release key: the TPM was reset or restarted" in str(res["error"])
+    assert "the TPM was reset or restarted" in str(res["source_error"])     # told (sealed ABORT)
+    assert "incoming" not in res and "report" not in res
+    assert_home_intact(m, keys, res)
+
+
+@pytest.mark.parametrize("how", ["reset", "resume"])
+def test_the_release_key_opens_only_in_the_boot_it_was_sealed_in(tmp_path, how):
+    """The release key's PCR policy holds again after a reset and the same
+    measured start (or a resume): the boot it was sealed in must hold too."""
+    from test_secure_attacks import _kat_keys
+    trust = Trust(tmp_path)
+    b = trust.host("b", role="destination")
+    tpm = SoftTpm.open(b, startup=None)
+    keys = _kat_keys()
+    release = keyrelease.ReleaseKey(tpm)
+    body = keyrelease.wrap(b"process keys", release.public, keys)
+    assert release.open(body, keys) == b"process keys"
+    before = _pcrs(b)
+    if how == "reset":
+        trust.host("b", role="destination")
+    else:
+        tpm.resume()
+    assert _pcrs(b) == before
+    with pytest.raises(KeyReleaseRefused, match="the TPM was reset or restarted"):
+        release.open(body, keys)
+    loose = keyrelease.ReleaseKey(tpm, seal=False)      # --insecure toctou: no such check
+    assert loose.open(keyrelease.wrap(b"k", loose.public, keys), keys) == b"k"
+
+
 class AnotherTpmAnswers(Hostile):
     """The attested host changes (PCR 9); its final quotes come from a second,
     clean TPM (same issuer, same approved measurements, another AK), which
