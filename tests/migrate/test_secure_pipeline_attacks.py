@@ -151,6 +151,7 @@ def refused_at_home(m, keys, res, err_type, *words):
     if "relay" in res:          # nothing secret crossed: no KEY_RELEASE (nor COMMIT) was sent
         sent = [t for t, _ in res["relay"].seen]
         assert RecordType.KEY_RELEASE not in sent and RecordType.COMMIT not in sent, sent
+        assert RecordType.STATE not in sent, "no part of the state document crossed"
     assert_home_intact(m, keys, res)
 
 
@@ -181,8 +182,10 @@ def test_a_later_final_quote_showing_a_change_releases_nothing(tmp_path, at):
     m, res = migrate(src, lambda: hostile(attestor_b))
     refused_at_home(m, keys, res, KeyReleaseRefused, "no process key released",
                     "PCR 9 changed since attestation", "time-of-check/time-of-use")
-    # round k's verification is joined when round k+1's quote arrives, or before the pause
+    # round k's verification is joined when round k+1's quote arrives, or before the
+    # pause: the guest never paused (no stop-and-copy round began)
     assert len(res["mode"].sent) == min(at + 2, ROUNDS)
+    assert [t for t, _ in res["relay"].seen].count(RecordType.ROUND_BEGIN) == min(at + 2, ROUNDS)
     assert src.verdicts == ["ok"] * at + ["KeyReleaseRefused"]
 
 
@@ -229,26 +232,34 @@ def test_a_final_quote_replayed_from_an_earlier_round_releases_nothing(tmp_path)
 
 
 class BadThenGood(Hostile):
-    """Round 0's quote is over a nonce of its own choosing (it fails
-    verification); every later quote is genuine and good.  A source that let
-    a newer verification replace an older, failed one would release."""
+    """Round 0's quote is bad (over a nonce of its own choosing, cut short, or
+    garbage); every later quote is genuine and good.  A source that let a
+    newer verification replace an older, failed one would release."""
+    bad = "nonce"
+
     def quote_for(self, k, genuine):
         if k:
             return genuine
+        if self.bad == "cut":
+            return genuine[:-1]
+        if self.bad == "garbage":
+            return bytes(range(256)) * 8
         binding = keyrelease.binding(self.keys.transcript, self._release.public)
         return self.attestor.quote(bytes(32), binding)
 
 
-def test_an_older_failed_final_quote_is_not_forgotten_for_a_newer_good_one(tmp_path):
+@pytest.mark.parametrize("bad,why", [("nonce", "stale nonce or quote bound to another session"),
+                                     ("cut", "malformed evidence"), ("garbage", "malformed evidence")])
+def test_an_older_failed_final_quote_is_not_forgotten_for_a_newer_good_one(tmp_path, bad, why):
     trust = Trust(tmp_path)
     a, b = trust.host("a"), trust.host("b", role="destination")
     m = guest()
     keys = dict(m.protection._keys)
     src = Watched(trust.mode(a).attestor)
     attestor_b = trust.mode(b).attestor
-    m, res = migrate(src, lambda: BadThenGood(attestor_b))
-    refused_at_home(m, keys, res, KeyReleaseRefused, "no process key released",
-                    "stale nonce or quote bound to another session")
+    hostile = type("B", (BadThenGood,), {"bad": bad})
+    m, res = migrate(src, lambda: hostile(attestor_b))
+    refused_at_home(m, keys, res, KeyReleaseRefused, "no process key released", why)
     # refused when round 1's quote arrived (round 0's verification joined then),
     # whatever round 1's own verification said
     assert src.verdicts[0] == "KeyReleaseRefused" and len(res["mode"].sent) == 2
