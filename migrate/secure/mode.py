@@ -38,7 +38,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
-from migrate.errors import ProtocolError, Refused
+from migrate.errors import MigrationError, ProtocolError, Refused
 from migrate.jsonscan import Limits, ScanError, loads_bounded
 from migrate.messages import STATUS_NAMES, STATUS_OK, Welcome, decode_reason
 from migrate.secure import commit, generation, keyrelease, rollback
@@ -70,6 +70,17 @@ def _background(work, name: str, *, now: bool = False):
     future = pool.submit(run)
     pool.shutdown(wait=False)
     return future
+
+
+def _named(future, what: str):
+    """``future.result()``; a failure that is not already a MigrationError
+    (an OSError of this host's TPM or disk) becomes a SecurityError naming ``what``."""
+    try:
+        return future.result()
+    except MigrationError:
+        raise
+    except Exception as exc:                    # noqa: BLE001 - named, and fails closed
+        raise SecurityError(f"{what}: {type(exc).__name__}: {exc}; the migration stops here") from exc
 
 
 def _canonical(doc) -> bytes:
@@ -391,8 +402,7 @@ class SecureMode(PlainMode):
         def finish():
             self._verification()
             self._remembered()
-            if self._marking is not None:
-                self._marking.result()
+            self._marked()
         return finish
 
     def _check_final(self, evidence: bytes, nonce: bytes, r_pub: bytes) -> bytes:
@@ -422,7 +432,7 @@ class SecureMode(PlainMode):
         if self.on("ordering"):
             def prepare():
                 self._remembered()      # one TPM user at a time: the generation's NV write first
-                self._marking.result()
+                self._marked()
                 escrow = commit.escrow_keys(machine, self.attestor.tpm)
                 self._mark.commit(self.vm[1], peer, escrow)
                 return escrow
@@ -468,10 +478,19 @@ class SecureMode(PlainMode):
 
     # ----------------------------------------------------------------- commit
     def _remembered(self) -> None:
-        """Wait for the TPM to record the spent generation (fail closed if it could not)."""
+        """Wait for the TPM to record the spent generation (fail closed if it could not).
+        A failure of this host's own TPM or disk is a refusal like any other: a
+        named MigrationError that stops the migration before COMMIT (the guest
+        runs on here), never a raw OSError that ends the VMM and its only copy
+        of the guest with it (test_secure_pipeline_attacks)."""
         if self._remember is not None:
             done, self._remember = self._remember, None
-            done.result()
+            _named(done, "this host's TPM could not record the VM's spent generation")
+
+    def _marked(self) -> None:
+        """Wait for the pending migrated-away mark to be durable (fail closed as above)."""
+        if self._marking is not None:
+            _named(self._marking, "the migrated-away mark could not be made durable")
 
     def before_commit(self, machine, peer: str) -> None:
         t0 = time.perf_counter()
@@ -507,7 +526,10 @@ class SecureMode(PlainMode):
             commit.restore_keys(machine, self.attestor.tpm, self._escrow)
             self._escrow = None
         if self._mark is not None:
-            self._mark.undo()
+            try:
+                self._mark.undo()
+            except OSError:     # a disk that failed the mark fails its undo too: the keys are back
+                self._mark.close()      # and the guest runs; the mark stays "pending" (rollback.py)
             self._mark = None
 
     def save_recovery(self, machine, path) -> str | None:

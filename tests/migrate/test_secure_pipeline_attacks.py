@@ -24,7 +24,7 @@ from migrate.precopy import PrecopyPolicy
 from migrate.secure import keyrelease
 from migrate.secure.attest import Attestor
 from migrate.secure.channel import SealedChannel
-from migrate.secure.errors import AttestationFailed, KeyReleaseRefused
+from migrate.secure.errors import AttestationFailed, KeyReleaseRefused, SecurityError
 from migrate.secure.mode import SecureMode
 from migrate.server import Server
 from migrate.source import MIGRATED, Source
@@ -440,6 +440,49 @@ def test_a_duplicated_or_early_final_quote_is_refused_before_release(tmp_path, h
     cls = type("D", (hostile,), {"at": at})
     m, res = migrate(trust.mode(a), lambda: cls(attestor_b))
     refused_at_home(m, keys, res, ProtocolError, "expected ROUND_ACK, destination sent FINAL_QUOTE")
+
+
+# ------------------ the source's own NV write and mark, beside pre-copy
+class OwnTpmFails(SecureMode):
+    """A source whose own TPM cannot record the spent generation (NV write), or
+    whose disk cannot make the migrated-away mark durable: both run beside
+    pre-copy and must stop the migration before the pause, with nothing sent."""
+    fails = "nv"
+
+    def source_handshake(self, ch, hello_body):
+        super().source_handshake(ch, hello_body)
+        if self.fails == "nv":
+            self._remember.result()         # (the real write ran: only its outcome is replaced)
+            self._remember = _failed(OSError("nv: TPM NV write failed (injected)"))
+        else:
+            self._marking.result()
+            self._marking = _failed(OSError("mark: fdatasync failed (injected)"))
+
+
+def _failed(exc):
+    from concurrent.futures import Future
+    f = Future()
+    f.set_exception(exc)
+    return f
+
+
+@pytest.mark.parametrize("fails", ["nv", "mark"])
+def test_a_source_whose_own_nv_write_or_mark_fails_stops_before_the_pause(tmp_path, fails):
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    m = guest()
+    keys = dict(m.protection._keys)
+    src = type("F", (OwnTpmFails,), {"fails": fails})(trust.mode(a).attestor)
+    attestor_b = trust.mode(b).attestor
+    m, res = migrate(src, lambda: SecureMode(attestor_b))
+    err = res["source_error"]           # a named refusal, not a raw OSError (the VMM would die)
+    what = {"nv": "this host's TPM could not record the VM's spent generation",
+            "mark": "the migrated-away mark could not be made durable"}[fails]
+    assert isinstance(err, SecurityError) and what in str(err) and "injected" in str(err), res
+    assert "incoming" not in res and "error" in res
+    sent = [t for t, _ in res["relay"].seen]
+    assert RecordType.STATE not in sent and RecordType.KEY_RELEASE not in sent, sent
+    assert_home_intact(m, keys, res)
 
 
 # ----------------------------- 2. the source's quote goes first, to a rogue
