@@ -451,12 +451,21 @@ class OwnTpmFails(SecureMode):
 
     def source_handshake(self, ch, hello_body):
         super().source_handshake(ch, hello_body)
+        if self.fails == "escrow":
+            return
         if self.fails == "nv":
             self._remember.result()         # (the real write ran: only its outcome is replaced)
             self._remember = _failed(OSError("nv: TPM NV write failed (injected)"))
         else:
             self._marking.result()
             self._marking = _failed(OSError("mark: fdatasync failed (injected)"))
+
+
+    def at_pause(self, machine, peer):
+        super().at_pause(machine, peer)
+        if self.fails == "escrow":          # sealing the paused guest's keys, or the mark's fdatasync
+            self._committing.result()
+            self._committing = _failed(OSError("escrow: TPM seal failed (injected)"))
 
 
 def _failed(exc):
@@ -466,8 +475,10 @@ def _failed(exc):
     return f
 
 
-@pytest.mark.parametrize("fails", ["nv", "mark"])
+@pytest.mark.parametrize("fails", ["nv", "mark", "escrow"])
 def test_a_source_whose_own_nv_write_or_mark_fails_stops_before_the_pause(tmp_path, fails):
+    """(escrow: at the pause, so after KEY_RELEASE went to the verified
+    destination; it stops before COMMIT, and the destination discards.)"""
     trust = Trust(tmp_path)
     a, b = trust.host("a"), trust.host("b", role="destination")
     m = guest()
@@ -477,11 +488,14 @@ def test_a_source_whose_own_nv_write_or_mark_fails_stops_before_the_pause(tmp_pa
     m, res = migrate(src, lambda: SecureMode(attestor_b))
     err = res["source_error"]           # a named refusal, not a raw OSError (the VMM would die)
     what = {"nv": "this host's TPM could not record the VM's spent generation",
-            "mark": "the migrated-away mark could not be made durable"}[fails]
+            "mark": "the migrated-away mark could not be made durable",
+            "escrow": "the process keys could not be sealed to this host's TPM and marked"}[fails]
     assert isinstance(err, SecurityError) and what in str(err) and "injected" in str(err), res
     assert "incoming" not in res and "error" in res
     sent = [t for t, _ in res["relay"].seen]
-    assert RecordType.STATE not in sent and RecordType.KEY_RELEASE not in sent, sent
+    assert RecordType.COMMIT not in sent
+    if fails != "escrow":
+        assert RecordType.STATE not in sent and RecordType.KEY_RELEASE not in sent, sent
     assert_home_intact(m, keys, res)
 
 
