@@ -496,7 +496,8 @@ class SecureMode(PlainMode):
         t0 = time.perf_counter()
         self._remembered()
         if self.on("ordering"):
-            self._escrow = self._committing.result()    # escrowed and marked since the pause
+            self._escrow = _named(self._committing,     # escrowed and marked since the pause
+                                  "the process keys could not be sealed to this host's TPM and marked")
             self._committing = None
             commit.destroy_keys(machine)
         self._time("commit", t0)

@@ -189,15 +189,19 @@ def test_a_later_final_quote_showing_a_change_releases_nothing(tmp_path, at):
     assert src.verdicts == ["ok"] * at + ["KeyReleaseRefused"]
 
 
-def test_with_toctou_off_a_later_changed_final_quote_gets_the_keys(tmp_path):
-    """The same attack with --insecure toctou on both ends: the keys go out and
-    the changed destination runs the protected process to its end."""
+@pytest.mark.parametrize("attack", ["change", "reset"])
+def test_with_toctou_off_a_later_changed_final_quote_gets_the_keys(tmp_path, attack):
+    """The same attacks (a PCR changed in round 1; a TPM reset and measured
+    again before round 1's quote) with --insecure toctou on both ends: the keys
+    go out and the changed destination runs the protected process to its end."""
     trust = Trust(tmp_path, configurations=({"insecure": ("toctou",)},))
     a = trust.host("a", insecure=("toctou",))
     b = trust.host("b", insecure=("toctou",), role="destination")
     attestor_b = trust.mode(b).attestor
+    hostile = ChangesInRound if attack == "change" else \
+        type("R", (ResetInRound,), {"remeasure": (trust, "b", ("toctou",))})
     m, res = migrate(trust.mode(a, insecure=("toctou",)),
-                     lambda: ChangesInRound(attestor_b, insecure=("toctou",)))
+                     lambda: hostile(attestor_b, insecure=("toctou",)))
     assert res["report"].outcome == "completed", res
     d = res["incoming"].machine
     assert m.halted == MIGRATED and d.exits == {1: 0, 2: 0}
@@ -272,14 +276,15 @@ class ResetInRound(Hostile):
     the same: only the TPM's resetCount (restartCount, for a resume) shows that
     the PCRs were cleared, and whatever ran in between was never quoted."""
     at = 1
-    remeasure = None            # (Trust, host name, role), set by the test
+    remeasure = None            # (Trust, host name[, defences off]), set by the test
 
     def before_quote(self, k):
         if k == self.at:
-            trust, name = self.remeasure
+            trust, name, *off = self.remeasure
             # In between: something unapproved is measured (and runs) ...
             _reconfigure(self.attestor.tpm, b"an unapproved VMM ran here")
-            trust.host(name, role="destination")       # ... then: reset, the approved VMM again
+            # ... then: reset, the approved VMM again
+            trust.host(name, role="destination", insecure=tuple(off[0]) if off else ())
 
 
 class ResumedInRound(Hostile):
