@@ -407,6 +407,36 @@ def test_a_final_quote_from_another_tpm_releases_nothing(tmp_path):
     assert src.verdicts == ["KeyReleaseRefused"]
 
 
+class NewReleaseKeyInRound(Hostile):
+    """Round 1's FINAL_QUOTE names a new release key R' (made now, after the
+    handshake's seal; a genuine quote bound to R'): the keys would be wrapped
+    to a key that was not sealed when the handshake's PCRs were quoted."""
+    def quote_for(self, k, genuine):
+        if k == 1:
+            self._release = keyrelease.ReleaseKey(self.attestor.tpm, seal=False)
+            binding = keyrelease.binding(self.keys.transcript, self._release.public)
+            return self.attestor.quote(self._nonces[1], binding)
+        return genuine
+
+    def take(self, ch, rec):
+        if rec.type is RecordType.FRESH_NONCE:
+            self._nonces = getattr(self, "_nonces", []) + [bytes(rec.body)]
+        return super().take(ch, rec)
+
+
+def test_a_release_key_changed_between_final_quotes_releases_nothing(tmp_path):
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    m = guest()
+    keys = dict(m.protection._keys)
+    src = Watched(trust.mode(a).attestor)
+    attestor_b = trust.mode(b).attestor
+    m, res = migrate(src, lambda: NewReleaseKeyInRound(attestor_b))
+    refused_at_home(m, keys, res, KeyReleaseRefused, "no process key released",
+                    "release key changed between two final quotes")
+    assert src.verdicts == ["ok"]       # refused as round 1's quote arrived, before verifying it
+
+
 # --------------------------------- 3. other orders: duplicated or early quotes
 class DuplicateFinalQuote(Hostile):
     """Sends round ``at``'s FINAL_QUOTE twice: the second arrives where the
