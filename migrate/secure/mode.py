@@ -309,10 +309,15 @@ class SecureMode(PlainMode):
         if self.on("replay"):
             # Advanced durably (NV writes, fsyncs: ~5-20 ms) beside the pre-copy rounds;
             # waited for before PREPARED, so the VM never resumes here without it.
-            self._accepting = _background(lambda: generation.accept(self.attestor.tpm, vm_id, gen),
-                                          "secure-generation")
+            self._accepting = self._advance_generation(vm_id, gen)
         self.vm = (vm_id, gen)
         self._time("attestation", t0)
+
+    def _advance_generation(self, vm_id: str, gen: int):
+        """Destination: the VM's generation written to this TPM's NV counter, on a
+        thread (its future).  Joined before the first FINAL_QUOTE, before PREPARED,
+        and when the session fails (``discarded``)."""
+        return _background(lambda: generation.accept(self.attestor.tpm, vm_id, gen), "secure-generation")
 
     # ------------------------------------------------------------ final phase
     def split_state(self, doc: dict):

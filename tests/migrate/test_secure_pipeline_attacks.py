@@ -24,7 +24,7 @@ from migrate.precopy import PrecopyPolicy
 from migrate.secure import keyrelease
 from migrate.secure.attest import Attestor
 from migrate.secure.channel import SealedChannel
-from migrate.secure.errors import AttestationFailed, KeyReleaseRefused, SecurityError
+from migrate.secure.errors import AttestationFailed, KeyReleaseRefused, SecurityError, StaleGeneration
 from migrate.secure.mode import SecureMode
 from migrate.server import Server
 from migrate.source import MIGRATED, Source
@@ -532,6 +532,59 @@ def test_a_source_whose_own_nv_write_or_mark_fails_stops_before_the_pause(tmp_pa
     if fails != "escrow":
         assert RecordType.STATE not in sent and RecordType.KEY_RELEASE not in sent, sent
     assert_home_intact(m, keys, res)
+
+
+# ------------------ the destination's NV write, beside pre-copy
+class _Lazy:
+    """A future whose work runs only when someone waits for it: an NV write
+    slower than anything else in the session, deterministically."""
+    def __init__(self, work):
+        self._work, self._done = work, None
+
+    def result(self, timeout=None):
+        if self._done is None:
+            self._done = _done(None)
+            self._work()
+        return self._done.result()
+
+    def done(self):
+        return self._done is not None
+
+
+class AbortsInRoundZero(SecureMode):
+    """An honest source whose migration fails after attestation (its guest,
+    its disk, a cut: here it gives up as round 0 begins)."""
+    def round_begins(self, ch):
+        raise MigrationError("the source gives up (injected)")
+
+
+def test_a_failed_session_leaves_the_generation_durable_before_the_next_one(tmp_path):
+    """The destination advances the VM's generation beside pre-copy; a session
+    that fails after attestation must not free the destination for the next
+    session before that write is durable: else a copy of the VM announcing the
+    same generation could pass the check meanwhile (a second running copy)."""
+    from migrate.secure import generation
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    attestor_b = trust.mode(b).attestor
+    m = guest()
+    vm_id = m.migration_identity[0]
+    m, res = migrate(AbortsInRoundZero(trust.mode(a).attestor), lambda: _SlowNoEarlyWrite(attestor_b),
+                     m, via=None)
+    assert "the source gives up" in str(res["source_error"]) and "error" in res
+    assert m.migration_identity[1] == 1                 # the source spent generation 1
+    # the destination's session is over: the generation it accepted is durable
+    tpm = SoftTpm.open(b, startup=None)
+    assert tpm.counter_read(generation.counter_name(vm_id)) == 1
+    with pytest.raises(StaleGeneration, match="generation 1 is not newer than 1"):
+        generation.check(tpm, vm_id, 1)
+
+
+class _SlowNoEarlyWrite(SecureMode):
+    """Destination: its generation write runs only when waited for."""
+    def _advance_generation(self, vm_id, gen):
+        from migrate.secure import generation
+        return _Lazy(lambda: generation.accept(self.attestor.tpm, vm_id, gen))
 
 
 # ----------------------------- 2. the source's quote goes first, to a rogue
