@@ -25,6 +25,7 @@ seam                      where                                   plain mode
 ``undo_commit``           source, any failure before COMMIT went   nothing
 ``check_commit``          destination, on COMMIT                  nothing
 ``resumed(machine)``      destination, after it resumed           nothing
+``discarded()``           destination, the session failed         nothing
 =======================  ======================================  =====================
 
 ``SecureMode`` implements them with the modules of this package; each
@@ -152,6 +153,9 @@ class PlainMode:
 
     def resumed(self, machine) -> None:
         pass
+
+    def discarded(self) -> None:
+        """Destination: the session failed; finish what it left running."""
 
     def save_recovery(self, machine, path) -> str | None:
         """After an unconfirmed commit: None (the caller saves a plain state file)."""
@@ -552,3 +556,14 @@ class SecureMode(PlainMode):
 
     def resumed(self, machine) -> None:
         machine.migration_identity = self.vm
+
+    def discarded(self) -> None:
+        """The VM's generation, once accepted here, is durable before this session
+        ends, even a failed one: the destination takes its next session only then,
+        so a copy of the VM announcing the same generation cannot pass the check
+        while the write is still on its way (test_secure_pipeline_attacks)."""
+        if self._accepting is not None:
+            try:
+                self._accepting.result()
+            except Exception:                   # noqa: BLE001 - the session failed already
+                pass
