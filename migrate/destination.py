@@ -114,6 +114,7 @@ class Destination:
                     ch.send(RecordType.ABORT, encode_reason(f"{type(exc).__name__}: {exc}"))
                 except MigrationError:
                     pass
+            self.mode.discarded()           # secure: the generation's NV write, if any, is durable
             report.outcome, report.error = "aborted", f"{type(exc).__name__}: {exc}"
             report.phases = dict(self.mode.phases)
             report.total_seconds = clock.now() - self._t0

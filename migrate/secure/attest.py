@@ -21,7 +21,8 @@ import hmac
 import threading
 from pathlib import Path
 
-from tpm import AttestationPolicy, AttestationResult, SoftTpm, Verifier, bind_nonce, load_trust_anchor
+from tpm import (AttestationPolicy, AttestationResult, SoftTpm, Verifier, bind_nonce, load_trust_anchor,
+                 require_same_boot)
 from tpm import errors as tpm_errors
 from tpm.measure import VMM_PCRS
 
@@ -125,10 +126,22 @@ class Attestor:
 
 def same_state(first: AttestationResult, second: AttestationResult) -> str | None:
     """None if ``second`` proves the same TPM in the same measured state as
-    ``first``; otherwise what differs (compared in constant time)."""
+    ``first``, without a TPM Reset or Restart in between; otherwise what
+    differs (compared in constant time).
+
+    Equal PCRs alone do not mean "unchanged since": a reset clears them, and
+    a host that is reset (rebooted, or another VMM started on its TPM: a
+    measured start is a TPM Reset), runs something unapproved, and is reset
+    again into the attested VMM shows the attested values again, under the
+    same AK.  Only the quotes' resetCount and restartCount show it
+    (``tpm.require_same_boot``); hostile review, test_secure_pipeline_attacks."""
     if not hmac.compare_digest(first.ak_name, second.ak_name):
         return "a different TPM answered the final quote"
     for pcr, value in first.pcr_values.items():
         if not hmac.compare_digest(value, second.pcr_values.get(pcr, b"")):
             return f"PCR {pcr} changed since attestation"
+    try:
+        require_same_boot(first, second)
+    except tpm_errors.TpmRestartError as exc:
+        return f"TPM was reset or restarted since attestation: {exc}"
     return None

@@ -16,7 +16,9 @@ while its PCRs still hold those values:
    ``E || AES-256-GCM(k, secret)`` with ``k = HKDF(X25519(e, R) || release key
    of the session, salt = transcript, info = label || R || E)``;
 3. the destination asks its TPM to unseal the release private key -- refused
-   (``UnsealError``) if any of PCRs 8-10 changed after the quote -- and decrypts.
+   (``UnsealError``) if any of PCRs 8-10 changed after the quote, or if the TPM
+   was reset or restarted since the seal (which can bring the same PCR values
+   back) -- and decrypts.
 
 This is the "equivalent you justify" of a TPM-resident decryption key with a
 PCR policy: the soft TPM has no asymmetric decrypt, so the private half lives
@@ -65,6 +67,7 @@ class ReleaseKey:
                                     serialization.NoEncryption())
         self._tpm = tpm
         # --insecure toctou keeps the private half in memory instead.
+        self._boot = _boot(tpm) if seal else None
         self._blob = tpm.seal(raw, list(QUOTED_PCRS)) if seal else None
         self._raw = None if seal else raw
 
@@ -79,6 +82,17 @@ class ReleaseKey:
             except tpm_errors.UnsealError as exc:
                 raise KeyReleaseRefused(f"this TPM refuses to unseal the release key: the PCRs changed "
                                         f"since the final quote ({exc})") from None
+            # The PCR policy alone holds again after a TPM Reset and the same
+            # measured start (PCRs cleared, something unapproved run, the attested
+            # VMM measured again): the key opens only in the boot it was sealed
+            # in.  Checked after the unseal: the counts never go back, so equal
+            # now means no reset or restart since the seal.  (A hardware TPM
+            # would put this in the sealed object's policy: TPM2_PolicyCounterTimer
+            # on resetCount and restartCount.)
+            if _boot(self._tpm) != self._boot:
+                raise KeyReleaseRefused("this TPM refuses to open the release key: the TPM was reset or "
+                                        "restarted since the release key was sealed (its PCRs were cleared "
+                                        "and measured again)")
         else:
             raw = self._raw
         try:
@@ -91,6 +105,12 @@ class ReleaseKey:
         except InvalidTag:
             raise KeyReleaseRefused("KEY_RELEASE failed authentication (not wrapped for this release key)") \
                 from None
+
+
+def _boot(tpm) -> tuple[int, int]:
+    """Which boot of the TPM this is: (resetCount, restartCount)."""
+    info = tpm.clock_info()
+    return info.reset_count, info.restart_count
 
 
 def wrap(secret: bytes, r_pub: bytes, keys) -> bytes:

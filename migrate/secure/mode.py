@@ -25,6 +25,7 @@ seam                      where                                   plain mode
 ``undo_commit``           source, any failure before COMMIT went   nothing
 ``check_commit``          destination, on COMMIT                  nothing
 ``resumed(machine)``      destination, after it resumed           nothing
+``discarded()``           destination, the session failed         nothing
 =======================  ======================================  =====================
 
 ``SecureMode`` implements them with the modules of this package; each
@@ -38,7 +39,7 @@ import time
 from concurrent.futures import wait
 from pathlib import Path
 
-from migrate.errors import ProtocolError, Refused
+from migrate.errors import MigrationError, ProtocolError, Refused
 from migrate.jsonscan import Limits, ScanError, loads_bounded
 from migrate.messages import STATUS_NAMES, STATUS_OK, Welcome, decode_reason
 from migrate.secure import commit, generation, keyrelease, rollback
@@ -55,6 +56,17 @@ MAX_SECRET = 8 << 20
 # a page entry is one list of ~110 bytes.
 SECRET_LIMITS = Limits(max_depth=8, max_containers=MAX_SECRET // 64, max_values=MAX_SECRET // 4,
                        max_strings=MAX_SECRET // 16)
+
+
+def _named(future, what: str):
+    """``future.result()``; a failure that is not already a MigrationError
+    (an OSError of this host's TPM or disk) becomes a SecurityError naming ``what``."""
+    try:
+        return future.result()
+    except MigrationError:
+        raise
+    except Exception as exc:                    # noqa: BLE001 - named, and fails closed
+        raise SecurityError(f"{what}: {type(exc).__name__}: {exc}; the migration stops here") from exc
 
 
 def _canonical(doc) -> bytes:
@@ -127,6 +139,9 @@ class PlainMode:
 
     def resumed(self, machine) -> None:
         pass
+
+    def discarded(self) -> None:
+        """Destination: the session failed; finish what it left running."""
 
     def save_recovery(self, machine, path) -> str | None:
         """After an unconfirmed commit: None (the caller saves a plain state file)."""
@@ -284,9 +299,15 @@ class SecureMode(PlainMode):
         if self.on("replay"):
             # Advanced durably (NV writes, fsyncs: ~5-20 ms) beside the pre-copy rounds;
             # waited for before PREPARED, so the VM never resumes here without it.
-            self._accepting = background(lambda: generation.accept(self.attestor.tpm, vm_id, gen))
+            self._accepting = self._advance_generation(vm_id, gen)
         self.vm = (vm_id, gen)
         self._time("attestation", t0)
+
+    def _advance_generation(self, vm_id: str, gen: int):
+        """Destination: the VM's generation written to this TPM's NV counter, on a
+        worker (its future).  Joined before the first FINAL_QUOTE, before PREPARED,
+        and when the session fails (``discarded``)."""
+        return background(lambda: generation.accept(self.attestor.tpm, vm_id, gen))
 
     # ------------------------------------------------------------ final phase
     def split_state(self, doc: dict):
@@ -376,8 +397,7 @@ class SecureMode(PlainMode):
         def finish():
             self._verification()
             self._remembered()
-            if self._marking is not None:
-                self._marking.result()
+            self._marked()
         # On a worker, not a thread started now: a thread start waits for the
         # GIL, which the guest's thread holds between its slices (workers.py).
         return background(finish, now=True)
@@ -409,7 +429,7 @@ class SecureMode(PlainMode):
         if self.on("ordering"):
             def prepare():
                 self._remembered()      # one TPM user at a time: the generation's NV write first
-                self._marking.result()
+                self._marked()
                 escrow = commit.escrow_keys(machine, self.attestor.tpm)
                 self._mark.commit(self.vm[1], peer, escrow)
                 return escrow
@@ -455,16 +475,26 @@ class SecureMode(PlainMode):
 
     # ----------------------------------------------------------------- commit
     def _remembered(self) -> None:
-        """Wait for the TPM to record the spent generation (fail closed if it could not)."""
+        """Wait for the TPM to record the spent generation (fail closed if it could not).
+        A failure of this host's own TPM or disk is a refusal like any other: a
+        named MigrationError that stops the migration before COMMIT (the guest
+        runs on here), never a raw OSError that ends the VMM and its only copy
+        of the guest with it (test_secure_pipeline_attacks)."""
         if self._remember is not None:
             done, self._remember = self._remember, None
-            done.result()
+            _named(done, "this host's TPM could not record the VM's spent generation")
+
+    def _marked(self) -> None:
+        """Wait for the pending migrated-away mark to be durable (fail closed as above)."""
+        if self._marking is not None:
+            _named(self._marking, "the migrated-away mark could not be made durable")
 
     def before_commit(self, machine, peer: str) -> None:
         t0 = time.perf_counter()
         self._remembered()
         if self.on("ordering"):
-            self._escrow = self._committing.result()    # escrowed and marked since the pause
+            self._escrow = _named(self._committing,     # escrowed and marked since the pause
+                                  "the process keys could not be sealed to this host's TPM and marked")
             self._committing = None
             commit.destroy_keys(machine)
         self._time("commit", t0)
@@ -494,7 +524,10 @@ class SecureMode(PlainMode):
             commit.restore_keys(machine, self.attestor.tpm, self._escrow)
             self._escrow = None
         if self._mark is not None:
-            self._mark.undo()
+            try:
+                self._mark.undo()
+            except OSError:     # a disk that failed the mark fails its undo too: the keys are back
+                self._mark.close()      # and the guest runs; the mark stays "pending" (rollback.py)
             self._mark = None
 
     def save_recovery(self, machine, path) -> str | None:
@@ -511,3 +544,14 @@ class SecureMode(PlainMode):
 
     def resumed(self, machine) -> None:
         machine.migration_identity = self.vm
+
+    def discarded(self) -> None:
+        """The VM's generation, once accepted here, is durable before this session
+        ends, even a failed one: the destination takes its next session only then,
+        so a copy of the VM announcing the same generation cannot pass the check
+        while the write is still on its way (test_secure_pipeline_attacks)."""
+        if self._accepting is not None:
+            try:
+                self._accepting.result()
+            except Exception:                   # noqa: BLE001 - the session failed already
+                pass
