@@ -549,3 +549,40 @@ def test_the_secret_part_of_the_state_is_checked_before_it_is_merged(tmp_path):
     assert len(edge) == MAX_SECRET and mode.merge_state(doc, edge)["protection"] is None
     with pytest.raises(ProtocolError, match="too large"):
         mode.merge_state(doc, edge + b" ")
+
+
+def test_the_secret_part_is_bounded_as_documented_at_each_edge(tmp_path):
+    """A hostile but attested source controls the secret part it wraps in KEY_RELEASE:
+    it is held to the documented 8 MiB (docs/protocol.md, the KEY_RELEASE row) and to
+    the scanner's limits derived from it (nesting 8, MAX_SECRET/64 arrays and objects,
+    MAX_SECRET/4 separators, MAX_SECRET/16 strings), each taken at its edge and
+    refused one past it, before ``json.loads`` builds anything."""
+    from migrate.errors import ProtocolError
+    from migrate.secure.mode import MAX_SECRET
+    from migrate.wire import MAX_KEY_RELEASE
+    assert MAX_SECRET == 8 << 20 == MAX_KEY_RELEASE
+    trust = Trust(tmp_path)
+    mode = trust.mode(trust.host("b", role="destination"))
+    mode.vm = ("a" * 32, 5)
+    doc = {"identity": {"vm_id": "a" * 32, "generation": 5}, "protection": None}
+
+    def secret(inner: bytes) -> bytes:
+        return b'{"protection":' + inner + b"}"
+
+    cases = [   # (at the edge: taken, one past it: refused, the refusal)
+        (secret(b"[" * 7 + b"]" * 7), secret(b"[" * 8 + b"]" * 8), "nested deeper than 8 levels"),
+        # arrays and objects: the outer object, the list, and k empty lists
+        (secret(b"[" + b",".join([b"[]"] * ((8 << 20) // 64 - 2)) + b"]"),
+         secret(b"[" + b",".join([b"[]"] * ((8 << 20) // 64 - 1)) + b"]"), "arrays and objects"),
+        # separators: the ':' and k - 1 commas
+        (secret(b"[" + b",".join([b"0"] * ((8 << 20) // 4)) + b"]"),
+         secret(b"[" + b",".join([b"0"] * ((8 << 20) // 4 + 1)) + b"]"), "values"),
+        # strings: "protection" and k empty ones
+        (secret(b"[" + b",".join([b'""'] * ((8 << 20) // 16 - 1)) + b"]"),
+         secret(b"[" + b",".join([b'""'] * ((8 << 20) // 16)) + b"]"), "strings"),
+    ]
+    for edge, past, why in cases:
+        assert len(past) <= MAX_SECRET
+        assert mode.merge_state(doc, edge)["protection"] is not None
+        with pytest.raises(ProtocolError, match=f"secret part of the state: .*{why}"):
+            mode.merge_state(doc, past)
