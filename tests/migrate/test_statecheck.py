@@ -516,3 +516,45 @@ def test_the_top_level_has_exactly_its_sections(doc):
                      ([doc], "(top level): list where an object belongs")):
         with pytest.raises(ProtocolError, match=re.escape(why)):
             check_state_doc(copy.deepcopy(bad), RAM)
+
+
+# ------------------------------------------- the document's bounds, term by term
+# (issue 19: a term of state_limit or scan_limits changed -- a bound a few MiB or a
+# few thousand values looser or tighter -- passed every case above.)  The terms are
+# written out from docs/migration.md ("The state document: bounded and strictly
+# validated"), not imported, and checked at two RAM sizes so that the per-frame
+# terms and the fixed ones are told apart.
+@pytest.mark.parametrize("ram", [16 << 20, 256 << 20])
+def test_the_state_bounds_are_the_documented_sums(ram):
+    from migrate.statecheck import state_limit
+    n = ram // 4096                                   # RAM frames
+    procs = 16 + 16                                   # protected + exited processes kept
+    console_b64 = ((64 << 20) + 2) // 3 * 4           # the 64 MiB console kept, as base64
+    assert state_limit(ram) == ((4 << 20) + (1 << 20) + 2 * console_b64
+                                + n * (8 + 2 * 128) + procs * 8192)
+    entries = 2 * n                                   # protected-page entries
+    strings = (1024 + 17 * 4096 + 4 * 4096 + 256 + procs * 8 + 3 * entries)
+    assert scan_limits(ram) == Limits(max_depth=8,
+                                      max_containers=256 + 4 * 16 + 4 * procs + entries,
+                                      max_values=65536 + 4 * strings + 8 * entries + n,
+                                      max_strings=strings)
+
+
+def test_the_scan_limits_hold_at_their_edges():
+    """The bounded parse of the state document at each limit: taken at it (then
+    refused by the validator, as a list is no state), refused one past it by the scan."""
+    lim = scan_limits(RAM)
+    cases = [
+        (b"[" * 8 + b"]" * 8, b"[" * 9 + b"]" * 9, "nested deeper than 8"),
+        (b"[" + b",".join([b"[]"] * (lim.max_containers - 1)) + b"]",
+         b"[" + b",".join([b"[]"] * lim.max_containers) + b"]", "arrays and objects"),
+        (b"[" + b",".join([b"0"] * (lim.max_values + 1)) + b"]",
+         b"[" + b",".join([b"0"] * (lim.max_values + 2)) + b"]", "values"),
+        (b"[" + b",".join([b'""'] * lim.max_strings) + b"]",
+         b"[" + b",".join([b'""'] * (lim.max_strings + 1)) + b"]", "strings"),
+    ]
+    for edge, past, why in cases:
+        with pytest.raises(ProtocolError, match=re.escape("(top level): list where an object belongs")):
+            parse_state(edge, RAM)
+        with pytest.raises(ProtocolError, match=f"state document: .*{why}"):
+            parse_state(past, RAM)
