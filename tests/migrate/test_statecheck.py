@@ -558,3 +558,16 @@ def test_the_scan_limits_hold_at_their_edges():
             parse_state(edge, RAM)
         with pytest.raises(ProtocolError, match=f"state document: .*{why}"):
             parse_state(past, RAM)
+
+
+@pytest.mark.parametrize("path", [("vmm", "halt_detail"), ("vmm", "names", "1"), ("identity", "vm_id"),
+                                  ("image", "name"), ("image", "description"),
+                                  ("image", "processes", 0, "name"), PROC + ("name",)])
+def test_null_is_no_string(doc, path):
+    """Only ``stopped`` may be null among the strings: a null elsewhere is refused by
+    name, not taken as "no string" (issue 19: ``_str``'s ``none`` defaulting to True
+    passed every case above)."""
+    bad = copy.deepcopy(doc)
+    _set(bad, path, None)
+    with pytest.raises(ProtocolError, match="NoneType where a string belongs"):
+        check_state_doc(bad, RAM)
