@@ -571,3 +571,17 @@ def test_null_is_no_string(doc, path):
     _set(bad, path, None)
     with pytest.raises(ProtocolError, match="NoneType where a string belongs"):
         check_state_doc(bad, RAM)
+
+
+def test_the_console_output_is_bounded_by_what_the_console_keeps(doc):
+    """console.output holds at most the 64 MiB the console keeps (``MAX_CONSOLE``): as
+    base64, 4 characters per 3 bytes; one quantum more is refused by its length,
+    before it is decoded (issue 19: the bound computed with 5 characters per 3 bytes
+    took 80 MiB)."""
+    edge = ((64 << 20) + 2) // 3 * 4
+    ok, bad = copy.deepcopy(doc), copy.deepcopy(doc)
+    _set(ok, ("console", "output"), "A" * edge)
+    check_state_doc(ok, RAM)
+    _set(bad, ("console", "output"), "A" * (edge + 4))
+    with pytest.raises(ProtocolError, match=f"console.output: string of {edge + 4} characters, at most {edge}"):
+        check_state_doc(bad, RAM)
