@@ -257,3 +257,24 @@ def test_pages_written_during_the_handshake_after_round_0_tested_them_arrive():
     b = result["incoming"].machine
     differ = np.flatnonzero((b.ram.array != m.ram.array).reshape(-1, 4096).any(axis=1))
     assert len(differ) == 0, f"{len(differ)} pages differ on B, first {differ[:8]}"
+
+
+def test_a_plain_commit_is_empty_as_documented():
+    """docs/protocol.md, the COMMIT row: the commit token, 32 bytes; in plain mode an
+    empty body (issue 19: a plain source sending a body there passed every test --
+    the plain destination does not read it)."""
+    sent = []
+
+    class Recording(Channel):
+        def send(self, rtype, *parts):
+            sent.append((rtype, b"".join(bytes(memoryview(p).cast("B")) for p in parts)))
+            return super().send(rtype, *parts)
+    server, result = Server("127.0.0.1:0"), {}
+    t = receive_in_thread(server, result)
+    m = Machine(get_guest("demo").build())
+    m.run(max_ticks=12)
+    Source(m, channel=lambda s, timeout: Recording(s, timeout=timeout)).migrate(server.label)
+    t.join(30)
+    server.close()
+    assert "incoming" in result
+    assert [body for rtype, body in sent if rtype is RecordType.COMMIT] == [b""]
