@@ -224,6 +224,13 @@ def test_missing_page_never_resumes():
             for t, b in recs]
     out = feed(encode(recs))
     assert isinstance(out, MigrationError) and "never arrived" in str(out)
+    got = set()                         # the frames the PAGES records carried
+    for t, b in recs:
+        if t is RecordType.PAGES:
+            n = int.from_bytes(b[:4], "little")
+            got |= {int.from_bytes(b[4 + 4 * i:8 + 4 * i], "little") for i in range(n)}
+    first = min(set(range(SOURCE.ram.npages)) - got)
+    assert f"(first: frame {first})" in str(out), out      # it names the first one missing
 
 
 SENT_RAM = bytes(SOURCE.ram.view)
