@@ -586,3 +586,36 @@ def test_the_secret_part_is_bounded_as_documented_at_each_edge(tmp_path):
         assert mode.merge_state(doc, edge)["protection"] is not None
         with pytest.raises(ProtocolError, match=f"secret part of the state: .*{why}"):
             mode.merge_state(doc, past)
+
+
+class TwoNonces(SecureMode):
+    """A source that asks for a second final quote before the first was answered."""
+    def round_begins(self, ch):
+        from migrate.wire import RecordType
+        super().round_begins(ch)
+        ch.send(RecordType.FRESH_NONCE, self._nonce)
+
+
+class ShortNonce(SecureMode):
+    """A source whose fresh nonce is 31 bytes, not 32."""
+    def round_begins(self, ch):
+        from migrate.wire import RecordType
+        self._nonce = keyrelease.fresh_nonce()[:31]
+        ch.send(RecordType.FRESH_NONCE, self._nonce)
+
+
+@pytest.mark.parametrize("hostile", [TwoNonces, ShortNonce])
+def test_a_destination_refuses_a_repeated_or_misshapen_fresh_nonce(tmp_path, hostile):
+    """FRESH_NONCE is one 32-byte nonce per round, answered by one FINAL_QUOTE
+    (docs/protocol.md): a second one before the answer (which would have the TPM
+    quote twice, and leave one quote unanswered) or one of another size ends the
+    session at the destination, and the guest stays whole at home (issue 19: the
+    check made 'repeated and misshapen' instead of 'or' passed every test)."""
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    m = guest()
+    keys = dict(m.protection._keys)
+    m, res = migrate(trust, hostile(trust.mode(a).attestor), lambda: trust.mode(b), m)
+    assert "FRESH_NONCE repeated before its FINAL_QUOTE, or of the wrong size" in str(res["error"]), res
+    assert "source_error" in res
+    assert_home_intact(m, keys, res)
