@@ -619,3 +619,30 @@ def test_a_destination_refuses_a_repeated_or_misshapen_fresh_nonce(tmp_path, hos
     assert "FRESH_NONCE repeated before its FINAL_QUOTE, or of the wrong size" in str(res["error"]), res
     assert "source_error" in res
     assert_home_intact(m, keys, res)
+
+
+class LongNameInSecret(SecureMode):
+    """An attested but hostile source: the secret part it wraps in KEY_RELEASE
+    names its protected process with 257 characters (at most 256 in any state)."""
+    def split_state(self, doc):
+        import json
+        public, secret = super().split_state(doc)
+        part = json.loads(secret)
+        part["protection"]["processes"][0]["name"] = "x" * 257
+        return public, json.dumps(part, sort_keys=True, separators=(",", ":")).encode()
+
+
+def test_the_merged_state_is_validated_field_by_field(tmp_path):
+    """The secret part is hostile input too: once merged into the state, the whole
+    document goes through the validator (migrate/statecheck.py) before
+    ``Machine.restore`` sees it; a field out of bounds in it is refused by name,
+    and the guest stays whole at home (issue 19: skipping that second check passed
+    every test)."""
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    m = guest()
+    keys = dict(m.protection._keys)
+    m, res = migrate(trust, LongNameInSecret(trust.mode(a).attestor), lambda: trust.mode(b), m)
+    assert "state document: protection.processes[0].name: string of 257 characters" in str(res["error"]), res
+    assert "source_error" in res
+    assert_home_intact(m, keys, res)
