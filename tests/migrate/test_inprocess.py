@@ -47,6 +47,8 @@ def test_events_report_and_exactly_one_copy():
         m.step()
     d = result["incoming"].machine
     assert d.console.text() == ref.console.text() and d.exits == ref.exits
+    # the destination's session began after the source's and ended (resumed) before it
+    assert 0 < result["incoming"].report.total_seconds < report.total_seconds
 
 
 def test_refused_when_busy_and_the_guest_carries_on():

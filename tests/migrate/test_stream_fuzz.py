@@ -435,3 +435,19 @@ def test_exactly_one_copy_whatever_happens_to_the_destinations_replies(meddle):
         assert m.run(max_ticks=100_000) == "shutdown" and "counter 100" in m.console.text()
     else:
         assert m.halted == MIGRATED             # it may run there, or nowhere: never twice
+
+
+@pytest.mark.parametrize("delta", [-1, 1])
+def test_a_digest_whose_state_length_differs_is_refused(delta):
+    """DIGEST carries the state document's length and its digest: the destination
+    compares both with what arrived.  A stream whose digest is right but whose
+    length is off by one is refused by the length, nothing resumed (issue 19: the
+    length check removed passed every test -- the digest alone let it through)."""
+    recs = list(RECORDS)
+    doc = b"".join(body for rtype, body in recs if rtype is RecordType.STATE)
+    i = next(i for i, (t, _) in enumerate(recs) if t is RecordType.DIGEST)
+    good = Digest.decode(recs[i][1])
+    recs[i] = (RecordType.DIGEST, Digest(len(doc) + delta, good.digest).encode())
+    out = feed(encode(recs))
+    assert isinstance(out, MigrationError) and \
+        f"state document of {len(doc)} bytes, the source sent {len(doc) + delta}" in str(out), out
