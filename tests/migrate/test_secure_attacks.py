@@ -646,3 +646,29 @@ def test_the_merged_state_is_validated_field_by_field(tmp_path):
     assert "state document: protection.processes[0].name: string of 257 characters" in str(res["error"]), res
     assert "source_error" in res
     assert_home_intact(m, keys, res)
+
+
+def test_with_replay_off_a_migration_completes_and_no_generation_is_recorded(tmp_path):
+    """--insecure replay on both ends (the policy approving it): the migration still
+    completes in one process -- nothing of the replay defence is waited for or
+    touched (the generation's NV writes, the durable accept) -- and neither TPM
+    records the generation, so the same generation would be taken again: the
+    defence is off, and only it.  With it on, both TPMs record it (issue 19: the
+    destination waiting on a generation write that replay-off never started
+    crashed no in-process test, as none ran replay off to the end)."""
+    trust = Trust(tmp_path, configurations=({}, {"insecure": ("replay",)}))
+    for off in ((), ("replay",)):
+        a = trust.host(f"a{len(off)}", insecure=off)
+        b = trust.host(f"b{len(off)}", insecure=off, role="destination")
+        mode = trust.mode(a, insecure=off)
+        m, res = migrate(trust, mode, lambda: trust.mode(b, insecure=off), insecure=off)
+        assert res["report"].outcome == "completed" and m.halted == MIGRATED, res
+        vm_id, gen = res["incoming"].machine.migration_identity
+        assert gen == 1
+        for host in (a, b):
+            tpm = SoftTpm.open(host)
+            if off:
+                generation.check(tpm, vm_id, gen)       # not recorded: taken again
+            else:
+                with pytest.raises(StaleGeneration, match="not newer"):
+                    generation.check(tpm, vm_id, gen)
