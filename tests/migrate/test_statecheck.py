@@ -585,3 +585,49 @@ def test_the_console_output_is_bounded_by_what_the_console_keeps(doc):
     _set(bad, ("console", "output"), "A" * (edge + 4))
     with pytest.raises(ProtocolError, match=f"console.output: string of {edge + 4} characters, at most {edge}"):
         check_state_doc(bad, RAM)
+
+
+@pytest.mark.parametrize("path, value, why", [
+    (("dirty", "dirty_pfns"), {}, "dirty.dirty_pfns: dict where a list belongs"),
+    (("image", "processes"), "p", "image.processes: str where a list belongs"),
+    (("vmm", "names"), [], "vmm.names: list where an object belongs"),
+    (("console", "per_pid"), ["x"], "console.per_pid: list where an object belongs"),
+    (PROC + ("pages", 0, 4), 0, "pages[0].nonce: int where a string belongs"),
+    (PROC + ("measurement",), ["00"] * 32, "processes[0].measurement: list where a string belongs"),
+])
+def test_a_container_or_hex_string_of_another_type_is_refused_by_name(doc, path, value, why):
+    """Lists, tables and hex strings are type-checked before their length or content
+    is looked at (issue 19: each of those type checks removed passed every test)."""
+    bad = copy.deepcopy(doc)
+    _set(bad, path, value)
+    with pytest.raises(ProtocolError, match=re.escape(why)):
+        check_state_doc(bad, RAM)
+
+
+def test_parse_state_validates_and_returns_the_document(doc, monkeypatch):
+    """``parse_state`` (what the destination calls) is scan, parse, validate, then
+    the deadline once more: it returns the document, refuses one the validator
+    refuses and bytes that are not JSON, and a deadline that passed while the
+    document was validated (a fake clock: no timing)."""
+    import migrate.statecheck as sc
+    data = json.dumps(doc).encode()
+    assert parse_state(data, RAM) == doc
+    bad = copy.deepcopy(doc)
+    bad["timer"]["period"] = "1"
+    with pytest.raises(ProtocolError, match=re.escape("timer.period: str where an integer belongs")):
+        parse_state(json.dumps(bad).encode(), RAM)
+    for junk in (b'{"cpu": ', b"\xff\xfe"):
+        with pytest.raises(ProtocolError, match="state document: not JSON"):
+            parse_state(junk, RAM)
+    now = [100.0]
+    real_check = sc.check_state_doc
+
+    def slow_check(d, ram_size):        # the validation "takes" 10 s of the fake clock
+        real_check(d, ram_size)
+        now[0] += 10
+    monkeypatch.setattr(sc.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(sc, "check_state_doc", slow_check)
+    assert parse_state(data, RAM, deadline=120.0) == doc
+    now[0] = 100.0
+    with pytest.raises(ProtocolError, match="the session deadline passed while it was checked"):
+        parse_state(data, RAM, deadline=105.0)
