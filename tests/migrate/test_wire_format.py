@@ -301,3 +301,19 @@ def test_a_tcp_channel_turns_nagle_off_and_close_closes():
         peer.close()
     finally:
         server.close()
+
+
+def test_a_body_cut_short_times_out_saying_how_much_arrived():
+    """A peer that sends 40 bytes of a 100-byte ABORT body and then nothing: the
+    read times out, and the error says how much of the body arrived (issue 19: the
+    count, going the wrong way, passed every test).  The 40 bytes are in the socket
+    before the read starts: no timing."""
+    from migrate.errors import PeerTimeout
+    a, b = socket.socketpair()
+    try:
+        b.sendall(_HEAD.pack(12, 0, 100, 0) + b"x" * 40)         # 12: ABORT
+        with pytest.raises(PeerTimeout, match=re.escape("timed out waiting for a ABORT body (40 of 100 bytes")):
+            Channel(a, timeout=0.2).recv()
+    finally:
+        a.close()
+        b.close()
