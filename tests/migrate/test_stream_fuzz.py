@@ -451,3 +451,23 @@ def test_a_digest_whose_state_length_differs_is_refused(delta):
     out = feed(encode(recs))
     assert isinstance(out, MigrationError) and \
         f"state document of {len(doc)} bytes, the source sent {len(doc) + delta}" in str(out), out
+
+
+@pytest.mark.parametrize("failure, why", [
+    (lambda: __import__("minivmm.errors", fromlist=["StateError"]).StateError("simulated refusal"),
+     "state document rejected: simulated refusal"),
+    (lambda: KeyError("simulated"), "state document rejected: KeyError: 'simulated'"),
+])
+def test_a_state_the_vmm_cannot_restore_is_refused_before_prepared(monkeypatch, failure, why):
+    """A document that passes the validator but that ``Machine.restore`` refuses
+    (simulated: the validator is meant to leave none) ends the session with a
+    ProtocolError naming it -- not PREPARED with no machine behind it, and not an
+    internal error (issue 19: either conversion removed passed every test)."""
+    import migrate.destination as dest
+
+    def refuse(*args, **kwargs):
+        raise failure()
+    monkeypatch.setattr(dest.Machine, "restore", refuse)
+    out = feed(encode(RECORDS))
+    assert isinstance(out, ProtocolError) and not isinstance(out, InternalError), out
+    assert why in str(out), out
