@@ -280,3 +280,33 @@ def test_a_plain_commit_is_empty_as_documented():
     server.close()
     assert "incoming" in result
     assert [body for rtype, body in sent if rtype is RecordType.COMMIT] == [b""]
+
+
+def test_the_destination_reports_and_emits_what_it_received():
+    """The destination's side of the report and its events (the TUI's view of it):
+    Handshake ... Prepared, Committed, Resumed in that order, and it received every
+    byte the source sent, and what it sent before RESUMED (issue 19: the
+    destination's Committed event or its byte counts dropped passed every test)."""
+    server = Server("127.0.0.1:0")
+    bus, seen, out = EventBus(), [], {}
+    bus.subscribe(seen.append)
+
+    def receive():
+        ch, peer = server.next_connection("busy: test")
+        try:
+            out["incoming"] = Destination(timeout=5, events=bus).receive(ch, peer)
+        finally:
+            ch.close()
+    t = threading.Thread(target=receive, daemon=True)
+    t.start()
+    m = Machine(get_guest("demo").build())
+    m.run(max_ticks=12)
+    report = Source(m).migrate(server.label)
+    t.join(30)
+    server.close()
+    names = [type(e).__name__ for e in seen]
+    assert names[0] == "Handshake" and names[-3:] == ["Prepared", "Committed", "Resumed"], names
+    dr = out["incoming"].report
+    assert dr.outcome == "completed"
+    assert dr.bytes_received == report.bytes_sent > 0
+    assert 0 < dr.bytes_sent < report.bytes_received       # counted at COMMIT, before RESUMED went
