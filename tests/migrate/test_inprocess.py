@@ -297,15 +297,20 @@ def test_the_destination_reports_and_emits_what_it_received():
             out["incoming"] = Destination(timeout=5, events=bus).receive(ch, peer)
         finally:
             ch.close()
-    t = threading.Thread(target=receive, daemon=True)
-    t.start()
     m = Machine(get_guest("demo").build())
     m.run(max_ticks=12)
+    t_start = time.monotonic()                  # migrate.clock.now: the events' clock
+    t = threading.Thread(target=receive, daemon=True)
+    t.start()
     report = Source(m).migrate(server.label)
     t.join(30)
+    took = time.monotonic() - t_start
     server.close()
     names = [type(e).__name__ for e in seen]
     assert names[0] == "Handshake" and names[-3:] == ["Prepared", "Committed", "Resumed"], names
+    # seconds since the session began; no guest clock before the VM resumed here
+    assert all(0 <= e.t <= took for e in seen) and [e.t for e in seen] == sorted(e.t for e in seen)
+    assert {e.vtime for e in seen[:-2]} == {0} and seen[-1].vtime == m.vclock > 0
     dr = out["incoming"].report
     assert dr.outcome == "completed"
     assert dr.bytes_received == report.bytes_sent > 0
