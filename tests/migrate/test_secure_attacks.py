@@ -672,3 +672,25 @@ def test_with_replay_off_a_migration_completes_and_no_generation_is_recorded(tmp
             else:
                 with pytest.raises(StaleGeneration, match="not newer"):
                     generation.check(tpm, vm_id, gen)
+
+
+def test_the_source_seals_its_recovery_only_when_it_holds_the_escrowed_keys(tmp_path):
+    """``save_recovery`` (what the VMM calls after an unconfirmed commit): a session
+    that escrowed the process keys before COMMIT seals the paused guest with them
+    to this host's TPM, and says how to continue it; a session that escrowed
+    nothing returns None (the caller then saves a plain state file).  Issue 19:
+    either answer inverted passed every test."""
+    from migrate.secure import commit
+    from minivmm.state import MachineState
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    assert trust.mode(a).save_recovery(guest(), tmp_path / "none.sealed") is None
+    assert not (tmp_path / "none.sealed").exists()
+    mode = trust.mode(a)
+    m, res = migrate(trust, mode, lambda: trust.mode(b))
+    assert res["report"].outcome == "completed" and not m.protection._keys
+    said = mode.save_recovery(m, tmp_path / "vm.sealed")
+    assert said is not None and "minivmm recover" in said and str(tmp_path / "vm.sealed") in said
+    tpm = SoftTpm.open(a, startup=None, create=False)
+    back = Machine.restore(MachineState.from_bytes(commit.open_recovery(tmp_path / "vm.sealed", tpm), where="x"))
+    assert back.protection._keys, "the process keys came back from the escrow"
