@@ -1,6 +1,7 @@
 """Source and destination in one process over real loopback TCP (fast cases;
 the OS-process versions are in test_end_to_end.py)."""
 
+import json
 import socket
 import threading
 import time
@@ -261,10 +262,11 @@ def test_pages_written_during_the_handshake_after_round_0_tested_them_arrive():
     assert len(differ) == 0, f"{len(differ)} pages differ on B, first {differ[:8]}"
 
 
-def test_a_plain_commit_is_empty_as_documented():
+def test_a_plain_commit_is_empty_and_the_state_canonical_as_documented():
     """docs/protocol.md, the COMMIT row: the commit token, 32 bytes; in plain mode an
     empty body (issue 19: a plain source sending a body there passed every test --
-    the plain destination does not read it)."""
+    the plain destination does not read it); and the state document is canonical
+    JSON (sorted keys, no spaces: what both ends digest)."""
     sent = []
 
     class Recording(Channel):
@@ -280,6 +282,9 @@ def test_a_plain_commit_is_empty_as_documented():
     server.close()
     assert "incoming" in result
     assert [body for rtype, body in sent if rtype is RecordType.COMMIT] == [b""]
+    # STATE: the state document as canonical JSON (docs/migration.md, the STATE row)
+    doc = b"".join(body for rtype, body in sent if rtype is RecordType.STATE)
+    assert doc == json.dumps(json.loads(doc), sort_keys=True, separators=(",", ":")).encode()
 
 
 def test_the_destination_reports_and_emits_what_it_received():

@@ -476,6 +476,9 @@ def test_a_state_the_vmm_cannot_restore_is_refused_before_prepared(monkeypatch, 
 def test_a_session_refused_before_hello_reports_no_ram():
     """The aborted session's report (what the serving VMM prints and logs) says no
     RAM arrived when the very first record is not a HELLO."""
+    t0 = time.monotonic()
     out = feed(encode([(RecordType.ROUND_BEGIN, RoundMark(0, 1).encode())]))
+    took = time.monotonic() - t0
     assert isinstance(out, ProtocolError) and "unexpected ROUND_BEGIN record in state wait-hello" in str(out)
     assert out.report.outcome == "aborted" and out.report.ram_size == 0 and out.report.rounds == []
+    assert 0 <= out.report.total_seconds <= took
