@@ -694,3 +694,60 @@ def test_the_source_seals_its_recovery_only_when_it_holds_the_escrowed_keys(tmp_
     tpm = SoftTpm.open(a, startup=None, create=False)
     back = Machine.restore(MachineState.from_bytes(commit.open_recovery(tmp_path / "vm.sealed", tpm), where="x"))
     assert back.protection._keys, "the process keys came back from the escrow"
+
+
+class FailsAfterThePause(SecureMode):
+    """A source whose migration fails after the pause, before the keys are released
+    (``source_final`` raises), while its escrow and migrated-away mark are still
+    being written: the mark's write waits until someone waits for that work (the
+    future's ``result``), so whether ``undo_commit`` waits for it before undoing
+    the mark is seen without any timing."""
+    def __init__(self, *args, **kwargs):
+        import threading
+        super().__init__(*args, **kwargs)
+        self.asked, self.written = threading.Event(), threading.Event()
+
+    def at_pause(self, machine, peer):
+        mark, real_commit = self._mark, self._mark.commit
+
+        def commit(*args):
+            assert self.asked.wait(60), "nobody waited for the escrow and the mark"
+            real_commit(*args)
+            self.written.set()
+        mark.commit = commit
+        super().at_pause(machine, peer)
+        work, outer = self._committing, self
+
+        class Waited:
+            def result(self):
+                outer.asked.set()
+                return work.result()
+        self._committing = Waited()
+
+    def source_final(self, ch, secret):
+        raise KeyReleaseRefused("simulated: the key release failed")
+
+    def undo_commit(self, machine):
+        super().undo_commit(machine)
+        self.written_before_undo_returned = self.written.is_set()
+
+
+def test_a_failure_after_the_pause_undoes_the_mark_only_once_it_is_written(tmp_path):
+    """A failure between the pause and the key release: the source waits for its
+    escrow and migrated-away mark (made beside the final round) before undoing the
+    mark, so no mark saying the VM left is written after the undo -- the guest runs
+    here, and a later start must not believe it migrated (issue 19: not waiting for
+    that work passed every test)."""
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    m = guest()
+    keys = dict(m.protection._keys)
+    mode = FailsAfterThePause(trust.mode(a).attestor)
+    try:
+        m, res = migrate(trust, mode, lambda: trust.mode(b), m)
+    finally:
+        mode.asked.set()                # never leave the mark's thread waiting
+    assert "simulated: the key release failed" in str(res["source_error"]), res
+    assert mode.written_before_undo_returned
+    assert read_mark(a, mode.vm[0]) is None
+    assert_home_intact(m, keys, res)
