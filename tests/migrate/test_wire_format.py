@@ -317,3 +317,27 @@ def test_a_body_cut_short_times_out_saying_how_much_arrived():
     finally:
         a.close()
         b.close()
+
+
+def test_a_send_after_the_phase_deadline_times_out_at_once():
+    """A phase deadline already passed (the source's pause-to-PREPARED one): the
+    next send is a PeerTimeout before any byte goes, and the stream is marked
+    broken (issue 19: the deadline check removed gave the socket a negative
+    timeout -- a ValueError, not a migration error)."""
+    from migrate.errors import ConnectionLost, PeerTimeout
+    a, b = socket.socketpair()
+    try:
+        ch = Channel(a, timeout=5.0)
+        ch.deadline = ch.now() - 1.0
+        with pytest.raises(PeerTimeout, match="did not take a COMMIT record of 0 bytes"):
+            ch.send(RecordType.COMMIT)
+        assert ch.broken and ch.bytes_sent == 0
+        ch.deadline = None
+        with pytest.raises(ConnectionLost, match="nothing more is sent after a failed send"):
+            ch.send(RecordType.ABORT, b"x")
+        b.settimeout(0)
+        with pytest.raises(BlockingIOError):
+            b.recv(64)                                  # not a byte of either record went
+    finally:
+        a.close()
+        b.close()
