@@ -482,3 +482,19 @@ def test_a_session_refused_before_hello_reports_no_ram():
     assert isinstance(out, ProtocolError) and "unexpected ROUND_BEGIN record in state wait-hello" in str(out)
     assert out.report.outcome == "aborted" and out.report.ram_size == 0 and out.report.rounds == []
     assert 0 <= out.report.total_seconds <= took
+
+
+def test_the_destination_applies_its_own_timeout_to_the_channel():
+    """``Destination(timeout=…)`` is the per-record timeout, whatever the channel it
+    is handed was made with: a source that sends half a header and goes silent is
+    cut off by the destination's 0.5 s, which the error names (issue 19: keeping
+    the channel's own 30 s passed every test; the feeder's channels use the same
+    value)."""
+    a, b = socket.socketpair()
+    try:
+        a.sendall(b"\x04\x00")                          # half a header, then silence
+        with pytest.raises(MigrationError, match=r"after 0\.5 s"):
+            Destination(timeout=TIMEOUT).receive(Channel(b, timeout=30.0), "slow")
+    finally:
+        a.close()
+        b.close()
