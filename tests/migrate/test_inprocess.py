@@ -292,6 +292,8 @@ def test_the_destination_reports_and_emits_what_it_received():
     Handshake ... Prepared, Committed, Resumed in that order, and it received every
     byte the source sent, and what it sent before RESUMED (issue 19: the
     destination's Committed event or its byte counts dropped passed every test)."""
+    fresh = Destination()           # a viewer may look before HELLO: nothing there yet
+    assert (fresh.ram, fresh.hashes, fresh.machine) == (None, None, None)
     server = Server("127.0.0.1:0")
     bus, seen, out = EventBus(), [], {}
     bus.subscribe(seen.append)
