@@ -225,3 +225,43 @@ def test_a_frame_protected_and_dropped_beside_a_protected_process_never_crosses_
     assert leaks == []
     d = res["incoming"].machine
     assert d.exits.get(drops) == 0 and d.console.text(drops).count("secret intact") == 2
+
+
+def test_a_page_its_owner_decrypts_between_the_last_round_and_the_pause_is_sealed_again():
+    """The guest keeps running after the last pre-copy round while the source
+    finishes its work beside it (``before_pause``: in secure mode the last final
+    quote's verification).  Here that work waits until the keeper has checked its
+    secret twice more -- its page is decrypted in place, in RAM, after the last
+    round's seal.  The pause seals it again before the final round copies it: no
+    plaintext crosses (issue 19: the seal at the pause removed passed every test;
+    in lockstep the guest never runs in that window)."""
+    from migrate.secure.mode import PlainMode
+    intact = lambda mm: mm.console.text(KEEPER).count("secret intact")     # noqa: E731
+
+    class WaitsBesideTheGuest(PlainMode):
+        def before_pause(self):
+            start = intact(m)
+
+            def wait():
+                while intact(m) < start + 2:
+                    assert not m.halted, "the guest stopped before the pause"
+                    time.sleep(0.001)
+            return wait
+
+    m = Machine(keeper_image(rounds=400, counter_rounds=400))
+    m.run(until=lambda mm: intact(mm) >= 2)             # protected, checking its secret
+    secret_frames = {meta.ppn for meta in m.protection.procs[KEEPER].pages.values()}
+    leaks, sent = [], []
+    server, res = Server("127.0.0.1:0"), {}
+    t = receive_in_thread(server, res, timeout=WAIT, run_ticks=None)
+    report = Source(m, mode=WaitsBesideTheGuest(), policy=PrecopyPolicy(max_rounds=1),
+                    channel=scanning_channel(leaks, sent), check_ram=True, timeout=WAIT).migrate(server.label)
+    t.join(WAIT)
+    server.close()
+    final = len(report.rounds) - 1
+    assert report.rounds[final].final
+    assert {pfn for r, pfn in sent if r == final} & secret_frames, "not vacuous: the page went at the pause"
+    assert leaks == []
+    d = res["incoming"].machine
+    d.run(until=lambda dm: intact(dm) >= intact(m) + 2)
+    assert "SECRET CHANGED" not in d.console.text(KEEPER)
