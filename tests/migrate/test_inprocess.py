@@ -321,4 +321,5 @@ def test_the_destination_reports_and_emits_what_it_received():
     dr = out["incoming"].report
     assert dr.outcome == "completed"
     assert dr.bytes_received == report.bytes_sent > 0
+    assert dr.state_bytes == report.state_bytes > 0
     assert 0 < dr.bytes_sent < report.bytes_received       # counted at COMMIT, before RESUMED went
