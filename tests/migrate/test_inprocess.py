@@ -277,10 +277,11 @@ def test_a_plain_commit_is_empty_and_the_state_canonical_as_documented():
     t = receive_in_thread(server, result)
     m = Machine(get_guest("demo").build())
     m.run(max_ticks=12)
-    Source(m, channel=lambda s, timeout: Recording(s, timeout=timeout)).migrate(server.label)
+    report = Source(m, channel=lambda s, timeout: Recording(s, timeout=timeout)).migrate(server.label)
     t.join(30)
     server.close()
     assert "incoming" in result
+    assert report.mode == "plain mode (no attestation, no encryption)"
     assert [body for rtype, body in sent if rtype is RecordType.COMMIT] == [b""]
     # STATE: the state document as canonical JSON (docs/migration.md, the STATE row)
     doc = b"".join(body for rtype, body in sent if rtype is RecordType.STATE)

@@ -751,3 +751,15 @@ def test_a_failure_after_the_pause_undoes_the_mark_only_once_it_is_written(tmp_p
     assert mode.written_before_undo_returned
     assert read_mark(a, mode.vm[0]) is None
     assert_home_intact(m, keys, res)
+
+
+def test_an_unknown_defence_name_is_refused(tmp_path):
+    """``--insecure`` takes only the five documented defences: a misspelt one is an
+    error, not a silently ignored switch (issue 19: the check removed passed every
+    test)."""
+    trust = Trust(tmp_path)
+    a = trust.host("a")
+    with pytest.raises(ValueError, match=r"unknown defence\(s\) \['toctu'\]"):
+        trust.mode(a, insecure=("toctu",))
+    assert trust.mode(a, insecure=("toctou",)).describe() == \
+        "secure mode WITH DEFENCES OFF: toctou (insecure, for teaching)"
