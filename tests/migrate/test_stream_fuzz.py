@@ -498,3 +498,33 @@ def test_the_destination_applies_its_own_timeout_to_the_channel():
     finally:
         a.close()
         b.close()
+
+
+def test_a_failed_session_stops_its_prefaulter():
+    """The destination touches the incoming RAM ahead of the pages on a worker
+    thread (migrate/residency.py); a session that fails in a round stops it, so no
+    thread keeps working for a VM that was discarded (issue 19: the stop on the
+    failure path removed passed every test)."""
+    made = []
+
+    class Watched(Destination):
+        @property
+        def _prefault(self):
+            return self.__dict__.get("_pf")
+
+        @_prefault.setter
+        def _prefault(self, value):
+            self.__dict__["_pf"] = value
+            if value is not None:
+                made.append(value)
+    recs = [r for r in RECORDS if r[0] is not RecordType.ROUND_END][:4]     # HELLO, a round, pages...
+    a, b = socket.socketpair()
+    try:
+        a.sendall(encode(recs))
+        a.shutdown(socket.SHUT_WR)                                          # ... and the source is gone
+        with pytest.raises(MigrationError):
+            Watched(timeout=TIMEOUT).receive(Channel(b, timeout=TIMEOUT), "cut")
+    finally:
+        a.close()
+        b.close()
+    assert len(made) == 1 and made[0]._stopped.is_set()
