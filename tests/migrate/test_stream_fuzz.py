@@ -528,3 +528,15 @@ def test_a_failed_session_stops_its_prefaulter():
         a.close()
         b.close()
     assert len(made) == 1 and made[0]._stopped.is_set()
+
+
+def test_a_session_leaves_the_garbage_collector_as_it_found_it():
+    """The destination turns the collector off while it receives (no pauses in the
+    downtime) and back on after, whether the VM arrived or not (issue 19: leaving
+    it off passed every test; the source's side: test_source_outcomes.py)."""
+    import gc
+    assert gc.isenabled()
+    assert check(feed(encode(RECORDS)))
+    assert gc.isenabled()
+    assert isinstance(feed(encode(RECORDS[:3])), MigrationError)
+    assert gc.isenabled()
