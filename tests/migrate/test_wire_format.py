@@ -341,3 +341,23 @@ def test_a_send_after_the_phase_deadline_times_out_at_once():
     finally:
         a.close()
         b.close()
+
+
+def test_a_connection_reset_while_reading_is_a_connection_lost():
+    """A peer that resets the connection (RST: SO_LINGER 0, then close) while we
+    wait for a record: ConnectionLost naming what we were reading, at once -- not a
+    loop over the dead socket until the timeout (issue 19: that raise removed
+    passed every test; a socketpair only ever gives a clean end of stream)."""
+    from migrate.errors import ConnectionLost
+    listener = socket.create_server(("127.0.0.1", 0))
+    a = socket.create_connection(listener.getsockname()[:2])
+    b, _ = listener.accept()
+    try:
+        b.sendall(_HEAD.pack(12, 0, 100, 0) + b"x" * 10)        # part of an ABORT body ...
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        b.close()                                               # ... then a reset
+        with pytest.raises(ConnectionLost, match="connection lost while reading a ABORT body"):
+            Channel(a, timeout=30.0).recv()
+    finally:
+        a.close()
+        listener.close()
