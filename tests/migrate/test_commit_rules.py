@@ -197,8 +197,19 @@ def test_a_source_that_never_stops_sending_rounds_is_cut_off_at_the_bound():
     a ROUND_ACK and a report entry for the destination): round MAX_ROUNDS - 1 is
     the last one taken, the next is refused by name."""
     from migrate.destination import MAX_ROUNDS
+    assert MAX_ROUNDS == 10_000                         # docs/migration.md, "Bounded time"
     rounds = [(t, RoundMark(n, 0).encode()) for n in range(MAX_ROUNDS + 1)
               for t in (RecordType.ROUND_BEGIN, RecordType.ROUND_END)]
     out = feed(encode(HELLO + rounds))
     assert isinstance(out, ProtocolError), out
     assert f"ROUND_BEGIN {MAX_ROUNDS}, expected round {MAX_ROUNDS}" in str(out)
+
+
+
+def test_the_session_limit_is_the_documented_sum():
+    """docs/migration.md, "Bounded time": a whole incoming session may take
+    6 x timeout + 3 x RAM / 2 MiB/s (issue 19: each term changed passed every test)."""
+    from migrate.destination import session_limit
+    assert session_limit(16 << 20, 10.0) == 6 * 10 + 3 * 16 / 2
+    assert session_limit(256 << 20, 2.5) == 6 * 2.5 + 3 * 256 / 2
+    assert session_limit(16 << 20, 1.0, min_rate=1 << 20) == 6 + 3 * 16

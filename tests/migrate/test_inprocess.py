@@ -1,6 +1,7 @@
 """Source and destination in one process over real loopback TCP (fast cases;
 the OS-process versions are in test_end_to_end.py)."""
 
+import json
 import socket
 import threading
 import time
@@ -47,6 +48,8 @@ def test_events_report_and_exactly_one_copy():
         m.step()
     d = result["incoming"].machine
     assert d.console.text() == ref.console.text() and d.exits == ref.exits
+    # the destination's session began after the source's and ended (resumed) before it
+    assert 0 < result["incoming"].report.total_seconds < report.total_seconds
 
 
 def test_refused_when_busy_and_the_guest_carries_on():
@@ -257,3 +260,67 @@ def test_pages_written_during_the_handshake_after_round_0_tested_them_arrive():
     b = result["incoming"].machine
     differ = np.flatnonzero((b.ram.array != m.ram.array).reshape(-1, 4096).any(axis=1))
     assert len(differ) == 0, f"{len(differ)} pages differ on B, first {differ[:8]}"
+
+
+def test_a_plain_commit_is_empty_and_the_state_canonical_as_documented():
+    """docs/protocol.md, the COMMIT row: the commit token, 32 bytes; in plain mode an
+    empty body (issue 19: a plain source sending a body there passed every test --
+    the plain destination does not read it); and the state document is canonical
+    JSON (sorted keys, no spaces: what both ends digest)."""
+    sent = []
+
+    class Recording(Channel):
+        def send(self, rtype, *parts):
+            sent.append((rtype, b"".join(bytes(memoryview(p).cast("B")) for p in parts)))
+            return super().send(rtype, *parts)
+    server, result = Server("127.0.0.1:0"), {}
+    t = receive_in_thread(server, result)
+    m = Machine(get_guest("demo").build())
+    m.run(max_ticks=12)
+    report = Source(m, channel=lambda s, timeout: Recording(s, timeout=timeout)).migrate(server.label)
+    t.join(30)
+    server.close()
+    assert "incoming" in result
+    assert report.mode == "plain mode (no attestation, no encryption)"
+    assert [body for rtype, body in sent if rtype is RecordType.COMMIT] == [b""]
+    # STATE: the state document as canonical JSON (docs/migration.md, the STATE row)
+    doc = b"".join(body for rtype, body in sent if rtype is RecordType.STATE)
+    assert doc == json.dumps(json.loads(doc), sort_keys=True, separators=(",", ":")).encode()
+
+
+def test_the_destination_reports_and_emits_what_it_received():
+    """The destination's side of the report and its events (the TUI's view of it):
+    Handshake ... Prepared, Committed, Resumed in that order, and it received every
+    byte the source sent, and what it sent before RESUMED (issue 19: the
+    destination's Committed event or its byte counts dropped passed every test)."""
+    fresh = Destination()           # a viewer may look before HELLO: nothing there yet
+    assert (fresh.ram, fresh.hashes, fresh.machine) == (None, None, None)
+    server = Server("127.0.0.1:0")
+    bus, seen, out = EventBus(), [], {}
+    bus.subscribe(seen.append)
+
+    def receive():
+        ch, peer = server.next_connection("busy: test")
+        try:
+            out["incoming"] = Destination(timeout=5, events=bus).receive(ch, peer)
+        finally:
+            ch.close()
+    m = Machine(get_guest("demo").build())
+    m.run(max_ticks=12)
+    t_start = time.monotonic()                  # migrate.clock.now: the events' clock
+    t = threading.Thread(target=receive, daemon=True)
+    t.start()
+    report = Source(m).migrate(server.label)
+    t.join(30)
+    took = time.monotonic() - t_start
+    server.close()
+    names = [type(e).__name__ for e in seen]
+    assert names[0] == "Handshake" and names[-3:] == ["Prepared", "Committed", "Resumed"], names
+    # seconds since the session began; no guest clock before the VM resumed here
+    assert all(0 <= e.t <= took for e in seen) and [e.t for e in seen] == sorted(e.t for e in seen)
+    assert {e.vtime for e in seen[:-2]} == {0} and seen[-1].vtime == m.vclock > 0
+    dr = out["incoming"].report
+    assert dr.outcome == "completed"
+    assert dr.bytes_received == report.bytes_sent > 0
+    assert dr.state_bytes == report.state_bytes > 0
+    assert 0 < dr.bytes_sent < report.bytes_received       # counted at COMMIT, before RESUMED went

@@ -192,3 +192,23 @@ def test_a_plain_channel_gives_no_tag():
     ram, sink = landing()
     tx.send(RecordType.PAGES, body_for([1], pages([1])))
     assert tx.sent_tag == b"" and rx.recv(sink=sink).tag == b""
+
+
+@pytest.mark.parametrize("sealed", [False, True])
+def test_a_step_hook_sees_the_same_head_of_a_placed_record_on_both_sides(sealed):
+    """A step hook (the TUI's record view) shows the first HEAD_BYTES of each body.
+    A placed PAGES record's body is only its head (count, frame numbers); the rest
+    is in RAM, run by run: the receiver's step shows the head followed by the first
+    run's pages, the bytes the sender's step showed (issue 19: the head taken from
+    another run, or left empty, passed every test)."""
+    from migrate.steps import HEAD_BYTES
+    tx, rx = pair(sealed)
+    sent, got = [], []
+    tx.on_step, rx.on_step = sent.append, got.append
+    ram, sink = landing()
+    pfns = np.array([2, 3, 10, 63])                       # three runs
+    body = body_for(pfns, pages(pfns))
+    tx.send(RecordType.PAGES, body)
+    assert rx.recv(sink=sink).placed
+    assert sent[0].head == got[0].head == body[:HEAD_BYTES]
+    assert (got[0].direction, got[0].rtype) == ("recv", "PAGES")

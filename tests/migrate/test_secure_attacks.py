@@ -549,3 +549,217 @@ def test_the_secret_part_of_the_state_is_checked_before_it_is_merged(tmp_path):
     assert len(edge) == MAX_SECRET and mode.merge_state(doc, edge)["protection"] is None
     with pytest.raises(ProtocolError, match="too large"):
         mode.merge_state(doc, edge + b" ")
+
+
+def test_the_secret_part_is_bounded_as_documented_at_each_edge(tmp_path):
+    """A hostile but attested source controls the secret part it wraps in KEY_RELEASE:
+    it is held to the documented 8 MiB (docs/protocol.md, the KEY_RELEASE row) and to
+    the scanner's limits derived from it (nesting 8, MAX_SECRET/64 arrays and objects,
+    MAX_SECRET/4 separators, MAX_SECRET/16 strings), each taken at its edge and
+    refused one past it, before ``json.loads`` builds anything."""
+    from migrate.errors import ProtocolError
+    from migrate.secure.mode import MAX_SECRET
+    from migrate.wire import MAX_KEY_RELEASE
+    assert MAX_SECRET == 8 << 20 == MAX_KEY_RELEASE
+    trust = Trust(tmp_path)
+    mode = trust.mode(trust.host("b", role="destination"))
+    mode.vm = ("a" * 32, 5)
+    doc = {"identity": {"vm_id": "a" * 32, "generation": 5}, "protection": None}
+
+    def secret(inner: bytes) -> bytes:
+        return b'{"protection":' + inner + b"}"
+
+    cases = [   # (at the edge: taken, one past it: refused, the refusal)
+        (secret(b"[" * 7 + b"]" * 7), secret(b"[" * 8 + b"]" * 8), "nested deeper than 8 levels"),
+        # arrays and objects: the outer object, the list, and k empty lists
+        (secret(b"[" + b",".join([b"[]"] * ((8 << 20) // 64 - 2)) + b"]"),
+         secret(b"[" + b",".join([b"[]"] * ((8 << 20) // 64 - 1)) + b"]"), "arrays and objects"),
+        # separators: the ':' and k - 1 commas
+        (secret(b"[" + b",".join([b"0"] * ((8 << 20) // 4)) + b"]"),
+         secret(b"[" + b",".join([b"0"] * ((8 << 20) // 4 + 1)) + b"]"), "values"),
+        # strings: "protection" and k empty ones
+        (secret(b"[" + b",".join([b'""'] * ((8 << 20) // 16 - 1)) + b"]"),
+         secret(b"[" + b",".join([b'""'] * ((8 << 20) // 16)) + b"]"), "strings"),
+    ]
+    for edge, past, why in cases:
+        assert len(past) <= MAX_SECRET
+        assert mode.merge_state(doc, edge)["protection"] is not None
+        with pytest.raises(ProtocolError, match=f"secret part of the state: .*{why}"):
+            mode.merge_state(doc, past)
+
+
+class TwoNonces(SecureMode):
+    """A source that asks for a second final quote before the first was answered."""
+    def round_begins(self, ch):
+        from migrate.wire import RecordType
+        super().round_begins(ch)
+        ch.send(RecordType.FRESH_NONCE, self._nonce)
+
+
+class ShortNonce(SecureMode):
+    """A source whose fresh nonce is 31 bytes, not 32."""
+    def round_begins(self, ch):
+        from migrate.wire import RecordType
+        self._nonce = keyrelease.fresh_nonce()[:31]
+        ch.send(RecordType.FRESH_NONCE, self._nonce)
+
+
+@pytest.mark.parametrize("hostile", [TwoNonces, ShortNonce])
+def test_a_destination_refuses_a_repeated_or_misshapen_fresh_nonce(tmp_path, hostile):
+    """FRESH_NONCE is one 32-byte nonce per round, answered by one FINAL_QUOTE
+    (docs/protocol.md): a second one before the answer (which would have the TPM
+    quote twice, and leave one quote unanswered) or one of another size ends the
+    session at the destination, and the guest stays whole at home (issue 19: the
+    check made 'repeated and misshapen' instead of 'or' passed every test)."""
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    m = guest()
+    keys = dict(m.protection._keys)
+    m, res = migrate(trust, hostile(trust.mode(a).attestor), lambda: trust.mode(b), m)
+    assert "FRESH_NONCE repeated before its FINAL_QUOTE, or of the wrong size" in str(res["error"]), res
+    assert "source_error" in res
+    assert_home_intact(m, keys, res)
+
+
+class LongNameInSecret(SecureMode):
+    """An attested but hostile source: the secret part it wraps in KEY_RELEASE
+    names its protected process with 257 characters (at most 256 in any state)."""
+    def split_state(self, doc):
+        import json
+        public, secret = super().split_state(doc)
+        part = json.loads(secret)
+        part["protection"]["processes"][0]["name"] = "x" * 257
+        return public, json.dumps(part, sort_keys=True, separators=(",", ":")).encode()
+
+
+def test_the_merged_state_is_validated_field_by_field(tmp_path):
+    """The secret part is hostile input too: once merged into the state, the whole
+    document goes through the validator (migrate/statecheck.py) before
+    ``Machine.restore`` sees it; a field out of bounds in it is refused by name,
+    and the guest stays whole at home (issue 19: skipping that second check passed
+    every test)."""
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    m = guest()
+    keys = dict(m.protection._keys)
+    m, res = migrate(trust, LongNameInSecret(trust.mode(a).attestor), lambda: trust.mode(b), m)
+    assert "state document: protection.processes[0].name: string of 257 characters" in str(res["error"]), res
+    assert "source_error" in res
+    assert_home_intact(m, keys, res)
+
+
+def test_with_replay_off_a_migration_completes_and_no_generation_is_recorded(tmp_path):
+    """--insecure replay on both ends (the policy approving it): the migration still
+    completes in one process -- nothing of the replay defence is waited for or
+    touched (the generation's NV writes, the durable accept) -- and neither TPM
+    records the generation, so the same generation would be taken again: the
+    defence is off, and only it.  With it on, both TPMs record it (issue 19: the
+    destination waiting on a generation write that replay-off never started
+    crashed no in-process test, as none ran replay off to the end)."""
+    trust = Trust(tmp_path, configurations=({}, {"insecure": ("replay",)}))
+    for off in ((), ("replay",)):
+        a = trust.host(f"a{len(off)}", insecure=off)
+        b = trust.host(f"b{len(off)}", insecure=off, role="destination")
+        mode = trust.mode(a, insecure=off)
+        m, res = migrate(trust, mode, lambda: trust.mode(b, insecure=off), insecure=off)
+        assert res["report"].outcome == "completed" and m.halted == MIGRATED, res
+        vm_id, gen = res["incoming"].machine.migration_identity
+        assert gen == 1
+        for host in (a, b):
+            tpm = SoftTpm.open(host)
+            if off:
+                generation.check(tpm, vm_id, gen)       # not recorded: taken again
+            else:
+                with pytest.raises(StaleGeneration, match="not newer"):
+                    generation.check(tpm, vm_id, gen)
+
+
+def test_the_source_seals_its_recovery_only_when_it_holds_the_escrowed_keys(tmp_path):
+    """``save_recovery`` (what the VMM calls after an unconfirmed commit): a session
+    that escrowed the process keys before COMMIT seals the paused guest with them
+    to this host's TPM, and says how to continue it; a session that escrowed
+    nothing returns None (the caller then saves a plain state file).  Issue 19:
+    either answer inverted passed every test."""
+    from migrate.secure import commit
+    from minivmm.state import MachineState
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    assert trust.mode(a).save_recovery(guest(), tmp_path / "none.sealed") is None
+    assert not (tmp_path / "none.sealed").exists()
+    mode = trust.mode(a)
+    m, res = migrate(trust, mode, lambda: trust.mode(b))
+    assert res["report"].outcome == "completed" and not m.protection._keys
+    said = mode.save_recovery(m, tmp_path / "vm.sealed")
+    assert said is not None and "minivmm recover" in said and str(tmp_path / "vm.sealed") in said
+    tpm = SoftTpm.open(a, startup=None, create=False)
+    back = Machine.restore(MachineState.from_bytes(commit.open_recovery(tmp_path / "vm.sealed", tpm), where="x"))
+    assert back.protection._keys, "the process keys came back from the escrow"
+
+
+class FailsAfterThePause(SecureMode):
+    """A source whose migration fails after the pause, before the keys are released
+    (``source_final`` raises), while its escrow and migrated-away mark are still
+    being written: the mark's write waits until someone waits for that work (the
+    future's ``result``), so whether ``undo_commit`` waits for it before undoing
+    the mark is seen without any timing."""
+    def __init__(self, *args, **kwargs):
+        import threading
+        super().__init__(*args, **kwargs)
+        self.asked, self.written = threading.Event(), threading.Event()
+
+    def at_pause(self, machine, peer):
+        mark, real_commit = self._mark, self._mark.commit
+
+        def commit(*args):
+            assert self.asked.wait(60), "nobody waited for the escrow and the mark"
+            real_commit(*args)
+            self.written.set()
+        mark.commit = commit
+        super().at_pause(machine, peer)
+        work, outer = self._committing, self
+
+        class Waited:
+            def result(self):
+                outer.asked.set()
+                return work.result()
+        self._committing = Waited()
+
+    def source_final(self, ch, secret):
+        raise KeyReleaseRefused("simulated: the key release failed")
+
+    def undo_commit(self, machine):
+        super().undo_commit(machine)
+        self.written_before_undo_returned = self.written.is_set()
+
+
+def test_a_failure_after_the_pause_undoes_the_mark_only_once_it_is_written(tmp_path):
+    """A failure between the pause and the key release: the source waits for its
+    escrow and migrated-away mark (made beside the final round) before undoing the
+    mark, so no mark saying the VM left is written after the undo -- the guest runs
+    here, and a later start must not believe it migrated (issue 19: not waiting for
+    that work passed every test)."""
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    m = guest()
+    keys = dict(m.protection._keys)
+    mode = FailsAfterThePause(trust.mode(a).attestor)
+    try:
+        m, res = migrate(trust, mode, lambda: trust.mode(b), m)
+    finally:
+        mode.asked.set()                # never leave the mark's thread waiting
+    assert "simulated: the key release failed" in str(res["source_error"]), res
+    assert mode.written_before_undo_returned
+    assert read_mark(a, mode.vm[0]) is None
+    assert_home_intact(m, keys, res)
+
+
+def test_an_unknown_defence_name_is_refused(tmp_path):
+    """``--insecure`` takes only the five documented defences: a misspelt one is an
+    error, not a silently ignored switch (issue 19: the check removed passed every
+    test)."""
+    trust = Trust(tmp_path)
+    a = trust.host("a")
+    with pytest.raises(ValueError, match=r"unknown defence\(s\) \['toctu'\]"):
+        trust.mode(a, insecure=("toctu",))
+    assert trust.mode(a, insecure=("toctou",)).describe() == \
+        "secure mode WITH DEFENCES OFF: toctou (insecure, for teaching)"

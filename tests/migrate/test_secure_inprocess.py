@@ -60,6 +60,8 @@ def test_protected_keeper_migrates_secure_and_no_secret_or_key_on_the_wire(tmp_p
     assert "error" not in res, res.get("error")
     assert report.outcome == "completed" and m.halted == MIGRATED
     assert set(mode.phases) == {"attestation", "key_release", "commit"}
+    assert all(0 < t < report.total_seconds for t in mode.phases.values()), mode.phases
+    assert set(res["incoming"].report.phases) == {"attestation", "key_release"}     # the destination's
     d = res["incoming"].machine
     assert d.exits == {1: 0, 2: 0} and d.console.text(1).count("secret intact") == 30
     assert SECRET not in Recorder.wire

@@ -516,3 +516,118 @@ def test_the_top_level_has_exactly_its_sections(doc):
                      ([doc], "(top level): list where an object belongs")):
         with pytest.raises(ProtocolError, match=re.escape(why)):
             check_state_doc(copy.deepcopy(bad), RAM)
+
+
+# ------------------------------------------- the document's bounds, term by term
+# (issue 19: a term of state_limit or scan_limits changed -- a bound a few MiB or a
+# few thousand values looser or tighter -- passed every case above.)  The terms are
+# written out from docs/migration.md ("The state document: bounded and strictly
+# validated"), not imported, and checked at two RAM sizes so that the per-frame
+# terms and the fixed ones are told apart.
+@pytest.mark.parametrize("ram", [16 << 20, 256 << 20])
+def test_the_state_bounds_are_the_documented_sums(ram):
+    from migrate.statecheck import state_limit
+    n = ram // 4096                                   # RAM frames
+    procs = 16 + 16                                   # protected + exited processes kept
+    console_b64 = ((64 << 20) + 2) // 3 * 4           # the 64 MiB console kept, as base64
+    assert state_limit(ram) == ((4 << 20) + (1 << 20) + 2 * console_b64
+                                + n * (8 + 2 * 128) + procs * 8192)
+    entries = 2 * n                                   # protected-page entries
+    strings = (1024 + 17 * 4096 + 4 * 4096 + 256 + procs * 8 + 3 * entries)
+    assert scan_limits(ram) == Limits(max_depth=8,
+                                      max_containers=256 + 4 * 16 + 4 * procs + entries,
+                                      max_values=65536 + 4 * strings + 8 * entries + n,
+                                      max_strings=strings)
+
+
+def test_the_scan_limits_hold_at_their_edges():
+    """The bounded parse of the state document at each limit: taken at it (then
+    refused by the validator, as a list is no state), refused one past it by the scan."""
+    lim = scan_limits(RAM)
+    cases = [
+        (b"[" * 8 + b"]" * 8, b"[" * 9 + b"]" * 9, "nested deeper than 8"),
+        (b"[" + b",".join([b"[]"] * (lim.max_containers - 1)) + b"]",
+         b"[" + b",".join([b"[]"] * lim.max_containers) + b"]", "arrays and objects"),
+        (b"[" + b",".join([b"0"] * (lim.max_values + 1)) + b"]",
+         b"[" + b",".join([b"0"] * (lim.max_values + 2)) + b"]", "values"),
+        (b"[" + b",".join([b'""'] * lim.max_strings) + b"]",
+         b"[" + b",".join([b'""'] * (lim.max_strings + 1)) + b"]", "strings"),
+    ]
+    for edge, past, why in cases:
+        with pytest.raises(ProtocolError, match=re.escape("(top level): list where an object belongs")):
+            parse_state(edge, RAM)
+        with pytest.raises(ProtocolError, match=f"state document: .*{why}"):
+            parse_state(past, RAM)
+
+
+@pytest.mark.parametrize("path", [("vmm", "halt_detail"), ("vmm", "names", "1"), ("identity", "vm_id"),
+                                  ("image", "name"), ("image", "description"),
+                                  ("image", "processes", 0, "name"), PROC + ("name",)])
+def test_null_is_no_string(doc, path):
+    """Only ``stopped`` may be null among the strings: a null elsewhere is refused by
+    name, not taken as "no string" (issue 19: ``_str``'s ``none`` defaulting to True
+    passed every case above)."""
+    bad = copy.deepcopy(doc)
+    _set(bad, path, None)
+    with pytest.raises(ProtocolError, match="NoneType where a string belongs"):
+        check_state_doc(bad, RAM)
+
+
+def test_the_console_output_is_bounded_by_what_the_console_keeps(doc):
+    """console.output holds at most the 64 MiB the console keeps (``MAX_CONSOLE``): as
+    base64, 4 characters per 3 bytes; one quantum more is refused by its length,
+    before it is decoded (issue 19: the bound computed with 5 characters per 3 bytes
+    took 80 MiB)."""
+    edge = ((64 << 20) + 2) // 3 * 4
+    ok, bad = copy.deepcopy(doc), copy.deepcopy(doc)
+    _set(ok, ("console", "output"), "A" * edge)
+    check_state_doc(ok, RAM)
+    _set(bad, ("console", "output"), "A" * (edge + 4))
+    with pytest.raises(ProtocolError, match=f"console.output: string of {edge + 4} characters, at most {edge}"):
+        check_state_doc(bad, RAM)
+
+
+@pytest.mark.parametrize("path, value, why", [
+    (("dirty", "dirty_pfns"), {}, "dirty.dirty_pfns: dict where a list belongs"),
+    (("image", "processes"), "p", "image.processes: str where a list belongs"),
+    (("vmm", "names"), [], "vmm.names: list where an object belongs"),
+    (("console", "per_pid"), ["x"], "console.per_pid: list where an object belongs"),
+    (PROC + ("pages", 0, 4), 0, "pages[0].nonce: int where a string belongs"),
+    (PROC + ("measurement",), ["00"] * 32, "processes[0].measurement: list where a string belongs"),
+])
+def test_a_container_or_hex_string_of_another_type_is_refused_by_name(doc, path, value, why):
+    """Lists, tables and hex strings are type-checked before their length or content
+    is looked at (issue 19: each of those type checks removed passed every test)."""
+    bad = copy.deepcopy(doc)
+    _set(bad, path, value)
+    with pytest.raises(ProtocolError, match=re.escape(why)):
+        check_state_doc(bad, RAM)
+
+
+def test_parse_state_validates_and_returns_the_document(doc, monkeypatch):
+    """``parse_state`` (what the destination calls) is scan, parse, validate, then
+    the deadline once more: it returns the document, refuses one the validator
+    refuses and bytes that are not JSON, and a deadline that passed while the
+    document was validated (a fake clock: no timing)."""
+    import migrate.statecheck as sc
+    data = json.dumps(doc).encode()
+    assert parse_state(data, RAM) == doc
+    bad = copy.deepcopy(doc)
+    bad["timer"]["period"] = "1"
+    with pytest.raises(ProtocolError, match=re.escape("timer.period: str where an integer belongs")):
+        parse_state(json.dumps(bad).encode(), RAM)
+    for junk in (b'{"cpu": ', b"\xff\xfe"):
+        with pytest.raises(ProtocolError, match="state document: not JSON"):
+            parse_state(junk, RAM)
+    now = [100.0]
+    real_check = sc.check_state_doc
+
+    def slow_check(d, ram_size):        # the validation "takes" 10 s of the fake clock
+        real_check(d, ram_size)
+        now[0] += 10
+    monkeypatch.setattr(sc.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(sc, "check_state_doc", slow_check)
+    assert parse_state(data, RAM, deadline=120.0) == doc
+    now[0] = 100.0
+    with pytest.raises(ProtocolError, match="the session deadline passed while it was checked"):
+        parse_state(data, RAM, deadline=105.0)

@@ -301,3 +301,63 @@ def test_a_tcp_channel_turns_nagle_off_and_close_closes():
         peer.close()
     finally:
         server.close()
+
+
+def test_a_body_cut_short_times_out_saying_how_much_arrived():
+    """A peer that sends 40 bytes of a 100-byte ABORT body and then nothing: the
+    read times out, and the error says how much of the body arrived (issue 19: the
+    count, going the wrong way, passed every test).  The 40 bytes are in the socket
+    before the read starts: no timing."""
+    from migrate.errors import PeerTimeout
+    a, b = socket.socketpair()
+    try:
+        b.sendall(_HEAD.pack(12, 0, 100, 0) + b"x" * 40)         # 12: ABORT
+        with pytest.raises(PeerTimeout, match=re.escape("timed out waiting for a ABORT body (40 of 100 bytes")):
+            Channel(a, timeout=0.2).recv()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_send_after_the_phase_deadline_times_out_at_once():
+    """A phase deadline already passed (the source's pause-to-PREPARED one): the
+    next send is a PeerTimeout before any byte goes, and the stream is marked
+    broken (issue 19: the deadline check removed gave the socket a negative
+    timeout -- a ValueError, not a migration error)."""
+    from migrate.errors import ConnectionLost, PeerTimeout
+    a, b = socket.socketpair()
+    try:
+        ch = Channel(a, timeout=5.0)
+        ch.deadline = ch.now() - 1.0
+        with pytest.raises(PeerTimeout, match="did not take a COMMIT record of 0 bytes"):
+            ch.send(RecordType.COMMIT)
+        assert ch.broken and ch.bytes_sent == 0
+        ch.deadline = None
+        with pytest.raises(ConnectionLost, match="nothing more is sent after a failed send"):
+            ch.send(RecordType.ABORT, b"x")
+        b.settimeout(0)
+        with pytest.raises(BlockingIOError):
+            b.recv(64)                                  # not a byte of either record went
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_connection_reset_while_reading_is_a_connection_lost():
+    """A peer that resets the connection (RST: SO_LINGER 0, then close) while we
+    wait for a record: ConnectionLost naming what we were reading, at once -- not a
+    loop over the dead socket until the timeout (issue 19: that raise removed
+    passed every test; a socketpair only ever gives a clean end of stream)."""
+    from migrate.errors import ConnectionLost
+    listener = socket.create_server(("127.0.0.1", 0))
+    a = socket.create_connection(listener.getsockname()[:2])
+    b, _ = listener.accept()
+    try:
+        b.sendall(_HEAD.pack(12, 0, 100, 0) + b"x" * 10)        # part of an ABORT body ...
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        b.close()                                               # ... then a reset
+        with pytest.raises(ConnectionLost, match="connection lost while reading a ABORT body"):
+            Channel(a, timeout=30.0).recv()
+    finally:
+        a.close()
+        listener.close()
