@@ -763,3 +763,42 @@ def test_an_unknown_defence_name_is_refused(tmp_path):
         trust.mode(a, insecure=("toctu",))
     assert trust.mode(a, insecure=("toctou",)).describe() == \
         "secure mode WITH DEFENCES OFF: toctou (insecure, for teaching)"
+
+
+def test_a_destination_that_hangs_up_after_its_key_share_is_reported_as_such(tmp_path):
+    """A peer that answers HELLO with a key share and then hangs up (before its
+    quote) spoke the protocol: the source says the connection was lost in the
+    handshake -- not that the peer does not speak minivmm, and not a crash --
+    and keeps running its guest with its keys (issue 19: the re-raise of a
+    failure after the peer answered, dropped, left an UnboundLocalError)."""
+    import socket
+    import threading
+
+    from migrate.errors import ConnectionLost
+    from migrate.secure.keyschedule import Ephemeral
+    from migrate.wire import HEADER, Channel, RecordType
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    got = []
+
+    def hostile():
+        conn, _ = listener.accept()
+        ch = Channel(conn, timeout=10)
+        got.append(ch.recv().type)                   # HELLO
+        got.append(ch.recv().type)                   # the source's KEY_SHARE
+        body = Ephemeral().share.encode()
+        conn.sendall(HEADER.pack(RecordType.KEY_SHARE, 0, len(body), 0) + body)
+        conn.close()                                 # no quote: gone
+    t = threading.Thread(target=hostile, daemon=True)
+    t.start()
+    trust = Trust(tmp_path)
+    m = guest()
+    keys = dict(m.protection._keys)
+    host, port = listener.getsockname()[:2]
+    with pytest.raises(ConnectionLost) as info:
+        Source(m, mode=trust.mode(trust.host("a")), timeout=5, policy=BOUNDED).migrate(f"{host}:{port}")
+    t.join(10)
+    listener.close()
+    assert got == [RecordType.HELLO, RecordType.KEY_SHARE]
+    assert "does not speak" not in str(info.value)
+    assert_home_intact(m, keys, {})
