@@ -802,3 +802,40 @@ def test_a_destination_that_hangs_up_after_its_key_share_is_reported_as_such(tmp
     assert got == [RecordType.HELLO, RecordType.KEY_SHARE]
     assert "does not speak" not in str(info.value)
     assert_home_intact(m, keys, {})
+
+
+def test_a_key_share_under_another_record_type_is_refused(tmp_path):
+    """The handshake takes the destination's key share only as KEY_SHARE: the
+    same bytes as a QUOTE record are a protocol error, named, and the guest
+    runs on (issue 19: mode.py's record-type check replaced by False passed)."""
+    import socket
+    import threading
+
+    from migrate.errors import ProtocolError
+    from migrate.secure.keyschedule import Ephemeral
+    from migrate.wire import HEADER, Channel, RecordType
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def hostile():
+        conn, _ = listener.accept()
+        ch = Channel(conn, timeout=10)
+        ch.recv(), ch.recv()                          # HELLO, KEY_SHARE
+        body = Ephemeral().share.encode()
+        conn.sendall(HEADER.pack(RecordType.QUOTE, 0, len(body), 0) + body)
+        try:
+            ch.recv()                                 # until the source gives up
+        except Exception:                             # noqa: BLE001 - any end will do
+            pass
+        conn.close()
+    t = threading.Thread(target=hostile, daemon=True)
+    t.start()
+    trust = Trust(tmp_path)
+    m = guest()
+    keys = dict(m.protection._keys)
+    host, port = listener.getsockname()[:2]
+    with pytest.raises(ProtocolError, match="expected KEY_SHARE, destination sent QUOTE"):
+        Source(m, mode=trust.mode(trust.host("a")), timeout=5, policy=BOUNDED).migrate(f"{host}:{port}")
+    t.join(10)
+    listener.close()
+    assert_home_intact(m, keys, {})
