@@ -839,3 +839,40 @@ def test_a_key_share_under_another_record_type_is_refused(tmp_path):
     t.join(10)
     listener.close()
     assert_home_intact(m, keys, {})
+
+
+def test_a_round_that_fails_while_the_mark_is_being_made_leaves_no_mark(tmp_path, monkeypatch):
+    """The migrated-away mark is prepared beside round 0.  When the destination
+    aborts in round 0 before the mark is durable, the source waits for it and
+    then undoes it: no 'pending' mark is left behind to be found at the next
+    start (issue 19: undo_commit's wait for the mark inverted left the file
+    that the late prepare wrote after the undo had removed it)."""
+    from migrate.secure import commit
+
+    class SlowMark(commit.MigrationMark):
+        def prepare(self):
+            slow.wait(3)            # still being made when round 0 fails
+            super().prepare()
+
+    import threading
+    slow = threading.Event()
+    monkeypatch.setattr(commit, "MigrationMark", SlowMark)
+
+    class AbortsRound0(SecureMode):
+        def take(self, ch, rec):
+            if super().take(ch, rec):
+                raise MigrationError("destination gives up in round 0")
+            return False
+
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    src = trust.mode(a)
+    m = guest()
+    keys = dict(m.protection._keys)
+    m, res = migrate(trust, src, lambda: AbortsRound0(trust.mode(b).attestor))
+    assert isinstance(res.get("source_error"), MigrationError)   # (ABORT, or a broken pipe)
+    slow.set()
+    if src._marking is not None:
+        src._marking.result(timeout=30)      # whatever was left running has ended
+    assert read_mark(a, src.vm[0]) is None, "a pending mark outlived the aborted migration"
+    assert_home_intact(m, keys, res)
