@@ -169,3 +169,62 @@ def test_the_owner_is_known_by_its_address_space_whatever_low_bits_cr3_carries(i
     assert m.protection.on_fill(m._uc, vaddr, meta.ppn << 12, True, False, False, cr3[2]) is None
     assert meta.state == "cloaked"                  # another process: cloaked first, as always
 
+
+
+def _fake_address_space(m, top):
+    """A page directory the kernel made up (frames ``top``-2 .. ``top``), mapping
+    only a writable shared page at SHARED: the least a protect call needs."""
+    pd, pt, shared = (top - 2) << 12, (top - 1) << 12, top << 12
+    for f in (pd, pt, shared):
+        m.ram.view[f:f + 4096] = bytes(4096)
+    struct.pack_into("<I", m.ram.view, pd + (SHARED >> 22) * 4, pt | PTE_P | PTE_W | PTE_U)
+    struct.pack_into("<I", m.ram.view, pt + ((SHARED >> 12) & 0x3FF) * 4, shared | PTE_P | PTE_W | PTE_U)
+    return pd
+
+
+def test_a_kernel_that_announces_more_address_spaces_than_it_has_slots_is_held_to_max_protected(idle):
+    # The kernel is free to invent address spaces and pids (HC_PROC_START): the
+    # VMM holds at most MAX_PROTECTED live protected processes (the state it
+    # saves is bounded by that, prot_state); exited ones do not count.
+    from minivmm.protection import MAX_PROTECTED
+    m, cr3 = idle
+    assert protect(m, cr3[1], 1) == 0 and protect(m, cr3[2], 2) == 0
+    top = m.ram.size // abi.PAGE_SIZE - 1
+    fakes = [_fake_address_space(m, top - 3 * k) for k in range(MAX_PROTECTED - 1)]
+    assert not {f >> 12 for f in fakes} & set(m.protection.frames)
+    for pid, pd in enumerate(fakes[:-1], start=3):
+        assert protect(m, pd, pid) == 0, pid
+    assert len(m.protection.procs) == MAX_PROTECTED
+    assert protect(m, fakes[-1], 99) == -abi.EINVAL            # one more live one: refused
+    assert 99 not in m.protection.procs and fakes[-1] not in m.protection.by_cr3
+    m.protection.process_exited(3)
+    assert protect(m, fakes[-1], 99) == 0                     # a slot freed by an exit
+    assert len([p for p in m.protection.procs.values() if not p.exited]) == MAX_PROTECTED
+
+
+BIG = IDLE + "pad: .space 5000, 0x5A\n"        # an image of two pages
+
+
+def test_the_measurement_covers_exactly_the_image_pages_as_the_program_was_built():
+    # Known answer: SHA-256 over (vpn, page) of each image page, from the
+    # assembler's output, not from what the VMM reads. The data pages (one
+    # protected, one shared) and the stack are not part of it, whatever they hold.
+    import hashlib
+    from guests.asm import assemble
+    from guests.build import PROGRAMS_DIR, expand_includes
+    m = Machine(build_image([prog("big", BIG, data_pages=3)]))
+    cr3 = {}
+    m.events.subscribe(lambda e: cr3.setdefault(e.pid, e.cr3 & 0xFFFFF000), ev.ProcessStart)
+    m.run(until=lambda m: cr3, max_ticks=200)
+    code = assemble(expand_includes(BIG, PROGRAMS_DIR), abi.IMAGE_VADDR).code
+    assert abi.PAGE_SIZE < len(code) <= 2 * abi.PAGE_SIZE
+    code = code.ljust(2 * abi.PAGE_SIZE, b"\0")
+    want = hashlib.sha256(b"".join(struct.pack("<I", (abi.IMAGE_VADDR >> 12) + i) +
+                                   code[i * abi.PAGE_SIZE:(i + 1) * abi.PAGE_SIZE] for i in range(2)))
+    for vaddr in (abi.DATA_VADDR, abi.DATA_VADDR + 2 * abi.PAGE_SIZE, abi.USER_END - abi.PAGE_SIZE):
+        frame = get_pte(m, cr3[1], vaddr) & 0xFFFFF000
+        m.ram.view[frame:frame + 8] = b"not code"
+    assert protect(m, cr3[1], 1, shared=abi.DATA_VADDR + abi.PAGE_SIZE) == 0
+    [view] = m.protection.view()
+    assert abi.DATA_VADDR in [p.vaddr for p in view.pages]       # protected, but not measured
+    assert view.measurement == want.hexdigest()
