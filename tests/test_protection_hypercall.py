@@ -228,3 +228,30 @@ def test_the_measurement_covers_exactly_the_image_pages_as_the_program_was_built
     [view] = m.protection.view()
     assert abi.DATA_VADDR in [p.vaddr for p in view.pages]       # protected, but not measured
     assert view.measurement == want.hexdigest()
+
+
+def test_a_user_page_the_kernel_maps_below_the_user_range_is_not_taken(idle):
+    # Protection covers [USER_BASE, USER_END) only: a user-accessible entry the
+    # kernel adds just below USER_BASE (here: onto pid 2's data page) is not the
+    # process's to own, and the VMM must not take that frame from pid 2.
+    m, cr3 = idle
+    victim = get_pte(m, cr3[2], SHARED) & 0xFFFFF000
+    pt = m.ram.size - abi.PAGE_SIZE
+    m.ram.view[pt:pt + 4096] = bytes(4096)
+    struct.pack_into("<I", m.ram.view, pt + 0x3FF * 4, victim | PTE_P | PTE_W | PTE_U)
+    below = (abi.USER_BASE >> 22) - 1
+    assert struct.unpack_from("<I", m.ram.view, cr3[1] + below * 4)[0] == 0
+    struct.pack_into("<I", m.ram.view, cr3[1] + below * 4, pt | PTE_P | PTE_W | PTE_U)
+    assert protect(m, cr3[1], 1) == 0
+    [view] = m.protection.view()
+    assert victim >> 12 not in m.protection.frames
+    assert min(p.vaddr for p in view.pages) >= abi.USER_BASE
+
+
+def test_an_address_space_outside_ram_has_no_pages_to_protect(idle):
+    # Not reachable from a guest (the MMU faults every fetch under such a CR3),
+    # but the walk must refuse it, not read past the end of RAM.
+    m, _ = idle
+    for cr3 in (m.ram.size, m.ram.size + 0x400000):
+        assert protect(m, cr3, 1) == -abi.EINVAL
+    assert not m.protection.view()
