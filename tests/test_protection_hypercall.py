@@ -255,3 +255,32 @@ def test_an_address_space_outside_ram_has_no_pages_to_protect(idle):
     for cr3 in (m.ram.size, m.ram.size + 0x400000):
         assert protect(m, cr3, 1) == -abi.EINVAL
     assert not m.protection.view()
+
+
+def test_a_4mib_page_the_kernel_maps_is_protected_frame_by_frame_and_no_further(idle):
+    # A large page at 0x60000000 onto the 4 MiB at 8 MiB of RAM (nobody's):
+    # each of its 1024 frames becomes a protected page, and nothing past it.
+    # A second one, at 0x60800000, lies beyond the end of RAM: no page of it.
+    m, cr3 = idle
+    pdi, base = 0x60000000 >> 22, (8 << 20) >> 12
+    assert struct.unpack_from("<III", m.ram.view, cr3[1] + pdi * 4) == (0, 0, 0)
+    struct.pack_into("<I", m.ram.view, cr3[1] + pdi * 4, (base << 12) | 0x80 | PTE_P | PTE_W | PTE_U)
+    struct.pack_into("<I", m.ram.view, cr3[1] + (pdi + 2) * 4, m.ram.size | 0x80 | PTE_P | PTE_W | PTE_U)
+    assert protect(m, cr3[1], 1) == 0
+    [view] = m.protection.view()
+    large = sorted((p.vaddr, p.frame) for p in view.pages if 0x60000000 <= p.vaddr < 0x61000000)
+    assert large == [(0x60000000 + i * abi.PAGE_SIZE, base + i) for i in range(1024)]
+    assert base + 1024 not in m.protection.frames
+
+
+@pytest.mark.parametrize("writable", [False, True])
+def test_a_shared_page_inside_a_4mib_page_is_writable_only_if_the_large_page_is(idle, writable):
+    m, cr3 = idle
+    pdi, base = SHARED >> 22, (12 << 20) >> 12
+    struct.pack_into("<I", m.ram.view, cr3[1] + pdi * 4,
+                     (base << 12) | 0x80 | PTE_P | PTE_U | (PTE_W if writable else 0))
+    assert protect(m, cr3[1], 1) == (0 if writable else -abi.EINVAL)
+    if writable:
+        [view] = m.protection.view()
+        assert view.shared_vaddr == SHARED and base not in m.protection.frames     # the shared frame
+        assert m.protection.frames[base + 1][1].vpn == (SHARED >> 12) + 1
