@@ -284,3 +284,33 @@ def test_a_shared_page_inside_a_4mib_page_is_writable_only_if_the_large_page_is(
         [view] = m.protection.view()
         assert view.shared_vaddr == SHARED and base not in m.protection.frames     # the shared frame
         assert m.protection.frames[base + 1][1].vpn == (SHARED >> 12) + 1
+        assert base + 1023 == m.ram.size // abi.PAGE_SIZE - 1 in m.protection.frames   # RAM's last frame
+
+
+def test_page_tables_and_frames_beyond_ram_map_nothing(idle):
+    # A page directory entry onto a "page table" past the end of RAM, and a page
+    # table entry onto a frame past it: nothing there to protect (and nothing to
+    # read); RAM's last frame, mapped through a table in RAM's last frame, is.
+    m, cr3 = idle
+    last = m.ram.size // abi.PAGE_SIZE - 1
+    pdi = 0x60000000 >> 22
+    struct.pack_into("<I", m.ram.view, cr3[1] + pdi * 4, m.ram.size | PTE_P | PTE_W | PTE_U)
+    pt = last << 12
+    m.ram.view[pt:pt + 4096] = bytes(4096)
+    struct.pack_into("<II", m.ram.view, pt, m.ram.size | 7, (last << 12) | 7)
+    struct.pack_into("<I", m.ram.view, cr3[1] + (pdi + 1) * 4, pt | PTE_P | PTE_W | PTE_U)
+    assert protect(m, cr3[1], 1) == 0
+    [view] = m.protection.view()
+    assert [p.vaddr for p in view.pages if 0x60000000 <= p.vaddr < 0x70000000] == [0x60401000]
+    assert m.protection.frames[last][1].vpn == 0x60401
+
+
+@pytest.mark.parametrize("pde_w, pte_w", [(False, True), (True, False), (True, True)])
+def test_the_shared_page_is_writable_only_if_both_levels_grant_it(idle, pde_w, pte_w):
+    m, cr3 = idle
+    pde_at = cr3[1] + (SHARED >> 22) * 4
+    pde = struct.unpack_from("<I", m.ram.view, pde_at)[0]
+    struct.pack_into("<I", m.ram.view, pde_at, (pde & ~PTE_W) | (PTE_W if pde_w else 0))
+    pte = get_pte(m, cr3[1], SHARED)
+    set_pte(m, cr3[1], SHARED, (pte & ~PTE_W) | (PTE_W if pte_w else 0))
+    assert protect(m, cr3[1], 1) == (0 if pde_w and pte_w else -abi.EINVAL)
