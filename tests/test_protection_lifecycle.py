@@ -81,12 +81,12 @@ def test_an_exit_cloaks_what_is_left_releases_the_frames_and_destroys_the_key(tw
 
 def test_a_cr3_announced_again_forgets_only_an_exited_owner(two):
     m, cr3 = two
-    m.protection.process_started(9, cr3[2] | 0x18)                 # pid 2 is alive: kept
+    m.protection.process_started(9, cr3[2] | 0x19)                 # pid 2 is alive: kept
     assert m.protection.by_cr3[cr3[2]].pid == 2
     assert m.protection.protect(cr3[1], 9, "c", SHARED, 0) == -abi.EEXIST
     m.protection.process_exited(1)
     assert m.protection.protect(cr3[1], 9, "c", SHARED, 0) == -abi.EEXIST   # exited, not yet reused
-    m.protection.process_started(9, cr3[1] | 0x18)
+    m.protection.process_started(9, cr3[1] | 0x19)                 # (the kernel's raw argument)
     assert cr3[1] not in m.protection.by_cr3 and m.protection.procs[1].exited    # still in the view
     assert m.protection.protect(cr3[1], 9, "c", SHARED, 0) == 0
     assert m.protection.by_cr3[cr3[1]].pid == 9
@@ -107,6 +107,14 @@ def test_only_the_last_max_exited_exited_processes_are_kept(two):
     assert m.protection.by_cr3[cr3[1]].pid == 50                    # and its CR3 is not the live one's
     assert all(m.protection.by_cr3[m.protection.procs[pid].cr3].pid == pid for pid in exited)
     assert sorted(p.pid for p in m.protection.view()) == sorted([2, 50] + exited)
+    # One more: the oldest kept one (pid 100) is dropped, and with it its claim on
+    # its address space, which a new process may now protect.
+    first = m.protection.procs[100].cr3
+    pd = fake_space(m, top - 3 * MAX_EXITED)
+    assert m.protection.protect(pd, 200, "last", SHARED, 0) == 0
+    m.protection.process_exited(200)
+    assert 100 not in m.protection.procs and first not in m.protection.by_cr3
+    assert m.protection.protect(first, 300, "reuse", SHARED, 0) == 0
 
 
 def test_process_looks_up_one_pid(two):
@@ -217,3 +225,20 @@ def test_a_detached_page_owns_no_frame_and_ram_edges_are_checked(two):
         procs[2]["pages"][0][1] = size
     with pytest.raises(ValueError, match="outside RAM"):
         restore(m, edited(m, beyond))
+
+
+def test_key_handles_stay_fresh_across_a_restore(two):
+    # A handle names one key: in [1, next_handle), never given twice (the
+    # migration's state check holds a state to the same rule).  A restored VMM
+    # goes on from the saved next_handle: a new process must not take, and so
+    # overwrite, the key of a restored one.
+    m, _ = two
+    st = m.protection.save()
+    handles = [p.key_handle for p in m.protection.procs.values()]
+    assert len(set(handles)) == 2 and all(1 <= h < st.next_handle for h in handles)
+    r = restore(m, st)
+    pd = fake_space(r, r.ram.size // abi.PAGE_SIZE - 1)
+    assert r.protection.protect(pd, 7, "new", SHARED, 0) == 0
+    new = r.protection.procs[7].key_handle
+    assert new not in handles and 1 <= new < r.protection.save().next_handle
+    assert all(r.protection._keys[h] == st.keys[h] for h in handles)
