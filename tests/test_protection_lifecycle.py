@@ -242,3 +242,26 @@ def test_key_handles_stay_fresh_across_a_restore(two):
     new = r.protection.procs[7].key_handle
     assert new not in handles and 1 <= new < r.protection.save().next_handle
     assert all(r.protection._keys[h] == st.keys[h] for h in handles)
+
+
+def test_every_cloak_bumps_the_page_version_by_one(two):
+    # docs/protection.md: version "+1 on every cloak", bound into the AD.
+    m, cr3 = two
+    m.protection.seal_all()
+    pages = m.protection.procs[1].pages
+    assert {meta.version for meta in pages.values()} == {1}
+    vpn, meta = sorted(pages.items())[0]
+    assert m.protection.on_fill(m._uc, vpn << 12, meta.ppn << 12, True, False, False, cr3[1]) is None
+    assert meta.state == PLAINTEXT and meta.version == 1
+    m.protection.seal_all()
+    assert meta.version == 2 and {x.version for x in pages.values() if x is not meta} == {1}
+
+
+def test_forgotten_keys_are_gone_from_the_saved_state_too(two):
+    from minivmm.errors import KeysDestroyed
+    m, _ = two
+    m.protection.forget_keys()
+    assert m.protection.save().keys == {}
+    for pid in (1, 2):
+        with pytest.raises(KeysDestroyed, match=f"pid {pid} "):
+            m.protection._cipher(m.protection.procs[pid])
