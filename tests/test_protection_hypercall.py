@@ -142,7 +142,8 @@ def _map_user_range(m, cr3, large, tables, table_frames):
 
 @pytest.mark.parametrize("large, tables, refused", [
     (16, [], False), (15, [1024], False),           # MAX_PROTECT pages: walked in full
-    (16, [1], True), (15, [1024, 1], True)])        # one more: refused at the bound
+    (16, [1], True), (15, [1024, 1], True),         # one more: refused at the bound
+    (17, [], True)])                                # large pages only
 def test_one_hc_protect_walks_at_most_max_protect_pages(idle, large, tables, refused):
     # 16 x 1024 = 16384 pages: the bound docs/guest-abi.md gives for E2BIG.
     m, cr3 = idle
@@ -314,3 +315,41 @@ def test_the_shared_page_is_writable_only_if_both_levels_grant_it(idle, pde_w, p
     pte = get_pte(m, cr3[1], SHARED)
     set_pte(m, cr3[1], SHARED, (pte & ~PTE_W) | (PTE_W if pte_w else 0))
     assert protect(m, cr3[1], 1) == (0 if pde_w and pte_w else -abi.EINVAL)
+
+
+@pytest.mark.parametrize("pde_bits", [PTE_P | PTE_W, PTE_W | PTE_U])
+def test_a_page_table_behind_a_supervisor_or_absent_directory_entry_maps_no_user_page(idle, pde_bits):
+    # The page table's own entries say "user", but the directory entry above them
+    # does not (or is not present): nothing there is reachable at ring 3.
+    m, cr3 = idle
+    victim = get_pte(m, cr3[2], SHARED) & 0xFFFFF000
+    pt = m.ram.size - abi.PAGE_SIZE
+    m.ram.view[pt:pt + 4096] = bytes(4096)
+    struct.pack_into("<I", m.ram.view, pt, victim | PTE_P | PTE_W | PTE_U)
+    pdi = 0x60000000 >> 22
+    struct.pack_into("<I", m.ram.view, cr3[1] + pdi * 4, pt | pde_bits)
+    assert protect(m, cr3[1], 1) == 0
+    assert victim >> 12 not in m.protection.frames
+    assert 0x60000 not in m.protection.procs[1].pages
+
+
+def test_protect_and_adoption_log_the_frames_dirty_and_flush_the_tlb(idle):
+    # A live migration may have sent these frames in plaintext before they were
+    # protected: logged dirty, they go again, sealed.  And no TLB entry to them
+    # may survive (the kernel's or another process's would bypass the fill hook).
+    m, cr3 = idle
+    flushes = []
+    real = m.protection._flush
+    m.protection._flush = lambda: (flushes.append(1), real())
+    m.ram.dirty.start()
+    assert protect(m, cr3[1], 1) == 0
+    owned = set(m.protection.frames)
+    assert owned and owned <= set(int(p) for p in m.ram.dirty.fetch_and_clear())
+    assert flushes
+    flushes.clear()
+    fresh = get_pte(m, cr3[2], SHARED + abi.PAGE_SIZE) & 0xFFFFF000      # pid 2's: nobody's to the VMM
+    assert m.protection.on_fill(m._uc, 0x50000000, fresh, True, False, False, cr3[1]) is None
+    assert m.protection.procs[1].pages[0x50000].ppn == fresh >> 12      # adopted
+    assert fresh >> 12 in set(int(p) for p in m.ram.dirty.fetch_and_clear())
+    assert flushes
+    m.ram.dirty.stop()

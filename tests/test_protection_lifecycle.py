@@ -168,6 +168,7 @@ def test_a_live_process_may_not_take_the_key_of_an_exited_one(two):
     m.protection.process_exited(1)
 
     def share(procs, doc):
+        doc["processes"].sort(key=lambda p: p["pid"])
         procs[2]["key_handle"] = procs[1]["key_handle"]
         doc["keys"][str(procs[1]["key_handle"])] = doc["keys"][str(m.protection.procs[2].key_handle)]
     with pytest.raises(ValueError, match="pid 2 shares a key"):
@@ -265,3 +266,23 @@ def test_forgotten_keys_are_gone_from_the_saved_state_too(two):
     for pid in (1, 2):
         with pytest.raises(KeysDestroyed, match=f"pid {pid} "):
             m.protection._cipher(m.protection.procs[pid])
+
+
+def test_a_pid_protected_again_counts_as_its_latest_exit_when_old_ones_are_dropped(two):
+    # pid 1 exits, then MAX_EXITED - 1 others; pid 1's address space is announced
+    # again and pid 1 protected again (it replaces its exited namesake) and exits
+    # last but one.  When one more exit drops the oldest, that is the first of
+    # the others, not pid 1.
+    m, cr3 = two
+    m.protection.process_exited(1)
+    top = m.ram.size // abi.PAGE_SIZE - 1
+    for k in range(MAX_EXITED - 1):
+        pd = fake_space(m, top - 3 * k)
+        assert m.protection.protect(pd, 100 + k, "short", SHARED, 0) == 0
+        m.protection.process_exited(100 + k)
+    m.protection.process_started(1, cr3[1])
+    assert m.protection.protect(cr3[1], 1, "a", SHARED, 0) == 0
+    m.protection.process_exited(1)
+    m.protection.process_exited(2)                                  # one too many
+    assert 1 in m.protection.procs and 2 in m.protection.procs
+    assert 100 not in m.protection.procs and 101 in m.protection.procs
