@@ -176,3 +176,39 @@ def test_translations_are_dropped_at_once_on_a_fetch_and_after_the_block_on_a_da
     calls.clear()
     m.protection.touch_frame(mine >> 12, "VMM reader")
     assert calls == ["drop"] and not m.protection.code_flush_pending
+
+
+def test_a_cloaked_page_moved_over_another_detaches_that_one_and_the_state_still_restores(two):
+    # The kernel copies page A's ciphertext over page B's frame and maps A there.
+    # A's next touch verifies it there and follows it; B's ciphertext is gone from
+    # that frame, so B no longer claims it (DETACHED): the frame is A's alone, and
+    # a state saved now restores (a frame owned twice would be refused).
+    m, cr3, _ = two
+    m.protection.seal_all()
+    pages = m.protection.procs[1].pages
+    a, b = pages[SECRET >> 12], pages[(SECRET >> 12) + 1]
+    m.ram.write(b.ppn << 12, bytes(m.ram.page(a.ppn)))
+    target = b.ppn
+    assert fill(m, cr3[1], SECRET, target << 12) is None
+    assert (a.ppn, a.state, b.ppn, b.state) == (target, PLAINTEXT, -1, CLOAKED)
+    assert m.protection.frames[target][1] is a
+    r = Machine(build_image([prog("x", IDLE)]), _boot=False)
+    r.protection.restore(m.protection.save())
+    assert r.protection.frames[target][1].vpn == SECRET >> 12
+
+
+def test_an_adopted_page_is_guarded_and_an_uncloak_flushes_the_tlb(two):
+    # Adopted at the owner's first touch: from then on anyone else reaching the
+    # frame makes the VMM cloak it.  And after an uncloak, no TLB entry that
+    # another party made while the page was ciphertext may survive.
+    m, cr3, seen = two
+    fresh = frame_of(m, cr3[2], SECRET + abi.PAGE_SIZE)
+    assert fill(m, cr3[1], 0x50000000, fresh) is None
+    meta = m.protection.procs[1].pages[0x50000]
+    assert fill(m, cr3[1], 0x50000000, fresh, user=False) is None          # the kernel
+    assert meta.state == CLOAKED
+    flushes = []
+    real = m.protection._flush
+    m.protection._flush = lambda: (flushes.append(1), real())
+    assert fill(m, cr3[1], 0x50000000, fresh) is None                      # the owner again
+    assert meta.state == PLAINTEXT and flushes
