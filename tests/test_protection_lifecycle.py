@@ -286,3 +286,35 @@ def test_a_pid_protected_again_counts_as_its_latest_exit_when_old_ones_are_dropp
     m.protection.process_exited(2)                                  # one too many
     assert 1 in m.protection.procs and 2 in m.protection.procs
     assert 100 not in m.protection.procs and 101 in m.protection.procs
+
+
+def test_a_restore_replaces_everything_the_engine_held(two):
+    # Machine.restore always restores into a fresh engine; restore itself does not
+    # count on that: nothing of the old books, TLB entries or translations survives.
+    m, cr3 = two
+    calls = []
+    real_flush = m.protection._flush
+    m.protection._flush = lambda: (calls.append("flush"), real_flush())
+    m.protection._invalidate_code = lambda: calls.append("drop")
+    m.protection.restore(ProtectionState(enabled=False, next_handle=1, keys={}, processes=()))
+    assert (m.protection.frames, m.protection.procs, m.protection.by_cr3) == ({}, {}, {})
+    assert not m.protection.enabled and not m.protection.active
+    assert m.protection.protect(cr3[1], 1, "a", SHARED, 0) == -abi.ENOSYS
+    assert calls == ["flush", "drop"]
+
+
+def test_a_process_cannot_reach_another_processs_frame_holding_its_own_ciphertext(two):
+    # pid 2 (protected, colluding with the kernel) writes pid 1's page A's
+    # ciphertext into its own plaintext page P; the kernel maps A's address in
+    # pid 1 onto P's frame.  pid 2's page is cloaked before pid 1's check, so the
+    # check fails on P's ciphertext: pid 1 never decrypts into a frame pid 2 maps.
+    m, cr3 = two
+    m.protection.seal_all()
+    a = m.protection.procs[1].pages[(SHARED >> 12) + 1]
+    p = m.protection.procs[2].pages[(SHARED >> 12) + 1]
+    assert m.protection.on_fill(m._uc, SHARED + 0x1000, p.ppn << 12, True, True, False, cr3[2]) is None
+    assert p.state == PLAINTEXT
+    m.ram.write(p.ppn << 12, bytes(m.ram.page(a.ppn)))           # pid 2 stores A's ciphertext
+    assert m.protection.on_fill(m._uc, SHARED + 0x1000, p.ppn << 12, True, False, False, cr3[1]) == 5
+    assert m.protection.procs[1].stopped.startswith("MAC check failed")
+    assert p.state == CLOAKED and a.ppn != p.ppn and a.state == CLOAKED
