@@ -31,7 +31,7 @@ def proc(**changes):
 
 def test_the_constants_the_checks_rest_on():
     assert MAX_PAGES == (abi.USER_END - abi.USER_BASE) // abi.PAGE_SIZE == 0x40000
-    assert MAX_PROTECTED == MAX_EXITED == abi.NPROC and DETACHED == -1
+    assert MAX_PROTECTED == MAX_EXITED == abi.NPROC and DETACHED < 0        # never a frame number
     assert ProtectionState.VERSION == 2
 
 
@@ -71,7 +71,7 @@ def test_the_process_list_is_bounded():
 
 def test_the_page_list_is_bounded():
     # A list of MAX_PAGES entries is read; one more is refused before any is parsed.
-    pages = [[0x40000 + i, i, PLAINTEXT, 0, "", ""] for i in range(MAX_PAGES)]
+    pages = [[0x40000 + i, i, PLAINTEXT, 0, "", ""] for i in range(0x40000)]     # MAX_PAGES
     assert len(proc_from_dict(proc(pages=pages)).pages) == MAX_PAGES
     with pytest.raises(ValueError, match="too many pages"):
         proc_from_dict(proc(pages=pages + [[0x80000, 0, PLAINTEXT, 0, "", ""]]))

@@ -18,7 +18,7 @@ from guests.build import build_image
 from guesthelp import prog
 from minivmm import abi, events as ev
 from minivmm.machine import Machine
-from minivmm.protection import CLOAKED, PLAINTEXT
+from minivmm.protection import CLOAKED, DETACHED, PLAINTEXT
 
 IDLE = """
 _start:
@@ -190,7 +190,7 @@ def test_a_cloaked_page_moved_over_another_detaches_that_one_and_the_state_still
     m.ram.write(b.ppn << 12, bytes(m.ram.page(a.ppn)))
     target = b.ppn
     assert fill(m, cr3[1], SECRET, target << 12) is None
-    assert (a.ppn, a.state, b.ppn, b.state) == (target, PLAINTEXT, -1, CLOAKED)
+    assert (a.ppn, a.state, b.ppn, b.state) == (target, PLAINTEXT, DETACHED, CLOAKED)
     assert m.protection.frames[target][1] is a
     r = Machine(build_image([prog("x", IDLE)]), _boot=False)
     r.protection.restore(m.protection.save())

@@ -215,11 +215,12 @@ def test_a_detached_page_owns_no_frame_and_ram_edges_are_checked(two):
         procs[1]["pages"][0][1] = DETACHED
         procs[2]["pages"][0][1] = size - 1      # RAM's last frame
         procs[2]["pages"][1][1] = 0             # and its first
+        procs[2]["pages"][2][1] = 1             # and its second
     r = restore(m, edited(m, detach_and_move))
     p1 = r.protection.procs[1]
     assert DETACHED not in r.protection.frames
     assert [meta.ppn for meta in p1.pages.values()].count(DETACHED) == 1
-    assert r.protection.frames[size - 1][0].pid == 2 and r.protection.frames[0][0].pid == 2
+    assert all(r.protection.frames[f][0].pid == 2 for f in (0, 1, size - 1))
     assert len(r.protection.frames) == sum(len(p.pages) for p in m.protection.procs.values()) - 1
 
     def beyond(procs, doc):
