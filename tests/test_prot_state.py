@@ -113,3 +113,30 @@ def test_the_seeded_key_source_is_hmac_sha256_in_counter_mode():
     assert src(40) == (block(3) + block(4))[:40]
     assert src(0) == b""
     assert seeded_keys(b"lab")(64) == block(1) + block(2)
+
+
+def test_a_vmms_own_state_passes_the_migration_state_check():
+    # What a VMM saves (plaintext and cloaked pages, a live and an exited process)
+    # is what a destination's state check (migrate/statecheck.py) accepts: a
+    # plaintext page carries no nonce and no tag, a fresh page is at version 0.
+    import json
+    from guests.build import build_image
+    from guesthelp import prog
+    from migrate.statecheck import check_protection
+    from minivmm import events as ev
+    from minivmm.machine import Machine
+    idle = "_start:\n    mov eax, SYS_YIELD\n    int 0x80\n    jmp _start\n"
+    m = Machine(build_image([prog("a", idle, data_pages=3), prog("b", idle, data_pages=3)]))
+    cr3 = {}
+    m.events.subscribe(lambda e: cr3.setdefault(e.pid, e.cr3 & 0xFFFFF000), ev.ProcessStart)
+    m.run(until=lambda m: len(cr3) == 2, max_ticks=200)
+    for pid in (1, 2):
+        assert m.protection.protect(cr3[pid], pid, "ab"[pid - 1], abi.DATA_VADDR, 0) == 0
+    m.protection.process_exited(2)
+    p1 = m.protection.procs[1]
+    some = sorted(p1.pages.values(), key=lambda x: x.vpn)
+    m.protection.touch_frame(some[0].ppn, "test")
+    assert {x.state for x in some} == {PLAINTEXT, CLOAKED}
+    assert all((x.version, x.nonce, x.tag) == (0, b"", b"") for x in some if x.state == PLAINTEXT)
+    doc = json.loads(json.dumps(m.protection.save().to_dict()))
+    check_protection("protection", doc, m.ram.size, {str(k): v for k, v in m.pids.items()})
