@@ -140,3 +140,10 @@ def test_a_vmms_own_state_passes_the_migration_state_check():
     assert all((x.version, x.nonce, x.tag) == (0, b"", b"") for x in some if x.state == PLAINTEXT)
     doc = json.loads(json.dumps(m.protection.save().to_dict()))
     check_protection("protection", doc, m.ram.size, {str(k): v for k, v in m.pids.items()})
+
+
+def test_a_protection_state_is_immutable_once_made():
+    import dataclasses
+    st = ProtectionState.from_dict(doc())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        st.enabled = False
