@@ -192,6 +192,9 @@ def test_a_cloaked_page_moved_over_another_detaches_that_one_and_the_state_still
     assert fill(m, cr3[1], SECRET, target << 12) is None
     assert (a.ppn, a.state, b.ppn, b.state) == (target, PLAINTEXT, DETACHED, CLOAKED)
     assert m.protection.frames[target][1] is a
+    [entry] = [e for p in m.protection.save().to_dict()["processes"] if p["pid"] == 1
+               for e in p["pages"] if e[0] == b.vpn]
+    assert entry[1] == -1                   # the state format's "detached" (docs/migration.md)
     r = Machine(build_image([prog("x", IDLE)]), _boot=False)
     r.protection.restore(m.protection.save())
     assert r.protection.frames[target][1].vpn == SECRET >> 12
