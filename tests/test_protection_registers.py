@@ -294,3 +294,17 @@ def test_saved_x87_registers_survive_a_save_and_restore_inside_the_kernel():
     assert r.protection.procs[1].fpu == m.protection.procs[1].fpu
     r.run(max_ticks=500)
     assert r.exits == {1: 0}
+
+
+def test_a_kernel_entry_under_a_cr3_with_low_bits_set_is_still_scrubbed():
+    # CR3's low bits are ignored by the MMU; a kernel that sets them when it
+    # switches to the protected process must not make the VMM take the process for
+    # an unprotected one at the next entry (it would see every register).
+    from minivmm.cpu import read_cpu
+    m = Machine(build_image([prog("secrets", ALL_SECRETS, data_pages=1, args=(0, 1))]))
+    m.run(until=lambda m: m.protection.procs and read_cpu(m._uc).cpl == 3
+          and read_cpu(m._uc).esi == MARKERS["esi"], max_ticks=200)
+    cpu = read_cpu(m._uc)
+    shown = m.protection.enter_kernel(cpu.replace(cr3=cpu.cr3 | 0x19), abi.VEC_TIMER, False)
+    assert all(getattr(shown, r) == 0 for r in MARKERS), shown
+    assert m.protection.procs[1].in_kernel
