@@ -308,3 +308,15 @@ def test_a_kernel_entry_under_a_cr3_with_low_bits_set_is_still_scrubbed():
     shown = m.protection.enter_kernel(cpu.replace(cr3=cpu.cr3 | 0x19), abi.VEC_TIMER, False)
     assert all(getattr(shown, r) == 0 for r in MARKERS), shown
     assert m.protection.procs[1].in_kernel
+
+
+@pytest.mark.parametrize("vector", [abi.VEC_BP, 0x81])
+def test_only_a_system_call_shows_the_kernel_its_argument_registers(vector):
+    # A software interrupt the process itself raises (int3, int 0x81) is not a
+    # system call: eax-edx are scrubbed like every other register.
+    from minivmm.cpu import read_cpu
+    m = Machine(build_image([prog("secrets", ALL_SECRETS, data_pages=1, args=(0, 1))]))
+    m.run(until=lambda m: m.protection.procs and read_cpu(m._uc).cpl == 3
+          and read_cpu(m._uc).esi == MARKERS["esi"], max_ticks=200)
+    shown = m.protection.enter_kernel(read_cpu(m._uc), vector, True)
+    assert all(getattr(shown, r) == 0 for r in MARKERS), shown
