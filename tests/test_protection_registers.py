@@ -320,3 +320,41 @@ def test_only_a_system_call_shows_the_kernel_its_argument_registers(vector):
           and read_cpu(m._uc).esi == MARKERS["esi"], max_ticks=200)
     shown = m.protection.enter_kernel(read_cpu(m._uc), vector, True)
     assert all(getattr(shown, r) == 0 for r in MARKERS), shown
+
+
+FLAGS_ACROSS_A_CALL = """
+_start:
+    mov eax, 1
+    call ulib_arg
+    test eax, eax
+    jz go
+    call ulib_protect
+go:
+    mov esi, 20
+again:
+    cmp esi, esi                   ; ZF PF
+    stc                            ; CF
+    mov eax, SYS_GETPID
+    int 0x80                       ; the kernel sees them scrubbed; the process gets them back
+    jnc bad
+    jnz bad
+    dec esi
+    jnz again
+    mov eax, 1
+    call ulib_putdec
+    xor eax, eax
+    call ulib_exit
+bad:
+    xor eax, eax
+    call ulib_putdec
+    xor eax, eax
+    call ulib_exit
+.include "_ulib.s"
+"""
+
+
+@pytest.mark.parametrize("protect", [0, 1])
+def test_the_flags_a_process_set_before_a_system_call_are_there_after_it(protect):
+    m = Machine(build_image([prog("flags", FLAGS_ACROSS_A_CALL, data_pages=1, args=(0, protect))]))
+    assert m.run(max_ticks=2000) == "shutdown"
+    assert m.console.text(1) == "1" and bool(m.protection.view()) == bool(protect)
