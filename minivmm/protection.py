@@ -483,6 +483,10 @@ class Protection(RegisterProtection):
         proc.exited, proc.in_kernel, proc.saved, proc.shown = True, False, None, None
         self._keys.pop(proc.key_handle, None)
         self._ciphers.pop(proc.key_handle, None)
+        # Kept in the order they exited, so the oldest exits are dropped first
+        # (in protect order, a process that exited just now could be the one
+        # dropped, and with it the CR3 that catches a kernel resuming it).
+        self.procs[pid] = self.procs.pop(pid)
         exited = [p for p in self.procs.values() if p.exited]
         for old in exited[:-MAX_EXITED]:
             del self.procs[old.pid]

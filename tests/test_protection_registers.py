@@ -294,3 +294,67 @@ def test_saved_x87_registers_survive_a_save_and_restore_inside_the_kernel():
     assert r.protection.procs[1].fpu == m.protection.procs[1].fpu
     r.run(max_ticks=500)
     assert r.exits == {1: 0}
+
+
+def test_a_kernel_entry_under_a_cr3_with_low_bits_set_is_still_scrubbed():
+    # CR3's low bits are ignored by the MMU; a kernel that sets them when it
+    # switches to the protected process must not make the VMM take the process for
+    # an unprotected one at the next entry (it would see every register).
+    from minivmm.cpu import read_cpu
+    m = Machine(build_image([prog("secrets", ALL_SECRETS, data_pages=1, args=(0, 1))]))
+    m.run(until=lambda m: m.protection.procs and read_cpu(m._uc).cpl == 3
+          and read_cpu(m._uc).esi == MARKERS["esi"], max_ticks=200)
+    cpu = read_cpu(m._uc)
+    shown = m.protection.enter_kernel(cpu.replace(cr3=cpu.cr3 | 0x19), abi.VEC_TIMER, False)
+    assert all(getattr(shown, r) == 0 for r in MARKERS), shown
+    assert m.protection.procs[1].in_kernel
+
+
+@pytest.mark.parametrize("vector", [abi.VEC_BP, 0x81])
+def test_only_a_system_call_shows_the_kernel_its_argument_registers(vector):
+    # A software interrupt the process itself raises (int3, int 0x81) is not a
+    # system call: eax-edx are scrubbed like every other register.
+    from minivmm.cpu import read_cpu
+    m = Machine(build_image([prog("secrets", ALL_SECRETS, data_pages=1, args=(0, 1))]))
+    m.run(until=lambda m: m.protection.procs and read_cpu(m._uc).cpl == 3
+          and read_cpu(m._uc).esi == MARKERS["esi"], max_ticks=200)
+    shown = m.protection.enter_kernel(read_cpu(m._uc), vector, True)
+    assert all(getattr(shown, r) == 0 for r in MARKERS), shown
+
+
+FLAGS_ACROSS_A_CALL = """
+_start:
+    mov eax, 1
+    call ulib_arg
+    test eax, eax
+    jz go
+    call ulib_protect
+go:
+    mov esi, 20
+again:
+    cmp esi, esi                   ; ZF PF
+    stc                            ; CF
+    mov eax, SYS_GETPID
+    int 0x80                       ; the kernel sees them scrubbed; the process gets them back
+    jnc bad
+    jnz bad
+    dec esi
+    jnz again
+    mov eax, 1
+    call ulib_putdec
+    xor eax, eax
+    call ulib_exit
+bad:
+    xor eax, eax
+    call ulib_putdec
+    xor eax, eax
+    call ulib_exit
+.include "_ulib.s"
+"""
+
+
+@pytest.mark.parametrize("protect", [0, 1])
+def test_the_flags_a_process_set_before_a_system_call_are_there_after_it(protect):
+    m = Machine(build_image([prog("flags", FLAGS_ACROSS_A_CALL, data_pages=1, args=(0, protect))]))
+    assert m.run(max_ticks=2000) == "shutdown"
+    assert m.console.text(1) == "1" and bool(m.protection.view()) == bool(protect)

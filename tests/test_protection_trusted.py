@@ -128,3 +128,111 @@ def test_the_cli_shows_trusted_output_on_the_vmms_own_stream():
     r = subprocess.run([sys.executable, "-m", "minivmm", "run", "secret", "--key-seed", "t"],
                        capture_output=True, text=True, timeout=600)
     assert r.stderr.count("keeper #") >= 6 and "verified] done: the secret was intact" in r.stderr
+
+
+# ------------------------------------------------------------------ trusted_read
+# What HC_TRUSTED_WRITE reads, called with exactly the values the hypercall
+# passes (Machine._trusted_write: the caller's CR3, ebx, ecx), against a
+# kernel that edits the caller's page tables or RAM in between (issue 19:
+# each check below had a one-line mutant no test noticed).
+import struct                                                      # noqa: E402
+
+import pytest                                                      # noqa: E402
+
+from guests.asm import assemble                                    # noqa: E402
+from guests.build import PROGRAMS_DIR, expand_includes             # noqa: E402
+
+TWO_PAGES = """
+_start:
+    mov eax, SYS_YIELD
+    int 0x80
+    jmp _start
+text: .space 8000, 0x41
+"""
+
+
+@pytest.fixture
+def reader():
+    """(machine, cr3, the image bytes as assembled): one protected process, stopped."""
+    m = Machine(build_image([prog("tr", TWO_PAGES, data_pages=2)]))
+    cr3 = {}
+    m.events.subscribe(lambda e: cr3.setdefault(e.pid, e.cr3 & 0xFFFFF000), ev.ProcessStart)
+    m.run(until=lambda m: cr3, max_ticks=200)
+    code = assemble(expand_includes(TWO_PAGES, PROGRAMS_DIR), abi.IMAGE_VADDR).code
+    code = bytearray(code.ljust(2 * abi.PAGE_SIZE, b"\0"))
+    for i in range(0, len(code), 4):            # every word tells where it is
+        struct.pack_into("<I", code, i, abi.IMAGE_VADDR + i)
+    walk_frames = [_pte(m, cr3[1], abi.IMAGE_VADDR + k * abi.PAGE_SIZE)[1] >> 12 for k in (0, 1)]
+    for k, f in enumerate(walk_frames):
+        m.ram.write(f << 12, bytes(code[k * abi.PAGE_SIZE:(k + 1) * abi.PAGE_SIZE]))
+    assert m.protection.protect(cr3[1], 1, "tr", abi.DATA_VADDR, 0) == 0
+    return m, cr3[1], bytes(code)
+
+
+def _pte(m, cr3, vaddr):
+    """(address of the page table entry for vaddr, its value)."""
+    pde = struct.unpack_from("<I", m.ram.view, cr3 + (vaddr >> 22) * 4)[0]
+    at = (pde & 0xFFFFF000) + ((vaddr >> 12) & 0x3FF) * 4
+    return at, struct.unpack_from("<I", m.ram.view, at)[0]
+
+
+def test_trusted_read_takes_up_to_the_limit_across_a_page_boundary(reader):
+    m, cr3, code = reader
+    read = m.protection.trusted_read
+    start = abi.IMAGE_VADDR + abi.PAGE_SIZE - 100           # 100 bytes of one page, 156 of the next
+    assert read(cr3, start, abi.TRUSTED_WRITE_MAX) == code[abi.PAGE_SIZE - 100:abi.PAGE_SIZE + 156]
+    assert read(cr3, start + 2, 1) == code[abi.PAGE_SIZE - 98:abi.PAGE_SIZE - 97]
+    assert read(cr3, abi.IMAGE_VADDR + 0x1005, 7) == code[0x1005:0x100C]
+    assert read(cr3, start, 0) == b""
+    assert read(cr3, start, abi.TRUSTED_WRITE_MAX + 1) == -abi.EINVAL
+
+
+def test_trusted_read_bounds_the_buffer_inside_32_bits(reader):
+    m, cr3, _ = reader
+    read = m.protection.trusted_read
+    assert read(cr3, 0xFFFFFFFF - 4, 4) == -abi.EFAULT      # the last 4 bytes: valid, not its page
+    assert read(cr3, 0xFFFFFFFF - 3, 4) == -abi.EINVAL      # wraps past 4 GiB
+    assert read(cr3, 0, 4) == -abi.EFAULT
+    assert read(cr3, -4, 4) == -abi.EINVAL and read(cr3, abi.IMAGE_VADDR, -1) == -abi.EINVAL
+
+
+def test_trusted_read_of_a_cloaked_page_verifies_it_and_leaves_it_cloaked(reader):
+    m, cr3, code = reader
+    assert m.protection.seal_all() >= 2
+    meta = m.protection.procs[1].pages[abi.IMAGE_VADDR >> 12]
+    sealed = bytes(m.ram.page(meta.ppn))
+    assert m.protection.trusted_read(cr3, abi.IMAGE_VADDR + 8, 16) == code[8:24]
+    assert meta.state == "cloaked" and bytes(m.ram.page(meta.ppn)) == sealed
+    m.ram.view[(meta.ppn << 12) + 100] ^= 1                 # the kernel flips one bit
+    assert m.protection.trusted_read(cr3, abi.IMAGE_VADDR + 8, 16) == -abi.EFAULT
+    assert m.protection.procs[1].stopped == "MAC check failed (trusted write)"
+    assert m.protection.trusted_read(cr3, abi.IMAGE_VADDR + abi.PAGE_SIZE, 4) == -abi.EPERM
+
+
+def test_trusted_read_refuses_a_page_the_kernel_remapped_or_made_supervisor_only(reader):
+    m, cr3, code = reader
+    read = m.protection.trusted_read
+    at, pte = _pte(m, cr3, abi.IMAGE_VADDR)
+    struct.pack_into("<I", m.ram.view, at, pte & ~2)        # read-only: still its page, still readable
+    assert read(cr3, abi.IMAGE_VADDR, 4) == code[:4]
+    struct.pack_into("<I", m.ram.view, at, pte & ~4)        # supervisor-only: not the process's any more
+    assert read(cr3, abi.IMAGE_VADDR, 4) == -abi.EFAULT
+    struct.pack_into("<I", m.ram.view, at, pte & ~1)        # not present
+    assert read(cr3, abi.IMAGE_VADDR, 4) == -abi.EFAULT
+    _, other = _pte(m, cr3, abi.IMAGE_VADDR + abi.PAGE_SIZE)
+    struct.pack_into("<I", m.ram.view, at, other)           # its other image page's frame
+    assert read(cr3, abi.IMAGE_VADDR, 4) == -abi.EFAULT
+    struct.pack_into("<I", m.ram.view, at, pte)
+    assert read(cr3, abi.IMAGE_VADDR, 4) == code[:4]
+    assert read(cr3, abi.DATA_VADDR, 4) == -abi.EFAULT      # the shared page
+    assert read(cr3, abi.INFO_VADDR, 4) == -abi.EFAULT
+    assert m.protection.procs[1].stopped is None
+
+
+def test_trusted_read_is_only_for_a_live_protected_caller(reader):
+    m, cr3, code = reader
+    read = m.protection.trusted_read
+    assert read(cr3 | 0x1F, abi.IMAGE_VADDR, 4) == code[:4]      # CR3's low bits ignored
+    assert read(cr3 + abi.PAGE_SIZE, abi.IMAGE_VADDR, 4) == -abi.EPERM
+    m.protection.process_exited(1)
+    assert read(cr3, abi.IMAGE_VADDR, 4) == -abi.EPERM
