@@ -765,18 +765,15 @@ def test_an_unknown_defence_name_is_refused(tmp_path):
         "secure mode WITH DEFENCES OFF: toctou (insecure, for teaching)"
 
 
-def test_a_destination_that_hangs_up_after_its_key_share_is_reported_as_such(tmp_path):
-    """A peer that answers HELLO with a key share and then hangs up (before its
-    quote) spoke the protocol: the source says the connection was lost in the
-    handshake -- not that the peer does not speak minivmm, and not a crash --
-    and keeps running its guest with its keys (issue 19: the re-raise of a
-    failure after the peer answered, dropped, left an UnboundLocalError)."""
+
+def against_a_hostile_handshake(tmp_path, answer):
+    """A secure source migrating to a raw peer that reads HELLO and the source's
+    KEY_SHARE and then does ``answer(conn, ch)``; returns (machine, its keys at
+    the start, the records the peer got, the source's MigrationError)."""
     import socket
     import threading
 
-    from migrate.errors import ConnectionLost
-    from migrate.secure.keyschedule import Ephemeral
-    from migrate.wire import HEADER, Channel, RecordType
+    from migrate.wire import Channel
 
     listener = socket.create_server(("127.0.0.1", 0))
     got = []
@@ -784,48 +781,10 @@ def test_a_destination_that_hangs_up_after_its_key_share_is_reported_as_such(tmp
     def hostile():
         conn, _ = listener.accept()
         ch = Channel(conn, timeout=10)
-        got.append(ch.recv().type)                   # HELLO
-        got.append(ch.recv().type)                   # the source's KEY_SHARE
-        body = Ephemeral().share.encode()
-        conn.sendall(HEADER.pack(RecordType.KEY_SHARE, 0, len(body), 0) + body)
-        conn.close()                                 # no quote: gone
-    t = threading.Thread(target=hostile, daemon=True)
-    t.start()
-    trust = Trust(tmp_path)
-    m = guest()
-    keys = dict(m.protection._keys)
-    host, port = listener.getsockname()[:2]
-    with pytest.raises(ConnectionLost) as info:
-        Source(m, mode=trust.mode(trust.host("a")), timeout=5, policy=BOUNDED).migrate(f"{host}:{port}")
-    t.join(10)
-    listener.close()
-    assert got == [RecordType.HELLO, RecordType.KEY_SHARE]
-    assert "does not speak" not in str(info.value)
-    assert_home_intact(m, keys, {})
-
-
-def test_a_key_share_under_another_record_type_is_refused(tmp_path):
-    """The handshake takes the destination's key share only as KEY_SHARE: the
-    same bytes as a QUOTE record are a protocol error, named, and the guest
-    runs on (issue 19: mode.py's record-type check replaced by False passed)."""
-    import socket
-    import threading
-
-    from migrate.errors import ProtocolError
-    from migrate.secure.keyschedule import Ephemeral
-    from migrate.wire import HEADER, Channel, RecordType
-
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def hostile():
-        conn, _ = listener.accept()
-        ch = Channel(conn, timeout=10)
-        ch.recv(), ch.recv()                          # HELLO, KEY_SHARE
-        body = Ephemeral().share.encode()
-        conn.sendall(HEADER.pack(RecordType.QUOTE, 0, len(body), 0) + body)
+        got.extend((ch.recv().type, ch.recv().type))     # HELLO, the source's KEY_SHARE
         try:
-            ch.recv()                                 # until the source gives up
-        except Exception:                             # noqa: BLE001 - any end will do
+            answer(conn, ch)
+        except Exception:                                 # noqa: BLE001 - any end will do
             pass
         conn.close()
     t = threading.Thread(target=hostile, daemon=True)
@@ -834,12 +793,53 @@ def test_a_key_share_under_another_record_type_is_refused(tmp_path):
     m = guest()
     keys = dict(m.protection._keys)
     host, port = listener.getsockname()[:2]
-    with pytest.raises(ProtocolError, match="expected KEY_SHARE, destination sent QUOTE"):
+    with pytest.raises(MigrationError) as info:
         Source(m, mode=trust.mode(trust.host("a")), timeout=5, policy=BOUNDED).migrate(f"{host}:{port}")
     t.join(10)
     listener.close()
+    return m, keys, got, info.value
+
+
+def key_share_as(rtype):
+    """An answer: the peer's key share in a record of type ``rtype``, in clear."""
+    from migrate.secure.keyschedule import Ephemeral
+    from migrate.wire import HEADER
+
+    def answer(conn, ch):
+        body = Ephemeral().share.encode()
+        conn.sendall(HEADER.pack(rtype, 0, len(body), 0) + body)
+    return answer
+
+
+def test_a_destination_that_hangs_up_after_its_key_share_is_reported_as_such(tmp_path):
+    """A peer that answers HELLO with a key share and then hangs up (before its
+    quote) spoke the protocol: the source says the connection was lost in the
+    handshake -- not that the peer does not speak minivmm, and not a crash --
+    and keeps running its guest with its keys (issue 19: the re-raise of a
+    failure after the peer answered, dropped, left an UnboundLocalError)."""
+    from migrate.errors import ConnectionLost
+    from migrate.wire import RecordType
+
+    m, keys, got, error = against_a_hostile_handshake(tmp_path, key_share_as(RecordType.KEY_SHARE))
+    assert got == [RecordType.HELLO, RecordType.KEY_SHARE]
+    assert isinstance(error, ConnectionLost) and "does not speak" not in str(error), error
     assert_home_intact(m, keys, {})
 
+
+def test_a_key_share_under_another_record_type_is_refused(tmp_path):
+    """The handshake takes the destination's key share only as KEY_SHARE: the
+    same bytes as a QUOTE record are a protocol error, named, and the guest
+    runs on (issue 19: mode.py's record-type check replaced by False passed)."""
+    from migrate.errors import ProtocolError
+    from migrate.wire import RecordType
+
+    def quote_then_wait(conn, ch):
+        key_share_as(RecordType.QUOTE)(conn, ch)
+        ch.recv()                                     # until the source gives up
+    m, keys, got, error = against_a_hostile_handshake(tmp_path, quote_then_wait)
+    assert isinstance(error, ProtocolError), error
+    assert "expected KEY_SHARE, destination sent QUOTE" in str(error)
+    assert_home_intact(m, keys, {})
 
 def test_a_round_that_fails_while_the_mark_is_being_made_leaves_no_mark(tmp_path, monkeypatch):
     """The migrated-away mark is prepared beside round 0.  When the destination
