@@ -361,3 +361,47 @@ def test_a_connection_reset_while_reading_is_a_connection_lost():
     finally:
         a.close()
         listener.close()
+
+
+def test_closing_a_channel_wakes_a_thread_blocked_reading_it():
+    """close() shuts the socket down before closing it: a thread blocked in a
+    read on it (a source's handshake helper whose guest stopped, a receiver the
+    server is shutting down) returns at once with ConnectionLost -- a bare
+    close() leaves it blocked until its timeout (issue 19: wire.close's shutdown
+    dropped passed every test)."""
+    from migrate.errors import ConnectionLost, MigrationError
+    a, b = socket.socketpair()
+    reader = Channel(a, timeout=30)
+    got = []
+    tid = []
+
+    def read():
+        tid.append(threading.get_native_id())
+        try:
+            reader.recv()
+        except MigrationError as exc:
+            got.append(exc)
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    try:
+        # Close only once the reader sleeps in its read (poll or recv: Linux
+        # shows a thread's current system call), so that close() is what must
+        # wake it, not a read that starts after it.
+        blocked = {"7", "271", "45", "47", "232", "281"}   # poll ppoll recvfrom recvmsg epoll_wait epoll_pwait
+        for _ in range(2000):
+            if tid:
+                try:
+                    now = Path(f"/proc/self/task/{tid[0]}/syscall").read_text().split()[0]
+                except OSError:
+                    pytest.skip("needs Linux /proc/<pid>/task/<tid>/syscall")
+                if now in blocked:
+                    break
+            threading.Event().wait(0.005)
+        else:
+            pytest.fail("the reader never blocked in its read")
+        reader.close()
+        t.join(20)
+        assert not t.is_alive(), "the reader is still blocked after close()"
+        assert len(got) == 1 and isinstance(got[0], ConnectionLost), got
+    finally:
+        b.close()
