@@ -876,3 +876,48 @@ def test_a_round_that_fails_while_the_mark_is_being_made_leaves_no_mark(tmp_path
         src._marking.result(timeout=30)      # whatever was left running has ended
     assert read_mark(a, src.vm[0]) is None, "a pending mark outlived the aborted migration"
     assert_home_intact(m, keys, res)
+
+
+def test_a_destination_that_gives_up_reports_its_phases_and_says_aborted(tmp_path):
+    """The destination's side of a failed secure session: its report keeps the
+    phase times it had (attestation happened) and its event bus hears Aborted
+    with the reason -- what the TUI and the transcript show of a destination
+    that gave up (issue 19: dropping either passed every test)."""
+    import threading
+
+    from migrate import events as mev
+    from migrate.destination import Destination
+    from minivmm.events import EventBus
+
+    class AbortsRound0(SecureMode):
+        def take(self, ch, rec):
+            if super().take(ch, rec):
+                raise MigrationError("destination gives up in round 0")
+            return False
+
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    server = Server("127.0.0.1:0", timeout=5, channel=lambda sock, timeout: SealedChannel(
+        sock, timeout=timeout, role="destination"))
+    bus, heard, res = EventBus(), [], {}
+    bus.subscribe(heard.append, mev.Aborted)
+
+    def receive():
+        ch, peer = server.next_connection("busy: test")
+        try:
+            Destination(timeout=5, events=bus, mode=AbortsRound0(trust.mode(b).attestor)).receive(ch, peer)
+        except MigrationError as exc:
+            res["error"] = exc
+        finally:
+            ch.close()
+    t = threading.Thread(target=receive, daemon=True)
+    t.start()
+    m = guest()
+    with pytest.raises(MigrationError):
+        Source(m, mode=trust.mode(a), timeout=5, policy=BOUNDED).migrate(server.label)
+    t.join(30)
+    server.close()
+    report = res["error"].report
+    assert report.outcome == "aborted" and "gives up in round 0" in report.error
+    assert report.phases.get("attestation", 0) > 0, report.phases
+    assert len(heard) == 1 and "gives up in round 0" in heard[0].reason
