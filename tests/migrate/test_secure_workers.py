@@ -83,3 +83,17 @@ def test_a_job_running_at_exit_finishes_before_the_process_ends(tmp_path):
             "started.wait()\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
     assert done.read_text() == "ok"
+
+
+def test_a_pool_counts_exactly_the_threads_it_started_so_an_idle_one_drains_at_once():
+    # drain() (at exit) waits until every worker is idle: a count of threads
+    # above the workers that exist never reaches it, and every VMM exit would
+    # wait EXIT_WAIT (30 s) for a job that is not there.
+    before = {t.ident for t in threading.enumerate()}
+    pool = workers._Pool(2)
+    assert pool.threads == pool.idle == 2
+    assert pool.submit(lambda: "quote").result(timeout=30) == "quote"
+    pool.drain(workers.EXIT_WAIT)               # at once: both idle once the job is done
+    assert pool.idle == pool.threads == 2
+    started = {t.ident for t in threading.enumerate()} - before
+    assert len(started) == pool.threads         # the job found an idle worker: no third thread
