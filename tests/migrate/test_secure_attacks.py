@@ -16,6 +16,7 @@ from migrate.secure.errors import AttestationFailed, KeyReleaseRefused, StaleGen
 from migrate.secure.mode import SecureMode
 from migrate.server import Server
 from migrate.source import MIGRATED, Source
+from migrate.wire import RecordType
 from minivmm.machine import Machine
 from tpm import EventType, Issuer, SoftTpm
 
@@ -876,3 +877,61 @@ def test_a_round_that_fails_while_the_mark_is_being_made_leaves_no_mark(tmp_path
         src._marking.result(timeout=30)      # whatever was left running has ended
     assert read_mark(a, src.vm[0]) is None, "a pending mark outlived the aborted migration"
     assert_home_intact(m, keys, res)
+
+
+class GenerationWrittenOnDemand(SecureMode):
+    """A destination whose generation NV write waits until someone waits for it
+    (its future's ``result()``): so "written before X" is decided by the code's
+    order alone, not by how fast this disk is.  Records the order in which the
+    generation became durable and the FINAL_QUOTEs went."""
+    def __init__(self, attestor):
+        super().__init__(attestor)
+        self.order = []
+
+    def _advance_generation(self, vm_id, gen):
+        import threading
+        from migrate.secure.workers import background
+        asked, order, tpm = threading.Event(), self.order, self.attestor.tpm
+
+        def write():
+            asked.wait(60)                  # only a broken test waits this long
+            generation.accept(tpm, vm_id, gen)
+            order.append("durable")
+        job = background(write)
+
+        class OnDemand:
+            def result(self, timeout=None):
+                asked.set()
+                return job.result(timeout)
+        return OnDemand()
+
+    def round_ended(self, ch):
+        order = self.order
+
+        class Watched:
+            def __getattr__(self, name):
+                return getattr(ch, name)
+
+            def send(self, rtype, *parts):
+                if rtype is RecordType.FINAL_QUOTE:
+                    order.append("final quote")
+                return ch.send(rtype, *parts)
+        return super().round_ended(Watched())
+
+
+def test_the_destination_makes_the_generation_durable_before_its_first_final_quote(tmp_path):
+    """docs/protocol.md: the generation's NV writes end before the first final quote
+    goes, so the source waits for them with its guest running, never at the pause
+    (destination_final would wait for them inside the downtime).  Issue 19: the
+    wait in round_ended removed passed every test."""
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    modes = []
+
+    def destination():
+        modes.append(GenerationWrittenOnDemand(trust.mode(b).attestor))
+        return modes[-1]
+    m, res = migrate(trust, trust.mode(a), destination)
+    assert "report" in res and "incoming" in res, res
+    order = modes[0].order
+    assert order[0] == "durable" and order.count("durable") == 1 and "final quote" in order, order
