@@ -935,3 +935,41 @@ def test_the_destination_makes_the_generation_durable_before_its_first_final_quo
     assert "report" in res and "incoming" in res, res
     order = modes[0].order
     assert order[0] == "durable" and order.count("durable") == 1 and "final quote" in order, order
+
+
+class FinalQuoteAnswer(SecureMode):
+    """A destination that answers the source's FRESH_NONCE with something other
+    than a well-formed FINAL_QUOTE: ``short`` (a body shorter than a release
+    key), or ``abort`` (it refuses, e.g. its TPM would not quote)."""
+    def __init__(self, attestor, answer):
+        super().__init__(attestor)
+        self.answer = answer
+
+    def round_ended(self, ch):
+        if not self._quote_asked:
+            return
+        self._final_quote.result()
+        if self.answer == "abort":
+            from migrate.errors import Refused
+            raise Refused("this TPM will not quote today")
+        ch.send(RecordType.FINAL_QUOTE, b"\x01" * (keyrelease.PUB - 1))
+        self._quote_asked, self._quote_sent = False, True
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ("short", "FINAL_QUOTE too short"),
+    ("abort", "destination aborted before key release: Refused: this TPM will not quote today"),
+])
+def test_a_malformed_or_refused_final_quote_stops_the_source_by_name(tmp_path, answer, expected):
+    """Either way nothing is released and the guest runs on at home, and the
+    source says why: the refusal the destination sent, or the malformed record
+    (issue 19: without those two checks the source read the ABORT's reason or
+    the short body as a release key and a quote, and failed only later, with a
+    verification error that names neither)."""
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    m = guest()
+    keys = dict(m.protection._keys)
+    m, res = migrate(trust, trust.mode(a), lambda: FinalQuoteAnswer(trust.mode(b).attestor, answer), m)
+    assert expected in str(res.get("source_error")), res
+    assert_home_intact(m, keys, res)
