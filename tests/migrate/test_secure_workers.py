@@ -137,3 +137,21 @@ def test_a_job_yields_the_interpreter_once_unless_asked_to_start_now(monkeypatch
     assert slept == [0]
     assert workers.background(lambda: 2, now=True).result(timeout=30) == 2
     assert slept == [0]
+
+
+def test_an_idle_worker_keeps_nothing_of_its_last_job():
+    # A job's closure can hold what a migration must not keep (the machine and
+    # its process keys, for the escrow): an idle worker drops its last job.
+    import gc
+    import weakref
+
+    class Secret:
+        pass
+    pool = workers._Pool(1)
+    held = Secret()
+    gone = weakref.ref(held)
+    assert pool.submit(lambda s=held: s is not None).result(timeout=30)     # held by the job itself
+    del held
+    assert pool.drain(workers.EXIT_WAIT)        # the worker is past its job (idle again)
+    gc.collect()
+    assert gone() is None
