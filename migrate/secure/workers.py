@@ -77,11 +77,11 @@ class _Pool:
                 self.idle += 1
                 self._idle_cv.notify_all()
 
-    def drain(self, timeout: float) -> None:
+    def drain(self, timeout: float) -> bool:
         """Wait (bounded) until no job runs: at exit, an NV write in flight ends
-        as it would have on a thread of its own."""
+        as it would have on a thread of its own.  False if one still runs."""
         with self._lock:
-            self._idle_cv.wait_for(lambda: self.idle >= self.threads, timeout)
+            return self._idle_cv.wait_for(lambda: self.idle >= self.threads, timeout)
 
 
 _lock = threading.Lock()

@@ -266,3 +266,90 @@ def test_a_page_its_owner_decrypts_between_the_last_round_and_the_pause_is_seale
     d = res["incoming"].machine
     d.run(until=lambda dm: intact(dm) >= intact(m) + 2)
     assert "SECRET CHANGED" not in d.console.text(KEEPER)
+
+
+LOW_FRAME = 0x90        # below 256: free RAM under the kernel (the boot GDT is at frame 7)
+
+
+def test_a_frame_below_256_protected_and_dropped_beside_a_protected_process_never_crosses():
+    """The third test again, with a hostile kernel's page tables: the secret page
+    of the keeper that protects itself late is mapped to frame 0x90, in the
+    free RAM below the kernel (any kernel may map any frame; the honest
+    builder uses none below 1 MiB).  Frame numbers below 256 are byte values:
+    ``_blank_late_protected`` matching the frame against anything but the
+    snapshot's frame *numbers* (e.g. the snapshot's page copies, whose
+    ciphertext holds every byte value) spares this frame and sends the secret
+    in clear (issue 19: that mutant survived every test, whose protected
+    frames all lie above 1 MiB)."""
+    from minivmm import abi
+    from minivmm.mmu import walk
+    stays, drops = 1, 2
+    copied, exited, ready = threading.Event(), threading.Event(), threading.Event()
+    sending = threading.Event()
+    seen = {"plain_copies": 0}
+
+    class Driven(Machine):
+        def step(self):
+            if not sending.is_set():
+                time.sleep(0.001)
+                return
+            super().step()
+            proc = self.protection.procs.get(drops)
+            if not ready.is_set() and proc is not None and proc.pages:
+                if SECRET in bytes(self.ram.array.reshape(-1, 4096)[LOW_FRAME]):
+                    assert LOW_FRAME in {meta.ppn for meta in proc.pages.values()}
+                    ready.set()                 # protected, its secret in plaintext in frame 0x90
+                    assert copied.wait(WAIT), "the sender never copied the secret"
+            if copied.is_set() and proc is not None and proc.exited and not exited.is_set():
+                exited.set()
+
+    class Racing(Source):
+        def _send_pages(self, ch, rnd, pfns, stats):
+            if rnd == 0:
+                sending.set()
+                assert ready.wait(WAIT), "the second keeper never protected its secret"
+            try:
+                super()._send_pages(ch, rnd, pfns, stats)
+            finally:
+                copied.set()
+
+        def _blank_late_protected(self, sel, data):
+            if not copied.is_set() and any(int(f) == LOW_FRAME and SECRET in bytes(row)
+                                           for f, row in zip(sel, data)):
+                seen["plain_copies"] += 1
+                copied.set()
+                assert exited.wait(WAIT), "the second keeper never exited"
+                assert len(self._protected[0]), "the first keeper's frames are in the snapshot"
+            return super()._blank_late_protected(sel, data)
+
+    img = build_image([Program.builtin("keeper", data_pages=3, args=(400, 1)),
+                       Program.builtin("keeper", data_pages=3, args=(2, 1))], name="race3")
+    m = Driven(img)
+    # The hostile kernel's mapping, made before the second keeper first runs:
+    # its secret page now lives in frame 0x90 (not all zeros, so round 0 copies it).
+    cr3 = next(p.cr3 for p in m.processes() if p.pid == drops)
+    secret_va = abi.DATA_VADDR + 0x1000
+    old, _ = walk(m.ram, cr3, secret_va, write=False, user=True)
+    pde = int.from_bytes(bytes(m.ram.view[cr3 + (secret_va >> 22) * 4:][:4]), "little")
+    pte_addr = (pde & ~0xFFF) + ((secret_va >> 12) & 0x3FF) * 4
+    pte = int.from_bytes(bytes(m.ram.view[pte_addr:pte_addr + 4]), "little")
+    assert pte & ~0xFFF == old and not any(m.ram.view[LOW_FRAME * 4096:(LOW_FRAME + 1) * 4096])
+    m.ram.view[pte_addr:pte_addr + 4] = ((LOW_FRAME << 12) | (pte & 0xFFF)).to_bytes(4, "little")
+    m.ram.view[(LOW_FRAME + 1) * 4096 - 1] = 0x5A     # a byte the kernel left there: not a zero page
+    m.flush_translations()
+    assert walk(m.ram, cr3, secret_va, write=False, user=True)[0] == LOW_FRAME << 12
+    sending.set()                                       # run freely until the first keeper is protected
+    m.run(until=lambda mm: stays in mm.protection.procs)
+    sending.clear()
+    assert drops not in m.protection.procs
+    leaks = []
+    server, res = Server("127.0.0.1:0"), {}
+    t = receive_in_thread(server, res, timeout=WAIT, run_ticks=None)
+    Racing(m, channel=scanning_channel(leaks), check_ram=True, timeout=WAIT,
+           policy=PrecopyPolicy(max_rounds=2)).migrate(server.label)
+    t.join(WAIT)
+    server.close()
+    assert seen["plain_copies"] == 1, "the interleaving did not happen: the test proves nothing"
+    assert leaks == []
+    d = res["incoming"].machine
+    assert d.exits.get(drops) == 0 and d.console.text(drops).count("secret intact") == 2

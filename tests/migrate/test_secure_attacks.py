@@ -16,6 +16,7 @@ from migrate.secure.errors import AttestationFailed, KeyReleaseRefused, StaleGen
 from migrate.secure.mode import SecureMode
 from migrate.server import Server
 from migrate.source import MIGRATED, Source
+from migrate.wire import RecordType
 from minivmm.machine import Machine
 from tpm import EventType, Issuer, SoftTpm
 
@@ -921,3 +922,99 @@ def test_a_destination_that_gives_up_reports_its_phases_and_says_aborted(tmp_pat
     assert report.outcome == "aborted" and "gives up in round 0" in report.error
     assert report.phases.get("attestation", 0) > 0, report.phases
     assert len(heard) == 1 and "gives up in round 0" in heard[0].reason
+
+
+class GenerationWrittenOnDemand(SecureMode):
+    """A destination whose generation NV write waits until someone waits for it
+    (its future's ``result()``): so "written before X" is decided by the code's
+    order alone, not by how fast this disk is.  Records the order in which the
+    generation became durable and the FINAL_QUOTEs went."""
+    def __init__(self, attestor):
+        super().__init__(attestor)
+        self.order = []
+
+    def _advance_generation(self, vm_id, gen):
+        import threading
+        from migrate.secure.workers import background
+        asked, order, tpm = threading.Event(), self.order, self.attestor.tpm
+
+        def write():
+            asked.wait(60)                  # only a broken test waits this long
+            generation.accept(tpm, vm_id, gen)
+            order.append("durable")
+        job = background(write)
+
+        class OnDemand:
+            def result(self, timeout=None):
+                asked.set()
+                return job.result(timeout)
+        return OnDemand()
+
+    def round_ended(self, ch):
+        order = self.order
+
+        class Watched:
+            def __getattr__(self, name):
+                return getattr(ch, name)
+
+            def send(self, rtype, *parts):
+                if rtype is RecordType.FINAL_QUOTE:
+                    order.append("final quote")
+                return ch.send(rtype, *parts)
+        return super().round_ended(Watched())
+
+
+def test_the_destination_makes_the_generation_durable_before_its_first_final_quote(tmp_path):
+    """docs/protocol.md: the generation's NV writes end before the first final quote
+    goes, so the source waits for them with its guest running, never at the pause
+    (destination_final would wait for them inside the downtime).  Issue 19: the
+    wait in round_ended removed passed every test."""
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    modes = []
+
+    def destination():
+        modes.append(GenerationWrittenOnDemand(trust.mode(b).attestor))
+        return modes[-1]
+    m, res = migrate(trust, trust.mode(a), destination)
+    assert "report" in res and "incoming" in res, res
+    order = modes[0].order
+    assert order[0] == "durable" and order.count("durable") == 1 and "final quote" in order, order
+
+
+class FinalQuoteAnswer(SecureMode):
+    """A destination that answers the source's FRESH_NONCE with something other
+    than a well-formed FINAL_QUOTE: ``short`` (a body shorter than a release
+    key), or ``abort`` (it refuses, e.g. its TPM would not quote)."""
+    def __init__(self, attestor, answer):
+        super().__init__(attestor)
+        self.answer = answer
+
+    def round_ended(self, ch):
+        if not self._quote_asked:
+            return
+        self._final_quote.result()
+        if self.answer == "abort":
+            from migrate.errors import Refused
+            raise Refused("this TPM will not quote today")
+        ch.send(RecordType.FINAL_QUOTE, b"\x01" * (keyrelease.PUB - 1))
+        self._quote_asked, self._quote_sent = False, True
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ("short", "FINAL_QUOTE too short"),
+    ("abort", "destination aborted before key release: Refused: this TPM will not quote today"),
+])
+def test_a_malformed_or_refused_final_quote_stops_the_source_by_name(tmp_path, answer, expected):
+    """Either way nothing is released and the guest runs on at home, and the
+    source says why: the refusal the destination sent, or the malformed record
+    (issue 19: without those two checks the source read the ABORT's reason or
+    the short body as a release key and a quote, and failed only later, with a
+    verification error that names neither)."""
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    m = guest()
+    keys = dict(m.protection._keys)
+    m, res = migrate(trust, trust.mode(a), lambda: FinalQuoteAnswer(trust.mode(b).attestor, answer), m)
+    assert expected in str(res.get("source_error")), res
+    assert_home_intact(m, keys, res)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+from types import SimpleNamespace
 
 import pytest
 
@@ -83,3 +84,74 @@ def test_a_job_running_at_exit_finishes_before_the_process_ends(tmp_path):
             "started.wait()\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
     assert done.read_text() == "ok"
+
+
+def test_a_pool_counts_exactly_the_threads_it_started_so_an_idle_one_drains_at_once():
+    # drain() (at exit) waits until every worker is idle: a count of threads
+    # above the workers that exist never reaches it, and every VMM exit would
+    # wait EXIT_WAIT (30 s) for a job that is not there.
+    before = {t.ident for t in threading.enumerate()}
+    pool = workers._Pool(2)
+    assert pool.threads == pool.idle == 2
+    assert pool.submit(lambda: "quote").result(timeout=30) == "quote"
+    assert pool.drain(workers.EXIT_WAIT)        # at once: both idle once the job is done
+    assert pool.idle == pool.threads == 2
+    started = {t.ident for t in threading.enumerate()} - before
+    assert len(started) == pool.threads         # the job found an idle worker: no third thread
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_childs_exit_does_not_wait_for_its_parents_jobs():
+    # The parent's pool, copied into a child that never used one, counts jobs
+    # that run only in the parent: draining it at the child's exit would wait
+    # EXIT_WAIT for nothing.
+    workers.prepare()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                    # child: report, never return into pytest
+        try:
+            workers._pool.drain = lambda timeout: os.write(w, b"drained the parent's pool ")
+            workers._drain()                        # what atexit runs
+            os.write(w, b"exit")
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        answer = b""
+        while chunk := os.read(r, 256):
+            answer += chunk
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    assert answer == b"exit"
+
+
+def test_a_job_yields_the_interpreter_once_unless_asked_to_start_now(monkeypatch):
+    # background() is called on the critical path: its worker first gives the
+    # GIL back (sleep(0)) so that the submitter sends its record; a job that
+    # must run at once (now=True) does not.  A longer sleep would be paid by
+    # every quote, verification and NV write of a migration.
+    slept = []
+    monkeypatch.setattr(workers, "time", SimpleNamespace(sleep=slept.append))   # this module's only
+    assert workers.background(lambda: 1).result(timeout=30) == 1
+    assert slept == [0]
+    assert workers.background(lambda: 2, now=True).result(timeout=30) == 2
+    assert slept == [0]
+
+
+def test_an_idle_worker_keeps_nothing_of_its_last_job():
+    # A job's closure can hold what a migration must not keep (the machine and
+    # its process keys, for the escrow): an idle worker drops its last job.
+    import gc
+    import weakref
+
+    class Secret:
+        pass
+    pool = workers._Pool(1)
+    held = Secret()
+    gone = weakref.ref(held)
+    assert pool.submit(lambda s=held: s is not None).result(timeout=30)     # held by the job itself
+    del held
+    assert pool.drain(workers.EXIT_WAIT)        # the worker is past its job (idle again)
+    gc.collect()
+    assert gone() is None
