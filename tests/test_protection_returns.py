@@ -1,0 +1,207 @@
+"""Kernel entries and returns of protected processes, at their edges (issue 19:
+the prot_regs mutants that the register tests left alive).  Hostile kernels
+where one can attack; direct calls where the case is a VMM contract that no
+guest can time (an interrupt between the kernel's iret and the first fetch)."""
+
+import pytest
+
+from guests.build import build_image, kernel_text
+from guesthelp import prog
+from minivmm import abi
+from minivmm import events as ev
+from minivmm.cpu import read_cpu
+from minivmm.machine import Machine
+from test_protection_attacks import keeper_under
+from test_protection_registers import (ALL_SECRETS, FPU_SPY, FPU_VICTIM, MARKERS, TABLE, _frame,
+                                       custom)
+
+# ------------------------------------------- an unprotected process's entries
+SPIN_PROTECTED = """
+_start:
+    call ulib_protect
+spin:
+    jmp spin
+.include "_ulib.s"
+"""
+FAULTS_AT = """
+_start:
+    mov eax, [0x12345678]
+spin:
+    jmp spin
+.include "_ulib.s"
+"""
+
+
+@pytest.mark.parametrize("protect", [0, 1])
+def test_an_unprotected_process_faulting_beside_a_protected_one_is_reported_at_its_address(protect):
+    # Once anything is protected every kernel entry goes through the VMM's
+    # register protection; one from an unprotected process must reach the
+    # kernel as it was (with CR2, which the fault sets, not the CPU's old one).
+    sources = [prog("guarded", SPIN_PROTECTED if protect else FAULTS_AT.replace(
+        "mov eax, [0x12345678]", "nop"), data_pages=1), prog("faulty", FAULTS_AT, data_pages=1)]
+    m = Machine(build_image(sources))
+    m.run(max_ticks=50)
+    assert bool(m.protection.active) == bool(protect)
+    assert m.exits == {2: 128 + abi.VEC_PF}
+    assert "killed pid 2: vector 14 at eip 0x40001000 cr2 0x12345000" in m.console.text()
+
+
+# ------------------------------------- a return refused for a descriptor change
+# TABLE's descriptor change, and at the same return the kernel rewrites the
+# saved edi (no system-call argument): one tamper, one violation, and the kernel is told of the refused
+# fetch as a fetch (a read: P|U), not as a write.
+TABLE_AND_EBX = TABLE.replace("dt_out:", "    mov dword ptr [esi+PROC_FRAME+0], 0x1234\ndt_out:")
+
+
+def test_a_return_refused_for_a_descriptor_change_is_reported_once_as_a_read_fault():
+    assert TABLE_AND_EBX != TABLE
+    m, seen = keeper_under(TABLE_AND_EBX, protection=True)
+    m.run(max_ticks=3000)
+    violations = [e for e in seen if isinstance(e, ev.IntegrityViolation)]
+    tampers = [e for e in seen if isinstance(e, ev.RegisterTamper)]
+    [v] = violations
+    assert "descriptors changed" in v.reason
+    [t] = tampers                  # not again at the #PF entry that follows
+    assert t.registers == ("edi",)
+    assert m.exits[1] == 128 + abi.VEC_PF
+    frame = _frame(m, 1)
+    assert frame["vec"] == abi.VEC_PF and frame["err"] == 5
+    assert not m.protection.procs[1].in_kernel
+
+
+# ----------------------------------- a segment cache behind a selector with RPL 0
+# The victim addresses its data through FS = 0x20 (the user data descriptor,
+# requested privilege 0: allowed, DPL 3 >= CPL 3).  At its system call the
+# kernel moves that descriptor's base by a page, loads FS from it and changes
+# the table back before its iretd: the table looks honest, FS's cached base
+# is one page off, and the victim reads its decoy instead of its secret.
+FS_VICTIM = """
+_start:
+    mov ax, 0x20
+    mov fs, ax
+    mov eax, 1
+    call ulib_arg
+    test eax, eax
+    jz go
+    call ulib_protect
+go:
+    mov dword ptr [DATA_VADDR+0x1000], 0x5EC0
+    mov dword ptr [DATA_VADDR+0x2000], 0xDEC0
+    mov eax, SYS_GETPID
+    int 0x80
+    mov eax, fs:[DATA_VADDR+0x1000]
+    cmp eax, 0x5EC0
+    jne bad
+    xor eax, eax
+    call ulib_exit
+bad:
+    mov eax, 5
+    call ulib_exit
+.include "_ulib.s"
+"""
+FS_HOOK = r"""
+.include "hostile_victim.s"
+syscall_hook:
+    call hk_victim_call
+    cmp eax, 1
+    jne fc_out
+    mov dword ptr [gdt+0x20], 0x1000FFFF
+    mov dword ptr [fc_armed], 1
+fc_out:
+    ret
+fc_armed: .long 0
+"""
+
+
+def _load_fs_then_undo(src):
+    old = "    mov ax, SEL_UDATA\n    mov ds, ax\n    mov es, ax\n    popad"
+    assert src.count(old) == 1
+    return src.replace(old, "    cmp dword ptr [fc_armed], 0\n    je fc_skip\n"
+                            "    mov ax, 0x20\n    mov fs, ax\n"
+                            "    mov dword ptr [gdt+0x20], 0x0000FFFF\n"
+                            "    mov dword ptr [fc_armed], 0\nfc_skip:\n" + old)
+
+
+@pytest.mark.parametrize("protect", [0, 1])
+def test_a_stale_segment_cache_behind_a_selector_with_rpl_0_is_reloaded(protect):
+    m = Machine(build_image([prog("fsvictim", FS_VICTIM, data_pages=3, args=(1, protect))],
+                            kernel_source=_load_fs_then_undo(custom(FS_HOOK))))
+    seen = []
+    m.events.subscribe(seen.append, ev.IntegrityViolation)
+    m.run(max_ticks=500)
+    if not protect:
+        assert m.exits == {1: 5}                   # the attack works on it
+    else:
+        assert m.exits == {1: 0} and not seen and bool(m.protection.view())
+
+
+# --------------------------------------------------- the return inside the hook
+def test_an_honest_return_is_restored_inside_the_fill_without_ending_the_slice():
+    # The cheap path (module doc): only a redirected return is refused and
+    # restored between slices.
+    m = Machine(build_image([prog("once", ALL_SECRETS.replace(
+        "spin:\n    jmp spin", "    mov eax, SYS_GETPID\n    int 0x80\n    mov eax, SYS_GETPID\n"
+        "    int 0x80\n    xor eax, eax\n    call ulib_exit"), data_pages=1, args=(1, 1))])
+    )
+    verdicts = []
+    real = m.protection._returned
+
+    def returned(uc, proc, vaddr):
+        verdicts.append(real(uc, proc, vaddr))
+        return verdicts[-1]
+    m.protection._returned = returned
+    m.run(max_ticks=500)
+    assert m.exits == {1: 0}
+    assert len(verdicts) >= 2 and set(verdicts) == {None}, verdicts
+
+
+# ------------------------------------------------------------- x87 registers
+# FPU_VICTIM, spinning after its system call (so a run can stop there).
+FPU_SPINNER = FPU_VICTIM.replace("    jne bad\n    xor eax, eax\n", "    jne bad\n    mov ecx, 300000\n"
+                                 "wait:\n    dec ecx\n    jnz wait\n    xor eax, eax\n")
+
+
+def test_saved_x87_registers_are_dropped_once_given_back():
+    # prot_state: kept "while the kernel runs" -- not in a state file saved later.
+    assert FPU_SPINNER != FPU_VICTIM
+    m = Machine(build_image([prog("fpu", FPU_SPINNER, data_pages=1, args=(1, 1))],
+                            kernel_source=custom(FPU_SPY)))
+    proc = lambda: m.protection.procs.get(1)           # noqa: E731
+    m.run(until=lambda m: proc() is not None and proc().fpu is not None)
+    m.run(until=lambda m: not proc().in_kernel)
+    assert not proc().exited and read_cpu(m._uc).cpl == 3
+    assert proc().fpu is None
+    m.run(max_ticks=500)
+    assert m.exits == {1: 0}
+
+
+# ------------------------------------- an interrupt before the first fetch
+def _inside_a_system_call():
+    m = Machine(build_image([prog("fpu", FPU_VICTIM, data_pages=1, args=(1, 1))],
+                            kernel_source=custom(FPU_SPY)))
+    m.run(until=lambda m: 1 in m.protection.procs and m.protection.procs[1].in_kernel)
+    return m, m.protection.procs[1]
+
+
+def test_a_return_settled_at_the_next_entry_still_reports_tampering():
+    # The kernel irets with a changed ebx, and an interrupt comes before the
+    # process's first fetch (a slice may end between them): the VMM settles
+    # the return at that entry, and must still report the change.
+    m, proc = _inside_a_system_call()
+    tampers = []
+    m.events.subscribe(tampers.append, ev.RegisterTamper)
+    back = proc.shown.replace(ebx=0x1234)
+    shown = m.protection.enter_kernel(back, abi.VEC_TIMER, False, uc=m._uc)
+    [t] = tampers
+    assert t.registers == ("ebx",)
+    assert shown.ebx == 0 and proc.in_kernel
+
+
+def test_a_kernel_entry_flushes_the_tlb():
+    # The return is found as the first ring-3 fill after the entry (module doc).
+    m, proc = _inside_a_system_call()
+    flushes = []
+    m.protection._flush = lambda: flushes.append(1)
+    cpu = proc.shown
+    m.protection.enter_kernel(cpu, abi.VEC_TIMER, False, uc=m._uc)
+    assert flushes
