@@ -205,3 +205,17 @@ def test_a_kernel_entry_flushes_the_tlb():
     cpu = proc.shown
     m.protection.enter_kernel(cpu, abi.VEC_TIMER, False, uc=m._uc)
     assert flushes
+
+
+def test_an_exited_process_leaves_no_x87_register_in_the_vmm():
+    # It exits from inside a system call: the x87 registers saved at that
+    # entry are never given back, and must go with its saved general
+    # registers and its key -- not stay in every later state file.
+    m = Machine(build_image([prog("fpu", FPU_VICTIM, data_pages=1, args=(1, 1))],
+                            kernel_source=custom(FPU_SPY)))
+    m.run(max_ticks=500)
+    assert m.exits == {1: 0}
+    proc = m.protection.procs[1]
+    assert proc.exited and proc.saved is None
+    assert proc.fpu is None
+    assert all(p["fpu"] is None for p in m.protection.save().processes)
