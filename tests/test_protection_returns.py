@@ -219,3 +219,82 @@ def test_an_exited_process_leaves_no_x87_register_in_the_vmm():
     assert proc.exited and proc.saved is None
     assert proc.fpu is None
     assert all(p["fpu"] is None for p in m.protection.save().processes)
+
+
+# ------------------------------------------ the same through the kernel's LDT
+# A kernel with an LDT (entry 0: flat user data, DPL 3), which it installs at
+# the victim's first system call.  The victim then addresses through FS = 4:
+# LDT entry 0, requested privilege 0 (the lowest TI=1 selector).  At its 2nd
+# call the kernel moves that entry's base by a page, loads FS from it, and
+# puts it back before its iretd.
+LDT_VICTIM = FS_VICTIM.replace("_start:\n    mov ax, 0x20\n", "_start:\n    mov eax, SYS_GETPID\n"
+                               "    int 0x80\n    mov ax, 4\n")
+LDT_HOOK = r"""
+.include "hostile_victim.s"
+syscall_hook:
+    call hk_victim_call
+    cmp eax, 1
+    jne lh_2
+    push ebx
+    push ecx
+    mov eax, ldt_table
+    mov ebx, eax
+    shl ebx, 16
+    or ebx, 7                       ; limit: one entry
+    mov [gdt_ldt], ebx
+    mov ebx, eax
+    and ebx, 0xFF000000
+    mov ecx, eax
+    shr ecx, 16
+    and ecx, 0xFF
+    or ebx, ecx
+    or ebx, 0x8200                  ; present, DPL0, type 2 (LDT)
+    mov [gdt_ldt+4], ebx
+    mov ax, 0x30
+    lldt ax
+    pop ecx
+    pop ebx
+    ret
+lh_2:
+    cmp eax, 2
+    jne lh_out
+    mov dword ptr [ldt_table], 0x1000FFFF
+    mov dword ptr [lh_armed], 1
+lh_out:
+    ret
+lh_armed: .long 0
+ldt_table: .long 0x0000FFFF, 0x00CFF200
+"""
+
+
+def _ldt_kernel(src):
+    for old, new in [
+            ("    .long 0, 0                      ; 0x28 TSS, filled at boot\n",
+             "    .long 0, 0                      ; 0x28 TSS, filled at boot\n"
+             "gdt_ldt:\n    .long 0, 0\n"),
+            ("    .word 0x2f                      ; 6 descriptors * 8 - 1",
+             "    .word 0x37"),
+            ("    mov ax, SEL_UDATA\n    mov ds, ax\n    mov es, ax\n    popad",
+             "    cmp dword ptr [lh_armed], 0\n    je lh_skip\n"
+             "    mov ax, 4\n    mov fs, ax\n"
+             "    mov dword ptr [ldt_table], 0x0000FFFF\n"
+             "    mov dword ptr [lh_armed], 0\nlh_skip:\n"
+             "    mov ax, SEL_UDATA\n    mov ds, ax\n    mov es, ax\n    popad")]:
+        assert src.count(old) == 1, old
+        src = src.replace(old, new)
+    return src
+
+
+@pytest.mark.parametrize("protect", [0, 1])
+def test_a_stale_segment_cache_behind_an_ldt_selector_is_reloaded(protect):
+    assert LDT_VICTIM != FS_VICTIM
+    m = Machine(build_image([prog("ldtvictim", LDT_VICTIM, data_pages=3, args=(1, protect))],
+                            kernel_source=_ldt_kernel(custom(LDT_HOOK))))
+    seen = []
+    m.events.subscribe(seen.append, ev.IntegrityViolation)
+    m.run(max_ticks=500)
+    assert read_cpu(m._uc).gdt_limit == 0x37
+    if not protect:
+        assert m.exits == {1: 5}                   # the attack works on it
+    else:
+        assert m.exits == {1: 0} and not seen and bool(m.protection.view())
