@@ -298,3 +298,33 @@ def test_a_stale_segment_cache_behind_an_ldt_selector_is_reloaded(protect):
         assert m.exits == {1: 5}                   # the attack works on it
     else:
         assert m.exits == {1: 0} and not seen and bool(m.protection.view())
+
+
+# --------------------------------------------------------- CR0 bits pinned
+# At the keeper's 2nd system call the kernel flips CR0.WP (whether the kernel
+# may write through read-only PTEs: how addresses translate) and returns.
+WP_FLIP = r"""
+.include "hostile_victim.s"
+syscall_hook:
+    call hk_victim_call
+    cmp eax, 2
+    jne wp_out
+    mov eax, cr0
+    xor eax, 0x10000
+    mov cr0, eax
+wp_out:
+    ret
+"""
+
+
+@pytest.mark.parametrize("protection", [False, True])
+def test_a_return_with_cr0_wp_flipped_stops_the_process(protection):
+    m, seen = keeper_under(WP_FLIP, protection=protection)
+    m.run(max_ticks=3000)
+    violations = [e for e in seen if isinstance(e, ev.IntegrityViolation)]
+    if not protection:
+        assert m.exits == {1: 0} and not violations      # nothing the process itself sees
+    else:
+        [v] = violations
+        assert "descriptors changed" in v.reason and "CR0 " in v.reason
+        assert m.exits[1] == 128 + abi.VEC_PF
