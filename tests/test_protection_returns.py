@@ -328,3 +328,75 @@ def test_a_return_with_cr0_wp_flipped_stops_the_process(protection):
         [v] = violations
         assert "descriptors changed" in v.reason and "CR0 " in v.reason
         assert m.exits[1] == 128 + abi.VEC_PF
+
+
+# ------------------------------------------- the pinned record, entry by entry
+# prot_pinned.snapshot against the toy kernel's GDT (limit 0x2f: the null
+# entry, 0x08 kernel code, 0x10 kernel data, 0x18 user code, 0x20 user data,
+# 0x28 TSS) and the LDT kernel's one-entry LDT (limit 7).
+from minivmm import prot_pinned  # noqa: E402
+
+DESC = {0x08: "ffff0000009acf00", 0x10: "ffff00000092cf00", 0x18: "ffff000000facf00",
+        0x20: "ffff000000f2cf00"}
+
+
+def _snap(m, **sels):
+    cpu = read_cpu(m._uc)
+    touched = []
+    selectors = {"cs": 0x1B, "ss": 0x23, "ds": 0x23, "es": 0x23, "fs": 0, "gs": 0, **sels}
+    snap = prot_pinned.snapshot(m._uc, m.ram, touched.append, selectors, cpu.cr3)
+    assert touched                 # every table read is shown to the protection
+    return snap["segments"]
+
+
+def _booted():
+    m = Machine(build_image([prog("secrets", ALL_SECRETS, data_pages=1, args=(0, 1))]))
+    m.run(until=lambda m: m.protection.procs and read_cpu(m._uc).cpl == 3, max_ticks=200)
+    return m
+
+
+def test_the_pinned_record_holds_each_descriptor_with_the_accessed_bit_masked():
+    m = _booted()
+    gdt = read_cpu(m._uc).gdt_base
+    # the CPU sets the accessed bit of 0x10 on a load; set it on 0x20 too
+    raw = m.read_virtual(read_cpu(m._uc).cr3, gdt + 0x25, 1, user=False)[0]
+    m.ram.write(gdt + 0x25, bytes([raw | 1]))     # the kernel is identity mapped
+    assert m.read_virtual(read_cpu(m._uc).cr3, gdt + 0x25, 1, user=False)[0] & 1
+    for sels in ({}, {"ds": 0x10, "es": 0x08, "fs": 0x2B, "gs": 0x18},
+                 {"cs": 0x23, "ds": 0x23, "es": 0x23, "fs": 0x23, "gs": 0x23},
+                 {"cs": 0x2B, "ss": 0x2B, "ds": 0x2B, "es": 0x2B}):
+        segs = _snap(m, **sels)
+        for name, (sel, desc) in segs.items():
+            want = {"cs": 0x1B, "ss": 0x23, "ds": 0x23, "es": 0x23, "fs": 0, "gs": 0, **sels}[name]
+            assert sel == want
+            if want & ~7 in DESC:
+                assert desc == DESC[want & ~7], (name, hex(want), desc)
+            elif want & ~7 == 0x28:
+                assert len(desc) == 16 and desc[10:12] in ("88", "8a"), desc   # the TSS (accessed = busy bit masked)
+            else:
+                assert desc == prot_pinned.NULL
+
+
+def test_null_and_out_of_table_selectors_are_recorded_as_such():
+    m = _booted()
+    for null in (0, 1, 2, 3):
+        assert _snap(m, fs=null)["fs"] == [null, prot_pinned.NULL]
+    for outside in (0x30, 0x33, 0x38, 0xFFF8):
+        assert _snap(m, gs=outside)["gs"] == [outside, prot_pinned.OUTSIDE]
+    assert _snap(m, gs=0x28)["gs"][1] != prot_pinned.OUTSIDE   # the last entry: 0x28 + 7 = limit
+    assert _snap(m, gs=0x2B)["gs"][1] != prot_pinned.OUTSIDE
+    assert _snap(m, gs=0x2F)["gs"] == [0x2F, prot_pinned.OUTSIDE]    # TI=1: no LDT here
+
+
+def test_an_ldt_selector_is_recorded_from_the_ldt():
+    m = Machine(build_image([prog("ldtvictim", LDT_VICTIM, data_pages=3, args=(1, 1))],
+                            kernel_source=_ldt_kernel(custom(LDT_HOOK))))
+    m.run(until=lambda m: m.protection.procs and read_cpu(m._uc).cpl == 3, max_ticks=200)
+    _, base, limit, _ = m._uc.reg_read(prot_pinned.UC_X86_REG_LDTR)
+    assert limit == 7
+    for sel in (4, 5, 6, 7):
+        assert _snap(m, fs=sel)["fs"] == [sel, DESC[0x20]]
+    assert _snap(m, fs=0xC)["fs"] == [0xC, prot_pinned.OUTSIDE]
+    segs = _snap(m, fs=7, gs=0x2B)          # both tables in one record
+    assert segs["fs"] == [7, DESC[0x20]] and segs["gs"][1] not in (prot_pinned.NULL,
+                                                                    prot_pinned.OUTSIDE)
