@@ -400,3 +400,58 @@ def test_an_ldt_selector_is_recorded_from_the_ldt():
     segs = _snap(m, fs=7, gs=0x2B)          # both tables in one record
     assert segs["fs"] == [7, DESC[0x20]] and segs["gs"][1] not in (prot_pinned.NULL,
                                                                     prot_pinned.OUTSIDE)
+
+
+def test_a_table_is_read_exactly_over_the_entries_its_selectors_name():
+    # A table at the start of a mapped page (below it: unmapped), or ending at
+    # its end: reading a byte more either side would call it unmapped.  The
+    # victim's one data page is at DATA_VADDR; the pages either side are not mapped.
+    from unicorn.x86_const import UC_X86_REG_GDTR
+    m = _booted()
+    cr3 = read_cpu(m._uc).cr3
+    for base in (abi.DATA_VADDR, abi.DATA_VADDR + 0x1000 - 0x30):
+        m._uc.reg_write(UC_X86_REG_GDTR, (0, base, 0x2F, 0))
+        for sels in ({}, {"ds": 0x08, "gs": 0x2B}, {"cs": 0x2B, "ss": 0x2B, "ds": 0x2B, "es": 0x2B}):
+            for name, (sel, desc) in _snap(m, **sels).items():
+                if sel & ~3:
+                    raw = bytearray(m.read_virtual(cr3, base + (sel & ~7), 8, user=False))
+                    raw[5] &= 0xFE
+                    assert desc == raw.hex(), (hex(base), name, hex(sel), desc)
+    m._uc.reg_write(UC_X86_REG_GDTR, (0, abi.DATA_VADDR + 0x1000 - 0x20, 0x2F, 0))
+    segs = _snap(m, gs=0x2B)
+    assert segs["gs"] == [0x2B, prot_pinned.UNMAPPED]          # the whole read is refused
+    assert segs["cs"] == [0x1B, prot_pinned.UNMAPPED]
+
+
+GOOD = {"cr0": 0x80010001, "segments": {"cs": [0x1B, DESC[0x18]], "ss": [0x23, DESC[0x20]],
+                                       "ds": [0x23, DESC[0x20]], "es": [0x23, DESC[0x20]],
+                                       "fs": [0, prot_pinned.NULL], "gs": [0xFFFF, prot_pinned.OUTSIDE]}}
+
+
+def _bad(**change):
+    import copy
+    doc = copy.deepcopy(GOOD)
+    for k, v in change.items():
+        if k in doc:
+            doc[k] = v
+        else:
+            doc["segments"][k] = v
+    return doc
+
+
+@pytest.mark.parametrize("doc", [
+    _bad(cr0="0x80010001"), _bad(segments=[]), _bad(cr0="1", segments=GOOD["segments"]),
+    {"cr0": 1, "segments": {n: v for n, v in GOOD["segments"].items() if n != "gs"}},
+    {"cr0": 1, "segments": {**GOOD["segments"], "ldtr": [0, prot_pinned.NULL]}},
+    _bad(fs=["0", prot_pinned.NULL]), _bad(fs=[-1, prot_pinned.NULL]),
+    _bad(fs=[0x10000, prot_pinned.NULL]), _bad(fs=[0, 0]), _bad(fs=[0, "short"]),
+    _bad(fs=[0x23, DESC[0x20] + "00"]), {"cr0": 1}, {**GOOD, "extra": 1}, [],
+])
+def test_a_pinned_record_from_a_state_file_is_checked(doc):
+    with pytest.raises(ValueError):
+        prot_pinned.check(doc)
+
+
+def test_a_good_pinned_record_passes_its_check():
+    assert prot_pinned.check(GOOD) == GOOD
+    assert prot_pinned.check(_bad(gs=[0xFFFF, prot_pinned.UNMAPPED]))["segments"]["gs"][0] == 0xFFFF
