@@ -455,3 +455,30 @@ def test_a_pinned_record_from_a_state_file_is_checked(doc):
 def test_a_good_pinned_record_passes_its_check():
     assert prot_pinned.check(GOOD) == GOOD
     assert prot_pinned.check(_bad(gs=[0xFFFF, prot_pinned.UNMAPPED]))["segments"]["gs"][0] == 0xFFFF
+
+
+# ------------------------------------------------ the x87/SSE fingerprint
+def test_the_x87_fingerprint_is_found_and_sees_every_register_alone():
+    # unicorn is pinned, so the experiment finds every register's bytes (else
+    # every kernel entry would take the slow path); each register changed
+    # alone, to any value, shows in the fingerprint and is saved.
+    from unicorn import UC_ARCH_X86, UC_MODE_32, Uc
+
+    from minivmm import prot_fpu
+    assert prot_fpu._OFFSETS is not None and prot_fpu._SPANS
+    assert len(prot_fpu.REGS) == len(prot_fpu.NAMES) == len(prot_fpu.DEFAULTS) == 18
+    fresh = Uc(UC_ARCH_X86, UC_MODE_32)
+    assert not prot_fpu.in_use(fresh) and prot_fpu.save(fresh) is None
+    for i, reg in enumerate(prot_fpu.REGS):
+        values = (((1, 0), (0, 1)) if reg in prot_fpu.FP else (1, 1 << 127) if reg in prot_fpu.XMM
+                  else (1, 0x40))
+        for value in values:
+            uc = Uc(UC_ARCH_X86, UC_MODE_32)
+            uc.reg_write(reg, value)
+            assert prot_fpu.in_use(uc), (prot_fpu.NAMES[i], value)
+            saved = prot_fpu.save(uc)
+            assert saved is not None and saved[i] == uc.reg_read(reg)
+            prot_fpu.scrub(uc)
+            assert prot_fpu.save(uc) is None            # (in_use only "may differ")
+            prot_fpu.load(uc, saved)
+            assert uc.reg_read(reg) == saved[i]
