@@ -468,7 +468,7 @@ def test_the_x87_fingerprint_is_found_and_sees_every_register_alone():
     assert prot_fpu._OFFSETS is not None and prot_fpu._SPANS
     assert len(prot_fpu.REGS) == len(prot_fpu.NAMES) == len(prot_fpu.DEFAULTS) == 18
     fresh = Uc(UC_ARCH_X86, UC_MODE_32)
-    assert not prot_fpu.in_use(fresh) and prot_fpu.save(fresh) is None
+    assert prot_fpu.save(fresh) is None      # (in_use is only a prefilter: "may differ")
     for i, reg in enumerate(prot_fpu.REGS):
         values = (((1, 0), (0, 1)) if reg in prot_fpu.FP else (1, 1 << 127) if reg in prot_fpu.XMM
                   else (1, 0x40))
