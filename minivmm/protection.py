@@ -480,7 +480,10 @@ class Protection(RegisterProtection):
                 self.cloak(proc, meta, reason="process exit")
             if self.frames.get(meta.ppn, (None, None))[0] is proc:
                 del self.frames[meta.ppn]
+        # Its registers saved at the entry it exited from (x87/SSE too) are
+        # never given back: drop them with its key, not keep them in every state.
         proc.exited, proc.in_kernel, proc.saved, proc.shown = True, False, None, None
+        proc.fpu = None
         self._keys.pop(proc.key_handle, None)
         self._ciphers.pop(proc.key_handle, None)
         # Kept in the order they exited, so the oldest exits are dropped first
