@@ -121,16 +121,9 @@ def test_a_vmms_own_state_passes_the_migration_state_check():
     # is what a destination's state check (migrate/statecheck.py) accepts: a
     # plaintext page carries no nonce and no tag, a fresh page is at version 0.
     import json
-    from guests.build import build_image
-    from guesthelp import prog
+    from guesthelp import IDLE, prog, started
     from migrate.statecheck import check_protection
-    from minivmm import events as ev
-    from minivmm.machine import Machine
-    idle = "_start:\n    mov eax, SYS_YIELD\n    int 0x80\n    jmp _start\n"
-    m = Machine(build_image([prog("a", idle, data_pages=3), prog("b", idle, data_pages=3)]))
-    cr3 = {}
-    m.events.subscribe(lambda e: cr3.setdefault(e.pid, e.cr3 & 0xFFFFF000), ev.ProcessStart)
-    m.run(until=lambda m: len(cr3) == 2, max_ticks=200)
+    m, cr3 = started(prog("a", IDLE, data_pages=3), prog("b", IDLE, data_pages=3))
     for pid in (1, 2):
         assert m.protection.protect(cr3[pid], pid, "ab"[pid - 1], abi.DATA_VADDR, 0) == 0
     m.protection.process_exited(2)

@@ -15,17 +15,11 @@ import pytest
 from unicorn.x86_const import UC_X86_REG_CR3, UC_X86_REG_SS
 
 from guests.build import build_image
-from guesthelp import prog
+from guesthelp import IDLE, prog, started
 from minivmm import abi, events as ev
 from minivmm.machine import Machine
 from minivmm.protection import CLOAKED, DETACHED, PLAINTEXT
 
-IDLE = """
-_start:
-    mov eax, SYS_YIELD
-    int 0x80
-    jmp _start
-"""
 SHARED = abi.DATA_VADDR
 SECRET = abi.DATA_VADDR + abi.PAGE_SIZE         # a protected data page of each process
 READ, WRITE = 5, 7                              # the #PF codes of a refused user read / write
@@ -34,10 +28,7 @@ READ, WRITE = 5, 7                              # the #PF codes of a refused use
 @pytest.fixture
 def two():
     """Pids 1 and 2 alive, pid 1 protected: (machine, {pid: cr3}, events seen)."""
-    m = Machine(build_image([prog("a", IDLE, data_pages=3), prog("b", IDLE, data_pages=3)]))
-    cr3 = {}
-    m.events.subscribe(lambda e: cr3.setdefault(e.pid, e.cr3 & 0xFFFFF000), ev.ProcessStart)
-    m.run(until=lambda m: len(cr3) == 2, max_ticks=200)
+    m, cr3 = started(prog("a", IDLE, data_pages=3), prog("b", IDLE, data_pages=3))
     assert m.protection.protect(cr3[1], 1, "a", SHARED, 0) == 0
     seen = []
     m.events.subscribe(seen.append, ev.IntegrityViolation, ev.PageCloaked, ev.PageAdopted)

@@ -14,17 +14,9 @@ import struct
 
 import pytest
 
-from guesthelp import prog
-from guests.build import build_image
-from minivmm import abi, events as ev
-from minivmm.machine import Machine
+from guesthelp import IDLE, prog, started
+from minivmm import abi
 
-IDLE = """
-_start:
-    mov eax, SYS_YIELD
-    int 0x80
-    jmp _start
-"""
 SHARED = abi.DATA_VADDR                 # the page each idle process would name as shared
 PTE_P, PTE_W, PTE_U = 1, 2, 4
 
@@ -32,10 +24,7 @@ PTE_P, PTE_W, PTE_U = 1, 2, 4
 @pytest.fixture
 def idle():
     """Two live processes (pids 1 and 2), neither protected yet: (machine, {pid: cr3})."""
-    m = Machine(build_image([prog("a", IDLE, data_pages=3), prog("b", IDLE, data_pages=3)]))
-    cr3 = {}
-    m.events.subscribe(lambda e: cr3.setdefault(e.pid, e.cr3 & 0xFFFFF000), ev.ProcessStart)
-    m.run(until=lambda m: len(cr3) == 2, max_ticks=200)
+    m, cr3 = started(prog("a", IDLE, data_pages=3), prog("b", IDLE, data_pages=3))
     assert sorted(cr3) == [1, 2]
     return m, cr3
 
@@ -213,10 +202,7 @@ def test_the_measurement_covers_exactly_the_image_pages_as_the_program_was_built
     import hashlib
     from guests.asm import assemble
     from guests.build import PROGRAMS_DIR, expand_includes
-    m = Machine(build_image([prog("big", BIG, data_pages=3)]))
-    cr3 = {}
-    m.events.subscribe(lambda e: cr3.setdefault(e.pid, e.cr3 & 0xFFFFF000), ev.ProcessStart)
-    m.run(until=lambda m: cr3, max_ticks=200)
+    m, cr3 = started(prog("big", BIG, data_pages=3))
     code = assemble(expand_includes(BIG, PROGRAMS_DIR), abi.IMAGE_VADDR).code
     assert abi.PAGE_SIZE < len(code) <= 2 * abi.PAGE_SIZE
     code = code.ljust(2 * abi.PAGE_SIZE, b"\0")

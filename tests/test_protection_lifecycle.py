@@ -15,17 +15,11 @@ import struct
 import pytest
 
 from guests.build import build_image
-from guesthelp import prog
-from minivmm import abi, events as ev
+from guesthelp import IDLE, prog, started
+from minivmm import abi
 from minivmm.machine import Machine
 from minivmm.protection import CLOAKED, DETACHED, MAX_EXITED, PLAINTEXT, ProtectionState
 
-IDLE = """
-_start:
-    mov eax, SYS_YIELD
-    int 0x80
-    jmp _start
-"""
 SHARED = abi.DATA_VADDR
 PTE_PWU = 7
 
@@ -33,10 +27,7 @@ PTE_PWU = 7
 @pytest.fixture
 def two():
     """Pids 1 and 2 alive and protected: (machine, {pid: cr3})."""
-    m = Machine(build_image([prog("a", IDLE, data_pages=3), prog("b", IDLE, data_pages=3)]))
-    cr3 = {}
-    m.events.subscribe(lambda e: cr3.setdefault(e.pid, e.cr3 & 0xFFFFF000), ev.ProcessStart)
-    m.run(until=lambda m: len(cr3) == 2, max_ticks=200)
+    m, cr3 = started(prog("a", IDLE, data_pages=3), prog("b", IDLE, data_pages=3))
     for pid in (1, 2):
         assert m.protection.protect(cr3[pid], pid, "ab"[pid - 1], SHARED, 0) == 0
     return m, cr3

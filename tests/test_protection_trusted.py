@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from guests.build import Program, build_image, kernel_text
-from guesthelp import prog
+from guesthelp import prog, started
 from minivmm import abi
 from minivmm import events as ev
 from minivmm.machine import Machine
@@ -154,10 +154,7 @@ text: .space 8000, 0x41
 @pytest.fixture
 def reader():
     """(machine, cr3, the image bytes as assembled): one protected process, stopped."""
-    m = Machine(build_image([prog("tr", TWO_PAGES, data_pages=2)]))
-    cr3 = {}
-    m.events.subscribe(lambda e: cr3.setdefault(e.pid, e.cr3 & 0xFFFFF000), ev.ProcessStart)
-    m.run(until=lambda m: cr3, max_ticks=200)
+    m, cr3 = started(prog("tr", TWO_PAGES, data_pages=2))
     code = assemble(expand_includes(TWO_PAGES, PROGRAMS_DIR), abi.IMAGE_VADDR).code
     code = bytearray(code.ljust(2 * abi.PAGE_SIZE, b"\0"))
     for i in range(0, len(code), 4):            # every word tells where it is
