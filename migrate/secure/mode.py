@@ -69,6 +69,17 @@ def _named(future, what: str):
         raise SecurityError(f"{what}: {type(exc).__name__}: {exc}; the migration stops here") from exc
 
 
+def _settle(*futures) -> None:
+    """Wait until each of ``futures`` (None: none), in order, has ended,
+    whatever its outcome: clean-up after a failure already being reported."""
+    for future in futures:
+        if future is not None:
+            try:
+                future.result()
+            except Exception:                   # noqa: BLE001 - that failure is not news
+                pass
+
+
 def _canonical(doc) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
@@ -503,23 +514,13 @@ class SecureMode(PlainMode):
         return commit.commit_token(self.keys)
 
     def undo_commit(self, machine) -> None:
-        try:
-            self._remembered()
-        except Exception:       # noqa: BLE001 - undoing: the keys come back regardless
-            pass
-        if self._committing is not None:
-            # A failure between the pause and before_commit: the keys were never
-            # destroyed (nothing to take back); let the escrow and mark finish, then undo the mark.
-            try:
-                self._committing.result()
-            except Exception:                   # noqa: BLE001 - the mark is undone below either way
-                pass
-            self._committing = None
-        if self._marking is not None:
-            try:
-                self._marking.result()
-            except Exception:                   # noqa: BLE001 - undone below either way
-                pass
+        # Undoing: the keys come back and the mark is undone whatever these jobs
+        # did, but only once they ended (one TPM user at a time; a mark is undone
+        # after it was written).  A failure between the pause and before_commit:
+        # the keys were never destroyed, the escrow and mark finish, then the mark
+        # is undone.
+        _settle(self._remember, self._committing, self._marking)
+        self._remember = self._committing = None
         if self._escrow is not None:
             commit.restore_keys(machine, self.attestor.tpm, self._escrow)
             self._escrow = None
@@ -550,8 +551,4 @@ class SecureMode(PlainMode):
         ends, even a failed one: the destination takes its next session only then,
         so a copy of the VM announcing the same generation cannot pass the check
         while the write is still on its way (test_secure_pipeline_attacks)."""
-        if self._accepting is not None:
-            try:
-                self._accepting.result()
-            except Exception:                   # noqa: BLE001 - the session failed already
-                pass
+        _settle(self._accepting)           # (the session failed already: its outcome is no news)
