@@ -289,22 +289,18 @@ class SecureMode(PlainMode):
         self.keys = derive(eph.exchange(peer_share.public), th)
         ch.send(RecordType.QUOTE, self.attestor.quote(peer_share.nonce, th))
         # While the source verifies that quote and sends its own (the handshake's
-        # critical path), this TPM does the rest of its handshake work:
-        # the release key, sealed now to the PCR values just quoted: it opens at key
-        # release only if PCRs 8-10 never changed since (they only ever extend);
-        self._release = keyrelease.ReleaseKey(self.attestor.tpm, seal=self.on("toctou"))
-        # and the generation check (an NV read), whose verdict waits until the source
-        # is attested: a replayed stream is refused for its stale quote first.
-        stale = None
-        if self.on("replay"):
-            try:
-                generation.check(self.attestor.tpm, vm_id, gen)
-            except StaleGeneration as exc:
-                stale = exc
-        rec = ch.recv(only=frozenset({RecordType.QUOTE}))
-        ch.seal(self.keys)                  # our ABORT, if any, is sealed too
-        if self.on("attestation"):
-            self.peer = self.attestor.verify(rec.body, eph.share.nonce, th, who="source")
+        # critical path), this TPM does the rest of its handshake work on a
+        # worker, so that the source's quote is verified the moment it arrives
+        # (done here first, it held that verification back 0.5-1.5 ms, traced).
+        tpm_work = background(lambda: self._release_and_check(vm_id, gen), now=True)
+        try:
+            rec = ch.recv(only=frozenset({RecordType.QUOTE}))
+            ch.seal(self.keys)              # our ABORT, if any, is sealed too
+            if self.on("attestation"):
+                self.peer = self.attestor.verify(rec.body, eph.share.nonce, th, who="source")
+        finally:
+            wait((tpm_work,))               # never leave it running into the next TPM user
+        stale = _named(tpm_work, "this host's TPM could not make the release key or read the VM's generation")
         if stale is not None:
             raise stale
         if self.on("replay"):
@@ -313,6 +309,20 @@ class SecureMode(PlainMode):
             self._accepting = self._advance_generation(vm_id, gen)
         self.vm = (vm_id, gen)
         self._time("attestation", t0)
+
+    def _release_and_check(self, vm_id: str, gen: int):
+        """Destination, beside the handshake: the release key, sealed now to the
+        PCR values just quoted (it opens at key release only if PCRs 8-10 never
+        changed since: they only ever extend); and the generation check (an NV
+        read), returned, not raised: its verdict waits until the source is
+        attested, so a replayed stream is refused for its stale quote first."""
+        self._release = keyrelease.ReleaseKey(self.attestor.tpm, seal=self.on("toctou"))
+        if self.on("replay"):
+            try:
+                generation.check(self.attestor.tpm, vm_id, gen)
+            except StaleGeneration as exc:
+                return exc
+        return None
 
     def _advance_generation(self, vm_id: str, gen: int):
         """Destination: the VM's generation written to this TPM's NV counter, on a
