@@ -58,6 +58,11 @@ class Evidence:
             _marshal(attest_bytes, signature, cert_bytes, log.to_bytes())
         )
 
+    @staticmethod
+    def encode(attest_bytes: bytes, signature: bytes, certificate_bytes: bytes, eventlog_bytes: bytes) -> bytes:
+        """The wire encoding of the four parts, not parsed back (``build`` parses it)."""
+        return _marshal(attest_bytes, signature, certificate_bytes, eventlog_bytes)
+
     def to_bytes(self) -> bytes:
         return _marshal(self.attest_bytes, self.signature, self.certificate_bytes, self.eventlog_bytes)
 

@@ -102,10 +102,10 @@ class Attestor:
 
     def quote(self, peer_nonce: bytes, binding: bytes) -> bytes:
         """Evidence over PCRs 8-10 whose qualifying data binds the peer's nonce and ``binding``."""
-        if self.tpm.ak_certificate is None:
+        if not self.tpm.certified:
             raise AttestationFailed(f"this VMM's TPM {self.tpm_dir} has no AK certificate "
                                     f"(certify it: minivmm attest-setup, or minivmm-tpm init --issuer)")
-        return self.tpm.quote(bind_nonce(peer_nonce, binding), list(QUOTED_PCRS)).to_bytes()
+        return self.tpm.quote_bytes(bind_nonce(peer_nonce, binding), list(QUOTED_PCRS))
 
     def verify(self, evidence: bytes, my_nonce: bytes, binding: bytes, *, who: str) -> AttestationResult:
         anchor = load_anchor(self.issuer_path)

@@ -203,3 +203,27 @@ def test_fuzz_mutated_evidence_never_verifies_unless_unchanged(measured, policy,
     with pytest.raises(VerificationError):
         verifier.verify(bytes(raw), policy, expected_nonce=nonce)
     verifier.verify(good, policy, expected_nonce=nonce)
+
+
+def test_quote_bytes_is_the_encoding_of_a_quote(measured, verifier, policy, tmp_path):
+    """What a VMM sends (quote_bytes: not parsed back) is the evidence quote()
+    returns, byte for byte but for what differs between any two quotes (the
+    clock and the randomised ECDSA signature); it verifies, and a TPM without
+    an AK certificate sends none (its verifier then names the unknown issuer)."""
+    from tpm import Evidence
+
+    nonce = bytes(range(32))
+    sent = Evidence.from_bytes(measured.quote_bytes(nonce, [8, 9, 10]))
+    parsed = measured.quote(nonce, [8, 9, 10])
+    assert sent.certificate_bytes == parsed.certificate_bytes != b""
+    assert sent.eventlog_bytes == parsed.eventlog_bytes
+    assert (sent.attest.qualified_signer, sent.attest.extra_data, sent.attest.selection,
+            sent.attest.pcr_digest) == (parsed.attest.qualified_signer, parsed.attest.extra_data,
+                                        parsed.attest.selection, parsed.attest.pcr_digest)
+    assert verifier.verify(measured.quote_bytes(nonce, [8, 9, 10]), policy, expected_nonce=nonce)
+    assert measured.certified
+
+    from tpm import SoftTpm
+    bare = SoftTpm.open(tmp_path / "bare", host="bare")
+    assert not bare.certified
+    assert Evidence.from_bytes(bare.quote_bytes(nonce, [8])).certificate_bytes == b""
