@@ -185,6 +185,8 @@ class SoftTpm:
         # file name -> identity (os.stat fields) of the version whose content is in
         # this instance (read and checked by _load, or written by _write_*).
         self._seen: dict[str, tuple] = {}
+        self._dir = str(self.state_dir)     # (os.path on it: pathlib cost ~10 us a stat)
+        self._mac_keys: dict[tuple[bytes, bytes], bytes] = {}
         self._ek_qn: tuple[bytes, bytes] | None = None      # (proof, EK qualified name)
         self._replayed: tuple[EventLog, int, PcrBank] | None = None   # (log, len(log), bank)
 
@@ -307,11 +309,15 @@ class SoftTpm:
                     self._depth = 0
 
     def _mac_key(self, label: bytes) -> bytes:
-        return _derive(self._persist.proof, label)
+        proof = self._persist.proof
+        key = self._mac_keys.get((proof, label))
+        if key is None:         # (derived once per proof: every command checks two files' MACs)
+            key = self._mac_keys[proof, label] = _derive(proof, label)
+        return key
 
     def _identity(self, name: str) -> tuple | None:
         try:
-            st = os.stat(self.state_dir / name)
+            st = os.stat(os.path.join(self._dir, name))
         except OSError:
             return None         # missing or unreadable: statefile.read says which
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
