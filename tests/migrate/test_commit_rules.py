@@ -170,6 +170,22 @@ def test_a_round_that_carries_fewer_pages_than_it_announced_is_refused():
     assert f"({NPAGES - dropped} of {NPAGES} pages received)" in str(out)
 
 
+def test_a_round_whose_page_records_carry_more_than_it_announced_is_refused_at_that_record():
+    """A round that announces one page fewer than its PAGES records carry, closed
+    straight after them (no ZERO_PAGES, whose own count check would speak first):
+    refused at the PAGES record that overflows, before its pages are read into
+    RAM (the landing's ``room`` check) -- not only later, at ROUND_END, once
+    they have landed."""
+    data = [r for r in ROUND0 if r[0] is RecordType.PAGES]
+    carried = sum((len(b) - 4) // 4100 for _, b in data)
+    assert 1 < carried < NPAGES
+    recs = ([(RecordType.ROUND_BEGIN, RoundMark(0, carried - 1).encode())] + data
+            + [(RecordType.ROUND_END, RoundMark(0, carried - 1).encode())])
+    out = feed(encode(HELLO + recs + TAIL))
+    assert isinstance(out, ProtocolError), out
+    assert f"round 0 carries more than the {carried - 1} pages it announced" in str(out), out
+
+
 def test_a_page_zeroed_in_a_later_round_is_zero_at_the_destination():
     """Round 0 carries a page with data; the guest then zeroes it, and round 1 sends
     it as a ZERO_PAGES entry.  The digest covers the records, not the RAM, so only the

@@ -151,6 +151,10 @@ def test_destination_says_why_it_refuses_a_hello(version, ram, status):
     welcome = Welcome.decode(peer.recv().body)
     assert welcome.status == status and ("version" in welcome.reason or "RAM" in welcome.reason)
     t.join(10)
+    # ... and then it ends the session with that very refusal (not any MigrationError:
+    # a timeout or an InternalError after carrying on would be one too)
+    from migrate.errors import Unsupported, VersionMismatch
+    assert result["out"].type is (VersionMismatch if status == 2 else Unsupported), result["out"]
     a.close()
     b.close()
 
