@@ -54,11 +54,13 @@ def test_an_installed_wheel_runs_a_guest_and_the_demo_outside_the_checkout(wheel
     python = venv / "bin" / "python"
     site = _site_packages(python)
     (site / "deps-from-test-venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # Without PYTHONPATH for pip too: a checkout on it (its minivmm.egg-info, left by the
+    # wheel build) would tell pip that minivmm is installed already, and it would install nothing.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
-                    "--no-index", str(wheel)], check=True, capture_output=True, text=True, timeout=300)
+                    "--no-index", str(wheel)], check=True, capture_output=True, text=True, timeout=300, env=env)
     work = tmp_path / "elsewhere"
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["MINIVMM_TPM_STATE"] = str(work / "tpm-state")
 
     where = subprocess.run([str(python), "-c", "import " + ", ".join(PACKAGES) + "; print('\\n'.join("
