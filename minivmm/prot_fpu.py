@@ -38,25 +38,33 @@ def _probe():
     uc = Uc(UC_ARCH_X86, UC_MODE_32)
     fresh = uc.context_save()
     base = _raw(fresh)
+    # A saved context starts with unicorn's own header: the size of the CPU
+    # state after it (its first 8 bytes), then a heap pointer and padding that
+    # differ from one save to the next.  Only the CPU state holds registers; a
+    # header byte that happened to differ once would make the fingerprint of
+    # an untouched engine differ too (the slow path for nothing).
+    start = max(0, len(base) - int.from_bytes(base[:8], "little"))
     defaults = tuple(uc.reg_read_batch(list(REGS)))
     seen: dict[int, int] = {}
     per_reg = []
     for reg in REGS:
         uc.context_restore(fresh)
+        # Each value differs from the reset value (zero) in every byte of the
+        # register, so every byte that holds it changes.
         if reg in FP:
             uc.reg_write(reg, (0x8123456789ABCDEF, 0x7ABC))
         elif reg in XMM:
             uc.reg_write(reg, (1 << 128) - 1 - 0x5A5A)
         else:
-            uc.reg_write(reg, 0x1A3D)
+            uc.reg_write(reg, 0x1A3D1A3D)          # MXCSR is 32 bits wide, FPSW takes the low 16
         now = _raw(uc.context_save())
-        diff = {i for i in range(len(base)) if base[i] != now[i]}
+        diff = {i for i in range(start, len(base)) if base[i] != now[i]}
         per_reg.append(diff)
         for i in diff:
             seen[i] = seen.get(i, 0) + 1
     offsets = sorted({i for d in per_reg for i in d if seen[i] == 1})
     own = [{i for i in d if seen[i] == 1} for d in per_reg]
-    wide = [10] * 8 + [16] * 8 + [1, 1]        # bytes each register must own at least
+    wide = [10] * 8 + [16] * 8 + [2, 4]        # bytes each register must own at least: its width
     if any(len(o) < w for o, w in zip(own, wide)):
         return defaults, None
     return defaults, offsets
@@ -118,20 +126,31 @@ def to_json(values):
     return None if values is None else [list(v) if isinstance(v, tuple) else v for v in values]
 
 
+# What a state file may hold for each register: an x87 register is [the
+# 64-bit mantissa, the 16-bit sign and exponent]; the others are no wider
+# than the register (the binding would silently drop the bits above).
+TOPS = (None,) * 8 + (1 << 128,) * 8 + (1 << 16, 1 << 32)
+
+
+def _uint(x, top) -> bool:
+    return type(x) is int and 0 <= x < top      # not a bool (JSON true): no register value
+
+
 def from_json(doc):
+    """The registers of a state file's process record, each checked (a
+    hostile file: ValueError naming the first bad one)."""
     if doc is None:
         return None
     if not isinstance(doc, list) or len(doc) != len(REGS):
-        raise ValueError("protection state: bad saved x87/SSE registers")
+        raise ValueError(f"protection state: bad saved x87/SSE registers: not a list of {len(REGS)}")
     out = []
-    for reg, v in zip(REGS, doc):
+    for name, reg, top, v in zip(NAMES, REGS, TOPS, doc):
         if reg in FP:
-            if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) for x in v)
-                    and 0 <= v[0] < 1 << 64 and 0 <= v[1] < 1 << 16):
-                raise ValueError("protection state: bad saved x87 register")
+            if not (isinstance(v, list) and len(v) == 2 and _uint(v[0], 1 << 64) and _uint(v[1], 1 << 16)):
+                raise ValueError(f"protection state: bad saved x87 register {name}")
             out.append((v[0], v[1]))
         else:
-            if not isinstance(v, int) or not 0 <= v < 1 << 128:
-                raise ValueError("protection state: bad saved SSE register")
+            if not _uint(v, top):
+                raise ValueError(f"protection state: bad saved SSE register {name}")
             out.append(v)
     return tuple(out)

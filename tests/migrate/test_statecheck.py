@@ -215,7 +215,7 @@ def test_a_state_document_past_what_a_machine_can_need_is_cut_off():
 U32_MAX, U64_MAX, COUNTER_MAX = 0xFFFFFFFF, (1 << 64) - 1, 1 << 62
 NPAGES = RAM // 4096
 USER_BASE, USER_END = 0x40000000, 0x80000000
-FPU_OK = [[U64_MAX, 0xFFFF]] * 8 + [(1 << 128) - 1] * 10
+FPU_OK = [[U64_MAX, 0xFFFF]] * 8 + [(1 << 128) - 1] * 8 + [0xFFFF, U32_MAX]     # FPSW, MXCSR
 EDGES = [
     (("cpu", "gdt_limit"), 0, -1, "cpu.gdt_limit"),
     (("cpu", "idt_limit"), 0xFFFF, 0x10000, "cpu.idt_limit"),
@@ -297,7 +297,8 @@ EDGES = [
     (PROC + ("fpu",), FPU_OK, [[U64_MAX + 1, 0]] + FPU_OK[1:], "fpu.st0[0]"),
     (PROC + ("fpu",), FPU_OK, [[0, 0x10000]] + FPU_OK[1:], "fpu.st0[1]"),
     (PROC + ("fpu",), FPU_OK, FPU_OK[:8] + [1 << 128] + FPU_OK[9:], "fpu.xmm0"),
-    (PROC + ("fpu",), FPU_OK, FPU_OK[:-1] + [1 << 128], "fpu.mxcsr"),
+    (PROC + ("fpu",), FPU_OK, FPU_OK[:-1] + [U32_MAX + 1], "fpu.mxcsr"),       # no wider than the
+    (PROC + ("fpu",), FPU_OK, FPU_OK[:-2] + [0x10000, U32_MAX], "fpu.fpsw"),   # register (issue 19)
     (PROC + ("fpu",), FPU_OK, [[0, 0, 0]] + FPU_OK[1:], "fpu.st0"),
 ]
 
