@@ -101,6 +101,52 @@ def test_x87_registers_loaded_after_an_earlier_system_call_are_hidden_too(protec
     assert seen == (0 if protect else 0x5EC0F0F0)
 
 
+# The victim's last x87 load is indexed by its secret (5); the kernel reads
+# the x87 environment (fnstenv: FIP, FCS/FOP, FDP, FDS at bytes 12-27).
+ENV_VICTIM = """
+_start:
+    mov eax, 1
+    call ulib_arg
+    test eax, eax
+    jz go
+    call ulib_protect
+go:
+    mov ecx, 5
+    fild dword ptr [table+ecx*4]
+    fstp st(0)
+    mov eax, SYS_GETPID
+    int 0x80
+    xor eax, eax
+    call ulib_exit
+table: .long 0, 1, 2, 3, 4, 5, 6, 7
+.include "_ulib.s"
+"""
+ENV_SPY = """
+syscall_hook:
+    cmp dword ptr [esi+PF_EAX], SYS_GETPID
+    jne es_out
+    fnstenv [fs_seen]
+es_out:
+    ret
+fs_seen: .long 0, 0, 0, 0, 0, 0, 0
+"""
+
+
+@pytest.mark.parametrize("protect", [0, 1])
+def test_the_kernel_learns_nothing_from_the_x87_environment_of_a_protected_process(protect):
+    image = build_image([prog("fpu", ENV_VICTIM, data_pages=1, args=(1, protect))],
+                        kernel_source=custom(ENV_SPY))
+    m = Machine(image)
+    m.run(max_ticks=500)
+    assert m.exits == {1: 0}
+    env = m.read_virtual(m.cpu().cr3, image.kernel_symbols["fs_seen"], 28, user=False)
+    fip, fcs_fop, fdp, fds = (int.from_bytes(env[i:i + 4], "little") for i in (12, 16, 20, 24))
+    if not protect:                                 # the spy works: FDP is table+20, past FIP
+        assert fip and fds and fdp > fip
+    else:
+        assert (fip, fcs_fop, fdp, fds) == (0, 0, 0, 0)
+
+
 # ------------------------------------------------------- the fingerprint
 def test_every_bit_of_every_register_alone_shows_in_the_fingerprint():
     uc = _engine()
@@ -120,7 +166,7 @@ def test_every_bit_of_every_register_alone_shows_in_the_fingerprint():
 
 def test_an_engine_that_never_touched_them_costs_no_register_read():
     # The fingerprint exists so that the common process pays nothing: no read
-    # of the 18 registers, before or after a process used and scrubbed them.
+    # of the 24 registers, before or after a process used and scrubbed them.
     uc = _engine()
 
     def forbidden(_regs):
@@ -215,7 +261,8 @@ def test_spans_are_the_contiguous_runs_of_the_offsets():
 
 
 # ----------------------------------------------------- hostile state files
-MAXED = [[(1 << 64) - 1, 0xFFFF]] * 8 + [(1 << 128) - 1] * 8 + [0xFFFF, 0xFFFFFFFF]
+MAXED = ([[(1 << 64) - 1, 0xFFFF]] * 8 + [(1 << 128) - 1] * 8 + [0xFFFF, 0xFFFFFFFF]
+         + [0xFFFF, 0xFFFFFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFF, 0x7FF])       # FPCW FIP FCS FDP FDS FOP
 
 
 def _with(i, v):
@@ -237,10 +284,10 @@ def test_a_state_files_registers_are_restored_up_to_their_widths():
     assert proc_from_dict(_record(None)).fpu is None
 
 
-ST0, XMM0, FPSW, MXCSR = 0, 8, 16, 17
+ST0, XMM0, FPSW, MXCSR, FIP, FCS, FOP = 0, 8, 16, 17, 19, 20, 23
 HOSTILE = [
-    (MAXED[:17], "not a list of 18"), (MAXED + [0], "not a list of 18"), ([], "not a list of 18"),
-    (dict(enumerate(MAXED)), "not a list of 18"), ("x" * 18, "not a list of 18"),
+    (MAXED[:18], "not a list of 24"), (MAXED[:-1], "not a list of 24"), (MAXED + [0], "not a list of 24"),
+    ([], "not a list of 24"), (dict(enumerate(MAXED)), "not a list of 24"), ("x" * 24, "not a list of 24"),
     (_with(ST0, [1 << 64, 0]), "x87 register st0"), (_with(ST0, [0, 1 << 16]), "x87 register st0"),
     (_with(7, [-1, 0]), "x87 register st7"), (_with(ST0, [0, -1]), "x87 register st0"),
     (_with(ST0, [0, 0, 0]), "x87 register st0"), (_with(ST0, [0]), "x87 register st0"),
@@ -251,7 +298,8 @@ HOSTILE = [
     (_with(XMM0, "5"), "SSE register xmm0"), (_with(XMM0, True), "SSE register xmm0"),
     (_with(XMM0, [1, 2]), "SSE register xmm0"), (_with(XMM0, None), "SSE register xmm0"),
     (_with(FPSW, 0x10000), "SSE register fpsw"), (_with(MXCSR, 1 << 32), "SSE register mxcsr"),
-    (_with(MXCSR, 1 << 128), "SSE register mxcsr"),
+    (_with(MXCSR, 1 << 128), "SSE register mxcsr"), (_with(FIP, 1 << 32), "SSE register fip"),
+    (_with(FCS, 0x10000), "SSE register fcs"), (_with(FOP, 0x800), "SSE register fop"),
 ]
 
 
