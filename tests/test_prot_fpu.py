@@ -233,7 +233,8 @@ def test_the_contexts_header_is_never_taken_for_a_register(monkeypatch):
     assert _probe_seeing(monkeypatch, garbage_once) == (prot_fpu.DEFAULTS, prot_fpu._OFFSETS)
 
 
-@pytest.mark.parametrize("name, wide", [("st0", 10), ("xmm3", 16), ("fpsw", 2), ("mxcsr", 4)])
+@pytest.mark.parametrize("name, wide", [("st0", 10), ("xmm3", 16), ("fpsw", 2), ("mxcsr", 4), ("fpcw", 2),
+                                        ("fip", 4), ("fcs", 2), ("fdp", 4), ("fds", 2), ("fop", 2)])
 def test_a_register_seen_in_fewer_bytes_than_it_is_wide_disables_the_fingerprint(monkeypatch, name,
                                                                                 wide):
     # Another engine build might keep part of a register where the experiment
