@@ -409,7 +409,7 @@ def _fpu(path, v, _ram_size, _ctx) -> None:
         return
     if len(_list(path, v, len(prot_fpu.REGS))) != len(prot_fpu.REGS):
         raise _bad(path, f"{len(prot_fpu.REGS)} registers")
-    for name, reg, value in zip(prot_fpu.NAMES, prot_fpu.REGS, v):
+    for name, reg, top, value in zip(prot_fpu.NAMES, prot_fpu.REGS, prot_fpu.TOPS, v):
         at = f"{path}.{name}"
         if reg in prot_fpu.FP:
             if len(_list(at, value, 2)) != 2:
@@ -417,7 +417,7 @@ def _fpu(path, v, _ram_size, _ctx) -> None:
             _int(f"{at}[0]", value[0], 0, U64)
             _int(f"{at}[1]", value[1], 0, 0xFFFF)
         else:
-            _int(at, value, 0, (1 << 128) - 1)
+            _int(at, value, 0, top - 1)           # 128 bits; FPSW 16, MXCSR 32
 
 
 # One checker per field of a protected process (``_proc_to_dict``); a field

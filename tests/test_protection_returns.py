@@ -466,7 +466,7 @@ def test_the_x87_fingerprint_is_found_and_sees_every_register_alone():
 
     from minivmm import prot_fpu
     assert prot_fpu._OFFSETS is not None and prot_fpu._SPANS
-    assert len(prot_fpu.REGS) == len(prot_fpu.NAMES) == len(prot_fpu.DEFAULTS) == 18
+    assert len(prot_fpu.REGS) == len(prot_fpu.NAMES) == len(prot_fpu.DEFAULTS) == 24
     fresh = Uc(UC_ARCH_X86, UC_MODE_32)
     assert prot_fpu.save(fresh) is None      # (in_use is only a prefilter: "may differ")
     for i, reg in enumerate(prot_fpu.REGS):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -155,3 +156,26 @@ def test_an_idle_worker_keeps_nothing_of_its_last_job():
     assert pool.drain(workers.EXIT_WAIT)        # the worker is past its job (idle again)
     gc.collect()
     assert gone() is None
+
+
+def test_a_drain_already_waiting_is_woken_when_the_last_job_ends():
+    # At exit, drain() waits for an NV write in flight: the worker that ends it
+    # must wake the waiter, which would otherwise sleep out its whole bound
+    # (EXIT_WAIT, 30 s, at every VMM exit that caught a job).  This drain may
+    # wait an hour: only a drain nobody woke outlasts the join's bound, however
+    # loaded the machine.
+    pool = workers._Pool(1)
+    release = threading.Event()
+    job = pool.submit(release.wait)
+    drained = []
+    waiter = threading.Thread(target=lambda: drained.append(pool.drain(3600)), daemon=True)
+    waiter.start()
+    for _ in range(100_000):                    # until the drain waits on the condition
+        if pool._idle_cv._waiters:
+            break
+        time.sleep(0.001)
+    assert pool._idle_cv._waiters and not drained
+    release.set()
+    assert job.result(timeout=60) is True
+    waiter.join(timeout=120)
+    assert drained == [True]

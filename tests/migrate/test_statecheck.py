@@ -89,8 +89,8 @@ CASES = [
     (PROC + ("pinned", "segments", "ss"), [0x23, "zz"], "pinned.segments.ss[1]"),
     (PROC + ("pinned", "segments", "ds"), [1 << 16, "null"], "pinned.segments.ds[0]"),
     (PROC + ("pinned", "segments"), {}, "pinned.segments: fields differ"),
-    (PROC + ("fpu",), [0, 0, 0], "processes[0].fpu: 18 registers"),
-    (PROC + ("fpu",), [[0, 0]] * 8 + [1 << 128] + [0] * 9, "processes[0].fpu.xmm0"),
+    (PROC + ("fpu",), [0, 0, 0], "processes[0].fpu: 24 registers"),
+    (PROC + ("fpu",), [[0, 0]] * 8 + [1 << 128] + [0] * 15, "processes[0].fpu.xmm0"),
 ]
 
 
@@ -215,7 +215,8 @@ def test_a_state_document_past_what_a_machine_can_need_is_cut_off():
 U32_MAX, U64_MAX, COUNTER_MAX = 0xFFFFFFFF, (1 << 64) - 1, 1 << 62
 NPAGES = RAM // 4096
 USER_BASE, USER_END = 0x40000000, 0x80000000
-FPU_OK = [[U64_MAX, 0xFFFF]] * 8 + [(1 << 128) - 1] * 10
+FPU_OK = ([[U64_MAX, 0xFFFF]] * 8 + [(1 << 128) - 1] * 8 + [0xFFFF, U32_MAX]     # FPSW, MXCSR
+          + [0xFFFF, U32_MAX, 0xFFFF, U32_MAX, 0xFFFF, 0x7FF])                # FPCW FIP FCS FDP FDS FOP
 EDGES = [
     (("cpu", "gdt_limit"), 0, -1, "cpu.gdt_limit"),
     (("cpu", "idt_limit"), 0xFFFF, 0x10000, "cpu.idt_limit"),
@@ -279,7 +280,7 @@ EDGES = [
     (PROC + ("nonce_counter",), 0, -1, "processes[0].nonce_counter"),
     (PROC + ("key_handle",), 1, 2, "processes[0].key_handle: 2 outside [1, 1]"),     # next_handle is 2
     (PROC + ("cr3",), 1085440, RAM, f"processes[0].cr3: {RAM} outside"),
-    (PROC + ("fpu",), [[0, 0]] * 8 + [0] * 10, [[0, 0]] * 8 + [-1] + [0] * 9, "fpu.xmm0"),
+    (PROC + ("fpu",), [[0, 0]] * 8 + [0] * 16, [[0, 0]] * 8 + [-1] + [0] * 15, "fpu.xmm0"),
     (PROC + ("nonce_counter",), U64_MAX, U64_MAX + 1, "processes[0].nonce_counter"),
     (PROC + ("stopped",), "x" * 4096, "x" * 4097, "processes[0].stopped"),
     (PROC + ("name",), "x" * 256, "x" * 257, "processes[0].name"),
@@ -297,7 +298,10 @@ EDGES = [
     (PROC + ("fpu",), FPU_OK, [[U64_MAX + 1, 0]] + FPU_OK[1:], "fpu.st0[0]"),
     (PROC + ("fpu",), FPU_OK, [[0, 0x10000]] + FPU_OK[1:], "fpu.st0[1]"),
     (PROC + ("fpu",), FPU_OK, FPU_OK[:8] + [1 << 128] + FPU_OK[9:], "fpu.xmm0"),
-    (PROC + ("fpu",), FPU_OK, FPU_OK[:-1] + [1 << 128], "fpu.mxcsr"),
+    (PROC + ("fpu",), FPU_OK, FPU_OK[:17] + [U32_MAX + 1] + FPU_OK[18:], "fpu.mxcsr"),   # no wider
+    (PROC + ("fpu",), FPU_OK, FPU_OK[:16] + [0x10000] + FPU_OK[17:], "fpu.fpsw"),  # than the register
+    (PROC + ("fpu",), FPU_OK, FPU_OK[:-1] + [0x800], "fpu.fop"),                   # (issue 19)
+    (PROC + ("fpu",), FPU_OK, FPU_OK[:19] + [U32_MAX + 1] + FPU_OK[20:], "fpu.fip"),
     (PROC + ("fpu",), FPU_OK, [[0, 0, 0]] + FPU_OK[1:], "fpu.st0"),
 ]
 
