@@ -61,7 +61,8 @@ class ProtectedProcess:
 class ProtectionState:
     """Versioned, explicit state (keys included: it never leaves the VMM
     except inside the secure migration channel or a local state file)."""
-    VERSION = 2         # 2: each process carries its pinned descriptors
+    VERSION = 3         # 2: each process carries its pinned descriptors; 3: its saved x87/SSE
+    #                     registers include the x87 environment (24, not 18: prot_fpu.REGS)
     enabled: bool
     next_handle: int
     keys: dict[int, bytes]
