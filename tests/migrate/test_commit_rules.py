@@ -213,3 +213,20 @@ def test_the_session_limit_is_the_documented_sum():
     assert session_limit(16 << 20, 10.0) == 6 * 10 + 3 * 16 / 2
     assert session_limit(256 << 20, 2.5) == 6 * 2.5 + 3 * 256 / 2
     assert session_limit(16 << 20, 1.0, min_rate=1 << 20) == 6 + 3 * 16
+
+
+def test_a_page_record_beyond_its_rounds_announcement_is_refused_as_it_arrives():
+    """A hostile source announces k - 1 pages for round 0 and sends one PAGES record
+    of k.  The destination refuses that record by name from its head, before its
+    pages are read into guest RAM, not at ROUND_END (issue 19: the check's
+    ``round_pages + len(pfns)`` turned to ``-`` passed every test: a ZERO_PAGES
+    record after the overflow caught it instead)."""
+    pages = next(r for r in ROUND0 if r[0] is RecordType.PAGES)
+    k = (len(pages[1]) - 4) // 4100
+    assert k > 1
+    for recs in ([pages, (RecordType.ROUND_END, RoundMark(0, k - 1).encode())],     # closed as announced
+                 [pages]):                                                           # not closed at all
+        out = feed(encode(HELLO + [(RecordType.ROUND_BEGIN, RoundMark(0, k - 1).encode())] + recs))
+        assert isinstance(out, ProtocolError), out
+        assert f"round 0 carries more than the {k - 1} pages it announced" in str(out), out
+
