@@ -339,6 +339,7 @@ def test_the_destination_reports_and_emits_what_it_received():
     finished = [e for e in seen if type(e).__name__ == "RoundFinished"]
     assert [(e.round, e.data_pages, e.zero_pages, e.bytes) for e in finished] == \
         [(r.round, r.data_pages, r.zero_pages, r.bytes) for r in dr.rounds]
+    assert {(e.dirtied, e.dirty_rate) for e in finished} == {(0, 0.0)}     # only the source sees dirtying
 
 
 def test_a_destination_reading_whole_records_receives_the_vm_whole():

@@ -115,6 +115,11 @@ def test_recover_needs_this_hosts_existing_tpm_and_makes_none(tmp_path):
     p = argparse.ArgumentParser()
     cliopts.add_recover_command(p.add_subparsers())
     a = p.parse_args(["recover", str(tmp_path / "vm.sealed"), "--tpm-dir", str(tmp_path / "tpm")])
+    assert a.save_state is None                     # run_guest reads it: no state saved unless asked
     with pytest.raises(ValueError, match="this host's TPM refuses to open"):
         a.func(a)
     assert not (tmp_path / "tpm").exists()
+    # --save-state (the recovered guest's final state, its keys sealed again) is an option
+    # of recover (issue 19: the option dropped passed every test)
+    a = p.parse_args(["recover", "vm.sealed", "--save-state", str(tmp_path / "after.mvstate")])
+    assert (a.file, a.tpm_dir, a.save_state) == ("vm.sealed", None, str(tmp_path / "after.mvstate"))
