@@ -230,3 +230,22 @@ def test_a_page_record_beyond_its_rounds_announcement_is_refused_as_it_arrives()
         assert isinstance(out, ProtocolError), out
         assert f"round 0 carries more than the {k - 1} pages it announced" in str(out), out
 
+
+@pytest.mark.parametrize("chunks, refused", [((600, 400), False), ((600, 401), True), ((1001,), True)])
+def test_the_state_document_bound_holds_at_its_edge(monkeypatch, chunks, refused):
+    """A hostile source pads its state document: the destination takes STATE
+    chunks up to exactly the bound and refuses, by name, the chunk that would
+    pass it, whatever the chunks' sizes.  The bound is made 1000 bytes here
+    (its value, 177 MiB for 16 MiB of RAM, is pinned in test_statecheck.py) so
+    the edge costs no 177 MiB stream (issue 19: ``>`` turned ``>=``, or the sum
+    turned a difference, passed every test)."""
+    import migrate.destination
+    from migrate.messages import Digest
+    monkeypatch.setattr(migrate.destination, "state_limit", lambda ram_size: 1000)
+    doc = [(RecordType.STATE, b" " * n) for n in chunks]
+    out = feed(encode(HELLO + ROUND0 + doc + [(RecordType.DIGEST, Digest(sum(chunks), bytes(32)).encode())]))
+    if refused:
+        assert isinstance(out, ProtocolError) and "state document exceeds the 1000 bytes" in str(out), out
+    else:       # taken whole: refused only at DIGEST, for what it holds
+        assert isinstance(out, DigestMismatch) and "final digest mismatch" in str(out), out
+
