@@ -249,3 +249,21 @@ def test_the_state_document_bound_holds_at_its_edge(monkeypatch, chunks, refused
     else:       # taken whole: refused only at DIGEST, for what it holds
         assert isinstance(out, DigestMismatch) and "final digest mismatch" in str(out), out
 
+
+@pytest.mark.parametrize("where", ["precopy", "in a round", "in the state", "prepared"])
+def test_a_source_that_gives_up_is_heard_with_its_reason_in_every_state(where):
+    """The source sends ABORT (its guest crashed, its user pressed ^C) at any point
+    before COMMIT: the destination discards the VM saying the source aborted, and
+    why -- not that the source broke the protocol with an unexpected record
+    (issue 19: the ABORT check removed passed every test; the TUI and the report
+    then blamed the source for a protocol error)."""
+    from migrate.messages import encode_reason
+    cut = {"precopy": HELLO + ROUND0,
+           "in a round": HELLO + ROUND0[:2],
+           "in the state": HELLO + ROUND0 + TAIL[:1],
+           "prepared": HELLO + ROUND0 + TAIL[:-1]}[where]         # after DIGEST: PREPARED, instead of COMMIT
+    out = feed(encode(cut + [(RecordType.ABORT, encode_reason("GuestStopped: the guest crashed"))]))
+    assert isinstance(out, PeerAborted), out
+    assert str(out) == "source aborted: GuestStopped: the guest crashed"
+    assert out.report.outcome == "aborted" and "the guest crashed" in out.report.error
+
