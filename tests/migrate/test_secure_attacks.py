@@ -258,11 +258,17 @@ def test_a_commit_without_the_sessions_token_is_not_obeyed(tmp_path):
     a, b = trust.host("a"), trust.host("b", role="destination")
     m = guest()
     keys = dict(m.protection._keys)
-    m, res = migrate(trust, WrongCommitToken(trust.mode(a).attestor), lambda: trust.mode(b), m)
+    src = WrongCommitToken(trust.mode(a).attestor)
+    m, res = migrate(trust, src, lambda: trust.mode(b), m)
     assert "COMMIT token does not verify" in str(res["error"])
     assert "incoming" not in res
     # the destination's sealed ABORT after COMMIT gave the guest (and its keys) back here
     assert "the guest resumes here" in str(res["source_error"])
+    # ... and with them the escrow is spent: no recovery file can be sealed for a guest
+    # that runs here -- it would be a second copy (issue 19: the escrow kept after the
+    # keys came back passed every test)
+    assert src.save_recovery(m, tmp_path / "second-copy.sealed") is None
+    assert not (tmp_path / "second-copy.sealed").exists()
     assert_home_intact(m, keys, res)
     # --insecure ordering on the destination: it resumes on any COMMIT
     a2, b2 = trust.host("a2"), trust.host("b2", insecure=("ordering",), role="destination")
