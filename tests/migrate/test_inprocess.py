@@ -10,6 +10,7 @@ import pytest
 
 from guests.build import Program, build_image
 from guests.catalog import get_guest
+from migrate import events as mev
 from migrate.destination import Destination
 from migrate.errors import GuestStopped, MigrationError, PeerTimeout, Refused
 from migrate.precopy import PrecopyPolicy
@@ -298,11 +299,19 @@ def test_the_destination_reports_and_emits_what_it_received():
     server = Server("127.0.0.1:0")
     bus, seen, out = EventBus(), [], {}
     bus.subscribe(seen.append)
+    arriving = []        # what a viewer of the destination (the TUI's map) sees at each round's end
+
+    def look(e):
+        dest = out["dest"]
+        arriving.append((e.round, dest.ram is not None and dest.ram.size, dest.machine,
+                         dest.hashes is not None and int(dest.hashes.seen.sum())))
+    bus.subscribe(look, mev.RoundFinished)
 
     def receive():
         ch, peer = server.next_connection("busy: test")
         try:
-            out["incoming"] = Destination(timeout=5, events=bus).receive(ch, peer)
+            out["dest"] = Destination(timeout=5, events=bus)
+            out["incoming"] = out["dest"].receive(ch, peer)
         finally:
             ch.close()
     m = Machine(get_guest("demo").build())
@@ -340,20 +349,38 @@ def test_the_destination_reports_and_emits_what_it_received():
     assert [(e.round, e.data_pages, e.zero_pages, e.bytes) for e in finished] == \
         [(r.round, r.data_pages, r.zero_pages, r.bytes) for r in dr.rounds]
     assert {(e.dirtied, e.dirty_rate) for e in finished} == {(0, 0.0)}     # only the source sees dirtying
+    # while the VM arrives (no machine yet), its RAM and which pages arrived are there to
+    # be seen: every page after round 0, which carries them all (issue 19: the
+    # destination's ram/hashes left unset for a viewer passed every test)
+    assert arriving[0] == (0, m.ram.size, None, dr.rounds[0].pages) and dr.rounds[0].pages == m.ram.npages
+    assert len(arriving) == len(dr.rounds)
 
 
-def test_a_destination_reading_whole_records_receives_the_vm_whole():
-    """The destination's second way in for page data: a channel that hands it
-    whole PAGES records instead of placing their pages in guest RAM as they are
-    read (the lab's impostor records the stream that way, migrate/lab/standalone.py).
-    The VM arrives whole, runs as the unmigrated one does, and the report counts
-    the same pages (issue 19: that path's page store broken passed every test,
-    since no test's channel took it)."""
+@pytest.mark.parametrize("whole", [False, True])
+def test_pages_land_in_ram_as_read_or_from_whole_records_and_the_vm_arrives_whole(whole):
+    """The destination's two ways in for page data.  Its own channel places each
+    PAGES record's pages in guest RAM as they are read (migrate/landing.py: no
+    copy); a channel that hands it whole records instead (the lab's impostor
+    records the stream that way, migrate/lab/standalone.py) takes the other
+    path.  Either way the VM arrives whole, runs as the unmigrated one does, and
+    the report counts the same pages (issue 19: the whole-record path's page
+    store broken, or the landing never set up, passed every test)."""
     from migrate.lab.standalone import _Recording
+
+    counts = {"placed": 0, "whole": 0}
+
+    def counting(base):
+        class Counting(base):
+            def recv(self, **kw):
+                rec = super().recv(**kw)
+                if rec.type is RecordType.PAGES:
+                    counts["placed" if rec.placed else "whole"] += 1
+                return rec
+        return lambda sock, timeout: Counting(sock, timeout=timeout)
 
     ref = Machine(get_guest("demo").build())
     ref.run(max_ticks=100_000)
-    server, result = Server("127.0.0.1:0", channel=lambda sock, timeout: _Recording(sock, timeout=timeout)), {}
+    server, result = Server("127.0.0.1:0", channel=counting(_Recording if whole else Channel)), {}
     t = receive_in_thread(server, result)
     m = Machine(get_guest("demo").build())
     m.run(max_ticks=12)
@@ -366,3 +393,4 @@ def test_a_destination_reading_whole_records_receives_the_vm_whole():
     assert [(r.data_pages, r.zero_pages) for r in d.report.rounds] == \
         [(r.data_pages, r.zero_pages) for r in report.rounds]
     assert sum(r.data_pages for r in d.report.rounds) > 0
+    assert counts[("placed", "whole")[whole]] > 0 and counts[("whole", "placed")[whole]] == 0, counts
