@@ -329,7 +329,7 @@ def test_the_destination_reports_and_emits_what_it_received():
     assert all(0 <= e.t <= took for e in seen) and [e.t for e in seen] == sorted(e.t for e in seen)
     assert {e.vtime for e in seen[:-2]} == {0} and seen[-1].vtime == m.vclock > 0
     dr = out["incoming"].report
-    assert dr.outcome == "completed"
+    assert dr.outcome == "completed" and dr.ram_size == report.ram_size == m.ram.size
     assert dr.bytes_received == report.bytes_sent > 0
     assert dr.state_bytes == report.state_bytes > 0
     assert 0 < dr.bytes_sent < report.bytes_received       # counted at COMMIT, before RESUMED went
