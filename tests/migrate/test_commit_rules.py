@@ -267,3 +267,21 @@ def test_a_source_that_gives_up_is_heard_with_its_reason_in_every_state(where):
     assert str(out) == "source aborted: GuestStopped: the guest crashed"
     assert out.report.outcome == "aborted" and "the guest crashed" in out.report.error
 
+
+def test_a_round_announcing_more_pages_than_ram_holds_is_refused_at_its_start():
+    """A hostile source announces NPAGES + 1 pages for round 0 and fills the round
+    by sending one zero frame twice, then digests the stream it sent: the
+    destination refuses the round at its ROUND_BEGIN, by name (issue 19: with that
+    check removed the destination resumed the VM from the over-full round).
+    A round is bounded by RAM, whatever its frames."""
+    import numpy as np
+    from migrate.messages import decode_zero_pages, encode_zero_pages
+
+    zeros = next(b for t, b in ROUND0 if t is RecordType.ZERO_PAGES)
+    again = (RecordType.ZERO_PAGES, encode_zero_pages(np.array([decode_zero_pages(zeros, NPAGES)[0]])))
+    over = RoundMark(0, NPAGES + 1).encode()
+    recs = [(RecordType.ROUND_BEGIN, over)] + ROUND0[1:-1] + [again, (RecordType.ROUND_END, over)]
+    out = feed(encode(redigest(HELLO + recs + TAIL)))
+    assert isinstance(out, ProtocolError), out
+    assert f"round 0 announces {NPAGES + 1} pages, RAM has {NPAGES}" in str(out)
+
