@@ -552,6 +552,11 @@ def test_the_secret_part_of_the_state_is_checked_before_it_is_merged(tmp_path):
             mode.merge_state({**doc, "identity": ident}, b'{"protection": null}')
     with pytest.raises(ProtocolError, match="carries protection state"):
         mode.merge_state({**doc, "protection": {"p": 1}}, b'{"protection": null}')
+    # not JSON at all: refused by name, a protocol error, not a crash of the
+    # destination (issue 19: that refusal dropped left an UnboundLocalError)
+    for secret in (b'{"protection": nul}', b'{"protection": null', b"\xff\xfe{}", b'{"protection": "\xff"}'):
+        with pytest.raises(ProtocolError, match="secret part of the state: not JSON"):
+            mode.merge_state(doc, secret)
     edge = b'{"protection": null' + b" " * (MAX_SECRET - 20) + b"}"
     assert len(edge) == MAX_SECRET and mode.merge_state(doc, edge)["protection"] is None
     with pytest.raises(ProtocolError, match="too large"):
