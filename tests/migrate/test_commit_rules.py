@@ -215,18 +215,23 @@ def test_the_session_limit_is_the_documented_sum():
     assert session_limit(16 << 20, 1.0, min_rate=1 << 20) == 6 + 3 * 16
 
 
-def test_a_page_record_beyond_its_rounds_announcement_is_refused_as_it_arrives():
+@pytest.mark.parametrize("whole", [False, True])
+def test_a_page_record_beyond_its_rounds_announcement_is_refused_as_it_arrives(whole):
     """A hostile source announces k - 1 pages for round 0 and sends one PAGES record
     of k.  The destination refuses that record by name from its head, before its
-    pages are read into guest RAM, not at ROUND_END (issue 19: the check's
-    ``round_pages + len(pfns)`` turned to ``-`` passed every test: a ZERO_PAGES
-    record after the overflow caught it instead)."""
+    pages are read into guest RAM, not at ROUND_END -- and as well when its
+    channel hands it whole records (the lab's impostor; ``whole``) (issue 19: the
+    check's ``round_pages + len(pfns)`` turned to ``-``, or not made for whole
+    records, passed every test: a ZERO_PAGES record after the overflow caught it
+    instead)."""
+    from migrate.lab.standalone import _Recording
     pages = next(r for r in ROUND0 if r[0] is RecordType.PAGES)
     k = (len(pages[1]) - 4) // 4100
     assert k > 1
     for recs in ([pages, (RecordType.ROUND_END, RoundMark(0, k - 1).encode())],     # closed as announced
                  [pages]):                                                           # not closed at all
-        out = feed(encode(HELLO + [(RecordType.ROUND_BEGIN, RoundMark(0, k - 1).encode())] + recs))
+        out = feed(encode(HELLO + [(RecordType.ROUND_BEGIN, RoundMark(0, k - 1).encode())] + recs),
+                   _Recording if whole else Channel)
         assert isinstance(out, ProtocolError), out
         assert f"round 0 carries more than the {k - 1} pages it announced" in str(out), out
 
