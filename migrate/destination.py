@@ -42,7 +42,7 @@ from migrate.residency import Prefaulter
 from migrate.secure.mode import PlainMode
 from migrate.statecheck import check_state_doc, parse_state, state_limit
 from migrate.steps import real_deadline
-from migrate.wire import Channel, RecordType
+from migrate.wire import PAGE_SIZE, Channel, RecordType
 
 MAX_ROUNDS = 10_000
 MIN_SESSION_RATE = 2 << 20  # bytes/s: a session slower than this on average is cut off
@@ -204,15 +204,17 @@ class Destination:
                 if rec.placed:                  # already in RAM, whole (and authenticated)
                     pfns = landing.pfns
                     hashes.update_views(pfns, rec.placed, tag=rec.tag)
+                    size = len(rec.body) + PAGE_SIZE * len(pfns)    # (the body is the head: the pages are in RAM)
                 else:                           # not placed: a body that fits no whole number of pages
                     pfns, data = decode_pages(rec.body, npages)
                     room(pfns)
                     ram.array.reshape(-1, 4096)[pfns] = data
                     hashes.update(pfns, data, tag=rec.tag)     # folded in arrival order (GMAC or AEAD tag)
+                    size = len(rec.body)
                 round_pages += len(pfns)
                 written[pfns] = True
                 stats.data_pages += len(pfns)
-                stats.bytes += len(rec.body)
+                stats.bytes += size
             elif t is RecordType.ZERO_PAGES:
                 pfns = decode_zero_pages(rec.body, npages)
                 round_pages += len(pfns)

@@ -229,3 +229,80 @@ def test_the_session_limit_is_the_documented_sum():
     assert session_limit(16 << 20, 10.0) == 6 * 10 + 3 * 16 / 2
     assert session_limit(256 << 20, 2.5) == 6 * 2.5 + 3 * 256 / 2
     assert session_limit(16 << 20, 1.0, min_rate=1 << 20) == 6 + 3 * 16
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_a_page_record_beyond_its_rounds_announcement_is_refused_as_it_arrives(whole):
+    """A hostile source announces k - 1 pages for round 0 and sends one PAGES record
+    of k.  The destination refuses that record by name from its head, before its
+    pages are read into guest RAM, not at ROUND_END -- and as well when its
+    channel hands it whole records (the lab's impostor; ``whole``) (issue 19: the
+    check's ``round_pages + len(pfns)`` turned to ``-``, or not made for whole
+    records, passed every test: a ZERO_PAGES record after the overflow caught it
+    instead)."""
+    from migrate.lab.standalone import _Recording
+    pages = next(r for r in ROUND0 if r[0] is RecordType.PAGES)
+    k = (len(pages[1]) - 4) // 4100
+    assert k > 1
+    for recs in ([pages, (RecordType.ROUND_END, RoundMark(0, k - 1).encode())],     # closed as announced
+                 [pages]):                                                           # not closed at all
+        out = feed(encode(HELLO + [(RecordType.ROUND_BEGIN, RoundMark(0, k - 1).encode())] + recs),
+                   _Recording if whole else Channel)
+        assert isinstance(out, ProtocolError), out
+        assert f"round 0 carries more than the {k - 1} pages it announced" in str(out), out
+
+
+@pytest.mark.parametrize("chunks, refused", [((600, 400), False), ((600, 401), True), ((1001,), True)])
+def test_the_state_document_bound_holds_at_its_edge(monkeypatch, chunks, refused):
+    """A hostile source pads its state document: the destination takes STATE
+    chunks up to exactly the bound and refuses, by name, the chunk that would
+    pass it, whatever the chunks' sizes.  The bound is made 1000 bytes here
+    (its value, 177 MiB for 16 MiB of RAM, is pinned in test_statecheck.py) so
+    the edge costs no 177 MiB stream (issue 19: ``>`` turned ``>=``, or the sum
+    turned a difference, passed every test)."""
+    import migrate.destination
+    from migrate.messages import Digest
+    monkeypatch.setattr(migrate.destination, "state_limit", lambda ram_size: 1000)
+    doc = [(RecordType.STATE, b" " * n) for n in chunks]
+    out = feed(encode(HELLO + ROUND0 + doc + [(RecordType.DIGEST, Digest(sum(chunks), bytes(32)).encode())]))
+    if refused:
+        assert isinstance(out, ProtocolError) and "state document exceeds the 1000 bytes" in str(out), out
+    else:       # taken whole: refused only at DIGEST, for what it holds
+        assert isinstance(out, DigestMismatch) and "final digest mismatch" in str(out), out
+
+
+@pytest.mark.parametrize("where", ["precopy", "in a round", "in the state", "prepared"])
+def test_a_source_that_gives_up_is_heard_with_its_reason_in_every_state(where):
+    """The source sends ABORT (its guest crashed, its user pressed ^C) at any point
+    before COMMIT: the destination discards the VM saying the source aborted, and
+    why -- not that the source broke the protocol with an unexpected record
+    (issue 19: the ABORT check removed passed every test; the TUI and the report
+    then blamed the source for a protocol error)."""
+    from migrate.messages import encode_reason
+    cut = {"precopy": HELLO + ROUND0,
+           "in a round": HELLO + ROUND0[:2],
+           "in the state": HELLO + ROUND0 + TAIL[:1],
+           "prepared": HELLO + ROUND0 + TAIL[:-1]}[where]         # after DIGEST: PREPARED, instead of COMMIT
+    out = feed(encode(cut + [(RecordType.ABORT, encode_reason("GuestStopped: the guest crashed"))]))
+    assert isinstance(out, PeerAborted), out
+    assert str(out) == "source aborted: GuestStopped: the guest crashed"
+    assert out.report.outcome == "aborted" and "the guest crashed" in out.report.error
+
+
+def test_a_round_announcing_more_pages_than_ram_holds_is_refused_at_its_start():
+    """A hostile source announces NPAGES + 1 pages for round 0 and fills the round
+    by sending one zero frame twice, then digests the stream it sent: the
+    destination refuses the round at its ROUND_BEGIN, by name (issue 19: with that
+    check removed the destination resumed the VM from the over-full round).
+    A round is bounded by RAM, whatever its frames."""
+    import numpy as np
+    from migrate.messages import decode_zero_pages, encode_zero_pages
+
+    zeros = next(b for t, b in ROUND0 if t is RecordType.ZERO_PAGES)
+    again = (RecordType.ZERO_PAGES, encode_zero_pages(np.array([decode_zero_pages(zeros, NPAGES)[0]])))
+    over = RoundMark(0, NPAGES + 1).encode()
+    recs = [(RecordType.ROUND_BEGIN, over)] + ROUND0[1:-1] + [again, (RecordType.ROUND_END, over)]
+    out = feed(encode(redigest(HELLO + recs + TAIL)))
+    assert isinstance(out, ProtocolError), out
+    assert f"round 0 announces {NPAGES + 1} pages, RAM has {NPAGES}" in str(out)
+

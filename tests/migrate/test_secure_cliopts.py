@@ -115,6 +115,90 @@ def test_recover_needs_this_hosts_existing_tpm_and_makes_none(tmp_path):
     p = argparse.ArgumentParser()
     cliopts.add_recover_command(p.add_subparsers())
     a = p.parse_args(["recover", str(tmp_path / "vm.sealed"), "--tpm-dir", str(tmp_path / "tpm")])
+    assert a.save_state is None                     # run_guest reads it: no state saved unless asked
     with pytest.raises(ValueError, match="this host's TPM refuses to open"):
         a.func(a)
     assert not (tmp_path / "tpm").exists()
+    # --save-state (the recovered guest's final state, its keys sealed again) is an option
+    # of recover (issue 19: the option dropped passed every test)
+    a = p.parse_args(["recover", "vm.sealed", "--save-state", str(tmp_path / "after.mvstate")])
+    assert (a.file, a.tpm_dir, a.save_state) == ("vm.sealed", None, str(tmp_path / "after.mvstate"))
+
+
+def _sealed_after_an_unconfirmed_commit(tmp_path):
+    """A host TPM and the recovery file a source seals after an unconfirmed secure
+    commit (keys escrowed to its TPM, then destroyed): (TPM dir, file, machine)."""
+    from guests.build import Program, build_image
+    from migrate.secure import commit, generation
+    from minivmm.machine import Machine
+    from tpm import SoftTpm
+
+    from securehelp import Trust
+
+    tpm_dir = Trust(tmp_path).host("a")
+    tpm = SoftTpm.open(tpm_dir, startup=None, create=False)
+    m = Machine(build_image([Program.builtin("keeper", data_pages=3, args=(30, 1)),
+                             Program.builtin("counter", args=(30, 150_000))], name="k"))
+    m.run(max_ticks=6)
+    m.migration_identity = (generation.new_identity(), 1)
+    escrow = commit.escrow_keys(m, tpm)
+    commit.destroy_keys(m)
+    return tpm_dir, commit.seal_recovery(m, tpm, escrow, tmp_path / "vm.sealed"), m
+
+
+def test_recover_runs_the_sealed_guest_on_and_saves_it_with_its_keys_sealed_again(tmp_path, capsys):
+    """``minivmm recover FILE --save-state OUT``, called as the CLI calls it: the
+    guest comes back with its process keys from this host's TPM, runs (its console
+    on stdout), and the state saved at the bound seals those keys to the TPM again
+    -- a file without the TPM gives no key (issue 19: the recovered guest's run,
+    its console, its exit status and the keys' wrap, each dropped, passed every
+    test; only a slow child-process test ran recover)."""
+    from migrate.cli import EXIT_BOUND
+    from migrate.secure.statekeys import TpmKeyWrap
+    from minivmm.errors import StateError
+    from minivmm.machine import Machine
+
+    tpm_dir, path, sealed = _sealed_after_an_unconfirmed_commit(tmp_path)
+    p = argparse.ArgumentParser()
+    cliopts.add_recover_command(p.add_subparsers())
+    out = tmp_path / "after.mvstate"
+    a = p.parse_args(["recover", str(path), "--tpm-dir", str(tpm_dir), "--save-state", str(out)])
+    a.until_tick = sealed.ticks + 4         # run_guest's bound (run --until-tick): the keeper still holds its key
+    assert a.func(a) == EXIT_BOUND
+    assert "secret intact" in capsys.readouterr().out       # the recovered guest's console, live
+    with pytest.raises(StateError, match="sealed"):
+        Machine.load(out)                                   # no key without this host's TPM
+    back = Machine.load(out, unwrap=TpmKeyWrap(tpm_dir))
+    assert back.ticks == sealed.ticks + 4 and back.protection._keys
+    back.run(max_ticks=100_000)
+    assert back.exits == {1: 0, 2: 0} and back.console.text(1).count("secret intact") == 30
+
+
+def test_a_secure_start_trusting_only_the_issuers_public_key_certifies_nothing(tmp_path):
+    """The second machine of a two-machine setup holds only ``issuer.pub.pem``
+    (its AK was certified where the issuer's private key is): ``prepare`` then
+    certifies nothing -- the TPM keeps the certificate it had, or has none -- and
+    still measures the trust files (issue 19: the fallback for an issuer
+    directory without its private key, dropped, passed every test; it then
+    failed with an UnboundLocalError)."""
+    import shutil
+
+    from migrate.secure.setup import certify
+    from tpm import SoftTpm
+
+    issuer, policy = setup(tmp_path / "trust")
+    public = tmp_path / "public"
+    public.mkdir()
+    shutil.copy(issuer / "issuer.pub.pem", public)
+    for host, certified in (("elsewhere", True), ("never", False)):
+        tpm_dir = tmp_path / host
+        measure_start(tpm_dir, {"role": "source"}, protection_policy())
+        if certified:
+            certify(tpm_dir, issuer)
+        before = SoftTpm.open(tpm_dir, startup=None, create=False).ak_certificate
+        args = parse("--issuer", str(public), "--attest-policy", str(policy))
+        assert cliopts.prepare(args, tpm_dir).startswith("measured trust settings into PCR 10")
+        assert len(args.trust_digest) == 32
+        assert SoftTpm.open(tpm_dir, startup=None, create=False).ak_certificate == before
+        assert (before is not None) == certified
+

@@ -63,3 +63,13 @@ def test_setup_makes_the_issuer_once_and_certify_uses_it(tmp_path):
     certify(tmp_path / "tpm", issuer)
     cert = SoftTpm.open(tmp_path / "tpm", startup=None, create=False).ak_certificate
     assert cert is not None
+
+
+def test_setup_takes_its_directory_as_a_string_too(tmp_path):
+    """``minivmm attest-setup --dir`` hands ``setup`` a Path, a script may hand it a
+    str: the same issuer and policy either way (issue 19: ``base = Path(base)``
+    dropped passed every test, and a str then failed at ``base / "issuer"``)."""
+    issuer, policy = setup(str(tmp_path / "trust"))
+    assert (issuer, policy) == (tmp_path / "trust" / "issuer", tmp_path / "trust" / "policy.json")
+    key = Issuer.load(issuer).public_key
+    assert AttestationPolicy.load(policy) == trust.approve(make_policy(), key)

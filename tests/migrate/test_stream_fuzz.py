@@ -66,8 +66,9 @@ def encode(records, flags=None):
     return b"".join(HEADER.pack(t, (flags or {}).get(i, 0), len(b), i) + b for i, (t, b) in enumerate(records))
 
 
-def feed(data: bytes):
-    """Run a destination on ``data``; return the Incoming or the MigrationError."""
+def feed(data: bytes, channel=Channel):
+    """Run a destination on ``data`` (through ``channel``, a Channel class);
+    return the Incoming or the MigrationError."""
     a, b = socket.socketpair()
     a.settimeout(5)
 
@@ -90,7 +91,7 @@ def feed(data: bytes):
     d.start()
     t0 = time.monotonic()
     try:
-        return Destination(timeout=TIMEOUT).receive(Channel(b, timeout=TIMEOUT), "fuzz")
+        return Destination(timeout=TIMEOUT).receive(channel(b, timeout=TIMEOUT), "fuzz")
     except MigrationError as exc:
         return exc
     finally:
