@@ -250,3 +250,62 @@ def test_seal_recovery_writes_the_documented_file_holding_the_whole_paused_vm(tm
     tpm.extend(9, bytes(32))                     # the measured state changed: the key stays sealed
     with pytest.raises(UnsealError):
         tpm.unseal(data[12:12 + n])
+
+
+def test_escrowed_keys_come_back_and_the_protected_process_runs_on(tmp_path, tpm, keeper_image):
+    """An aborted commit: the keys sealed to this TPM come back (keys and
+    ciphers), and the protected process reads its secret to the end; once
+    the measured state changed, the escrow stays shut."""
+    from minivmm.machine import Machine
+    m = Machine(keeper_image)
+    m.run(max_ticks=6)
+    keys = dict(m.protection._keys)
+    escrow = commit.escrow_keys(m, tpm)
+    commit.destroy_keys(m)
+    assert not m.protection._keys and not m.protection._ciphers
+    commit.restore_keys(m, tpm, escrow)
+    assert m.protection._keys == keys
+    m.run(max_ticks=100_000)
+    assert m.exits == {1: 0} and m.console.text(1).count("secret intact") == 30
+    tpm.extend(10, bytes(32))
+    with pytest.raises(UnsealError):
+        commit.restore_keys(m, tpm, escrow)
+
+
+def test_the_mark_and_the_recovery_file_are_on_disk_before_they_count(tmp_path, tpm, keeper_image, monkeypatch):
+    """Durability, seen from the system calls: prepare syncs the file and its
+    directory, commit and undo sync the file (``fdatasync``) with the new
+    text already in it, and seal_recovery syncs the whole file before it is
+    renamed into place."""
+    from minivmm.machine import Machine
+    synced = []
+
+    def spy(real, how):
+        def call(fd):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            size = os.fstat(fd).st_size
+            text = open(target, "rb").read() if os.path.isfile(target) else b""
+            synced.append((how, os.path.basename(target), size, text))
+            return real(fd)
+        return call
+    monkeypatch.setattr(commit.os, "fsync", spy(os.fsync, "fsync"))
+    monkeypatch.setattr(commit.os, "fdatasync", spy(os.fdatasync, "fdatasync"))
+    mark = commit.MigrationMark(tmp_path / "marks", VM, 3)
+    name = f"migration-{VM}.mark"
+    mark.prepare()
+    assert [(h, n, s) for h, n, s, _ in synced] == [("fsync", name, commit.MigrationMark.SIZE),
+                                                   ("fsync", "marks", synced[1][2])]
+    assert b'"state": "pending"' in synced[0][3]
+    synced.clear()
+    mark.commit(3, "b", b"k")
+    assert [(h, n) for h, n, _, _ in synced] == [("fdatasync", name)] and b"migrated-away" in synced[0][3]
+    synced.clear()
+    mark.undo()
+    assert [(h, n) for h, n, _, _ in synced] == [("fdatasync", name)] and b'"aborted"' in synced[0][3]
+    synced.clear()
+    m = Machine(keeper_image)
+    m.run(max_ticks=6)
+    escrow = commit.escrow_keys(m, tpm)
+    commit.destroy_keys(m)
+    path = commit.seal_recovery(m, tpm, escrow, str(tmp_path / "vm.sealed"))   # the CLI passes a str
+    assert [(h, n, s) for h, n, s, _ in synced] == [("fsync", "vm.sealed.tmp", path.stat().st_size)]
