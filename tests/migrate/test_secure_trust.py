@@ -90,3 +90,59 @@ def test_trust_settings_changed_after_start_fail_the_next_handshake(tmp_path):
     assert isinstance(res["error"], AttestationFailed)
     assert "trust settings (--issuer, --attest-policy) changed since it measured them" in str(res["error"])
     assert m.halted is None
+
+
+# ------------------------------------------------ the trust event, byte by byte
+def test_the_core_digest_is_the_documented_one():
+    """docs/protocol.md: SHA-256 of the canonical JSON ``{"minivmm-policy-core": 1,
+    "pcrs": {"<pcr>": [[type, "digest hex"], ...]}}``, the pairs sorted, the
+    ``vmm-trust`` entries (and PCRs left with nothing) out.  Built from fixed
+    events, so the answer does not depend on this build's code."""
+    import hashlib
+    import json
+    from tpm import EventType
+    from tpm.eventlog import Event
+    code = Event(8, EventType.VMM_CODE, b"\x08" * 32, b"code")
+    config = Event(9, EventType.VMM_CONFIG, b"\x09" * 32, b"config")
+    config2 = Event(9, EventType.VMM_CONFIG, b"\x01" * 32, b"config 2")
+    only_trust = Event(10, EventType.VMM_TRUST, b"\x0a" * 32, b"trust")
+    policy = AttestationPolicy.from_events([code, config, config2, only_trust])
+    core = {"minivmm-policy-core": 1, "pcrs": {
+        "8": [[int(EventType.VMM_CODE), "08" * 32]],
+        "9": [[int(EventType.VMM_CONFIG), "01" * 32], [int(EventType.VMM_CONFIG), "09" * 32]]}}
+    want = hashlib.sha256(json.dumps(core, sort_keys=True, separators=(",", ":")).encode()).digest()
+    assert trust.core_digest(policy) == want
+    # the trust entries are not part of the core: approving one more leaves it
+    assert trust.core_digest(policy.merge(AttestationPolicy.from_events(
+        [Event(10, EventType.VMM_TRUST, b"\x0b" * 32, b"t")]))) == want
+
+
+def test_measure_extends_pcr_10_with_the_event_it_returns_and_describes(tmp_path):
+    from tpm import Issuer, SoftTpm
+    from tpm.issuer import key_id
+    strict = Trust(tmp_path / "trust")
+    measure_start(tmp_path / "h", {"role": "source"}, protection_policy())
+    key = Issuer.load(strict.issuer).public_key
+    event = trust.measure(tmp_path / "h", strict.issuer, strict.policy)
+    assert event == trust.trust_event(key, AttestationPolicy.load(strict.policy))
+    last = list(SoftTpm.open(tmp_path / "h", startup=None).event_log())[-1]
+    assert (last.pcr, last.type, last.digest, last.data) == (10, event.type, event.digest, event.data)
+    core = trust.core_digest(AttestationPolicy.load(strict.policy)).hex()
+    assert trust.describe(event) == (f"measured trust settings into PCR 10: issuer {key_id(key).hex()[:16]}..., "
+                                     f"policy core {core[:16]}...")
+
+
+def test_a_vmm_with_an_unreadable_issuer_or_policy_does_not_start(tmp_path):
+    """A usage error (``ValueError``: the VMM does not start), naming the file;
+    and nothing is measured."""
+    from tpm import SoftTpm
+    strict = Trust(tmp_path / "trust")
+    measure_start(tmp_path / "h", {"role": "source"}, protection_policy())
+    before = len(SoftTpm.open(tmp_path / "h", startup=None).event_log())
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="cannot load the trusted issuer from .*nowhere"):
+        trust.measure(tmp_path / "h", tmp_path / "nowhere", strict.policy)
+    with pytest.raises(ValueError, match="cannot load the attestation policy .*bad.json"):
+        trust.measure(tmp_path / "h", strict.issuer, bad)
+    assert len(SoftTpm.open(tmp_path / "h", startup=None).event_log()) == before
