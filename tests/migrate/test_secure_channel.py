@@ -616,3 +616,34 @@ def test_pending_abort_on_a_reset_connection_is_false():
     assert select.select([a], [], [], 5)[0] == [a]  # the reset has arrived (not consumed)
     assert tx.pending_abort() is False
     tx.close()
+
+
+def test_sealed_pages_records_of_decreasing_size_land_one_after_another():
+    """The destination decrypts every PAGES record of a round through one reused
+    staging buffer: a record smaller than the one before must read exactly its own
+    bytes (not the buffer's length, which would eat the next record)."""
+    rng = np.random.default_rng(7)
+    runs_ = [[1, 2, 3, 6], [4], [0, 7], [5]]
+    datas = [rng.integers(0, 256, size=(len(p), 4096), dtype=np.uint8) for p in runs_]
+    raw = b""
+    for i, (pfns, data) in enumerate(zip(runs_, datas)):
+        body = len(pfns).to_bytes(4, "little") + b"".join(p.to_bytes(4, "little") for p in pfns) + data.tobytes()
+        raw += documented_record(KAT_KEYS.s2d, 1, i, RecordType.PAGES, body)
+    raw += documented_record(KAT_KEYS.s2d, 1, len(runs_), RecordType.ROUND_END, b"\0" * 8)
+    ram = np.zeros(8 * 4096, dtype=np.uint8)
+    sink = Landing(ram, 8, lambda pfns: None)
+    a, b = socket.socketpair()
+    rx = SealedChannel(b, role="destination", timeout=2)
+    rx.seal(KAT_KEYS)
+    t = __import__("threading").Thread(target=a.sendall, args=(raw,))
+    t.start()                                       # (more than a socketpair buffers)
+    try:
+        for pfns in runs_:
+            assert rx.recv(sink=sink).placed and list(sink.pfns) == pfns
+        assert rx.recv(sink=sink).type is RecordType.ROUND_END
+    finally:
+        t.join()
+        a.close()
+        rx.close()
+    for pfns, data in zip(runs_, datas):
+        assert (ram.reshape(-1, 4096)[pfns] == data).all()
