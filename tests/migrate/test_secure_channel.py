@@ -647,3 +647,20 @@ def test_sealed_pages_records_of_decreasing_size_land_one_after_another():
         rx.close()
     for pfns, data in zip(runs_, datas):
         assert (ram.reshape(-1, 4096)[pfns] == data).all()
+
+
+@pytest.mark.parametrize("rtype, body, message", [
+    (RecordType.COMMIT, b"c" * (MAX_BODY[RecordType.COMMIT] + 1), "exceeds its bound"),
+    (RecordType.INVALID, b"", "record type 0 is invalid"),
+    (999, b"", "999"),
+])
+def test_a_sealed_send_refuses_a_record_the_peer_must_refuse_before_sealing_it(rtype, body, message):
+    """The sender's own bounds hold under the seal too: nothing goes on the wire and no
+    sequence number (an AES-GCM nonce) is spent; the next record is number 0."""
+    a, b = socket.socketpair()
+    tx = SealedChannel(a, role="source", timeout=2)
+    tx.seal(KAT_KEYS)
+    with pytest.raises(ValueError, match=message):
+        tx.send(rtype, body)
+    tx.send(RecordType.COMMIT, b"")
+    assert sent_raw(a, b) == documented_record(KAT_KEYS.s2d, 1, 0, RecordType.COMMIT, b"")
