@@ -205,3 +205,11 @@ def test_an_unapproved_event_is_named_with_its_note(measured, policy, verifier):
     measured.extend(8, hashlib.sha256(b"rootkit").digest(), data=b"rootkit.ko loaded by hand")
     with pytest.raises(PolicyViolationError, match=r"unapproved measurement in PCR 8: .*\(rootkit.ko loaded by hand\)"):
         verifier.verify(measured.quote(verifier.new_nonce()).to_bytes(), policy)
+
+
+def test_a_policy_asked_for_a_pcr_the_log_never_touched_names_it():
+    """`minivmm-tpm policy` over PCRs 8 and 11 of a host that measured only PCR 8:
+    refused, naming PCR 11 (not a generic 'approves nothing')."""
+    events = [_event(8, EventType.VMM_CODE, b"minivmm-code-manifest v2\n")]
+    with pytest.raises(PolicyFormatError, match=r"no events to approve for PCR\(s\) \[11\]"):
+        AttestationPolicy.from_events(events, pcrs=[8, 11])
