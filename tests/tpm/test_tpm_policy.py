@@ -122,7 +122,6 @@ def test_policy_text_is_bounded_and_must_be_json(tmp_path):
 # ------------------------------------------------ issue 19i: the rest of the seeded bugs
 import hashlib  # noqa: E402
 
-from tpm import Verifier  # noqa: E402
 from tpm.errors import PolicyViolationError  # noqa: E402
 from tpm.eventlog import Event  # noqa: E402
 from tpm.pcr import PcrSelection  # noqa: E402
