@@ -399,3 +399,268 @@ def test_with_replay_and_encryption_off_the_record_keeps_its_flags():
     r = rx.recv()
     rx.close()
     assert (r.type, bytes(r.body), r.seq, r.flags) == (RecordType.PAGES, b"p", 4, FLAG_OPTIONAL)
+
+
+# ------------------------------------------------ issue 19i: the rest of the seeded bugs
+import numpy as np  # noqa: E402
+
+from migrate.landing import Landing  # noqa: E402
+from migrate.wire import pages_head_size  # noqa: E402
+
+
+def plain_records(raw):
+    """Every record in ``raw`` as a plain wire.Channel reads it: (type, body, seq)."""
+    a, b = socket.socketpair()
+    a.sendall(raw)
+    a.close()
+    rx = Channel(b, timeout=2)
+    out = []
+    try:
+        while True:
+            r = rx.recv()
+            out.append((r.type, bytes(r.body), r.seq))
+    except MigrationError:
+        pass
+    rx.close()
+    return out
+
+
+def sent_raw(tx_sock, rx_sock):
+    tx_sock.close()
+    raw = b""
+    while chunk := rx_sock.recv(1 << 20):
+        raw += chunk
+    rx_sock.close()
+    return raw
+
+
+@pytest.mark.parametrize("encryption", [True, False])
+def test_before_sealing_and_with_encryption_off_records_are_plain_wire_records(encryption):
+    """The handshake goes in clear (wire.Channel framing) before ``seal``; with
+    ``--insecure encryption`` everything after it does too: no tag, no overhead."""
+    a, b = socket.socketpair()
+    tx = SealedChannel(a, role="source", timeout=2, encryption=encryption)
+    tx.send(RecordType.HELLO, b"hello")
+    assert (tx.overhead, tx.sent_tag) == (0, b"")
+    tx.seal(KAT_KEYS)
+    tx.send(RecordType.PAGES, b"p1", b"p2")
+    assert (tx.overhead, tx.sent_tag) == ((TAG, tx.sent_tag) if encryption else (0, b""))
+    raw = sent_raw(a, b)
+    assert raw[:HEADER.size + 5] == HEADER.pack(RecordType.HELLO, 0, 5, 0) + b"hello"
+    if encryption:
+        assert raw[HEADER.size + 5:] == documented_record(KAT_KEYS.s2d, 1, 1, RecordType.PAGES, b"p1p2")
+    else:
+        assert plain_records(raw) == [(RecordType.HELLO, b"hello", 0), (RecordType.PAGES, b"p1p2", 1)]
+
+
+def test_with_encryption_off_and_replay_on_the_sequence_is_still_checked():
+    """--insecure encryption alone leaves the replay defence on: a replayed clear record is refused."""
+    raw = clear_records((RecordType.PAGES, b"p0", 0), (RecordType.PAGES, b"p0", 0))
+    a, b = socket.socketpair()
+    rx = SealedChannel(b, role="destination", timeout=2, encryption=False)
+    rx.seal(KAT_KEYS)
+    a.sendall(raw)
+    a.close()
+    assert bytes(rx.recv().body) == b"p0"
+    with pytest.raises(ProtocolError, match="out of order"):
+        rx.recv()
+    rx.close()
+
+
+def test_with_replay_off_the_handshake_before_sealing_is_still_in_order():
+    """--insecure replay turns the check off for sealed records only: the clear
+    handshake before ``seal`` keeps wire.Channel's order check."""
+    raw = clear_records((RecordType.HELLO, b"h", 0), (RecordType.KEY_SHARE, b"k", 5))
+    a, b = socket.socketpair()
+    rx = SealedChannel(b, role="destination", timeout=2, replay=False)
+    a.sendall(raw)
+    a.close()
+    assert rx.recv().type is RecordType.HELLO
+    with pytest.raises(ProtocolError, match="out of order: sequence number 5, expected 1"):
+        rx.recv()
+    rx.close()
+
+
+@pytest.mark.parametrize("parts", [(b"ab", b"cd"), (b"a", b"b", b"c"), (b"abc",), (b"", b"x", b"")])
+def test_a_sealed_record_of_several_parts_seals_their_concatenation(parts):
+    a, b = socket.socketpair()
+    tx = SealedChannel(a, role="source", timeout=2)
+    tx.seal(KAT_KEYS)
+    tx.send(RecordType.STATE, *parts)
+    assert sent_raw(a, b) == documented_record(KAT_KEYS.s2d, 1, 0, RecordType.STATE, b"".join(parts))
+
+
+def test_records_that_grow_a_little_each_time_are_sealed_whole():
+    """The sealing buffer is reused and grown as records grow, by any amount."""
+    sizes = [8, 16, 20, 23, 24, 40, 41, 56, 100, 99, 117]
+    records = [(RecordType.STATE, bytes([i]) * n) for i, n in enumerate(sizes)]
+    want = b"".join(documented_record(KAT_KEYS.s2d, 1, i, t, body) for i, (t, body) in enumerate(records))
+    assert sent_by("source", records) == want
+
+
+def test_every_sealed_records_tag_is_its_last_16_bytes_on_both_sides():
+    records = [(RecordType.STATE, b"{}"), (RecordType.PAGES, b"\1" * 4100), (RecordType.COMMIT, b"")]
+    a, b = socket.socketpair()
+    tx = SealedChannel(a, role="source", timeout=2)
+    tx.seal(KAT_KEYS)
+    tags = []
+    for t, body in records:
+        tx.send(t, body)
+        tags.append(tx.sent_tag)
+    a.close()
+    rx = SealedChannel(b, role="destination", timeout=2)
+    rx.seal(KAT_KEYS)
+    got = [rx.recv().tag for _ in records]
+    rx.close()
+    want = [documented_record(KAT_KEYS.s2d, 1, i, t, body)[-TAG:] for i, (t, body) in enumerate(records)]
+    assert tags == got == want
+
+
+def test_with_replay_off_the_sealed_count_only_grows():
+    """--insecure replay: the nonce comes from the header, and the count of records
+    received grows by one per record, from at least the highest number seen
+    (channel.py, ``_advance``): it never goes back."""
+    keys, raws = sealed_stream()
+    a, b = socket.socketpair()
+    rx = SealedChannel(b, role="destination", timeout=2, replay=False)
+    rx.seal(keys)
+    a.sendall(b"".join([raws[2], raws[0], raws[1], raws[0], raws[4]]))
+    a.close()
+    got = []
+    for _ in range(5):
+        r = rx.recv()
+        got.append((r.seq, rx.recv_seq))
+    rx.close()
+    assert got == [(2, 3), (0, 4), (1, 5), (0, 6), (4, 7)]
+
+
+def test_a_sealed_record_whose_length_fits_whole_pages_is_landed_only_if_it_is_pages():
+    """A STATE chunk of 4 + 4 + 4096 bytes has the length of a one-page PAGES
+    body: received with the round's sink it must come back as STATE, its bytes
+    intact, and nothing written to RAM; without a sink a PAGES record is read whole."""
+    body = b"{" + b"s" * 4102 + b"}"
+    assert pages_head_size(len(body)) == 8
+    page = (1).to_bytes(4, "little") + (3).to_bytes(4, "little") + b"\x5a" * 4096
+    raw = documented_record(KAT_KEYS.s2d, 1, 0, RecordType.STATE, body) + \
+        documented_record(KAT_KEYS.s2d, 1, 1, RecordType.PAGES, page)
+    ram = np.zeros(8 * 4096, dtype=np.uint8)
+    a, b = socket.socketpair()
+    rx = SealedChannel(b, role="destination", timeout=2)
+    rx.seal(KAT_KEYS)
+    a.sendall(raw)
+    a.close()
+    r = rx.recv(sink=Landing(ram, 8, lambda pfns: None))
+    assert (r.type, bytes(r.body), r.placed) == (RecordType.STATE, body, ())
+    assert not ram.any()
+    r = rx.recv()
+    assert (r.type, bytes(r.body), r.placed) == (RecordType.PAGES, page, ())
+    rx.close()
+
+
+@pytest.mark.parametrize("sealed", [True, False])
+def test_a_sink_may_give_any_writable_buffers_sealed_or_not(sealed):
+    """``recv(sink=)`` takes the buffers a sink returns as wire.Channel does -- here
+    rows of a 2-D page array, not byte views -- and fills them byte for byte."""
+    pfns = [1, 2, 5]
+    data = np.arange(3 * 4096, dtype=np.uint32).astype(np.uint8).reshape(3, 4096)
+    body = (3).to_bytes(4, "little") + b"".join(p.to_bytes(4, "little") for p in pfns) + data.tobytes()
+    pages = np.zeros((8, 4096), dtype=np.uint8)
+
+    def sink(head, n):
+        assert bytes(head) == body[:16] and n == len(body)
+        return [pages[1:3], pages[5:6]]
+    if sealed:
+        raw = documented_record(KAT_KEYS.s2d, 1, 0, RecordType.PAGES, body)
+    else:
+        raw = HEADER.pack(RecordType.PAGES, 0, len(body), 0) + body
+    a, b = socket.socketpair()
+    rx = SealedChannel(b, role="destination", timeout=2)
+    if sealed:
+        rx.seal(KAT_KEYS)
+    a.sendall(raw)
+    a.close()
+    assert rx.recv(sink=sink).placed
+    rx.close()
+    assert (pages[pfns] == data).all() and not pages[[0, 3, 4, 6, 7]].any()
+
+
+def test_with_encryption_off_pending_abort_peeks_like_the_plain_channel():
+    """--insecure encryption: the source's last look before COMMIT is wire.Channel's
+    peek -- an ABORT waiting says True and stays to be read; another record says False."""
+    for rtype, want in ((RecordType.ABORT, True), (RecordType.PAGES, False)):
+        a, b = socket.socketpair()
+        tx = SealedChannel(a, role="source", timeout=2, encryption=False)
+        tx.seal(KAT_KEYS)
+        b.sendall(clear_records((rtype, b"why", 0)))
+        assert tx.pending_abort() is want
+        r = tx.recv()
+        assert (r.type, bytes(r.body)) == (rtype, b"why")
+        tx.close(), b.close()
+
+
+def test_pending_abort_on_a_reset_connection_is_false():
+    """A connection the peer reset shows when COMMIT is sent, not as an ABORT."""
+    import select
+    import struct
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    a = socket.create_connection(srv.getsockname())
+    peer, _ = srv.accept()
+    srv.close()
+    tx = SealedChannel(a, role="source", timeout=2)
+    tx.seal(KAT_KEYS)
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()                                    # an RST, not a FIN
+    assert select.select([a], [], [], 5)[0] == [a]  # the reset has arrived (not consumed)
+    assert tx.pending_abort() is False
+    tx.close()
+
+
+def test_sealed_pages_records_of_decreasing_size_land_one_after_another():
+    """The destination decrypts every PAGES record of a round through one reused
+    staging buffer: a record smaller than the one before must read exactly its own
+    bytes (not the buffer's length, which would eat the next record)."""
+    rng = np.random.default_rng(7)
+    runs_ = [[1, 2, 3, 6], [4], [0, 7], [5]]
+    datas = [rng.integers(0, 256, size=(len(p), 4096), dtype=np.uint8) for p in runs_]
+    raw = b""
+    for i, (pfns, data) in enumerate(zip(runs_, datas)):
+        body = len(pfns).to_bytes(4, "little") + b"".join(p.to_bytes(4, "little") for p in pfns) + data.tobytes()
+        raw += documented_record(KAT_KEYS.s2d, 1, i, RecordType.PAGES, body)
+    raw += documented_record(KAT_KEYS.s2d, 1, len(runs_), RecordType.ROUND_END, b"\0" * 8)
+    ram = np.zeros(8 * 4096, dtype=np.uint8)
+    sink = Landing(ram, 8, lambda pfns: None)
+    a, b = socket.socketpair()
+    rx = SealedChannel(b, role="destination", timeout=2)
+    rx.seal(KAT_KEYS)
+    t = __import__("threading").Thread(target=a.sendall, args=(raw,))
+    t.start()                                       # (more than a socketpair buffers)
+    try:
+        for pfns in runs_:
+            assert rx.recv(sink=sink).placed and list(sink.pfns) == pfns
+        assert rx.recv(sink=sink).type is RecordType.ROUND_END
+    finally:
+        t.join()
+        a.close()
+        rx.close()
+    for pfns, data in zip(runs_, datas):
+        assert (ram.reshape(-1, 4096)[pfns] == data).all()
+
+
+@pytest.mark.parametrize("rtype, body, message", [
+    (RecordType.COMMIT, b"c" * (MAX_BODY[RecordType.COMMIT] + 1), "exceeds its bound"),
+    (RecordType.INVALID, b"", "record type 0 is invalid"),
+    (999, b"", "999"),
+])
+def test_a_sealed_send_refuses_a_record_the_peer_must_refuse_before_sealing_it(rtype, body, message):
+    """The sender's own bounds hold under the seal too: nothing goes on the wire and no
+    sequence number (an AES-GCM nonce) is spent; the next record is number 0."""
+    a, b = socket.socketpair()
+    tx = SealedChannel(a, role="source", timeout=2)
+    tx.seal(KAT_KEYS)
+    with pytest.raises(ValueError, match=message):
+        tx.send(rtype, body)
+    tx.send(RecordType.COMMIT, b"")
+    assert sent_raw(a, b) == documented_record(KAT_KEYS.s2d, 1, 0, RecordType.COMMIT, b"")

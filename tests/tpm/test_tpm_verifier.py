@@ -491,3 +491,36 @@ def test_every_documented_form_of_trust_anchor_is_taken(measured, policy, issuer
 def test_a_trust_anchor_of_another_kind_is_refused():
     with pytest.raises(TypeError, match="trust anchors are P-256 public keys"):
         Verifier([b"not a key"])
+
+
+# -------------------------------------------------- issue 19i: the rest of the seeded bugs
+def test_a_verification_result_cannot_be_altered_after_the_fact(measured, policy, verifier):
+    """The result is what the checks established; code that holds it (the secure
+    mode keeps it until the same-boot check) must not be able to rewrite it."""
+    import dataclasses
+
+    result = verifier.verify(measured.quote(verifier.new_nonce()), policy)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.host = "host-b"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.pcr_values = {}
+
+
+@pytest.mark.parametrize("damage", ["point off the curve", "RSA type", "truncated"])
+def test_a_certified_public_area_that_does_not_parse_is_a_certificate_error(
+    measured, policy, verifier, issuer, damage
+):
+    """A careless issuer signed a certificate whose AK public area is not a P-256
+    signing key: the verifier refuses the certificate (a CertificateError naming the
+    fault, not a crash), before it looks at the quote, and the nonce is not burnt."""
+    ev = measured.quote(verifier.new_nonce())
+    good = measured.ak_certificate.ak_public
+    zero = (32).to_bytes(2, "big") + bytes(32)
+    bad = {"point off the curve": good[:-68] + zero + zero,      # unique.x = unique.y = 0
+           "RSA type": (0x0001).to_bytes(2, "big") + good[2:],   # TPM_ALG_RSA
+           "truncated": good[:-1]}[damage]
+    cert = _issuer_signed(issuer, AkCertificate(issuer.key_id, "host-a", bad, b"",
+                                                measured.ak_parent_qualified_name))
+    with pytest.raises(CertificateError, match="AK certificate: "):
+        verifier.verify(_rebuild(ev, cert=cert.to_bytes()), policy)
+    verifier.verify(ev.to_bytes(), policy)
