@@ -1,6 +1,7 @@
-"""What the source sends in each round, checked against the guest (issue 19: each
-test kills a one-line mutant of ``migrate/source.py``'s page path that every other
-migration test let through).  Real sources, real TCP, in one process.
+"""What the source sends in each round, checked against the guest, and how it runs
+the guest meanwhile (issue 19: each test kills a one-line mutant of
+``migrate/source.py`` that every other migration test let through).  Real sources,
+real TCP, in one process.
 
 None of them depends on timing: where the guest must write at a given moment
 the test holds its slices (``Held``) or waits for a guest-visible condition
@@ -10,6 +11,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from guests.build import Program, build_image
 from migrate.precopy import PrecopyPolicy
@@ -273,3 +275,119 @@ def test_a_protected_page_whose_plaintext_is_zero_never_goes_as_a_zero_page():
     b = result["incoming"].machine
     b.run(until=lambda bm: reads(bm) >= reads(m) + 2, max_ticks=1000)
     assert "CHANGED" not in b.console.text(1) and reads(b) >= reads(m) + 2
+
+
+class Slices:
+    """A slice gate that counts the guest's slices; ``wait_more(k)`` returns once
+    the guest has run k more."""
+    def __init__(self):
+        self.n = 0
+        self.cond = threading.Condition()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        with self.cond:
+            self.n += 1
+            self.cond.notify_all()
+        return False
+
+    def wait_more(self, k):
+        with self.cond:
+            target = self.n + k
+            assert self.cond.wait_for(lambda: self.n >= target, WAIT), "the guest stopped running"
+
+
+def test_the_guest_gets_its_share_while_the_handshake_and_each_round_run(monkeypatch):
+    """docs/migration.md: while a round is sent (and while the handshake runs beside
+    it) the guest is throttled to PRECOPY_GUEST_SHARE of its thread: after a slice
+    that took t seconds of CPU it waits 3t for the work.  The source's CPU clock is
+    replaced by one on which every slice takes 2 ms, and its waits are recorded; the
+    destination answers WELCOME and each pre-copy ROUND_ACK only once the guest has
+    run 4 more slices, so every phase sees several.  (Issue 19: the throttle's
+    formula changed, or its test inverted, passed every test: only time told.)"""
+    import migrate.source
+    from migrate.messages import RoundMark
+    from migrate.source import PRECOPY_GUEST_SHARE
+    slice_cpu = 0.002
+    wait = slice_cpu * (1 - PRECOPY_GUEST_SHARE) / PRECOPY_GUEST_SHARE    # 6 ms: 3t
+
+    class CpuClock:
+        """2 ms of CPU between any two readings (only the guest's thread reads it)."""
+        t = 0.0
+        sleep = staticmethod(time.sleep)
+
+        def thread_time(self):
+            CpuClock.t += slice_cpu
+            return CpuClock.t
+
+    handshake_waits, round_waits = [], []
+    real_wait = migrate.source.futures_wait
+
+    def recording_wait(fs, timeout=None):
+        handshake_waits.append(timeout)
+        return real_wait(fs, timeout)
+
+    class RecordingThread(threading.Thread):
+        def join(self, timeout=None):
+            if self.name == "migrate-sender" and timeout is not None:
+                round_waits.append(timeout)
+            return super().join(timeout)
+
+    monkeypatch.setattr(migrate.source, "time", CpuClock())
+    monkeypatch.setattr(migrate.source, "futures_wait", recording_wait)
+    monkeypatch.setattr(migrate.source, "threading",
+                        type("threading", (), {"Thread": RecordingThread, "Event": threading.Event}))
+    slices = Slices()
+
+    class AfterFourSlices(Channel):
+        def send(self, rtype, *parts):
+            if rtype is RecordType.WELCOME:
+                slices.wait_more(4)
+            if rtype is RecordType.ROUND_ACK and RoundMark.decode(bytes(parts[0]), "ack").round < 2:
+                slices.wait_more(4)
+            return super().send(rtype, *parts)
+
+    img = build_image([Program.builtin("counter", args=(0, 100_000))])      # counts forever
+    m = Machine(img)
+    m.run(max_ticks=3)
+    server = Server("127.0.0.1:0", channel=lambda sock, timeout: AfterFourSlices(sock, timeout=timeout))
+    result = {}
+    t = receive_in_thread(server, result, timeout=WAIT, run_ticks=None)
+    report = Source(m, policy=PrecopyPolicy(downtime_target=1e-9, max_rounds=2), slice_gate=slices,
+                    timeout=WAIT).migrate(server.label)
+    t.join(WAIT)
+    server.close()
+    assert [r.final for r in report.rounds] == [False, False, True] and "incoming" in result
+    # a slice, then a wait of 3t while the work is not done: at least 3 of the 4
+    assert len(handshake_waits) >= 3 and len(round_waits) >= 2 * 3, (handshake_waits, round_waits)
+    assert handshake_waits == pytest.approx([wait] * len(handshake_waits))
+    assert round_waits == pytest.approx([wait] * len(round_waits))
+
+
+def test_the_threads_the_source_starts_never_keep_the_process_alive():
+    """The handshake's helper thread and each round's sender are daemons: a peer
+    that never answers (a connect that hangs, a peer that stops reading) must not
+    hold the VMM's exit after the migration gave up (issue 19: the helper thread
+    made a non-daemon passed every test)."""
+    seen = {}
+
+    class Recording(Source):
+        def _open(self, addr, peer, opened):
+            seen["handshake"] = threading.current_thread().daemon
+            return super()._open(addr, peer, opened)
+
+        def _send_pages(self, ch, rnd, pfns, stats):
+            if not stats.final:
+                seen["sender"] = threading.current_thread().daemon
+            return super()._send_pages(ch, rnd, pfns, stats)
+
+    m = Machine(build_image([Program.builtin("counter", args=(40, 100_000))]))
+    m.run(max_ticks=3)
+    server, result = Server("127.0.0.1:0"), {}
+    t = receive_in_thread(server, result, timeout=WAIT, run_ticks=None)
+    Recording(m, policy=PrecopyPolicy(max_rounds=1), timeout=WAIT).migrate(server.label)
+    t.join(WAIT)
+    server.close()
+    assert seen == {"handshake": True, "sender": True}
