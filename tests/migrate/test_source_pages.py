@@ -305,22 +305,29 @@ def test_the_guest_gets_its_share_while_the_handshake_and_each_round_run(monkeyp
     that took t seconds of CPU it waits 3t for the work.  The source's CPU clock is
     replaced by one on which every slice takes 2 ms, and its waits are recorded; the
     destination answers WELCOME and each pre-copy ROUND_ACK only once the guest has
-    run 4 more slices, so every phase sees several.  (Issue 19: the throttle's
-    formula changed, or its test inverted, passed every test: only time told.)"""
+    run 4 more slices, so every phase sees several.  Between slices the guest's
+    thread yields the interpreter to the other threads (``sleep(0)``), no more.
+    (Issue 19: the throttle's formula changed, its test inverted, or the yield made
+    a one-second sleep, passed every test: only time told.)"""
     import migrate.source
     from migrate.messages import RoundMark
     from migrate.source import PRECOPY_GUEST_SHARE
     slice_cpu = 0.002
     wait = slice_cpu * (1 - PRECOPY_GUEST_SHARE) / PRECOPY_GUEST_SHARE    # 6 ms: 3t
 
+    sleeps = []
+
     class CpuClock:
         """2 ms of CPU between any two readings (only the guest's thread reads it)."""
         t = 0.0
-        sleep = staticmethod(time.sleep)
 
         def thread_time(self):
             CpuClock.t += slice_cpu
             return CpuClock.t
+
+        def sleep(self, seconds):       # only ever 0: hand the GIL over, not wait
+            sleeps.append(seconds)
+            time.sleep(seconds)
 
     handshake_waits, round_waits = [], []
     real_wait = migrate.source.futures_wait
@@ -364,6 +371,7 @@ def test_the_guest_gets_its_share_while_the_handshake_and_each_round_run(monkeyp
     assert len(handshake_waits) >= 3 and len(round_waits) >= 2 * 3, (handshake_waits, round_waits)
     assert handshake_waits == pytest.approx([wait] * len(handshake_waits))
     assert round_waits == pytest.approx([wait] * len(round_waits))
+    assert sleeps and set(sleeps) == {0}
 
 
 def test_the_threads_the_source_starts_never_keep_the_process_alive():
@@ -391,3 +399,39 @@ def test_the_threads_the_source_starts_never_keep_the_process_alive():
     t.join(WAIT)
     server.close()
     assert seen == {"handshake": True, "sender": True}
+
+
+def test_a_guest_that_stops_while_the_source_connects_waits_out_the_connect(monkeypatch):
+    """The guest stops while the handshake's helper thread is still connecting.
+    The source then waits for the helper longer than a connect can take
+    (``connect_timeout``): a helper that connects meanwhile has registered its
+    channel by then, and the source closes it (says ABORT) instead of leaving a
+    half-open session on the destination (issue 19: that wait made a second
+    shorter than the connect passed every test)."""
+    import socket
+    import migrate.source
+    from migrate.errors import GuestStopped
+    waits = []
+    real_wait = migrate.source.futures_wait
+
+    def recording_wait(fs, timeout=None):
+        waits.append(timeout)
+        return real_wait(fs, timeout)
+    monkeypatch.setattr(migrate.source, "futures_wait", recording_wait)
+    m = Machine(build_image([Program.builtin("hello")]))       # stops after a few ticks
+    real_connect = socket.create_connection
+
+    def connect_once_the_guest_stopped(addr, timeout=None):
+        deadline = time.monotonic() + WAIT
+        while not m.halted:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        return real_connect(addr, timeout=timeout)
+    monkeypatch.setattr(socket, "create_connection", connect_once_the_guest_stopped)
+    listener = socket.create_server(("127.0.0.1", 0))      # accepts, never answers
+    try:
+        with pytest.raises(GuestStopped, match="before the migration began"):
+            Source(m, connect_timeout=0.5, timeout=WAIT).migrate(listener.getsockname()[:2])
+    finally:
+        listener.close()
+    assert waits and waits[-1] > 0.5, waits
