@@ -435,3 +435,56 @@ def test_a_guest_that_stops_while_the_source_connects_waits_out_the_connect(monk
     finally:
         listener.close()
     assert waits and waits[-1] > 0.5, waits
+
+
+def test_each_round_is_measured_on_the_channels_clock_and_the_stop_decided_on_it():
+    """The source times its rounds on the channel's clock (``ch.now``, which a
+    step hook may hold: migrate/steps.py) and decides when to stop on the cost per
+    page it measured: the time in copy + digest + send of the pages, and in the wait
+    for ROUND_ACK, over the pages sent with data (docs/migration.md, pre-copy
+    policy).  Here that clock reads the channel's own byte counts (1 ns a byte sent
+    or received), so every figure of the report is a sum of record sizes the test
+    can make itself.  (Issue 19: a round's seconds or bytes, or its send time,
+    dropped or mis-signed passed every test: they are timings.)"""
+    from migrate.wire import HEADER
+    sent = []               # (round, type, bytes on the wire)
+
+    class ByteClock(Channel):
+        round = None
+
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.now = lambda: (self.bytes_sent + self.bytes_received) * 1e-9
+
+        def send(self, rtype, *parts):
+            size = HEADER.size + sum(len(memoryview(p).cast("B")) for p in parts)
+            if rtype == RecordType.ROUND_BEGIN:
+                ByteClock.round = int.from_bytes(bytes(parts[0])[:4], "little")
+            sent.append((ByteClock.round, rtype, size))
+            if rtype == RecordType.ROUND_END:
+                ByteClock.round = None          # what follows the final round is no round's
+            return super().send(rtype, *parts)
+
+    img = build_image([Program.builtin("dirtier", data_pages=64, args=(64, 0, 1)),
+                       Program.builtin("counter", args=(0, 100_000))])
+    m = Machine(img)
+    m.run(max_ticks=10)
+    server, result = Server("127.0.0.1:0"), {}
+    t = receive_in_thread(server, result, timeout=WAIT, run_ticks=None)
+    policy = PrecopyPolicy(downtime_target=1e-9, max_rounds=2, round_ticks=3)   # each round dirties
+    report = Source(m, policy=policy, channel=lambda s, timeout: ByteClock(s, timeout=timeout),
+                    timeout=WAIT).migrate(server.label)
+    t.join(WAIT)
+    server.close()
+    ack = HEADER.size + 8                       # ROUND_ACK: round u32, pages u32
+    assert [r.final for r in report.rounds] == [False, False, True]
+    for r in report.rounds:
+        mine = [(rtype, size) for rnd, rtype, size in sent if rnd == r.round]
+        assert r.bytes == sum(size for _, size in mine)
+        assert r.data_pages > 0
+        pages = sum(size for rtype, size in mine if rtype is RecordType.PAGES)
+        assert r.seconds == pytest.approx((r.bytes + ack) * 1e-9, abs=1e-12)
+        assert r.send_seconds == pytest.approx((pages + ack) * 1e-9, abs=1e-12)
+    last = report.rounds[1]
+    assert not report.target_met and report.stop_reason.startswith("round bound")
+    assert report.estimated_pages_seconds == pytest.approx(last.dirtied * last.cost_per_page)
