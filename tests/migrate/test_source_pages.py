@@ -371,7 +371,8 @@ def test_the_guest_gets_its_share_while_the_handshake_and_each_round_run(monkeyp
     assert len(handshake_waits) >= 3 and len(round_waits) >= 2 * 3, (handshake_waits, round_waits)
     assert handshake_waits == pytest.approx([wait] * len(handshake_waits))
     assert round_waits == pytest.approx([wait] * len(round_waits))
-    assert sleeps and set(sleeps) == {0}
+    # and after every slice it yields, except the one that ends each pre-copy round
+    assert set(sleeps) == {0} and len(sleeps) == slices.n - 2, (len(sleeps), slices.n)
 
 
 def test_the_threads_the_source_starts_never_keep_the_process_alive():
@@ -488,3 +489,40 @@ def test_each_round_is_measured_on_the_channels_clock_and_the_stop_decided_on_it
     last = report.rounds[1]
     assert not report.target_met and report.stop_reason.startswith("round bound")
     assert report.estimated_pages_seconds == pytest.approx(last.dirtied * last.cost_per_page)
+
+
+def test_a_guest_that_stops_during_the_handshake_unblocks_the_helper_at_once(monkeypatch):
+    """The helper thread has sent HELLO and waits for a peer that never answers
+    when the guest stops.  The source closes the helper's channel, so the helper
+    ends at once and the source's wait for it (up to ``connect_timeout`` + 1 s)
+    returns with it done, instead of running out with the helper still blocked
+    (issue 19: that ``cancel()`` dropped passed every test)."""
+    import socket
+    import migrate.source
+    from migrate.errors import GuestStopped
+    waits = []
+    real_wait = migrate.source.futures_wait
+
+    def recording_wait(fs, timeout=None):
+        out = real_wait(fs, timeout)
+        waits.append((timeout, all(f.done() for f in fs)))
+        return out
+    monkeypatch.setattr(migrate.source, "futures_wait", recording_wait)
+    m = Held(build_image([Program.builtin("hello")]))      # stops after a few ticks
+    m.hold.set()
+    listener = socket.create_server(("127.0.0.1", 0))      # accepts, never answers
+
+    def release_once_hello_arrived():
+        conn, _ = listener.accept()
+        conn.settimeout(WAIT)
+        assert conn.recv(1)                                 # HELLO is on its way: the helper waits
+        m.hold.clear()
+        return conn
+    accepted = background(release_once_hello_arrived)
+    try:
+        with pytest.raises(GuestStopped, match="before the migration began"):
+            Source(m, connect_timeout=5, timeout=WAIT).migrate(listener.getsockname()[:2])
+        accepted.result(WAIT).close()
+    finally:
+        listener.close()
+    assert waits[-1] == (6, True), waits
