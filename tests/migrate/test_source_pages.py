@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 
 from guests.build import Program, build_image
+from migrate import events as mev
 from migrate.precopy import PrecopyPolicy
 from migrate.secure.mode import PlainMode
 from migrate.secure.workers import background
 from migrate.server import Server
 from migrate.source import Source
 from migrate.wire import Channel, RecordType
+from minivmm.events import EventBus
 from minivmm.machine import Machine
 
 from guesthelp import prog
@@ -526,3 +528,42 @@ def test_a_guest_that_stops_during_the_handshake_unblocks_the_helper_at_once(mon
     finally:
         listener.close()
     assert waits[-1] == (6, True), waits
+
+
+def test_in_lockstep_the_guests_thread_sleeps_on_the_handshake(monkeypatch):
+    """Lockstep pre-copy (``round_ticks``) holds the guest while the source connects
+    and attests; its thread then waits on the handshake's future in 10 ms steps,
+    and does not spin (a spinning thread takes a core, and the GIL, from the
+    handshake it waits for).  The destination answers WELCOME only once the
+    source has waited three times.  (Issue 19: that wait dropped passed every
+    test: the loop then spins until the handshake is done.)"""
+    import migrate.source
+    waits, enough = [], threading.Event()
+    real_wait = migrate.source.futures_wait
+
+    def recording_wait(fs, timeout=None):
+        waits.append(timeout)
+        if len(waits) >= 3:
+            enough.set()
+        return real_wait(fs, timeout)
+    monkeypatch.setattr(migrate.source, "futures_wait", recording_wait)
+
+    class WelcomeAfterThreeWaits(Channel):
+        def send(self, rtype, *parts):
+            if rtype is RecordType.WELCOME:
+                enough.wait(10)         # a bound for the broken source only
+            return super().send(rtype, *parts)
+
+    m = Machine(build_image([Program.builtin("counter", args=(0, 100_000))]))
+    m.run(max_ticks=3)
+    v0 = m.vclock
+    server = Server("127.0.0.1:0", channel=lambda sock, timeout: WelcomeAfterThreeWaits(sock, timeout=timeout))
+    result = {}
+    t = receive_in_thread(server, result, timeout=WAIT, run_ticks=None)
+    bus, started = EventBus(), []
+    bus.subscribe(lambda e: started.append(e.vtime), mev.RoundStarted)
+    Source(m, policy=PrecopyPolicy(max_rounds=1, round_ticks=2), events=bus, timeout=WAIT).migrate(server.label)
+    t.join(WAIT)
+    server.close()
+    assert started[0] == v0                             # the guest did not run meanwhile
+    assert len(waits) >= 3 and set(waits) == {0.01}, waits
