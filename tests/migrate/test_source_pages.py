@@ -567,3 +567,49 @@ def test_in_lockstep_the_guests_thread_sleeps_on_the_handshake(monkeypatch):
     server.close()
     assert started[0] == v0                             # the guest did not run meanwhile
     assert len(waits) >= 3 and set(waits) == {0.01}, waits
+
+
+def test_a_guest_that_stops_in_the_last_slice_of_a_round_stays_home():
+    """The guest stops (it shuts down) in the very slice after which the round's
+    sender is found done, so the round ends without looking at the guest again:
+    pre-copy must look after the round, and keep the guest home -- not go on to
+    stop-and-copy a machine that has finished (issue 19: that check dropped
+    passed every test; the guest finishing inside a round was seen only by the
+    round's own loop; the destination then refused the halted guest's state, so
+    the source failed later, with the destination's reason, after a pause)."""
+    from migrate.errors import GuestStopped
+    m = Held(build_image([Program.builtin("hello")]))         # stops after a few ticks
+    m.hold.set()                                                # not during the handshake
+
+    class SenderEndsOnceTheGuestStopped(Source):
+        def _send_pages(self, ch, rnd, pfns, stats):
+            if not stats.final:
+                m.hold.clear()
+                deadline = time.monotonic() + WAIT
+                while not m.halted:
+                    assert time.monotonic() < deadline, "the guest never stopped"
+                    time.sleep(0.001)
+            return super()._send_pages(ch, rnd, pfns, stats)
+
+    class SenderDoneAfterTheLastSlice:
+        """After the slice in which the guest stopped, wait for the sender to end."""
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            if m.halted:
+                for th in threading.enumerate():
+                    if th.name == "migrate-sender":
+                        th.join(WAIT)
+            return False
+
+    server, result = Server("127.0.0.1:0"), {}
+    t = receive_in_thread(server, result, timeout=WAIT, run_ticks=None)
+    src = SenderEndsOnceTheGuestStopped(m, policy=PrecopyPolicy(max_rounds=1), timeout=WAIT,
+                                        slice_gate=SenderDoneAfterTheLastSlice())
+    with pytest.raises(GuestStopped, match="during pre-copy"):
+        src.migrate(server.label)
+    t.join(WAIT)
+    server.close()
+    assert m.halted == "shutdown" and "hello" in m.console.text()
+    assert "incoming" not in result and src.report.outcome == "aborted"
