@@ -613,3 +613,69 @@ def test_a_guest_that_stops_in_the_last_slice_of_a_round_stays_home():
     server.close()
     assert m.halted == "shutdown" and "hello" in m.console.text()
     assert "incoming" not in result and src.report.outcome == "aborted"
+
+
+def test_a_sender_blocked_on_a_peer_when_the_guest_fails_is_closed_out_before_abort():
+    """The guest's thread fails (^C in a slice) while the round's sender is blocked
+    sending to a peer that stopped reading.  The source tells the sender to stop,
+    and since it stays blocked, closes the channel under it and waits for it to
+    end; only then does it say ABORT and re-raise.  Never two records at once on
+    one stream: under the secure channel an ABORT written beside a half-sent
+    record reuses that record's sequence number, its AES-GCM nonce
+    (migrate/wire.py, ``_sendall``).  The peer's stop is a channel whose PAGES
+    send blocks until the channel is closed.  (Issue 19: dropping the stop
+    request, the close, the check that the sender is still alive, or the
+    re-raise, passed every test.)"""
+    from migrate.errors import ConnectionLost
+    blocked, raised = threading.Event(), threading.Event()
+    seen = {"overlaps": [], "released": None}
+
+    class StopsReading(Channel):
+        in_send = False
+
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.closed = threading.Event()
+
+        def send(self, rtype, *parts):
+            if self.in_send:
+                seen["overlaps"].append(rtype.name)
+            self.in_send = True
+            try:
+                if rtype is RecordType.PAGES:
+                    blocked.set()
+                    by_close = self.closed.wait(10)     # a bound for the broken source only
+                    seen["released"] = (by_close, src._stop.is_set())
+                    raise ConnectionLost("the peer stopped reading; closed under the send")
+                return super().send(rtype, *parts)
+            finally:
+                self.in_send = False
+
+        def close(self):
+            self.closed.set()
+            super().close()
+
+    class InterruptOnceBlocked:
+        def __enter__(self):
+            if blocked.is_set() and not raised.is_set():
+                raised.set()
+                raise KeyboardInterrupt
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    m = Machine(build_image([Program.builtin("counter", args=(0, 100_000))]))
+    m.run(max_ticks=3)
+    server, result = Server("127.0.0.1:0"), {}
+    t = receive_in_thread(server, result, timeout=WAIT, run_ticks=None)
+    src = Source(m, channel=lambda s, timeout: StopsReading(s, timeout=timeout), timeout=WAIT,
+                 slice_gate=InterruptOnceBlocked())
+    with pytest.raises(KeyboardInterrupt):
+        src.migrate(server.label)
+    t.join(WAIT)
+    server.close()
+    assert raised.is_set() and seen["released"] == (True, True), seen
+    assert seen["overlaps"] == [], seen
+    assert src.report.outcome == "aborted" and m.halted is None
+    assert not any(th.name == "migrate-sender" for th in threading.enumerate())
