@@ -679,3 +679,29 @@ def test_a_sender_blocked_on_a_peer_when_the_guest_fails_is_closed_out_before_ab
     assert seen["overlaps"] == [], seen
     assert src.report.outcome == "aborted" and m.halted is None
     assert not any(th.name == "migrate-sender" for th in threading.enumerate())
+
+
+def test_in_lockstep_the_guest_runs_exactly_round_ticks_in_each_round():
+    """docs/migration.md, ``round_ticks``: in lockstep the guest runs exactly N of
+    its timer ticks after each pre-copy round is sent -- not N + 1 (issue 19: the
+    round's end test ``ticks >= until`` made ``>`` passed every test, whose bound on
+    the guest's time per round allowed a tick more)."""
+    ticks = []
+
+    class Counting(Source):
+        def _round(self, ch, rnd, pfns, *, final):
+            before = self.machine.ticks
+            stats = super()._round(ch, rnd, pfns, final=final)
+            ticks.append(self.machine.ticks - before)
+            return stats
+
+    m = Machine(build_image([Program.builtin("counter", args=(0, 100_000)),
+                             Program.builtin("dirtier", args=(8, 0, 0))]))
+    m.run(max_ticks=5)
+    server, result = Server("127.0.0.1:0"), {}
+    t = receive_in_thread(server, result, timeout=WAIT, run_ticks=None)
+    Counting(m, policy=PrecopyPolicy(downtime_target=1e-9, max_rounds=2, round_ticks=3),
+             timeout=WAIT).migrate(server.label)
+    t.join(WAIT)
+    server.close()
+    assert ticks == [3, 3, 0]               # two pre-copy rounds, the final one paused
