@@ -705,3 +705,31 @@ def test_in_lockstep_the_guest_runs_exactly_round_ticks_in_each_round():
     t.join(WAIT)
     server.close()
     assert ticks == [3, 3, 0]               # two pre-copy rounds, the final one paused
+
+
+def test_a_round_whose_time_the_channels_clock_did_not_see_falls_back_to_the_default_cost():
+    """The channel's clock may stand still while a round is sent (a step hook holds
+    the engine: migrate/steps.py; here a clock that never moves): that round
+    measured no cost per page, and the policy decides on its default
+    (``DEFAULT_COST_PER_PAGE``, migrate/precopy.py), as before any round.  (Issue
+    19: the ``cost = None`` the fallback starts from, dropped, passed every test;
+    the source then failed on an unbound name.)"""
+    from migrate.precopy import DEFAULT_COST_PER_PAGE
+
+    class StillClock(Channel):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.now = lambda: 0.0
+
+    m = Machine(build_image([Program.builtin("counter", args=(0, 100_000))]))
+    m.run(max_ticks=3)
+    server, result = Server("127.0.0.1:0"), {}
+    t = receive_in_thread(server, result, timeout=WAIT, run_ticks=None)
+    report = Source(m, policy=PrecopyPolicy(downtime_target=1e-9, max_rounds=1, round_ticks=2),
+                    channel=lambda s, timeout: StillClock(s, timeout=timeout), timeout=WAIT).migrate(server.label)
+    t.join(WAIT)
+    server.close()
+    first = report.rounds[0]
+    assert first.data_pages > 0 and first.send_seconds == 0 and first.cost_per_page == 0
+    assert first.dirtied > 0
+    assert report.estimated_pages_seconds == pytest.approx(first.dirtied * DEFAULT_COST_PER_PAGE)
