@@ -170,3 +170,27 @@ def test_a_reply_of_the_wrong_type_is_never_taken_for_prepared():
         Source(m, timeout=5).migrate(peer.address)
     peer.close()
     assert RecordType.COMMIT not in peer.received and m.halted is None
+
+
+@pytest.mark.parametrize("field", ["round", "pages"])
+def test_a_round_ack_for_another_round_or_count_is_refused(field):
+    """A destination whose ROUND_ACK names another round, or another page count,
+    than the round the source just ended did not store that round as sent: the
+    source refuses it, says so, and sends no COMMIT (issue 19: the ROUND_ACK
+    comparison removed, or its raise, passed every test: no peer lied there)."""
+    import struct
+
+    class AcksAnotherRound(ScriptedDestination):
+        def _raw(self, ch, rtype, body=b""):
+            if rtype is RecordType.ROUND_ACK:
+                rnd, pages = struct.unpack("<II", body)
+                body = struct.pack("<II", rnd + (field == "round"), pages + (field == "pages"))
+            return super()._raw(ch, rtype, body)
+
+    peer = AcksAnotherRound(timeout=10)
+    m = fresh_guest()
+    with pytest.raises(ProtocolError, match="ROUND_ACK .* does not match round 0 of"):
+        Source(m, timeout=5).migrate(peer.address)
+    peer.close()
+    assert RecordType.COMMIT not in peer.received and peer.received[-1] is RecordType.ABORT
+    assert m.halted is None
