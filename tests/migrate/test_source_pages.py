@@ -765,3 +765,46 @@ def test_a_round_of_more_zero_pages_than_one_record_holds_sends_each_once():
     b = result["incoming"].machine
     differ = pages_differ(b, m)
     assert len(differ) == 0, f"{len(differ)} pages differ on B, first {differ[:8]}"
+
+
+def test_a_sender_told_to_stop_abandons_its_round_at_the_next_run_of_pages():
+    """The guest's thread fails (^C in a slice) while the sender is in round 0 of a
+    32 MiB guest: the sender is told to stop and gives the round up at its next
+    run of pages -- it does not go on to send the rest of the round, its zero
+    pages and ROUND_END, to a migration that is being aborted.  The sender's
+    first PAGES record waits until it has been told.  (Issue 19: the sender's
+    test of the stop request, or its raise, dropped, passed every test.)"""
+    told, raised = threading.Event(), threading.Event()
+    after = []
+
+    class Recording(Channel):
+        def send(self, rtype, *parts):
+            if told.is_set():
+                after.append(rtype.name)
+            elif rtype is RecordType.PAGES:
+                raised.set()                            # the guest's thread fails now
+                assert src._stop.wait(10), "the sender was never told to stop"
+                told.set()
+            return super().send(rtype, *parts)
+
+    class InterruptOnceSending:
+        def __enter__(self):
+            if raised.is_set() and not told.is_set():
+                raise KeyboardInterrupt
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    m = Machine(build_image([Program.builtin("counter", args=(0, 100_000))]), ram_size=32 << 20)
+    m.run(max_ticks=3)
+    server, result = Server("127.0.0.1:0"), {}
+    t = receive_in_thread(server, result, timeout=WAIT, run_ticks=None)
+    src = Source(m, channel=lambda s, timeout: Recording(s, timeout=timeout), timeout=WAIT,
+                 slice_gate=InterruptOnceSending())
+    with pytest.raises(KeyboardInterrupt):
+        src.migrate(server.label)
+    t.join(WAIT)
+    server.close()
+    assert told.is_set()
+    assert set(after) <= {"PAGES", "ABORT"}, after       # the rest of its run, then the guest's ABORT
