@@ -489,7 +489,7 @@ def test_each_round_is_measured_on_the_channels_clock_and_the_stop_decided_on_it
         assert r.seconds == pytest.approx((r.bytes + ack) * 1e-9, abs=1e-12)
         assert r.send_seconds == pytest.approx((pages + ack) * 1e-9, abs=1e-12)
     last = report.rounds[1]
-    assert not report.target_met and report.stop_reason.startswith("round bound")
+    assert report.target_met is False and report.stop_reason.startswith("round bound")
     assert report.estimated_pages_seconds == pytest.approx(last.dirtied * last.cost_per_page)
 
 
