@@ -808,3 +808,59 @@ def test_a_sender_told_to_stop_abandons_its_round_at_the_next_run_of_pages():
     server.close()
     assert told.is_set()
     assert set(after) <= {"PAGES", "ABORT"}, after       # the rest of its run, then the guest's ABORT
+
+
+# A process that protects itself and then sleeps: after round 0 its frames (the
+# last program's, the highest in use) are neither written nor sealed again.
+SLEEPER = """
+_start:
+    call ulib_protect
+    test eax, eax
+    jnz sl_out
+    mov esi, msg_protected
+    call ulib_puts
+sl_loop:
+    mov eax, SYS_SLEEP
+    mov ebx, 100000
+    int 0x80
+    jmp sl_loop
+sl_out:
+    mov eax, 1
+    call ulib_exit
+msg_protected: .asciz "sleeper: protected\\n"
+.include "_ulib.s"
+"""
+
+
+def test_protected_frames_above_every_frame_of_a_round_are_left_out_of_its_snapshot():
+    """Each round's snapshot holds the protected frames among the round's frames,
+    found by a binary search of each protected frame in the round's sorted set.
+    A protected frame above all of them (a sleeping protected process, the last
+    in RAM, untouched since round 0) lies past the end of the set and is not in
+    the round (issue 19: the search's bound ``pos < len(pfns)`` made ``<=``
+    passed every test; it reads past the set's end and fails the migration)."""
+    sleeper = 2
+    img = build_image([Program.builtin("counter", args=(0, 100_000)),
+                       prog("sleeper", SLEEPER, data_pages=1)])
+    m = Machine(img)
+    m.run(until=lambda mm: "sleeper: protected" in mm.console.text())
+    protected = {meta.ppn for meta in m.protection.procs[sleeper].pages.values()}
+    sets = {}
+
+    class Recording(Source):
+        def _snapshot_protected(self, pfns):
+            sets[len(sets)] = pfns
+            return super()._snapshot_protected(pfns)
+
+    server, result = Server("127.0.0.1:0"), {}
+    t = receive_in_thread(server, result, timeout=WAIT, run_ticks=None)
+    report = Recording(m, policy=PrecopyPolicy(downtime_target=1e-9, max_rounds=3, round_ticks=2),
+                       timeout=WAIT).migrate(server.label)
+    t.join(WAIT)
+    server.close()
+    assert report.outcome == "completed"
+    assert max(protected) > int(sets[len(sets) - 1].max()), "not vacuous: the last round lies below them"
+    b = result["incoming"].machine
+    assert sorted(meta.ppn for meta in b.protection.procs[sleeper].pages.values()) == sorted(protected)
+    differ = pages_differ(b, m)
+    assert len(differ) == 0, f"{len(differ)} pages differ on B, first {differ[:8]}"
