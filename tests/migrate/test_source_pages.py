@@ -530,34 +530,49 @@ def test_a_guest_that_stops_during_the_handshake_unblocks_the_helper_at_once(mon
     assert waits[-1] == (6, True), waits
 
 
-def test_in_lockstep_the_guests_thread_sleeps_on_the_handshake(monkeypatch):
+def test_in_lockstep_the_guests_thread_sleeps_on_the_handshake_and_each_round(monkeypatch):
     """Lockstep pre-copy (``round_ticks``) holds the guest while the source connects
-    and attests; its thread then waits on the handshake's future in 10 ms steps,
-    and does not spin (a spinning thread takes a core, and the GIL, from the
-    handshake it waits for).  The destination answers WELCOME only once the
-    source has waited three times.  (Issue 19: that wait dropped passed every
-    test: the loop then spins until the handshake is done.)"""
+    and attests, and while each round is sent; its thread then waits on the
+    handshake's future, and on the round's sender, in 10 ms steps -- it does not
+    spin (a spinning thread takes a core, and the GIL, from the work it waits for).
+    The destination answers WELCOME, and round 0's ROUND_ACK, only once the
+    source has waited three times.  (Issue 19: either wait dropped passed every
+    test: the loop then spins until the work is done.)"""
     import migrate.source
-    waits, enough = [], threading.Event()
+    from migrate.messages import RoundMark
+    waits, joins = [], []
+    handshake_waited, round_waited = threading.Event(), threading.Event()
     real_wait = migrate.source.futures_wait
 
     def recording_wait(fs, timeout=None):
         waits.append(timeout)
         if len(waits) >= 3:
-            enough.set()
+            handshake_waited.set()
         return real_wait(fs, timeout)
-    monkeypatch.setattr(migrate.source, "futures_wait", recording_wait)
 
-    class WelcomeAfterThreeWaits(Channel):
+    class RecordingThread(threading.Thread):
+        def join(self, timeout=None):
+            if self.name == "migrate-sender" and timeout is not None:
+                joins.append(timeout)
+                if len(joins) >= 3:
+                    round_waited.set()
+            return super().join(timeout)
+    monkeypatch.setattr(migrate.source, "futures_wait", recording_wait)
+    monkeypatch.setattr(migrate.source, "threading",
+                        type("threading", (), {"Thread": RecordingThread, "Event": threading.Event}))
+
+    class AnswersAfterThreeWaits(Channel):
         def send(self, rtype, *parts):
             if rtype is RecordType.WELCOME:
-                enough.wait(10)         # a bound for the broken source only
+                handshake_waited.wait(10)       # a bound for the broken source only
+            if rtype is RecordType.ROUND_ACK and RoundMark.decode(bytes(parts[0]), "ack").round == 0:
+                round_waited.wait(10)
             return super().send(rtype, *parts)
 
     m = Machine(build_image([Program.builtin("counter", args=(0, 100_000))]))
     m.run(max_ticks=3)
     v0 = m.vclock
-    server = Server("127.0.0.1:0", channel=lambda sock, timeout: WelcomeAfterThreeWaits(sock, timeout=timeout))
+    server = Server("127.0.0.1:0", channel=lambda sock, timeout: AnswersAfterThreeWaits(sock, timeout=timeout))
     result = {}
     t = receive_in_thread(server, result, timeout=WAIT, run_ticks=None)
     bus, started = EventBus(), []
@@ -567,6 +582,7 @@ def test_in_lockstep_the_guests_thread_sleeps_on_the_handshake(monkeypatch):
     server.close()
     assert started[0] == v0                             # the guest did not run meanwhile
     assert len(waits) >= 3 and set(waits) == {0.01}, waits
+    assert len(joins) >= 3 and set(joins) == {0.01}, joins
 
 
 def test_a_guest_that_stops_in_the_last_slice_of_a_round_stays_home():
