@@ -155,26 +155,29 @@ def test_round_0s_zero_test_is_used_by_round_0_alone(monkeypatch):
     assert not [s for s in scanned if s[0] == "migrate-sender"], scanned   # round 0 takes it
 
 
-def test_a_lone_nonzero_page_in_a_16_mib_run_is_sent():
+def test_lone_and_scattered_nonzero_pages_in_16_mib_runs_are_sent():
     """Round 0 tests long contiguous runs for zero in place and sends the nonzero
     pages of a run 256 to a record; a record whose frames are contiguous is copied
-    as one slice.  A 32 MiB guest whose upper 16 MiB hold one nonzero page (one byte
-    left there) makes a record of one frame.  (Issue 19: the contiguity test
-    reading the record's second frame, ``s[+1]`` for ``s[-1]``, passed every test;
-    on this guest it fails the migration on an index error.)"""
+    as one slice, any other gathered page by page.  A 48 MiB guest whose upper two
+    16 MiB runs hold, one, a single nonzero page (one byte left there), the other
+    five pages with two holes among them (frames 10000-10001, 10003, 10005-10006).
+    (Issue 19: the contiguity test reading the record's second frame, ``s[+1]`` for
+    ``s[-1]``, or ``- 1`` for ``+ 1``, passed every test; on this guest each fails
+    the migration, on an index error or a slice of the wrong length.)"""
     img = build_image([Program.builtin("counter", args=(40, 100_000))])
-    m = Machine(img, ram_size=32 << 20)
+    m = Machine(img, ram_size=48 << 20)
     m.run(max_ticks=5)
-    lone = 6000                                 # free RAM, far above what the image uses
-    assert not m.ram.array.reshape(-1, 4096)[4096:].any()
-    m.ram.view[lone * 4096 + 123] = 0x5A
+    lone, scattered = [6000], [10000, 10001, 10003, 10005, 10006]
+    assert not m.ram.array.reshape(-1, 4096)[4096:].any()      # free RAM, far above the image
+    for f in lone + scattered:
+        m.ram.view[f * 4096 + 123] = 0x5A
     server, result = Server("127.0.0.1:0"), {}
     t = receive_in_thread(server, result, timeout=WAIT, run_ticks=None)
     Source(m, policy=PrecopyPolicy(max_rounds=1), timeout=WAIT).migrate(server.label)
     t.join(WAIT)
     server.close()
     b = result["incoming"].machine
-    assert b.ram.view[lone * 4096 + 123] == 0x5A
+    assert all(b.ram.view[f * 4096 + 123] == 0x5A for f in lone + scattered)
     differ = pages_differ(b, m)
     assert len(differ) == 0, f"{len(differ)} pages differ on B, first {differ[:8]}"
 
