@@ -125,7 +125,8 @@ def test_round_0s_zero_test_is_used_by_round_0_alone(monkeypatch):
     ``rnd != 0`` or ``rnd == 1`` passed every test; B got zeros for every page
     the boot wrote).  And round 0 takes the test made beside the handshake: the
     sender does not scan RAM again (a mutant that ignores the prescan made round
-    0 slower and passed every test)."""
+    0 slower and passed every test, as did one that copies and tests every run
+    instead of testing long runs in place)."""
     import migrate.prescan
     import migrate.source
     img = build_image([Program.builtin("counter", args=(40, 100_000))])
@@ -136,8 +137,14 @@ def test_round_0s_zero_test_is_used_by_round_0_alone(monkeypatch):
     def spy(pages, first, n, fresh):
         scanned.append((threading.current_thread().name, first, n))
         return real(pages, first, n, fresh)
+    real_pages = migrate.source.nonzero_pages
+
+    def spy_pages(block):
+        scanned.append((threading.current_thread().name, "copy", len(block)))
+        return real_pages(block)
     monkeypatch.setattr(migrate.source, "nonzero_run", spy)
     monkeypatch.setattr(migrate.prescan, "nonzero_run", spy)
+    monkeypatch.setattr(migrate.source, "nonzero_pages", spy_pages)
     server, result = Server("127.0.0.1:0"), {}
     t = receive_in_thread(server, result, timeout=WAIT, run_ticks=None)
     report = Source(m, policy=PrecopyPolicy(max_rounds=1), slice_gate=AfterTheZeroTest(),
