@@ -353,3 +353,42 @@ def test_a_frame_below_256_protected_and_dropped_beside_a_protected_process_neve
     assert leaks == []
     d = res["incoming"].machine
     assert d.exits.get(drops) == 0 and d.console.text(drops).count("secret intact") == 2
+
+
+def test_round_0_sends_the_copies_sealed_before_the_handshake_not_a_later_snapshot():
+    """Round 0's protected frames are sealed and copied before the handshake, and
+    the guest runs beside the handshake.  Here the destination answers WELCOME
+    only once the keeper has checked its secret twice more -- its page decrypted
+    in place, in RAM, after that seal.  Round 0 sends the copies taken at the
+    seal; a snapshot taken again when round 0 starts would copy the plaintext
+    (issue 19: round 0's ``rnd == 0 and _round0_ready`` made ``rnd != 0`` or
+    ``False`` passed every test: the plain handshake is over before the keeper
+    runs again)."""
+    from minivmm.machine import Machine
+    intact = lambda mm: mm.console.text(KEEPER).count("secret intact")     # noqa: E731
+    m = Machine(keeper_image(rounds=400, counter_rounds=400))
+    m.run(until=lambda mm: intact(mm) >= 2)             # protected, checking its secret
+    secret_frames = {meta.ppn for meta in m.protection.procs[KEEPER].pages.values()}
+
+    class WelcomeAfterTwoChecks(Channel):
+        def send(self, rtype, *parts):
+            if rtype is RecordType.WELCOME:
+                start, deadline = intact(m), time.monotonic() + WAIT
+                while intact(m) < start + 2:
+                    assert not m.halted and time.monotonic() < deadline, "the keeper stopped"
+                    time.sleep(0.001)
+            return super().send(rtype, *parts)
+
+    leaks, sent = [], []
+    server = Server("127.0.0.1:0", channel=lambda sock, timeout: WelcomeAfterTwoChecks(sock, timeout=timeout))
+    res = {}
+    t = receive_in_thread(server, res, timeout=WAIT, run_ticks=None)
+    Source(m, policy=PrecopyPolicy(max_rounds=1), channel=scanning_channel(leaks, sent),
+           timeout=WAIT).migrate(server.label)
+    t.join(WAIT)
+    server.close()
+    assert leaks == []
+    assert {pfn for r, pfn in sent if r == 0} & secret_frames, "not vacuous: round 0 sent the keeper's pages"
+    d = res["incoming"].machine
+    d.run(until=lambda dm: intact(dm) >= intact(m) + 2)
+    assert "SECRET CHANGED" not in d.console.text(KEEPER)

@@ -170,3 +170,54 @@ def test_a_reply_of_the_wrong_type_is_never_taken_for_prepared():
         Source(m, timeout=5).migrate(peer.address)
     peer.close()
     assert RecordType.COMMIT not in peer.received and m.halted is None
+
+
+class AcksAnotherRound(ScriptedDestination):
+    """A destination whose ROUND_ACK names the next round (``field="round"``) or one
+    page more than the round announced (``field="pages"``)."""
+    def __init__(self, *, field="round", **kw):
+        self.field = field
+        super().__init__(**kw)
+
+    def _raw(self, ch, rtype, body=b""):
+        import struct
+        if rtype is RecordType.ROUND_ACK:
+            rnd, pages = struct.unpack("<II", body)
+            body = struct.pack("<II", rnd + (self.field == "round"), pages + (self.field == "pages"))
+        return super()._raw(ch, rtype, body)
+
+
+@pytest.mark.parametrize("field", ["round", "pages"])
+def test_a_round_ack_for_another_round_or_count_is_refused(field):
+    """A destination whose ROUND_ACK names another round, or another page count,
+    than the round the source just ended did not store that round as sent: the
+    source refuses it, says so, and sends no COMMIT (issue 19: the ROUND_ACK
+    comparison removed, or its raise, passed every test: no peer lied there)."""
+    peer = AcksAnotherRound(field=field, timeout=10)
+    m = fresh_guest()
+    with pytest.raises(ProtocolError, match="ROUND_ACK .* does not match round 0 of"):
+        Source(m, timeout=5).migrate(peer.address)
+    peer.close()
+    assert RecordType.COMMIT not in peer.received and peer.received[-1] is RecordType.ABORT
+    assert m.halted is None
+
+
+def test_in_lockstep_a_round_that_fails_aborts_before_the_guest_runs_its_ticks():
+    """Lockstep pre-copy (``round_ticks`` N) holds the guest while a round is sent
+    and then runs it N ticks.  A round that fails (here the destination acks
+    another round) aborts at once: the guest does not first run its N ticks with
+    the failed round behind it (issue 19: the round loop's ``if failure: break``
+    dropped passed every test; without lockstep the loop ends at the same slice
+    anyway)."""
+    from migrate import events as mev
+    from migrate.precopy import PrecopyPolicy
+    from minivmm.events import EventBus
+    bus, seen = EventBus(), []
+    bus.subscribe(seen.append, mev.RoundStarted, mev.Aborted)
+    peer = AcksAnotherRound(timeout=10)
+    m = fresh_guest()
+    with pytest.raises(ProtocolError, match="does not match round 0"):
+        Source(m, timeout=5, events=bus, policy=PrecopyPolicy(round_ticks=20)).migrate(peer.address)
+    peer.close()
+    started, aborted = (e.vtime for e in seen)
+    assert aborted - started < 2 * m.timer.period, (started, aborted)     # a slice at most, not 20 ticks
