@@ -479,3 +479,20 @@ def test_the_kernel_sees_a_stopped_process_fault_as_a_protection_violation():
     frame = m.protection.procs[1].pages[SECRET_PAGE >> 12].ppn << 12
     for write, code in ((False, 5), (True, 7)):
         assert m.protection.on_fill(m._uc, SECRET_PAGE, frame, True, write, False, cr3) == code
+
+
+def test_the_view_shows_no_saved_context_once_the_kernel_returned():
+    """A returned process keeps its last entry's registers in the VMM (they are
+    overwritten at the next entry, never cleared at the return); the read-only
+    view must not present them as the registers the kernel is holding."""
+    m = Machine(get_guest("secret").build())
+    for _ in range(200):            # the first entry the kernel returns from between two slices
+        m.run(until=lambda m: any(p.in_kernel for p in m.protection.procs.values()), max_ticks=2000)
+        [pid] = [p.pid for p in m.protection.procs.values() if p.in_kernel]
+        assert m.protection.process(pid).saved_context is not None
+        m.run(until=lambda m: not m.protection.procs[pid].in_kernel, max_ticks=2000)
+        live = m.protection.procs[pid]
+        if not live.exited:
+            break
+    assert not live.exited and live.saved is not None, "a return, not an exit"
+    assert m.protection.process(pid).saved_context is None
