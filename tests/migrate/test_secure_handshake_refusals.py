@@ -54,3 +54,32 @@ def test_a_plain_source_is_refused_by_a_secure_destination_by_name(tmp_path):
     assert "speaks plain mode" in str(res["source_error"]), str(res["source_error"])
     assert "report" not in res and "incoming" not in res
     assert m.protection._keys == keys and not m.halted
+
+
+class CannotQuote(SecureMode):
+    """A destination whose TPM cannot quote: it has sent its key share, and
+    aborts instead of sending its QUOTE."""
+    def __init__(self, attestor, **kw):
+        import copy
+        attestor = copy.copy(attestor)
+
+        def quote(nonce, binding):
+            raise SecurityError("this destination's TPM cannot quote (injected)")
+        attestor.quote = quote
+        super().__init__(attestor, **kw)
+
+
+def test_a_destination_that_aborts_instead_of_quoting_is_named_by_the_source(tmp_path):
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    m = guest()
+    keys = dict(m.protection._keys)
+    attestor_b = trust.mode(b).attestor
+    m, res = migrate(trust.mode(a), lambda: CannotQuote(attestor_b), m=m)
+    err = res["source_error"]
+    # Named as the destination's abort -- not taken for a malformed quote.
+    assert type(err) is SecurityError, repr(err)
+    assert "destination aborted the handshake" in str(err) and "cannot quote (injected)" in str(err), str(err)
+    refused_at_home(m, keys, res, SecurityError, "cannot quote")
+    sent = [t for t, _ in res["relay"].seen]
+    assert sent.count(RecordType.QUOTE) == 0, sent      # neither end's quote crossed
