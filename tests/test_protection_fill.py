@@ -123,11 +123,14 @@ class ParkedCpu:
         return self.regs[reg]
 
 
-def test_a_protected_process_resumed_with_paging_off_is_stopped_once(two):
+@pytest.mark.parametrize("low", [0x8, 0x19])
+def test_a_protected_process_resumed_with_paging_off_is_stopped_once(two, low):
     # The kernel clears CR0.PG and returns to pid 1 at ring 3: its memory
-    # would be reached through no translation the VMM checks.
+    # would be reached through no translation the VMM checks.  CR3's low bits
+    # (PWT, PCD, and bits the CPU ignores, bit 0 among them) are the kernel's
+    # to set: they must not hide the process.
     m, cr3, seen = two
-    ring3 = ParkedCpu(abi.SEL_UDATA | 3, cr3[1] | 0x8)
+    ring3 = ParkedCpu(abi.SEL_UDATA | 3, cr3[1] | low)
     mine = frame_of(m, cr3[1], SECRET)
     assert m.protection.on_physical(ring3, mine, False, False) == READ
     assert m.protection.procs[1].stopped == "resumed with paging off (CR0.PG clear)"
