@@ -9,16 +9,13 @@ guest on with its keys, and nothing of the VM crossed."""
 
 from __future__ import annotations
 
-import pytest
-
 from migrate.errors import MigrationError
 from migrate.secure.errors import SecurityError
 from migrate.secure.mode import SecureMode
 from migrate.wire import RecordType
 
-from securehelp import Trust
-from test_secure_attacks import guest
-from test_secure_pipeline_attacks import migrate, refused_at_home
+from test_secure_handshake_refusals import against
+from test_secure_pipeline_attacks import refused_at_home
 
 
 class TpmFailsBesideTheHandshake(SecureMode):
@@ -29,12 +26,7 @@ class TpmFailsBesideTheHandshake(SecureMode):
 
 
 def test_a_destination_whose_tpm_fails_beside_the_handshake_refuses_by_name(tmp_path):
-    trust = Trust(tmp_path)
-    a, b = trust.host("a"), trust.host("b", role="destination")
-    m = guest()
-    keys = dict(m.protection._keys)
-    attestor_b = trust.mode(b).attestor
-    m, res = migrate(trust.mode(a), lambda: TpmFailsBesideTheHandshake(attestor_b), m=m)
+    keys, m, res = against(tmp_path, TpmFailsBesideTheHandshake)
     words = "this host's TPM could not make the release key or read the VM's generation"
     # The destination names it (a SecurityError, not a raw OSError that ends the server) ...
     assert isinstance(res["error"], SecurityError) and words in str(res["error"]), res["error"]

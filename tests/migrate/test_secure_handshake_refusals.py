@@ -17,6 +17,18 @@ from test_secure_attacks import guest
 from test_secure_pipeline_attacks import migrate, refused_at_home
 
 
+def against(tmp_path, destination):
+    """Migrate the protected guest from an honest secure source to a
+    ``destination(attestor)`` through a recording relay: (keys before, guest, results)."""
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    m = guest()
+    keys = dict(m.protection._keys)
+    attestor_b = trust.mode(b).attestor
+    m, res = migrate(trust.mode(a), lambda: destination(attestor_b), m=m)
+    return keys, m, res
+
+
 class RefusesThisVm(SecureMode):
     """A destination that refuses the VM as soon as HELLO arrives."""
     def destination_handshake(self, ch, hello, hello_body):
@@ -24,12 +36,7 @@ class RefusesThisVm(SecureMode):
 
 
 def test_a_destination_that_refuses_before_its_key_share_is_named_by_the_source(tmp_path):
-    trust = Trust(tmp_path)
-    a, b = trust.host("a"), trust.host("b", role="destination")
-    m = guest()
-    keys = dict(m.protection._keys)
-    attestor_b = trust.mode(b).attestor
-    m, res = migrate(trust.mode(a), lambda: RefusesThisVm(attestor_b), m=m)
+    keys, m, res = against(tmp_path, RefusesThisVm)
     err = res["source_error"]
     # The destination's reason, as a refusal of the handshake -- not "expected
     # KEY_SHARE, destination sent ABORT", which blames the protocol.
@@ -70,12 +77,7 @@ class CannotQuote(SecureMode):
 
 
 def test_a_destination_that_aborts_instead_of_quoting_is_named_by_the_source(tmp_path):
-    trust = Trust(tmp_path)
-    a, b = trust.host("a"), trust.host("b", role="destination")
-    m = guest()
-    keys = dict(m.protection._keys)
-    attestor_b = trust.mode(b).attestor
-    m, res = migrate(trust.mode(a), lambda: CannotQuote(attestor_b), m=m)
+    keys, m, res = against(tmp_path, CannotQuote)
     err = res["source_error"]
     # Named as the destination's abort -- not taken for a malformed quote.
     assert type(err) is SecurityError, repr(err)
