@@ -1067,7 +1067,11 @@ def test_a_mark_whose_disk_fails_its_undo_stays_pending_and_its_file_is_closed(t
     m = guest()
     keys = dict(m.protection._keys)
     m, res = migrate(trust, src, lambda: AbortsRound0(trust.mode(b).attestor), m)
-    assert "gives up in round 0" in str(res.get("source_error")), res
+    # The destination gave up mid-round; the source hears its ABORT or, when the
+    # destination's close beats that read, a broken pipe while it still sends
+    # pages (CI saw both): either way a MigrationError, and the rest holds.
+    assert "gives up in round 0" in str(res.get("error")), res
+    assert isinstance(res.get("source_error"), MigrationError), res
     assert len(marks) == 1 and marks[0]._fd is None, "the mark's file was left open"
     assert read_mark(a, src.vm[0])["state"] == "pending"
     assert_home_intact(m, keys, res)
