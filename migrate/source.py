@@ -71,6 +71,12 @@ PRECOPY_GUEST_SHARE = 0.25
 ZERO_SCAN = 4096            # pages tested for zero at once in contiguous runs (16 MiB)
 
 
+def _throttle(cpu: float) -> float:
+    """How long the guest's thread waits after a slice begun at its CPU time
+    ``cpu``, so that the guest gets PRECOPY_GUEST_SHARE of the thread's time."""
+    return (time.thread_time() - cpu) * (1 - PRECOPY_GUEST_SHARE) / PRECOPY_GUEST_SHARE
+
+
 class _Stopped(Exception):
     """Tells the sender thread to give up (the guest thread saw a failure)."""
 
@@ -286,9 +292,8 @@ class Source:
                 cpu = time.thread_time()
                 with self.slice_gate:
                     m.step()
-                if not done.done():     # throttled as in a pre-copy round (PRECOPY_GUEST_SHARE)
-                    futures_wait((done,), (time.thread_time() - cpu) * (1 - PRECOPY_GUEST_SHARE)
-                                 / PRECOPY_GUEST_SHARE)
+                if not done.done():     # throttled as in a pre-copy round
+                    futures_wait((done,), _throttle(cpu))
                 time.sleep(0)
         except BaseException:
             cancel()
@@ -461,7 +466,7 @@ class Source:
                         with self.slice_gate:
                             m.step()
                         if th.is_alive():       # throttled while the round is sent
-                            th.join((time.thread_time() - cpu) * (1 - PRECOPY_GUEST_SHARE) / PRECOPY_GUEST_SHARE)
+                            th.join(_throttle(cpu))
                     if failure:
                         break
                     if not th.is_alive():
