@@ -136,7 +136,9 @@ class AttestationPolicy:
             raise PolicyFormatError("policy must be a JSON object")
         if doc.get("format") != POLICY_FORMAT:
             raise PolicyFormatError(f"not a {POLICY_FORMAT} document")
-        if doc.get("version") != POLICY_VERSION:
+        version = doc.get("version")
+        # (type first: JSON true and 1.0 compare equal to 1 in Python)
+        if type(version) is not int or version != POLICY_VERSION:
             raise PolicyFormatError(f"unsupported policy version {doc.get('version')!r}")
         pcrs = doc.get("pcrs")
         if not isinstance(pcrs, dict) or not pcrs:
@@ -144,7 +146,10 @@ class AttestationPolicy:
         table: dict[int, set] = {}
         notes: dict = {}
         for key, entries in pcrs.items():
-            if not (isinstance(key, str) and key.isdigit() and int(key) < NUM_PCRS):
+            # Decimal as written by to_json: "08" or a non-ASCII digit would name
+            # the same PCR as "8", and the later key would replace the earlier one.
+            if not (isinstance(key, str) and key.isascii() and key.isdigit() and str(int(key)) == key
+                    and int(key) < NUM_PCRS):
                 raise PolicyFormatError(f"bad PCR index {key!r}")
             if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_APPROVED_PER_PCR:
                 raise PolicyFormatError(f"PCR {key}: expected a list of 1..{MAX_APPROVED_PER_PCR} entries")

@@ -62,6 +62,8 @@ def _entry(digest="00" * 32, **kw):
     ({"24": [_entry()]}, "bad PCR index '24'"),
     ({"-1": [_entry()]}, "bad PCR index '-1'"),
     ({"8.0": [_entry()]}, "bad PCR index"),
+    ({"08": [_entry()]}, "bad PCR index '08'"),          # would replace "8"'s entries
+    ({"\u0668": [_entry()]}, "bad PCR index"),           # ARABIC-INDIC DIGIT EIGHT: int() reads 8
     ({"8": []}, "expected a list of 1..256 entries"),
     ({"8": [_entry(f"{i:064x}") for i in range(257)]}, "expected a list of 1..256 entries"),
     ({"8": {"type": "vmm-code"}}, "expected a list"),
@@ -142,7 +144,7 @@ def test_a_policy_document_is_bounded_at_one_mib():
 def test_a_policy_of_another_version_is_refused_even_if_it_parses():
     """A version-2 document may mean something this verifier does not know (say,
     entries that widen what is approved): it is refused, not read as version 1."""
-    for version in (2, 0, "1", None):
+    for version in (2, 0, "1", None, True, 1.0):
         with pytest.raises(PolicyFormatError, match="unsupported policy version"):
             AttestationPolicy.from_json({**_doc({"8": [_entry()]}), "version": version})
 
