@@ -122,17 +122,28 @@ def test_a_crash_before_commit_still_aborts_and_gives_the_guest_back():
 def test_the_downtime_is_measured_on_the_clock_both_ends_share(same_host):
     """Same boot id: the destination's monotonic resume time minus our pause time;
     otherwise an upper bound, pause to RESUMED received.  Either way it lies
-    within the migration's total time."""
+    within the migration's total time.  The source's events carry seconds since
+    migrate() began on the same clock: in order, none before 0 or after the end
+    (the TUI's timeline; issue 19: ``now - t0`` -> ``now + t0`` passed every test)."""
     from migrate import clock
+    from minivmm.events import EventBus
+    bus, seen = EventBus(), []
+    bus.subscribe(seen.append)
     peer = ScriptedDestination(boot_id=None if same_host else "another-host")
     m = fresh_guest()
-    src = Source(m, timeout=5)
+    src = Source(m, timeout=5, events=bus)
     m.run(max_ticks=20)                 # the engine's clock starts at migrate(), not before
     t0 = clock.now()
     report = src.migrate(peer.address)
     took = clock.now() - t0
     peer.close()
     assert 0 < report.downtime_seconds <= report.total_seconds <= took
+    names = [type(e).__name__ for e in seen]
+    assert names[0] == "Connected" and names[-4:] == ["Prepared", "Committed", "Resumed", "Completed"], names
+    times = [e.t for e in seen]
+    assert times == sorted(times) and 0 <= times[0] and times[-1] <= took, list(zip(names, times))
+    assert times[-2] <= report.total_seconds        # (Completed comes after the report is final)
+    assert {e.role for e in seen} == {"source"}
     assert report.downtime_method.startswith("both VMMs on this host" if same_host else "different hosts")
 
 
