@@ -175,7 +175,7 @@ class Source:
             except MigrationError:
                 # The send failed, so no whole COMMIT reached the destination
                 # (a record is all or nothing to its parser): it cannot resume.
-                self.mode.undo_commit(m)
+                # (_abort below gives the process keys back and undoes the mark.)
                 m.halted, m.halt_detail = None, ""
                 committed = False
                 raise
@@ -186,8 +186,8 @@ class Source:
                 # The destination gave up before our COMMIT reached it (its own
                 # wait for COMMIT timed out) and discarded the VM: it will
                 # never resume, so this copy is the only one.  Take it back.
-                # (Secure mode: that ABORT came sealed, from the destination.)
-                self.mode.undo_commit(m)
+                # (Secure mode: that ABORT came sealed, from the destination;
+                # _abort below gives the process keys back and undoes the mark.)
                 m.halted, m.halt_detail = None, ""
                 committed = False
                 raise PeerAborted(f"{exc} (after COMMIT: the destination discarded the VM; "

@@ -13,12 +13,14 @@
 import pytest
 
 from guests.catalog import get_guest
+from migrate import events as mev
 from migrate.errors import CommitUnconfirmed, ConnectionLost, DigestMismatch, PeerAborted, ProtocolError
 from migrate.messages import RoundMark
 from migrate.server import Server
 from migrate.source import MIGRATED, Source
 from migrate.wire import Channel, RecordType
 from minivmm.errors import VmmError
+from minivmm.events import EventBus
 from minivmm.machine import Machine
 
 from inproc import receive_in_thread
@@ -64,10 +66,16 @@ def test_after_commit_a_lost_resumed_never_gives_the_guest_back(how):
     res = {}
     t = receive_in_thread(server, res, timeout=5, run_ticks=None)
     m = fresh_guest()
-    with pytest.raises(CommitUnconfirmed, match="did not confirm"):
-        Source(m, timeout=2).migrate(server.label)
+    bus, said = EventBus(), []
+    bus.subscribe(said.append, mev.Aborted)
+    with pytest.raises(CommitUnconfirmed, match="did not confirm") as err:
+        Source(m, timeout=2, events=bus).migrate(server.label)
     t.join(30)
     server.close()
+    # what the operator (report) and the TUI (event) are told: not "aborted", not "completed"
+    report = err.value.report
+    assert report.outcome == "commit-unconfirmed" and report.error == str(err.value)
+    assert [e.reason for e in said] == [str(err.value)]
     assert "incoming" in res, res.get("error")       # the destination runs the VM ...
     assert m.halted == MIGRATED                      # ... so this copy never does
     with pytest.raises(VmmError, match="halted"):
