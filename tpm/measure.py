@@ -19,7 +19,8 @@ Code manifest (deterministic: sorted relative names, content hashes)::
     minivmm-code-manifest v1\\n
     <sha256 hex of file content>  <relative/posix/name>\\n     (one per file, sorted by name)
 
-Directories are expanded recursively (``__pycache__`` and ``*.pyc`` skipped).
+Directories are expanded recursively (``__pycache__`` and ``*.pyc`` skipped, and a
+mutation tool's ``X.py.meta``/``X.py.spans`` beside ``X.py``: see TOOL_BOOKKEEPING).
 Relative names are taken from ``root`` if given, else from each given path's
 own parent (``minivmm/cpu.py``, ``tpm/quote.py``), so the measurement does not
 depend on where the VMM is installed, nor on its packages being imported from
@@ -51,6 +52,22 @@ MANIFEST_HEADER = b"minivmm-code-manifest v2\n"
 NATIVE_PREFIX = "native:"
 
 
+#: Files a mutation-testing run (mutmut, docs/testing.md) writes beside each module it
+#: mutated: ``source.py.meta``, ``source.py.spans``.  Python never imports them (a module
+#: name has no dots, and neither suffix is one an import loader takes), so they are
+#: not code; measured, their ~50 names pushed the manifest past its event bound.
+TOOL_BOOKKEEPING = (".py.meta", ".py.spans")
+
+
+def _tool_bookkeeping(name: str, siblings) -> bool:
+    """``name`` is a tool's bookkeeping file beside the module it describes (that
+    module present in the same directory): not measured.  Anything else is."""
+    for suffix in TOOL_BOOKKEEPING:
+        if name.endswith(suffix) and name[:-len(suffix)] + ".py" in siblings:
+            return True
+    return False
+
+
 def _expand(paths: list[Path]) -> list[Path]:
     files: dict[Path, None] = {}
     for p in paths:
@@ -59,7 +76,7 @@ def _expand(paths: list[Path]) -> list[Path]:
             for dirpath, dirnames, filenames in os.walk(p):
                 dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
                 for f in sorted(filenames):
-                    if not f.endswith(".pyc"):
+                    if not f.endswith(".pyc") and not _tool_bookkeeping(f, filenames):
                         files[Path(dirpath) / f] = None
         elif p.is_file():
             files[p] = None

@@ -133,3 +133,19 @@ def test_two_packages_of_one_name_are_refused(tmp_path, vmm_code):
     shutil.copytree(vmm_code, other)
     with pytest.raises(MeasurementError, match="both named"):
         code_manifest([vmm_code, other])
+
+
+def test_a_mutation_tools_bookkeeping_beside_a_module_is_not_code_but_anything_else_is(vmm_code):
+    """mutmut writes ``X.py.meta`` and ``X.py.spans`` beside each module it mutated; Python
+    never imports them, and measured they pushed the manifest past its event bound (the
+    documented ``mutmut run`` failed).  Only those, beside their module, are left out:
+    the same names without the module, or a native extension dropped beside the sources
+    (which Python would import before the ``.py``), are measured."""
+    before = code_manifest([vmm_code])
+    (vmm_code / "cpu.py.meta").write_text("{}")
+    (vmm_code / "cpu.py.spans").write_text("{}")
+    assert code_manifest([vmm_code]) == before
+    for stray in ("mmu.py.meta", "cpu.cpython-311-x86_64-linux-gnu.so", "cpu.meta", "cpu.py.orig"):
+        (vmm_code / stray).write_bytes(b"x")
+        assert f"  minivmm/{stray}\n".encode() in code_manifest([vmm_code]), stray
+        (vmm_code / stray).unlink()
