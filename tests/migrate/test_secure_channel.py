@@ -664,3 +664,24 @@ def test_a_sealed_send_refuses_a_record_the_peer_must_refuse_before_sealing_it(r
         tx.send(rtype, body)
     tx.send(RecordType.COMMIT, b"")
     assert sent_raw(a, b) == documented_record(KAT_KEYS.s2d, 1, 0, RecordType.COMMIT, b"")
+
+
+def test_pending_abort_reads_what_waits_under_a_one_second_cap():
+    """Before COMMIT the guest is still paused: a destination that puts a record
+    header on the wire and then trickles its body must not hold the source for the
+    channel's whole record timeout (30 s here) before it gives up and resumes its
+    guest; the read is capped at 1 s (issue 19: mutmut's `timeout=None` and `2.0`
+    for that cap passed every test)."""
+    asked = []
+
+    class Watched(SealedChannel):
+        def recv(self, **kw):
+            asked.append(kw.get("timeout"))
+            return super().recv(**kw)
+    a, b = socket.socketpair()
+    tx = Watched(a, role="source", timeout=30)
+    tx.seal(KAT_KEYS)
+    b.sendall(documented_record(KAT_KEYS.d2s, 2, 0, RecordType.ABORT, b"why"))
+    assert tx.pending_abort() is True
+    assert asked == [1.0]
+    tx.close(), b.close()
