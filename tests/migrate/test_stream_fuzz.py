@@ -66,9 +66,10 @@ def encode(records, flags=None):
     return b"".join(HEADER.pack(t, (flags or {}).get(i, 0), len(b), i) + b for i, (t, b) in enumerate(records))
 
 
-def feed(data: bytes, channel=Channel):
-    """Run a destination on ``data`` (through ``channel``, a Channel class);
-    return the Incoming or the MigrationError."""
+def feed(data: bytes, channel=Channel, timeout=None):
+    """Run a destination on ``data`` (through ``channel``, a Channel class, with
+    ``timeout``, default TIMEOUT); return the Incoming or the MigrationError."""
+    timeout = TIMEOUT if timeout is None else timeout
     a, b = socket.socketpair()
     a.settimeout(5)
 
@@ -91,11 +92,11 @@ def feed(data: bytes, channel=Channel):
     d.start()
     t0 = time.monotonic()
     try:
-        return Destination(timeout=TIMEOUT).receive(channel(b, timeout=TIMEOUT), "fuzz")
+        return Destination(timeout=timeout).receive(channel(b, timeout=timeout), "fuzz")
     except MigrationError as exc:
         return exc
     finally:
-        assert time.monotonic() - t0 < 10 * TIMEOUT + 5, "the destination took unbounded time"
+        assert time.monotonic() - t0 < 10 * timeout + 5, "the destination took unbounded time"
         b.close()
         t.join(5)
         d.join(5)
