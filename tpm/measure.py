@@ -19,8 +19,9 @@ Code manifest (deterministic: sorted relative names, content hashes)::
     minivmm-code-manifest v1\\n
     <sha256 hex of file content>  <relative/posix/name>\\n     (one per file, sorted by name)
 
-Directories are expanded recursively (``__pycache__`` and ``*.pyc`` skipped, and a
-mutation tool's ``X.py.meta``/``X.py.spans`` beside ``X.py``: see TOOL_BOOKKEEPING).
+Directories are expanded recursively (``__pycache__`` skipped, and a mutation tool's
+``X.py.meta``/``X.py.spans`` beside ``X.py``: see TOOL_BOOKKEEPING); a ``*.pyc`` outside
+``__pycache__`` or a symbolic link to a directory is refused (MeasurementError).
 Relative names are taken from ``root`` if given, else from each given path's
 own parent (``minivmm/cpu.py``, ``tpm/quote.py``), so the measurement does not
 depend on where the VMM is installed, nor on its packages being imported from
@@ -74,9 +75,22 @@ def _expand(paths: list[Path]) -> list[Path]:
         p = Path(p)
         if p.is_dir():
             for dirpath, dirnames, filenames in os.walk(p):
+                # Refused, not skipped: each is code Python would import that the
+                # walk would not see.  os.walk does not enter a symbolic link to a
+                # directory, but the import system does (a package shadowing a
+                # module of the same name); a compiled module outside __pycache__
+                # is imported without any source (a directory holding only
+                # __init__.pyc shadows the measured X.py).
+                for d in dirnames:
+                    if os.path.islink(os.path.join(dirpath, d)):
+                        raise MeasurementError(f"cannot measure {os.path.join(dirpath, d)}: a symbolic link to "
+                                               f"a directory (what it holds would be imported unmeasured)")
                 dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
                 for f in sorted(filenames):
-                    if not f.endswith(".pyc") and not _tool_bookkeeping(f, filenames):
+                    if f.endswith(".pyc"):
+                        raise MeasurementError(f"cannot measure {os.path.join(dirpath, f)}: a compiled module "
+                                               f"outside __pycache__ (Python imports it without its source)")
+                    if not _tool_bookkeeping(f, filenames):
                         files[Path(dirpath) / f] = None
         elif p.is_file():
             files[p] = None

@@ -149,3 +149,27 @@ def test_a_mutation_tools_bookkeeping_beside_a_module_is_not_code_but_anything_e
         (vmm_code / stray).write_bytes(b"x")
         assert f"  minivmm/{stray}\n".encode() in code_manifest([vmm_code]), stray
         (vmm_code / stray).unlink()
+
+
+@pytest.mark.parametrize("plant", ["sourceless package", "sourceless module", "linked package"])
+def test_code_python_would_import_but_the_walk_would_not_see_is_refused(tmp_path, vmm_code, plant):
+    """A hostile writer of the install directory shadows the measured ``cpu.py``
+    with a package directory holding only ``__init__.pyc`` (Python looks for the
+    package first; the walk skipped every ``.pyc``), with a ``.pyc`` beside the
+    sources, or with a symbolic link to a directory elsewhere (``os.walk`` does not
+    follow it; the import system does).  Each was imported while PCR 8 stayed the
+    same (a review of this session); each is now refused by name."""
+    if plant == "sourceless package":
+        (vmm_code / "cpu").mkdir()
+        (vmm_code / "cpu" / "__init__.pyc").write_bytes(b"evil")
+        named = "__init__.pyc"
+    elif plant == "sourceless module":
+        (vmm_code / "net.pyc").write_bytes(b"evil")
+        named = "net.pyc"
+    else:
+        (tmp_path / "evil").mkdir()
+        (tmp_path / "evil" / "__init__.py").write_text("print('unmeasured')\n")
+        (vmm_code / "cpu_impl").symlink_to(tmp_path / "evil", target_is_directory=True)
+        named = "cpu_impl: a symbolic link"
+    with pytest.raises(MeasurementError, match=named):
+        code_manifest([vmm_code])
