@@ -4,7 +4,7 @@ into its host's software TPM before it touches a guest.
 What is measured (``tpm.measure.measure_vmm``, PCRs 8, 9, 10):
 
 * code: the packages this VMM runs -- ``minivmm``, ``guests``, ``migrate``,
-  ``tpm`` -- as a manifest of content hashes (names relative to their
+  ``tpm``, and ``tui`` when installed (the CLI loads its commands) -- as a manifest of content hashes (names relative to their
   common parent, so the install location does not matter), followed by the
   native libraries it loads, in this order: unicorn (the emulator), keystone
   (the assembler), capstone (the disassembler), cryptography's Rust/OpenSSL
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass
@@ -53,7 +54,15 @@ def default_tpm_dir(role: str) -> Path:
 
 
 def code_paths() -> list[Path]:
-    return [Path(p.__file__).parent for p in (minivmm, guests, migrate, tpm_pkg)]
+    """The measured packages.  ``tui`` too: the CLI loads its commands through the
+    ``minivmm.commands`` entry point at every start, ``serve`` included, so its code
+    runs in a measured VMM (a hostile review changed it and PCR 8 stayed the same).
+    Found, not imported: the VMM core never imports the TUI (or Textual)."""
+    paths = [Path(p.__file__).parent for p in (minivmm, guests, migrate, tpm_pkg)]
+    spec = importlib.util.find_spec("tui")
+    if spec is not None and spec.submodule_search_locations:
+        paths.append(Path(list(spec.submodule_search_locations)[0]))
+    return paths
 
 
 #: (label, module that loads the library): the measured order of the native libraries.

@@ -13,7 +13,7 @@ from migrate.measure import (NATIVE_MODULES, PROTECTION_POLICY, code_paths, expe
 from tpm import AttestationPolicy, Issuer, SoftTpm, Verifier, vmm_events
 from tpm.errors import PolicyViolationError
 from tpm.eventlog import EventType
-from tpm.measure import canonical_json
+from tpm.measure import canonical_json, code_manifest
 
 CONFIG = {"role": "destination", "migration_protocol": 1, "secure": False, "timeout": 10.0}
 
@@ -106,3 +106,17 @@ def test_a_changed_emulator_library_changes_pcr8(tmp_path):
                          native_libraries=[(label, changed)] + libs[1:])
     assert honest == expected_events(CONFIG)
     assert patched[0].digest != honest[0].digest and patched[1:] == honest[1:]
+
+
+def test_the_tui_the_cli_loads_is_measured_without_being_imported():
+    """The CLI loads ``tui.cli:register`` through its entry point at every start
+    (``serve`` included), so a changed ``tui/`` must change PCR 8 (a hostile review
+    changed it and PCR 8 stayed the same); finding it must not import it (the VMM
+    core never imports the TUI or Textual)."""
+    probe = ("import sys; from migrate.measure import code_paths; "
+             "names = [p.name for p in code_paths()]; "
+             "print(names, 'tui' in sys.modules, 'textual' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['minivmm', 'guests', 'migrate', 'tpm', 'tui'] False False", out
+    manifest = code_manifest(code_paths())
+    assert b"  tui/cli.py\n" in manifest
