@@ -43,6 +43,7 @@ from tpm.eventlog import Event
 from tpm.measure import VMM_CODE_PCR, VMM_CONFIG_PCR, VMM_POLICY_PCR
 
 import migrate
+from migrate import codeguard
 from migrate.wire import VERSION
 
 PROTECTION_POLICY = {"protection": "cloaking", "keys": "os.urandom", "migration": "plain",
@@ -136,7 +137,11 @@ class Measurement:
 def measure_start(tpm_dir: Path | str, config: dict, policy: dict | None = None) -> Measurement:
     policy = dict(PROTECTION_POLICY if policy is None else policy)
     tpm = SoftTpm.open(tpm_dir, startup="clear")
-    events = measure_vmm(tpm, code_paths(), config, policy, native_libraries=native_libraries())
+    paths = code_paths()
+    # Before anything is extended: the modules already imported run their measured
+    # source (no forged pyc), and later imports will (migrate/codeguard.py).
+    events = measure_vmm(tpm, paths, config, policy, native_libraries=native_libraries(),
+                         check=lambda events: codeguard.guard(paths, events[0].data))
     files = events[0].data.count(b"\n") - 1
     pcrs = {i: tpm.read_pcr(i).hex() for i in (VMM_CODE_PCR, VMM_CONFIG_PCR, VMM_POLICY_PCR)}
     return Measurement(str(tpm_dir), pcrs, config, policy, files)

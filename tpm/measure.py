@@ -200,13 +200,19 @@ def measure_vmm(
     *,
     root: Path | str | None = None,
     native_libraries: Sequence[tuple[str, Path | str]] = (),
+    check=None,
 ) -> list[Event]:
     """Measure a VMM into ``tpm``: extend PCRs 8, 9, 10 and log the events.
 
     Everything is hashed *before* the first extend, so a measurement that fails
-    (unreadable file, non-JSON config) extends nothing.
+    (unreadable file, non-JSON config) extends nothing.  ``check(events)``, if
+    given, runs after the hashing and before the first extend: its
+    MeasurementError extends nothing either (the VMM's check that the code it
+    runs is the code measured: ``migrate/codeguard.py``).
     """
     events = vmm_events(code_paths, config, policy, root=root, native_libraries=native_libraries)
+    if check is not None:
+        check(events)
     for e in events:
         tpm.extend(e.pcr, e.digest, event_type=e.type, data=e.data)
     return events
