@@ -156,6 +156,7 @@ def test_check_loaded_refuses_a_forged_pyc_and_passes_a_genuine_or_stale_one(pkg
     digests = _digests(pkg)
     import guardpkg.a
     import guardpkg.b
+    assert (guardpkg.a.NAME, guardpkg.b.NAME) == ("a", "b")
     assert check_loaded([pkg], digests) == 0                # no pyc: the sources ran
     a, b = pkg / "a.py", pkg / "b.py"
     cached = Path(importlib.util.cache_from_source(str(a)))
