@@ -131,7 +131,7 @@ def prepare(name: str, ram: int) -> Machine:
 
 def _start_destination(tmp: Path, name: str, mode_args: list[str]):
     port_file = tmp / f"port-{name}"
-    dest = subprocess.Popen([sys.executable, "-m", "minivmm", "serve", "--listen", "127.0.0.1:0",
+    dest = subprocess.Popen([sys.executable, "-m", "minivmm_boot", "serve", "--listen", "127.0.0.1:0",
                              "--forever", "--ticks", "1", "--port-file", str(port_file), "--reserve-ram", "256",
                              "--tpm-dir", str(tmp / f"tpm-{name}"), *mode_args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

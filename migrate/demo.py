@@ -74,7 +74,7 @@ def main(args) -> int:
     with tempfile.TemporaryDirectory(prefix="minivmm-demo-") as tmp:
         port_file = Path(tmp) / "port"
         child = subprocess.Popen(
-            [sys.executable, "-m", "minivmm", "serve", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
+            [sys.executable, "-m", "minivmm_boot", "serve", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
              "--tpm-dir", str(base / "destination"), "--reserve-ram", str(ram >> 20), *mode_args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
         pumps = [threading.Thread(target=_pump, args=(child.stdout, b), daemon=True),

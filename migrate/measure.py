@@ -36,6 +36,7 @@ from pathlib import Path
 
 import guests
 import minivmm
+import minivmm_boot
 import tpm as tpm_pkg
 from tpm import SoftTpm, measure_vmm, vmm_events
 from tpm.errors import MeasurementError
@@ -55,7 +56,7 @@ def default_tpm_dir(role: str) -> Path:
 
 
 def code_paths() -> list[Path]:
-    """The measured packages.  ``tui`` too: the CLI loads its commands through the
+    """The measured packages and the launcher (``minivmm_boot.py``).  ``tui`` too: the CLI loads its commands through the
     ``minivmm.commands`` entry point at every start, ``serve`` included, so its code
     runs in a measured VMM (a hostile review changed it and PCR 8 stayed the same).
     Found, not imported: the VMM core never imports the TUI (or Textual)."""
@@ -63,7 +64,7 @@ def code_paths() -> list[Path]:
     spec = importlib.util.find_spec("tui")
     if spec is not None and spec.submodule_search_locations:
         paths.append(Path(list(spec.submodule_search_locations)[0]))
-    return paths
+    return paths + [Path(minivmm_boot.__file__)]     # the launcher runs in every VMM too
 
 
 #: (label, module that loads the library): the measured order of the native libraries.
@@ -138,8 +139,8 @@ def measure_start(tpm_dir: Path | str, config: dict, policy: dict | None = None)
     policy = dict(PROTECTION_POLICY if policy is None else policy)
     tpm = SoftTpm.open(tpm_dir, startup="clear")
     paths = code_paths()
-    # Before anything is extended: the modules already imported run their measured
-    # source (no forged pyc), and later imports will (migrate/codeguard.py).
+    # Before anything is extended: every module imported so far was compiled from
+    # the source measured now, and later imports will be (migrate/codeguard.py).
     events = measure_vmm(tpm, paths, config, policy, native_libraries=native_libraries(),
                          check=lambda events: codeguard.guard(paths, events[0].data))
     files = events[0].data.count(b"\n") - 1

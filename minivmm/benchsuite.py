@@ -22,11 +22,11 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
-from importlib.metadata import PackageNotFoundError, entry_points, version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from minivmm.plugins import own_entry_points
 from minivmm.verdict import Goal, Progress
 
 SETTINGS = {          # name -> repeat, compute iterations, protection (syscalls, compute iterations)
@@ -168,7 +168,7 @@ def main(args) -> int:
     t0 = time.perf_counter()
     machine = _machine()
     sections = [_compute_part(s, Progress), _protection_part(s, Progress)]
-    suites = sorted(entry_points(group="minivmm.bench_suites"), key=lambda e: e.name)
+    suites = own_entry_points("minivmm.bench_suites")
     for ep in suites:
         sections.append(ep.load()(quick=setting != "full", repeat=s["repeat"], progress_factory=Progress,
                                   smoke=setting == "smoke"))

@@ -25,11 +25,11 @@ import os
 import signal
 import sys
 import threading
-from importlib.metadata import entry_points
 from pathlib import Path
 
 from minivmm import events as ev
 from minivmm.errors import GuestError, ImageError, StateError, VmmError
+from minivmm.plugins import own_entry_points
 
 EXIT_OK, EXIT_CRASH, EXIT_BADINPUT, EXIT_BOUND, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 STATE_MAGIC = b"MVMSTATE"           # minivmm/state.py's file magic
@@ -524,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "protection: cloak/uncloak cost and protected vs unprotected programs")
     bench.set_defaults(func=cmd_bench)
 
-    for ep in entry_points(group="minivmm.commands"):
+    for ep in own_entry_points("minivmm.commands"):
         ep.load()(sub)
     return p
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 def command(*args: str) -> list[str]:
     """The argv that runs ``minivmm ARGS`` with this interpreter."""
-    return [sys.executable, "-m", "minivmm", *args]
+    return [sys.executable, "-m", "minivmm_boot", *args]
 
 
 MIGRATING = ("serve", "run", "demo")      # the commands that take --plain / --issuer

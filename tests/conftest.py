@@ -1,8 +1,15 @@
 """Suite-wide fixtures."""
 
-import pytest
+# First, before any of the VMM's packages is imported: the launcher's source-only
+# import, as the minivmm command installs it, so that tests can measure a VMM in
+# this process (migrate/codeguard.py refuses one whose modules came from elsewhere).
+import minivmm_boot
 
-from minivmm.vmmproc import kill_all, running
+minivmm_boot.install()
+
+import pytest  # noqa: E402
+
+from minivmm.vmmproc import kill_all, running  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

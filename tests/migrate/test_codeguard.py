@@ -1,14 +1,15 @@
-"""The code a measured VMM runs is the code it measured (migrate/codeguard.py).
+"""The code a measured VMM runs is the code it measured (minivmm_boot.py, migrate/codeguard.py).
 
-The attack: leave a measured ``X.py`` alone and put other code in the pyc that
-Python runs instead (its header matching ``X.py``, or an unchecked hash pyc).
-PCR 8 measures sources, so it stayed the approved value while the VMM ran the
-forged code (hostile review).  Each test first shows the forged code runs, then
-that the VMM refuses to start with it, or does not run it."""
+The attacks (two hostile reviews): a forged pyc beside an untouched measured
+``X.py``, which Python runs instead of it (a timestamp pyc matching the
+source, a checked hash pyc, an unchecked hash pyc), including one that deletes
+itself once it ran; a module shadowing the standard library from the current
+directory of ``python -m``; a planted distribution declaring a ``minivmm.commands``
+entry point.  Each test first shows the attack really runs code without the
+defence, then that a VMM started through its launcher does not run it."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import marshal
 import os
@@ -19,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from migrate import codeguard
-from migrate.codeguard import MeasuredFinder, NotMeasured, check_loaded, manifest_digests, would_load_pyc
-from tpm.errors import MeasurementError
+import minivmm_boot
+from migrate.codeguard import manifest_digests
+from minivmm_boot import BootFinder, NotMeasured
 from tpm.measure import code_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,7 +31,6 @@ ROOT = Path(__file__).resolve().parents[2]
 def pyc(code, source: Path, kind: str) -> bytes:
     """A pyc holding ``code`` that Python takes for ``source``'s: ``kind`` is
     timestamp (source mtime and size), checked (source hash) or unchecked."""
-    body = marshal.dumps(code)
     if kind == "timestamp":
         st = source.stat()
         head = (0).to_bytes(4, "little") + (int(st.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little") \
@@ -38,12 +38,15 @@ def pyc(code, source: Path, kind: str) -> bytes:
     else:
         flags = 0b11 if kind == "checked" else 0b01
         head = flags.to_bytes(4, "little") + importlib.util.source_hash(source.read_bytes())
-    return importlib.util.MAGIC_NUMBER + head + body
+    return importlib.util.MAGIC_NUMBER + head + marshal.dumps(code)
 
 
-def forge(source: Path, cached: Path, kind: str, extra: str = "FORGED = 'yes'\n") -> None:
+def forge(source: Path, cached: Path, kind: str, payload: str) -> None:
+    """The real module, then ``payload``, then the pyc deletes itself (so that
+    nothing on disk shows it ran: a check of the pycs afterwards finds none)."""
     cached.parent.mkdir(parents=True, exist_ok=True)
-    code = compile(source.read_bytes() + b"\n" + extra.encode(), str(source), "exec", dont_inherit=True)
+    extra = f"\n{payload}\nimport os as _os\n_os.remove({str(cached)!r})\n"
+    code = compile(source.read_bytes() + extra.encode(), str(source), "exec", dont_inherit=True)
     cached.write_bytes(pyc(code, source, kind))
 
 
@@ -54,96 +57,140 @@ def cache_under(prefix: Path, source: Path, monkeypatch) -> Path:
         return Path(importlib.util.cache_from_source(str(source)))
 
 
-def child(script: str, prefix: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPYCACHEPREFIX": str(prefix), "PYTHONDONTWRITEBYTECODE": "1"}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, cwd=ROOT,
+def run(argv, *, cwd=ROOT, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **env}, cwd=cwd,
                           capture_output=True, text=True, timeout=120)
+
+
+def script(text: str) -> list[str]:
+    return [sys.executable, "-c", textwrap.dedent(text)]
 
 
 # ------------------------------------------------------------ the real VMM
 @pytest.mark.parametrize("kind", ["timestamp", "checked", "unchecked"])
-def test_a_forged_pyc_of_a_module_the_start_imported_refuses_the_start(tmp_path, monkeypatch, kind):
-    """A forged pyc for migrate/wire.py (imported before the VMM measures itself):
-    the forged code runs, so the start is refused, naming the file, and nothing
-    is extended into PCR 8."""
+def test_a_forged_pyc_never_runs_in_a_vmm_started_through_its_launcher(tmp_path, monkeypatch, kind):
+    """A forged, self-deleting pyc for migrate/wire.py (which every VMM start
+    imports before it measures itself).  Imported the usual way it runs; a VMM
+    started as ``python -m minivmm_boot`` (what the ``minivmm`` command, ``python
+    -m minivmm`` and every VMM this project starts run) compiles the source."""
     import migrate.wire
     source = Path(migrate.wire.__file__).resolve()
-    prefix = tmp_path / "pycache"
+    prefix, marker = tmp_path / "pycache", tmp_path / "forged-code-ran"
+    payload = f"open({str(marker)!r}, 'w').write('pid %d' % _os.getpid())" \
+              .replace("_os.getpid", "__import__('os').getpid")
     cached = cache_under(prefix, source, monkeypatch)
-    forge(source, cached, kind)
-    out = child(f"""
-        import migrate.wire
-        print("FORGED", getattr(migrate.wire, "FORGED", None))
+    forge(source, cached, kind, payload)
+    attack = run(script("import migrate.wire"), PYTHONPYCACHEPREFIX=str(prefix))
+    assert attack.returncode == 0, attack.stderr
+    assert marker.exists() and not cached.exists(), "the attack did not take: the forged pyc was not run"
+    marker.unlink()
+    forge(source, cached, kind, payload)
+    vmm = run([sys.executable, "-m", "minivmm_boot", "serve", "--listen", "256.0.0.1:1", "--timeout", "3",
+               "--tpm-dir", str(tmp_path / "tpm"), "--plain"], PYTHONPYCACHEPREFIX=str(prefix))
+    assert "measured into TPM" in vmm.stdout + vmm.stderr, vmm.stdout + vmm.stderr
+    assert not marker.exists(), "the forged bytecode ran inside a measured VMM"
+    assert cached.exists(), "the VMM read the forged pyc"
+
+
+def test_a_process_not_started_through_the_launcher_refuses_to_measure_itself(tmp_path):
+    out = run(script(f"""
         from migrate.measure import measure_start
         from tpm import SoftTpm
         from tpm.errors import MeasurementError
         try:
             measure_start({str(tmp_path / 'tpm')!r}, {{"role": "source"}})
-            print("STARTED")
+            print("MEASURED")
         except MeasurementError as exc:
             print("REFUSED", exc)
         print("PCR8", SoftTpm.open({str(tmp_path / 'tpm')!r}, startup=None).read_pcr(8).hex())
-    """, prefix)
+    """))
     assert out.returncode == 0, out.stderr
-    assert "FORGED yes" in out.stdout, "the attack did not take: the forged pyc was not run"
-    assert "STARTED" not in out.stdout
-    assert "REFUSED" in out.stdout and str(cached) in out.stdout and "forged or foreign bytecode" in out.stdout
+    assert "REFUSED this process did not start through the VMM's launcher" in out.stdout
     assert "PCR8 " + "00" * 32 in out.stdout, "a refused start extended PCR 8"
 
 
-def test_a_forged_pyc_of_a_module_imported_after_the_start_is_never_run(tmp_path, monkeypatch):
-    """A module the VMM imports only later (migrate/report.py): after the
-    measurement it is compiled from its measured source, the pyc never read."""
-    import migrate.report
-    source = Path(migrate.report.__file__).resolve()
-    prefix = tmp_path / "pycache"
-    forge(source, cache_under(prefix, source, monkeypatch), "unchecked")
-    out = child(f"""
-        import sys
+def test_modules_imported_before_the_launcher_refuse_the_measurement(tmp_path):
+    out = run(script(f"""
+        import migrate.wire
+        import minivmm_boot
+        minivmm_boot.install()
         from migrate.measure import measure_start
-        assert "migrate.report" not in sys.modules
-        measure_start({str(tmp_path / 'tpm')!r}, {{"role": "source"}})
-        import migrate.report
-        print("FORGED", getattr(migrate.report, "FORGED", None), type(migrate.report.__spec__.loader).__name__)
-    """, prefix)
+        from tpm.errors import MeasurementError
+        try:
+            measure_start({str(tmp_path / 'tpm')!r}, {{"role": "source"}})
+            print("MEASURED")
+        except MeasurementError as exc:
+            print("REFUSED", exc)
+    """))
     assert out.returncode == 0, out.stderr
-    assert "FORGED None MeasuredLoader" in out.stdout
+    assert "REFUSED" in out.stdout and "imported before the launcher" in out.stdout, out.stdout
 
 
-def test_genuine_bytecode_starts(tmp_path):
-    """Pycs Python wrote itself for the measured sources pass the check (and
-    are compared, not skipped)."""
-    prefix = tmp_path / "pycache"
-    env = {**os.environ, "PYTHONPYCACHEPREFIX": str(prefix)}
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    script = f"""
-        from migrate import codeguard
-        from migrate.measure import measure_start
-        seen = []
-        real = codeguard.check_loaded
-        codeguard.check_loaded = lambda *a, **k: seen.append(real(*a, **k)) or seen[-1]
-        measure_start({str(tmp_path / 'tpm')!r}, {{"role": "source"}})
-        print("CHECKED", seen[0])
-    """
-    for _ in range(2):          # the first run writes the pycs, the second runs them
-        out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, cwd=ROOT,
-                             capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr
-    assert int(out.stdout.split("CHECKED")[1]) >= 5, out.stdout
+def test_python_m_minivmm_restarts_through_the_launcher(tmp_path, monkeypatch):
+    """``python -m minivmm`` has imported the ``minivmm`` package the usual way
+    before its ``__main__`` runs: it must not measure that process, but start
+    again through the launcher (the forged ``minivmm/__init__`` pyc ran once, in
+    a process that then measured nothing)."""
+    import minivmm
+    source = Path(minivmm.__file__).resolve()
+    prefix, marker = tmp_path / "pycache", tmp_path / "forged-code-ran"
+    cached = cache_under(prefix, source, monkeypatch)
+    forge(source, cached, "unchecked", f"open({str(marker)!r}, 'a').write('ran\\n')")
+    vmm = run([sys.executable, "-m", "minivmm", "serve", "--listen", "256.0.0.1:1", "--timeout", "3",
+               "--tpm-dir", str(tmp_path / "tpm"), "--plain"], PYTHONPYCACHEPREFIX=str(prefix))
+    assert "measured into TPM" in vmm.stdout + vmm.stderr, vmm.stdout + vmm.stderr
+    assert marker.read_text() == "ran\n", "the forged package __init__ ran again after the restart"
+
+
+def test_the_current_directory_of_python_m_shadows_nothing(tmp_path):
+    """``python -m`` puts the current directory first on sys.path: a planted
+    ``argparse.py`` there ran inside a measured VMM (hostile review)."""
+    marker = tmp_path / "shadow-ran"
+    (tmp_path / "argparse.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                          f"raise ImportError('planted')\n")
+    attack = run(script("import argparse"), cwd=tmp_path)
+    assert marker.exists(), "the attack did not take"
+    marker.unlink()
+    vmm = run([sys.executable, "-m", "minivmm_boot", "--help"], cwd=tmp_path)
+    assert vmm.returncode == 0, vmm.stderr
+    assert not marker.exists(), "a file of the current directory shadowed the standard library"
+    assert attack.returncode != 0
+
+
+def test_a_planted_entry_point_is_not_loaded(tmp_path):
+    """A distribution on sys.path declaring a ``minivmm.commands`` entry point:
+    the CLI loads every entry point of that group at start, before measuring."""
+    marker = tmp_path / "entry-point-ran"
+    info = tmp_path / "zzevil-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: zzevil\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[minivmm.commands]\nzzevil = zzevil_cmd:register\n")
+    (tmp_path / "zzevil_cmd.py").write_text(f"def register(sub):\n    open({str(marker)!r}, 'w').write('ran')\n")
+    attack = run(script("from importlib.metadata import entry_points\n"
+                        "[ep.load()(None) for ep in entry_points(group='minivmm.commands') if ep.name == 'zzevil']"),
+                 PYTHONPATH=str(tmp_path))
+    assert attack.returncode == 0 and marker.exists(), attack.stderr
+    marker.unlink()
+    vmm = run([sys.executable, "-m", "minivmm_boot", "--help"], PYTHONPATH=str(tmp_path))
+    assert vmm.returncode == 0 and "serve" in vmm.stdout, vmm.stderr
+    assert not marker.exists()
+    assert "ignoring entry point zzevil = zzevil_cmd:register" in vmm.stderr
 
 
 # ------------------------------------------------------------ a package of our own
 @pytest.fixture
 def pkg(tmp_path, monkeypatch):
-    """A package ``guardpkg`` in tmp_path, importable, forgotten afterwards."""
+    """A package ``guardpkg`` in tmp_path, importable, measured by a finder of its own."""
     p = tmp_path / "guardpkg"
     p.mkdir()
     (p / "__init__.py").write_text("")
     for name in ("a", "b", "c"):
         (p / f"{name}.py").write_text(f"NAME = {name!r}\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(sys, "pycache_prefix", None)
-    yield p
+    monkeypatch.setattr(minivmm_boot, "MEASURED", minivmm_boot.MEASURED | {"guardpkg"})
+    finder = BootFinder()
+    monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
+    yield p, finder
     for name in [m for m in sys.modules if m.partition(".")[0] == "guardpkg"]:
         del sys.modules[name]
 
@@ -152,69 +199,72 @@ def _digests(p: Path):
     return manifest_digests([p], code_manifest([p]))
 
 
-def test_check_loaded_refuses_a_forged_pyc_and_passes_a_genuine_or_stale_one(pkg):
-    digests = _digests(pkg)
-    import guardpkg.a
-    import guardpkg.b
-    assert (guardpkg.a.NAME, guardpkg.b.NAME) == ("a", "b")
-    assert check_loaded([pkg], digests) == 0                # no pyc: the sources ran
-    a, b = pkg / "a.py", pkg / "b.py"
+def test_the_boot_finder_compiles_source_only_and_records_what_it_compiled(pkg):
+    p, finder = pkg
+    a = p / "a.py"
     cached = Path(importlib.util.cache_from_source(str(a)))
     cached.parent.mkdir(exist_ok=True)
-    cached.write_bytes(pyc(compile(a.read_bytes(), str(a), "exec", dont_inherit=True), a, "timestamp"))
-    assert check_loaded([pkg], digests) == 1                # genuine: compared, passed
-    forge(a, cached, "timestamp")
-    with pytest.raises(MeasurementError, match="module guardpkg.a .a forged or foreign bytecode"):
-        check_loaded([pkg], digests)
-    st = a.stat()
-    os.utime(a, (st.st_atime, st.st_mtime + 10))            # the header no longer matches:
-    assert check_loaded([pkg], digests) == 0                # Python would recompile, nothing to check
-    forge(b, Path(importlib.util.cache_from_source(str(b))), "checked", extra="X = 1\n")
-    with pytest.raises(MeasurementError, match="guardpkg.b"):
-        check_loaded([pkg], digests)
-
-
-def test_would_load_pyc_follows_the_source_loader(pkg):
-    a = pkg / "a.py"
-    cached = Path(importlib.util.cache_from_source(str(a)))
-    cached.parent.mkdir(exist_ok=True)
-    code = compile("NAME = 'forged'\n", str(a), "exec")
-    good = pyc(code, a, "timestamp")
-    for data, loads in ((good, True), (good[:12], False), (b"\0\0\0\0" + good[4:], False),
-                        (good[:4] + (4).to_bytes(4, "little") + good[8:], False),    # unknown flag bit
-                        (pyc(code, a, "unchecked")[:8] + b"\0" * 8 + good[16:], True),  # unchecked: any hash
-                        (pyc(code, a, "checked")[:8] + b"\0" * 8 + good[16:], False)):  # checked: wrong hash
-        cached.write_bytes(data)
-        assert (would_load_pyc(str(a)) is not None) == loads, data[:16]
-        for name in [m for m in sys.modules if m.partition(".")[0] == "guardpkg"]:
-            del sys.modules[name]
-        import guardpkg.a                                   # what Python itself does with it
-        assert (guardpkg.a.NAME == "forged") == loads
-
-
-def test_after_the_measurement_imports_run_only_measured_source(pkg, monkeypatch):
-    digests = _digests(pkg)
-    finder = MeasuredFinder()
-    finder.update([pkg], digests)
-    monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
-    forge(pkg / "a.py", Path(importlib.util.cache_from_source(str(pkg / "a.py"))), "unchecked")
+    cached.write_bytes(pyc(compile("NAME = 'forged'\n", str(a), "exec"), a, "unchecked"))
     import guardpkg.a
-    assert guardpkg.a.NAME == "a" and not hasattr(guardpkg.a, "FORGED")
-    (pkg / "b.py").write_text("NAME = 'changed after the measurement'\n")
+    assert guardpkg.a.NAME == "a" and type(guardpkg.a.__spec__.loader).__name__ == "BootLoader"
+    assert finder.compiled[os.path.realpath(a)] == {_digests(p)[os.path.realpath(a)]}
+    finder.seal(_digests(p))
+
+
+def test_a_file_changed_between_its_import_and_the_measurement_is_refused(pkg):
+    p, finder = pkg
+    import guardpkg.b  # noqa: F401
+    (p / "b.py").write_text("NAME = 'changed after it was imported'\n")
+    with pytest.raises(NotMeasured, match="changed between its import and the measurement"):
+        finder.seal(_digests(p))
+
+
+def test_after_the_measurement_imports_run_only_measured_source(pkg):
+    p, finder = pkg
+    finder.seal(_digests(p))
+    (p / "b.py").write_text("NAME = 'changed after the measurement'\n")
     with pytest.raises(NotMeasured, match="changed since this VMM measured it"):
         import guardpkg.b  # noqa: F401
-    (pkg / "d.py").write_text("NAME = 'added after the measurement'\n")
+    (p / "d.py").write_text("NAME = 'added after the measurement'\n")
     with pytest.raises(NotMeasured, match="was not measured"):
         import guardpkg.d  # noqa: F401
     import guardpkg.c
     assert guardpkg.c.NAME == "c"
-    assert hashlib.sha256((pkg / "c.py").read_bytes()).hexdigest() == digests[(pkg / "c.py").resolve()]
 
 
-def test_the_start_installs_the_guard_once(tmp_path):
+def test_a_sourceless_module_under_a_measured_name_is_refused(pkg):
+    """(The measured walk refuses a pyc outside __pycache__ too; this is the
+    import's own refusal, for anything Python could load that is not source.)"""
+    p, finder = pkg
+    (p / "e.pyc").write_bytes(pyc(compile("NAME = 'e'\n", "e.py", "exec"), p / "a.py", "unchecked"))
+    with pytest.raises(NotMeasured, match="not a Python source file"):
+        import guardpkg.e  # noqa: F401
+
+
+def test_the_suite_measures_through_the_launcher(tmp_path):
+    """tests/conftest.py installs the launcher's finder first, as the command does:
+    every measured module of this process came through it."""
     from migrate.measure import code_paths, measure_start
+    assert minivmm_boot.active() is not None and minivmm_boot.early_modules() == []
     measure_start(tmp_path / "a", {"role": "source"})
-    measure_start(tmp_path / "b", {"role": "source"})
-    assert sum(isinstance(f, MeasuredFinder) for f in sys.meta_path) == 1
-    assert sys.meta_path[0] is codeguard._FINDER
-    assert set(codeguard._FINDER.roots) == {p.name for p in code_paths()}
+    assert Path(minivmm_boot.__file__) in code_paths()
+    assert minivmm_boot.active().digests is not None
+
+
+def test_a_tool_run_as_python_m_restarts_through_the_launcher(tmp_path):
+    """``python -m tui.bench`` measures VMMs in its own process: run the usual
+    way, its package was imported before it could install anything, so it
+    restarts through the launcher (``minivmm_boot.relaunch``), which imports it
+    and the VMM's packages source-only."""
+    (tmp_path / "probe_tool.py").write_text(textwrap.dedent("""
+        import sys
+        import minivmm_boot
+        if __name__ == "__main__":
+            minivmm_boot.relaunch("probe_tool")
+            import migrate.measure
+            print("ACTIVE", minivmm_boot.active() is not None, type(migrate.measure.__spec__.loader).__name__,
+                  minivmm_boot.early_modules(), sys.argv[1:])
+    """))
+    out = run([sys.executable, "-m", "probe_tool", "--x", "1"], PYTHONPATH=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "ACTIVE True BootLoader [] ['--x', '1']" in out.stdout, out.stdout

@@ -117,6 +117,6 @@ def test_the_tui_the_cli_loads_is_measured_without_being_imported():
              "names = [p.name for p in code_paths()]; "
              "print(names, 'tui' in sys.modules, 'textual' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['minivmm', 'guests', 'migrate', 'tpm', 'tui'] False False", out
+    assert out.strip() == "['minivmm', 'guests', 'migrate', 'tpm', 'tui', 'minivmm_boot.py'] False False", out
     manifest = code_manifest(code_paths())
     assert b"  tui/cli.py\n" in manifest

@@ -191,4 +191,6 @@ class Zygote:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # noqa: the checkout (an editable install has it)
+    import minivmm_boot                 # as the minivmm command: before any of the VMM's packages
+    minivmm_boot.install()
     serve()
