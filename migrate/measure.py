@@ -4,7 +4,8 @@ into its host's software TPM before it touches a guest.
 What is measured (``tpm.measure.measure_vmm``, PCRs 8, 9, 10):
 
 * code: the packages this VMM runs -- ``minivmm``, ``guests``, ``migrate``,
-  ``tpm``, and ``tui`` when installed (the CLI loads its commands) -- as a manifest of content hashes (names relative to their
+  ``tpm``, and ``tui`` when installed (the CLI loads its commands), and the
+  launcher ``minivmm_boot.py`` -- as a manifest of content hashes (names relative to their
   common parent, so the install location does not matter), followed by the
   native libraries it loads, in this order: unicorn (the emulator), keystone
   (the assembler), capstone (the disassembler), cryptography's Rust/OpenSSL
@@ -56,10 +57,11 @@ def default_tpm_dir(role: str) -> Path:
 
 
 def code_paths() -> list[Path]:
-    """The measured packages and the launcher (``minivmm_boot.py``).  ``tui`` too: the CLI loads its commands through the
-    ``minivmm.commands`` entry point at every start, ``serve`` included, so its code
-    runs in a measured VMM (a hostile review changed it and PCR 8 stayed the same).
-    Found, not imported: the VMM core never imports the TUI (or Textual)."""
+    """The measured packages, and the launcher (``minivmm_boot.py``) that loads
+    them.  ``tui`` too: the CLI loads its commands through the ``minivmm.commands``
+    entry point at every start, ``serve`` included, so its code runs in a measured
+    VMM (a hostile review changed it and PCR 8 stayed the same).  Found, not
+    imported: the VMM core never imports the TUI (or Textual)."""
     paths = [Path(p.__file__).parent for p in (minivmm, guests, migrate, tpm_pkg)]
     spec = importlib.util.find_spec("tui")
     if spec is not None and spec.submodule_search_locations:
