@@ -10,17 +10,26 @@ pycs *after* they ran cannot work: the forged code runs first, in the same
 process, and can delete itself or replace the checker (second hostile review);
 code objects also compare equal across changed specialised opcodes.
 
-So nothing of the measured packages is ever loaded from bytecode.  This module
-sits outside them and imports only the standard library; the ``minivmm``
-command (and ``python -m minivmm_boot``) installs :class:`BootFinder` before the
-first import of a measured package.  From then on, every module of
-``minivmm``, ``guests``, ``migrate``, ``tpm`` and ``tui`` is compiled from its
-source, and the SHA-256 of exactly the bytes compiled is recorded.  When the
-VMM measures itself, ``migrate.codeguard`` compares those records with the
-manifest about to be extended (refusing a module whose source changed between
-its import and the measurement), then :meth:`BootFinder.seal` makes every later
-import check its source against the manifest (refusing a file changed or added
-since).  A VMM not started this way refuses to measure itself.
+So nothing of the measured packages is ever loaded from bytecode, and nothing
+of them runs that was not hashed before any of it ran.  This module sits
+outside them and imports only the standard library; the ``minivmm`` command
+(and ``python -m minivmm_boot``) installs :class:`BootFinder` before the first
+import of a measured package.  The finder first hashes every source file of
+``minivmm``, ``guests``, ``migrate``, ``tpm`` and ``tui``; from then on a module
+of theirs is compiled from its source, and only if that file was hashed and
+still has its hash (a file planted or changed since is refused before it
+runs).  When the VMM measures itself, ``migrate.codeguard`` refuses unless the
+manifest about to be extended holds exactly those hashes.  A VMM not started
+this way refuses to measure itself.
+
+Recording in memory what ran and checking it later is not enough: code that
+runs first, in this process, can rewrite the record (third hostile review: a
+source that changed itself back after it ran).  The same holds for any code of
+the measured packages that is *changed on disk before the start*: it runs
+before the measurement and could lie to it -- as a changed ``tpm/measure.py``
+could, with no bytecode at all.  A VMM that measures itself cannot catch that;
+a loader that measures it before it runs (a real measured boot) would
+(docs/tpm.md).
 
 What this file cannot vouch for is itself: it runs before anything can be
 measured, like the interpreter, the standard library and site-packages, which
@@ -31,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.machinery
+import importlib.util
 import os
 import sys
 import threading
@@ -59,26 +69,36 @@ class BootLoader(importlib.machinery.SourceFileLoader):
 
 
 class BootFinder:
-    """First on ``sys.meta_path``: finds a measured package's module with the
-    finders after it, then loads it with a :class:`BootLoader`; anything else
-    Python would import under those names (an extension module, a sourceless
-    pyc, a namespace directory) is refused."""
+    """First on ``sys.meta_path``: the measured packages' modules, loaded only
+    from source files hashed when the finder was made.
 
-    def __init__(self):
+    At creation, before any module of the measured packages runs, it finds
+    each package's directory without importing it and hashes every ``.py``
+    file under it (``__pycache__`` skipped, as the manifest skips it).  A
+    module is loaded only if its file is one of those and still has that
+    hash: a file added or changed since (a module planted in ``__pycache__``
+    and named by an entry point; a source changed after the start) is refused
+    before it runs, as is anything that is not a source file (an extension
+    module, a sourceless pyc, a namespace directory)."""
+
+    def __init__(self, roots: dict[str, str] | None = None):
         self._lock = threading.Lock()
-        self.compiled: dict[str, set[str]] = {}   # real path: SHA-256 hex of every version compiled
-        self.digests: dict[str, str] | None = None  # after seal(): the manifest's
+        self.roots = dict(_locate_packages() if roots is None else roots)   # name: real dir
+        self.digests = _hash_sources(self.roots.values())  # real path of each .py: SHA-256 hex
+        self.compiled: set[str] = set()                     # real paths loaded so far
+        self.sealed = False
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname.partition(".")[0] not in MEASURED:
+        top = fullname.partition(".")[0]
+        root = self.roots.get(top)
+        if top not in MEASURED or root is None:
             return None
-        for finder in sys.meta_path:
-            if isinstance(finder, BootFinder) or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
+        if fullname == top:
+            init = os.path.join(root, "__init__.py")
+            return importlib.util.spec_from_file_location(top, init, loader=BootLoader(top, init, self),
+                                                          submodule_search_locations=[root])
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None:
             return None
         if type(spec.loader) is not importlib.machinery.SourceFileLoader:
             raise NotMeasured(f"{spec.origin or fullname}: not a Python source file that PCR 8 measures "
@@ -88,32 +108,61 @@ class BootFinder:
 
     def compiling(self, path: str, data: bytes) -> None:
         key = os.path.realpath(path)
-        digest = hashlib.sha256(data).hexdigest()
-        with self._lock:
-            if self.digests is None:
-                self.compiled.setdefault(key, set()).add(digest)
-                return
-            want = self.digests.get(key)
+        want = self.digests.get(key)
         if want is None:
-            raise NotMeasured(f"{path} was not measured into PCR 8 when this VMM started "
-                              f"(a file added since): refusing to import it")
-        if digest != want:
-            raise NotMeasured(f"{path} changed since this VMM measured it into PCR 8: refusing to import it "
-                              f"(restart the VMM to measure and run the new code)")
-
-    def seal(self, digests: dict[str, str]) -> None:
-        """Check what was compiled against ``digests`` ({real path: SHA-256 hex}
-        of the manifest about to be extended) and check every later import
-        against them.  NotMeasured names the first module that differs."""
+            raise NotMeasured(f"{path} is not one of the VMM's source files hashed when it started "
+                              f"(added since, or outside its packages' sources, e.g. in __pycache__): "
+                              f"refusing to import it")
+        if hashlib.sha256(data).hexdigest() != want:
+            raise NotMeasured(f"{path} changed since this VMM started: refusing to import it "
+                              f"(start the VMM again to measure and run the new code)")
         with self._lock:
-            for key, seen in sorted(self.compiled.items()):
-                want = digests.get(key)
-                if want is None:
-                    raise NotMeasured(f"{key} runs in this VMM but is not in its code manifest")
-                if seen != {want}:
-                    raise NotMeasured(f"{key} changed between its import and the measurement: the code "
-                                      f"running is not the code measured; start the VMM again")
-            self.digests = dict(digests)
+            self.compiled.add(key)
+
+    def seal(self, manifest: dict[str, str]) -> None:
+        """Refuse (NotMeasured) unless ``manifest`` ({real path: SHA-256 hex}, the
+        code manifest about to be extended) holds exactly the sources hashed at
+        the start: the code that ran, and will run, is the code measured."""
+        roots = [r + os.sep for r in self.roots.values()]
+        measured = {k: v for k, v in manifest.items() if k.endswith(".py") and k.startswith(tuple(roots))}
+        for key in sorted(set(measured) | set(self.digests)):
+            if measured.get(key) != self.digests.get(key):
+                raise NotMeasured(f"{key} changed between this VMM's start and its measurement: the code "
+                                  f"running is not the code measured; start the VMM again")
+        self.sealed = True
+
+
+def _locate_packages() -> dict[str, str]:
+    """{name: real directory} of each measured package, found without importing
+    it: the first regular package any finder (an editable install's, the path)
+    offers, else one beside this file (a checkout not installed)."""
+    here = os.path.dirname(os.path.realpath(__file__))
+    found = {}
+    for name in sorted(MEASURED):
+        specs = (f.find_spec(name, None) for f in sys.meta_path
+                 if not isinstance(f, BootFinder) and hasattr(f, "find_spec"))
+        for spec in [*specs, importlib.machinery.PathFinder.find_spec(name, [here])]:
+            if spec is not None and spec.origin and spec.origin.endswith("__init__.py") \
+                    and type(spec.loader) is importlib.machinery.SourceFileLoader:
+                found[name] = os.path.realpath(os.path.dirname(spec.origin))
+                break
+    return found
+
+
+def _hash_sources(roots) -> dict[str, str]:
+    digests = {}
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+            for f in filenames:
+                if f.endswith(".py"):
+                    path = os.path.join(dirpath, f)
+                    try:
+                        with open(path, "rb") as fh:
+                            digests[os.path.realpath(path)] = hashlib.sha256(fh.read()).hexdigest()
+                    except OSError:
+                        pass                    # unreadable: never importable through us
+    return digests
 
 
 _FINDER: BootFinder | None = None
@@ -144,17 +193,26 @@ def early_modules() -> list[str]:
 def _untrusted_path_entry() -> None:
     """``python -m`` puts the current directory first on ``sys.path``: a file
     there (``argparse.py``, ``tpm/``) would shadow the standard library or our
-    packages, unmeasured (hostile review).  Drop it; a checkout that is not
-    installed is found at the end of the path instead, after the platform's."""
+    packages, unmeasured (hostile review).  Drop it.  (The measured packages
+    are found by the boot finder itself, even in a checkout not installed: the
+    checkout's root never goes on the path, where a planted ``bcrypt.py`` would
+    answer a dependency's optional import.)"""
     if sys.path and os.path.realpath(sys.path[0] or os.curdir) == os.path.realpath(os.getcwd()):
         del sys.path[0]
-        here = os.path.dirname(os.path.realpath(__file__))
-        if here not in (os.path.realpath(p or os.curdir) for p in sys.path):
-            sys.path.append(here)
+
+
+def _script_directory() -> None:
+    """A console script's own directory (``.venv/bin``) is first on ``sys.path``:
+    nothing the VMM imports lives there, and a file planted there would shadow
+    the standard library (hostile review).  Drop it."""
+    if sys.path and sys.argv and sys.argv[0] and \
+            os.path.realpath(sys.path[0] or os.curdir) == os.path.dirname(os.path.realpath(sys.argv[0])):
+        del sys.path[0]
 
 
 def main() -> int:
     """The ``minivmm`` command."""
+    _script_directory()
     install()
     from minivmm.cli import main as cli_main
     return cli_main()

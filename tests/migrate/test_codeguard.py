@@ -179,8 +179,9 @@ def test_a_planted_entry_point_is_not_loaded(tmp_path):
 
 # ------------------------------------------------------------ a package of our own
 @pytest.fixture
-def pkg(tmp_path, monkeypatch):
-    """A package ``guardpkg`` in tmp_path, importable, measured by a finder of its own."""
+def make(tmp_path, monkeypatch):
+    """A package ``guardpkg`` in tmp_path, importable; ``make()`` returns a boot
+    finder for it made now (hashing its sources), first on sys.meta_path."""
     p = tmp_path / "guardpkg"
     p.mkdir()
     (p / "__init__.py").write_text("")
@@ -188,9 +189,13 @@ def pkg(tmp_path, monkeypatch):
         (p / f"{name}.py").write_text(f"NAME = {name!r}\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(minivmm_boot, "MEASURED", minivmm_boot.MEASURED | {"guardpkg"})
-    finder = BootFinder()
-    monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
-    yield p, finder
+
+    def make():
+        finder = BootFinder({"guardpkg": os.path.realpath(p)})
+        monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
+        return p, finder
+    make.path = p
+    yield make
     for name in [m for m in sys.modules if m.partition(".")[0] == "guardpkg"]:
         del sys.modules[name]
 
@@ -199,43 +204,61 @@ def _digests(p: Path):
     return manifest_digests([p], code_manifest([p]))
 
 
-def test_the_boot_finder_compiles_source_only_and_records_what_it_compiled(pkg):
-    p, finder = pkg
+def test_the_boot_finder_compiles_source_only_from_files_hashed_at_the_start(make):
+    p, finder = make()
     a = p / "a.py"
+    assert finder.digests[os.path.realpath(a)] == _digests(p)[os.path.realpath(a)]
     cached = Path(importlib.util.cache_from_source(str(a)))
     cached.parent.mkdir(exist_ok=True)
     cached.write_bytes(pyc(compile("NAME = 'forged'\n", str(a), "exec"), a, "unchecked"))
     import guardpkg.a
     assert guardpkg.a.NAME == "a" and type(guardpkg.a.__spec__.loader).__name__ == "BootLoader"
-    assert finder.compiled[os.path.realpath(a)] == {_digests(p)[os.path.realpath(a)]}
+    assert os.path.realpath(a) in finder.compiled
     finder.seal(_digests(p))
+    assert finder.sealed
 
 
-def test_a_file_changed_between_its_import_and_the_measurement_is_refused(pkg):
-    p, finder = pkg
-    import guardpkg.b  # noqa: F401
-    (p / "b.py").write_text("NAME = 'changed after it was imported'\n")
-    with pytest.raises(NotMeasured, match="changed between its import and the measurement"):
-        finder.seal(_digests(p))
-
-
-def test_after_the_measurement_imports_run_only_measured_source(pkg):
-    p, finder = pkg
-    finder.seal(_digests(p))
-    (p / "b.py").write_text("NAME = 'changed after the measurement'\n")
-    with pytest.raises(NotMeasured, match="changed since this VMM measured it"):
+def test_a_file_changed_or_added_after_the_start_never_runs(make):
+    p, finder = make()
+    (p / "b.py").write_text("NAME = 'changed after the start'\n")
+    with pytest.raises(NotMeasured, match="changed since this VMM started"):
         import guardpkg.b  # noqa: F401
-    (p / "d.py").write_text("NAME = 'added after the measurement'\n")
-    with pytest.raises(NotMeasured, match="was not measured"):
+    (p / "d.py").write_text("NAME = 'added after the start'\n")
+    with pytest.raises(NotMeasured, match="not one of the VMM's source files hashed when it started"):
         import guardpkg.d  # noqa: F401
     import guardpkg.c
     assert guardpkg.c.NAME == "c"
 
 
-def test_a_sourceless_module_under_a_measured_name_is_refused(pkg):
+def test_a_module_planted_in_pycache_never_runs(make):
+    """The manifest skips __pycache__; an entry point naming
+    ``guardpkg.__pycache__`` imported a package planted there (hostile review)."""
+    p, finder = make()
+    (p / "__pycache__").mkdir()
+    (p / "__pycache__" / "__init__.py").write_text("NAME = 'planted'\n")
+    with pytest.raises(NotMeasured, match="not one of the VMM's source files"):
+        import guardpkg.__pycache__  # noqa: F401
+
+
+def test_a_source_changed_before_the_start_and_back_before_the_measurement_is_refused(make):
+    """(Third hostile review's self-restoring source, minus its tampering with the
+    finder's memory, which no check in the same process can stop: docs/tpm.md.)"""
+    b = make.path / "b.py"
+    genuine = b.read_text()
+    b.write_text(genuine + "RAN = True\n")             # changed before the start
+    p, finder = make()
+    import guardpkg.b
+    assert guardpkg.b.RAN                               # ... it ran,
+    b.write_text(genuine)                               # ... and put itself back
+    with pytest.raises(NotMeasured, match="changed between this VMM's start and its measurement"):
+        finder.seal(_digests(p))
+    assert not finder.sealed
+
+
+def test_a_sourceless_module_under_a_measured_name_is_refused(make):
     """(The measured walk refuses a pyc outside __pycache__ too; this is the
     import's own refusal, for anything Python could load that is not source.)"""
-    p, finder = pkg
+    p, finder = make()
     (p / "e.pyc").write_bytes(pyc(compile("NAME = 'e'\n", "e.py", "exec"), p / "a.py", "unchecked"))
     with pytest.raises(NotMeasured, match="not a Python source file"):
         import guardpkg.e  # noqa: F401
@@ -248,7 +271,7 @@ def test_the_suite_measures_through_the_launcher(tmp_path):
     assert minivmm_boot.active() is not None and minivmm_boot.early_modules() == []
     measure_start(tmp_path / "a", {"role": "source"})
     assert Path(minivmm_boot.__file__) in code_paths()
-    assert minivmm_boot.active().digests is not None
+    assert minivmm_boot.active().sealed
 
 
 def test_a_tool_run_as_python_m_restarts_through_the_launcher(tmp_path):
@@ -264,7 +287,28 @@ def test_a_tool_run_as_python_m_restarts_through_the_launcher(tmp_path):
             import migrate.measure
             print("ACTIVE", minivmm_boot.active() is not None, type(migrate.measure.__spec__.loader).__name__,
                   minivmm_boot.early_modules(), sys.argv[1:])
+            import os
+            print("PATH", any(os.path.realpath(p or ".") == os.path.realpath(os.getcwd()) for p in sys.path))
     """))
     out = run([sys.executable, "-m", "probe_tool", "--x", "1"], PYTHONPATH=str(tmp_path))
     assert out.returncode == 0, out.stderr
     assert "ACTIVE True BootLoader [] ['--x', '1']" in out.stdout, out.stdout
+    # neither the current directory nor the checkout's root is on the path: a
+    # planted bcrypt.py there answered cryptography's optional import (hostile review)
+    assert "PATH False" in out.stdout and str(ROOT) not in out.stdout
+
+
+def test_the_console_script_directory_shadows_nothing(tmp_path):
+    """The ``minivmm`` console script's directory is first on sys.path: a planted
+    ``argparse.py`` beside it ran (hostile review).  A copy of the script in a
+    directory of our own, with the plant beside it."""
+    script = Path(sys.executable).parent / "minivmm"
+    if not script.exists():
+        pytest.skip("no minivmm console script beside this interpreter")
+    marker = tmp_path / "shadow-ran"
+    (tmp_path / "minivmm").write_text(script.read_text())
+    (tmp_path / "argparse.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                          f"raise ImportError('planted')\n")
+    out = run([sys.executable, str(tmp_path / "minivmm"), "--help"], cwd=tmp_path)
+    assert out.returncode == 0 and "serve" in out.stdout, out.stderr
+    assert not marker.exists(), "a file beside the console script shadowed the standard library"
