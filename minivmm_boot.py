@@ -199,6 +199,14 @@ def _untrusted_path_entry() -> None:
     answer a dependency's optional import.)"""
     if sys.path and os.path.realpath(sys.path[0] or os.curdir) == os.path.realpath(os.getcwd()):
         del sys.path[0]
+    _relative_entries()
+
+
+def _relative_entries() -> None:
+    """A relative ``sys.path`` entry is resolved against the current directory
+    at each import: whatever is planted there answers (an editable install
+    with namespace packages added one; hostile review).  Drop them."""
+    sys.path[:] = [p for p in sys.path if p and os.path.isabs(p)]
 
 
 def _script_directory() -> None:
@@ -213,6 +221,7 @@ def _script_directory() -> None:
 def main() -> int:
     """The ``minivmm`` command."""
     _script_directory()
+    _relative_entries()
     install()
     from minivmm.cli import main as cli_main
     return cli_main()

@@ -288,14 +288,24 @@ def test_a_tool_run_as_python_m_restarts_through_the_launcher(tmp_path):
             print("ACTIVE", minivmm_boot.active() is not None, type(migrate.measure.__spec__.loader).__name__,
                   minivmm_boot.early_modules(), sys.argv[1:])
             import os
-            print("PATH", any(os.path.realpath(p or ".") == os.path.realpath(os.getcwd()) for p in sys.path))
+            print("PATH", any(os.path.realpath(p or ".") == os.path.realpath(os.getcwd()) for p in sys.path),
+                  all(os.path.isabs(p) for p in sys.path))
     """))
     out = run([sys.executable, "-m", "probe_tool", "--x", "1"], PYTHONPATH=str(tmp_path))
     assert out.returncode == 0, out.stderr
     assert "ACTIVE True BootLoader [] ['--x', '1']" in out.stdout, out.stdout
     # neither the current directory nor the checkout's root is on the path: a
     # planted bcrypt.py there answered cryptography's optional import (hostile review)
-    assert "PATH False" in out.stdout and str(ROOT) not in out.stdout
+    assert "PATH False True" in out.stdout and str(ROOT) not in out.stdout
+
+
+def test_the_install_puts_no_relative_entry_on_every_interpreters_path():
+    """Namespace packages in the layout made an editable install add a relative
+    sys.path entry to *every* interpreter, resolved against its current
+    directory, before any code of ours runs: a planted sitecustomize.py ran at
+    start (hostile review).  pyproject.toml: namespaces = false."""
+    out = run(script("import sys, os; print([p for p in sys.path[1:] if not os.path.isabs(p)])"), cwd="/")
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout
 
 
 def test_the_console_script_directory_shadows_nothing(tmp_path):
