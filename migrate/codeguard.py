@@ -1,26 +1,24 @@
 """The code that runs is the code measured: the measurement's side of ``minivmm_boot``.
 
 PCR 8 measures the *source* of the VMM's packages; the launcher
-(``minivmm_boot.py``, outside them) makes Python compile every module of them
-from source, never from a pyc, from the first import on, and records the
-SHA-256 of the bytes it compiled.  :func:`guard` runs inside the measurement,
-after the hashing and before the first extend, and refuses the start
+(``minivmm_boot.py``, outside them) hashes every source file of them before
+any of them runs, and from then on loads a module of theirs only from one of
+those files, compiled from source (never a pyc), and only while it still has
+its hash.  :func:`guard` runs inside the measurement, after the hashing and
+before the first extend, and refuses the start
 (:class:`~tpm.errors.MeasurementError`, nothing extended) unless
 
 * the launcher is installed, and no module of the measured packages was
   imported before it (from a pyc nobody checked);
-* every module compiled so far was compiled from exactly the bytes the
-  manifest about to be extended holds (a file changed between its import and
-  the measurement is caught: the load-order race);
+* the manifest about to be extended holds exactly the hashes the launcher took
+  at the start (a source changed between the start and the measurement is
+  caught: the load-order race).
 
-and then seals the launcher's finder to the manifest, so that every later
-import (a command's modules, the secure layer, the TUI) is refused if its
-source no longer hashes to its manifest entry or was not measured at all.
-
-Why not check pycs instead: the forged code runs before any check can, in the
-same process, and can delete its pyc or replace the checker; and two code
-objects compare equal across changed specialised opcodes (hostile review of an
-earlier version of this module, which did exactly that).
+Why not check pycs, or what was compiled, after it ran: that code runs before
+any check can, in the same process, and can delete its pyc, replace the
+checker or rewrite the record; and two code objects compare equal across
+changed specialised opcodes (hostile reviews of earlier versions of this
+module, which did exactly that).
 """
 
 from __future__ import annotations
@@ -47,8 +45,8 @@ def manifest_digests(code_paths: Iterable[Path | str], manifest: bytes) -> dict[
 
 
 def guard(code_paths: Iterable[Path | str], manifest: bytes) -> None:
-    """Refuse (MeasurementError) unless the code this process runs is the code
-    in ``manifest``; then hold every later import to it."""
+    """Refuse (MeasurementError) unless the code this process runs, and may
+    still import, is the code in ``manifest``."""
     boot = minivmm_boot.active()
     if boot is None:
         raise MeasurementError("this process did not start through the VMM's launcher (the minivmm "
