@@ -49,8 +49,10 @@ import threading
 MEASURED = frozenset({"minivmm", "guests", "migrate", "tpm", "tui"})
 
 
-class NotMeasured(ImportError):
-    """A module of a measured package that is not measured source."""
+class NotMeasured(RuntimeError):
+    """A module of a measured package that is not measured source.  Not an
+    ImportError on purpose: a measured module's ``except ImportError`` fallback
+    (an optional extra) must not quietly take this for a missing package."""
 
 
 class BootLoader(importlib.machinery.SourceFileLoader):

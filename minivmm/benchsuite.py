@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -74,12 +73,30 @@ def _versions() -> dict:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
             out[pkg] = "not installed"
-    try:
-        out["git commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                           cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        out["git commit"] = "unknown"
+    out["git commit"] = _git_commit(Path(__file__).resolve().parent.parent)
     return out
+
+
+def _git_commit(root: Path) -> str:
+    """The checkout's commit, read from ``root/.git`` (short hash), or "unknown".
+    Read, not asked of ``git``: git searches the parent directories for a
+    repository when there is none here (an installed wheel), and a planted
+    repository's configuration can make git run a command of its choosing
+    (hostile review)."""
+    git = root / ".git"
+    try:
+        head = (git / "HEAD").read_text().strip()
+        if head.startswith("ref: "):
+            ref = head[5:]
+            ref_file = git / ref
+            if ref_file.is_file():
+                head = ref_file.read_text().strip()
+            else:
+                packed = (git / "packed-refs").read_text().splitlines()
+                head = next(line.split()[0] for line in packed if line.endswith(" " + ref))
+    except (OSError, StopIteration, UnicodeDecodeError):
+        return "unknown"
+    return head[:7] if len(head) == 40 and all(c in "0123456789abcdef" for c in head) else "unknown"
 
 
 def _machine() -> dict:

@@ -91,3 +91,29 @@ def test_plots_are_written_or_said_to_be_skipped(report, tmp_path, monkeypatch):
     benchsuite.finish(tmp_path, dict(results))
     assert "Plots skipped: matplotlib is not installed" in (tmp_path / "report.md").read_text()
     assert not list(Path(tmp_path).glob("*.png")) and (tmp_path / "results.json").exists()
+
+
+def test_the_report_reads_the_commit_without_running_git(tmp_path, monkeypatch):
+    """The report's commit is read from ``.git``, never asked of ``git``: where
+    there is no repository (an installed wheel) git searches the parent
+    directories, and a planted repository's configuration (core.fsmonitor) makes
+    it run a command (hostile review)."""
+    def no_git(*args, **kwargs):
+        raise AssertionError(f"a subprocess was started: {args}")
+    monkeypatch.setattr(subprocess, "run", no_git)
+    monkeypatch.setattr(subprocess, "Popen", no_git)
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    git = tmp_path / "checkout" / ".git"
+    (git / "refs" / "heads").mkdir(parents=True)
+    (git / "HEAD").write_text("ref: refs/heads/main\n")
+    (git / "refs" / "heads" / "main").write_text(sha + "\n")
+    assert benchsuite._git_commit(tmp_path / "checkout") == "0123456"
+    (git / "refs" / "heads" / "main").unlink()
+    (git / "packed-refs").write_text(f"# pack-refs with: peeled\n{sha.replace('0', 'f')} refs/heads/main\n")
+    assert benchsuite._git_commit(tmp_path / "checkout") == "f123456"
+    (git / "HEAD").write_text(sha + "\n")                    # detached
+    assert benchsuite._git_commit(tmp_path / "checkout") == "0123456"
+    (git / "HEAD").write_text("not a commit\n")
+    assert benchsuite._git_commit(tmp_path / "checkout") == "unknown"
+    assert benchsuite._git_commit(tmp_path / "no-checkout") == "unknown"
+    assert benchsuite._versions()["git commit"] != "", "the report still names a commit"

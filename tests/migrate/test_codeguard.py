@@ -322,3 +322,16 @@ def test_the_console_script_directory_shadows_nothing(tmp_path):
     out = run([sys.executable, str(tmp_path / "minivmm"), "--help"], cwd=tmp_path)
     assert out.returncode == 0 and "serve" in out.stdout, out.stderr
     assert not marker.exists(), "a file beside the console script shadowed the standard library"
+
+
+def test_a_refusal_is_not_taken_for_a_missing_optional_package(make):
+    """A measured module's ``try: import X / except ImportError`` (an optional
+    extra, e.g. the bench plots) must not quietly take a refused file for a
+    missing package (fourth hostile review)."""
+    p, finder = make()
+    (p / "b.py").write_text("NAME = 'changed after the start'\n")
+    with pytest.raises(NotMeasured):
+        try:
+            import guardpkg.b  # noqa: F401
+        except ImportError:
+            pytest.fail("the refusal was caught as an ImportError")
