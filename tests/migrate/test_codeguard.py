@@ -71,8 +71,8 @@ def script(text: str) -> list[str]:
 def test_a_forged_pyc_never_runs_in_a_vmm_started_through_its_launcher(tmp_path, monkeypatch, kind):
     """A forged, self-deleting pyc for migrate/wire.py (which every VMM start
     imports before it measures itself).  Imported the usual way it runs; a VMM
-    started as ``python -m minivmm_boot`` (what the ``minivmm`` command, ``python
-    -m minivmm`` and every VMM this project starts run) compiles the source."""
+    started as ``python -m minivmm_boot`` (what the ``minivmm`` command and every
+    VMM this project starts run) compiles the source."""
     import migrate.wire
     source = Path(migrate.wire.__file__).resolve()
     prefix, marker = tmp_path / "pycache", tmp_path / "forged-code-ran"
