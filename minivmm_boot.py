@@ -242,7 +242,7 @@ def _run_module(argv: list[str]) -> int:
     its package imported through the launcher."""
     import runpy
     install()
-    sys.argv = [argv[0], *argv[1:]]
+    sys.argv = list(argv)
     runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
     return 0
 
