@@ -26,7 +26,6 @@ import time
 import traceback
 from pathlib import Path
 
-from minivmm import events as ev
 from minivmm.cli import count, mib
 from minivmm.errors import GuestError
 from migrate import events as mev, fault

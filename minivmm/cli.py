@@ -327,12 +327,11 @@ def _debug_with_gdb(machine, args, interrupt) -> str | None:
 
 
 def _run_bounded(machine, args, interrupt, tracer) -> str:
-    until = interrupt
-    if tracer is not None:
-        def until(m):
-            tracer.remove_if_done()
-            return interrupt(m)
-    return machine.run(until=until, max_ticks=args.ticks, max_instructions=args.instructions)
+    def traced(m):
+        tracer.remove_if_done()
+        return interrupt(m)
+    return machine.run(until=interrupt if tracer is None else traced, max_ticks=args.ticks,
+                       max_instructions=args.instructions)
 
 
 def cmd_run(args) -> int:

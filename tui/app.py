@@ -19,7 +19,7 @@ from textual.message import Message as TMessage
 from textual.screen import ModalScreen
 from textual.widgets import Footer, OptionList, Static
 
-from tui import attacks, phases, stepper
+from tui import attacks, stepper
 from tui.model import Frame
 from tui.widgets import (DetailPanel, HelpPanel, HostPanel, MemoryMapView, MessageLog, StatsPanel, Timeline,
                          map_window, messages_until)

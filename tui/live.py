@@ -15,13 +15,13 @@ import socket
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from migrate import events as mev
 from migrate.errors import MigrationError
 from migrate.precopy import PrecopyPolicy
-from migrate.steps import RECV, SEND, Timebase, attach
+from migrate.steps import SEND, Timebase, attach
 from minivmm.events import EventBus
 from tui import bodies, capture, phases
 from tui.model import Frame, HostView, Message, RoundPoint, Stats

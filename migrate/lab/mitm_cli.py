@@ -93,6 +93,7 @@ def cmd_mitm(args) -> int:
             finally:
                 listener.close()
             return 0
+        port = None         # the first relay's port: later connections listen on it again
         for i in range(args.count):
             relay = Relay(args.forward, listen=args.listen if i == 0 else (args.listen[0], port),
                           capture=writer, log=log, start=False)

@@ -273,6 +273,18 @@ def test_the_suite_measures_through_the_launcher(tmp_path):
     assert minivmm_boot.active().sealed
 
 
+def test_the_launcher_guards_exactly_the_packages_pcr8_measures():
+    """Two lists name the measured packages: ``minivmm_boot.MEASURED`` (loaded
+    source-only, the only ones an entry point may name) and
+    ``migrate.measure.code_paths()`` (hashed into PCR 8).  A package in the
+    second only would be measured but could run from a planted pyc; in the
+    first only, it would run source-only but unmeasured."""
+    from migrate.measure import code_paths
+    paths = code_paths()
+    assert {p.name for p in paths if p.is_dir()} == set(minivmm_boot.MEASURED)
+    assert [p.name for p in paths if not p.is_dir()] == ["minivmm_boot.py"]
+
+
 def test_a_tool_run_as_python_m_restarts_through_the_launcher(tmp_path):
     """``python -m tui.bench`` measures VMMs in its own process: run the usual
     way, its package was imported before it could install anything, so it
