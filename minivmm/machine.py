@@ -121,6 +121,11 @@ class Machine:
         self.halt_detail = ""
         self.shutdown_status: int | None = None
         self.slices = 0
+        # The last slice ended at hlt with interrupts on: the guest has nothing
+        # to do until its next tick (the VMM jumps virtual time there).  Not
+        # state: it says what the last slice did, for a caller pacing slices
+        # (the migration source throttles an idle guest harder).
+        self.idle = False
         self.debug_traps_hidden = 0             # breakpoint hits swallowed in protected processes
         self.trusted_output: list[tuple[int, int, str]] = []   # (pid, ident, text), HC_TRUSTED_WRITE
         self._trap: _Trap | None = None
@@ -363,6 +368,7 @@ class Machine:
         ``"break"``/``"limit"`` when the counter stopped the slice part way."""
         if self.halted:
             raise VmmError(f"machine has halted ({self.halted}); it cannot run")
+        self.idle = False
         uc = self._uc
         if not self._slice_done:
             self.deliver_pending_timer()
@@ -517,6 +523,7 @@ class Machine:
             return
         if uc.reg_read(UC_X86_REG_EFLAGS) & EFLAGS_IF:
             self.timer.skip_to_next_tick()      # idle: nothing happens until the tick
+            self.idle = True
             return
         # hlt with IF=0 never wakes up.  Unicorn cannot tell us it halted, so
         # confirm: a halted loop comes straight back to the same hlt.

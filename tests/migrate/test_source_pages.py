@@ -313,10 +313,17 @@ class Slices:
             assert self.cond.wait_for(lambda: self.n >= target, WAIT), "the guest stopped running"
 
 
-def test_the_guest_gets_its_share_while_the_handshake_and_each_round_run(monkeypatch):
+BUSY = Program.builtin("counter", args=(0, 100_000))                   # counts forever
+IDLE = Program.builtin("dirtier", data_pages=1, args=(1, 0, 1000), as_name="sleeper")   # sleeps
+
+
+@pytest.mark.parametrize("program", [BUSY, IDLE], ids=["busy", "idle"])
+def test_the_guest_gets_its_share_while_the_handshake_and_each_round_run(monkeypatch, program):
     """docs/migration.md: while a round is sent (and while the handshake runs beside
     it) the guest is throttled to PRECOPY_GUEST_SHARE of its thread: after a slice
-    that took t seconds of CPU it waits 3t for the work.  The source's CPU clock is
+    that took t seconds of CPU it waits 3t for the work; after a slice that ended
+    idle (hlt, waiting for its tick: ``Machine.idle``) PRECOPY_IDLE_SHARE, 19t.
+    The busy guest never idles; the sleeper mostly does.  The source's CPU clock is
     replaced by one on which every slice takes 2 ms, and its waits are recorded; the
     destination answers WELCOME and each pre-copy ROUND_ACK only once the guest has
     run 4 more slices, so every phase sees several.  Between slices the guest's
@@ -325,9 +332,10 @@ def test_the_guest_gets_its_share_while_the_handshake_and_each_round_run(monkeyp
     a one-second sleep, passed every test: only time told.)"""
     import migrate.source
     from migrate.messages import RoundMark
-    from migrate.source import PRECOPY_GUEST_SHARE
+    from migrate.source import PRECOPY_GUEST_SHARE, PRECOPY_IDLE_SHARE
     slice_cpu = 0.002
-    wait = slice_cpu * (1 - PRECOPY_GUEST_SHARE) / PRECOPY_GUEST_SHARE    # 6 ms: 3t
+    wait = {False: slice_cpu * (1 - PRECOPY_GUEST_SHARE) / PRECOPY_GUEST_SHARE,     # 6 ms: 3t
+            True: slice_cpu * (1 - PRECOPY_IDLE_SHARE) / PRECOPY_IDLE_SHARE}        # 38 ms: 19t
 
     sleeps = []
 
@@ -347,13 +355,13 @@ def test_the_guest_gets_its_share_while_the_handshake_and_each_round_run(monkeyp
     real_wait = migrate.source.futures_wait
 
     def recording_wait(fs, timeout=None):
-        handshake_waits.append(timeout)
+        handshake_waits.append((timeout, m.idle))
         return real_wait(fs, timeout)
 
     class RecordingThread(threading.Thread):
         def join(self, timeout=None):
             if self.name == "migrate-sender" and timeout is not None:
-                round_waits.append(timeout)
+                round_waits.append((timeout, m.idle))
             return super().join(timeout)
 
     monkeypatch.setattr(migrate.source, "time", CpuClock())
@@ -370,8 +378,7 @@ def test_the_guest_gets_its_share_while_the_handshake_and_each_round_run(monkeyp
                 slices.wait_more(4)
             return super().send(rtype, *parts)
 
-    img = build_image([Program.builtin("counter", args=(0, 100_000))])      # counts forever
-    m = Machine(img)
+    m = Machine(build_image([program]))
     m.run(max_ticks=3)
     server = Server("127.0.0.1:0", channel=lambda sock, timeout: AfterFourSlices(sock, timeout=timeout))
     result = {}
@@ -383,8 +390,10 @@ def test_the_guest_gets_its_share_while_the_handshake_and_each_round_run(monkeyp
     assert [r.final for r in report.rounds] == [False, False, True] and "incoming" in result
     # a slice, then a wait of 3t while the work is not done: at least 3 of the 4
     assert len(handshake_waits) >= 3 and len(round_waits) >= 2 * 3, (handshake_waits, round_waits)
-    assert handshake_waits == pytest.approx([wait] * len(handshake_waits))
-    assert round_waits == pytest.approx([wait] * len(round_waits))
+    for waited, idle in handshake_waits + round_waits:
+        assert waited == pytest.approx(wait[idle])
+    idled = [idle for _, idle in handshake_waits + round_waits]
+    assert (not any(idled)) if program is BUSY else idled.count(True) > len(idled) // 2, idled
     # and after every slice it yields, except the one that ends each pre-copy round
     assert set(sleeps) == {0} and len(sleeps) == slices.n - 2, (len(sleeps), slices.n)
 
