@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")               # files only, no display
 import matplotlib.pyplot as plt     # noqa: E402
+from matplotlib.ticker import MaxNLocator   # noqa: E402
 
 
 def _med(values):
@@ -71,6 +72,7 @@ def plot_all(out: Path, sections: list[dict]) -> list[str]:
             ax.plot(x, [r["sent"] for r in rs], marker="o", label=f"{name}: sent")
             ax.plot(x, [r["dirtied"] for r in rs], marker="x", linestyle="--", label=f"{name}: dirtied")
         ax.set_xlabel("round (last: stop-and-copy)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))      # rounds are whole
         ax.set_ylabel("pages")
         ax.set_yscale("symlog")
         ax.legend(fontsize=6)
