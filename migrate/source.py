@@ -73,8 +73,8 @@ PRECOPY_GUEST_SHARE = 0.25
 # ticks run as fast as the host allows, and at the busy share they took a
 # quarter of a core from the migration for nothing the guest can tell apart
 # (its results depend on virtual time only).  A real VMM's vCPU sleeps in hlt.
-# Measured on a 256 MiB full-RAM idle guest: its thread's CPU per migration
-# 72 -> 15 ms, the migration 41 -> 48 % of the loopback ceiling (docs/migration.md).
+# Measured on a 256 MiB full-RAM idle guest, plain: its thread's CPU per migration
+# 49 -> 16 ms, the migration's total 214 -> 200 ms (docs/migration.md, fourth pass).
 PRECOPY_IDLE_SHARE = 0.05
 ZERO_SCAN = 4096            # pages tested for zero at once in contiguous runs (16 MiB)
 
