@@ -136,6 +136,22 @@ def _verdicts(section: dict) -> list[dict]:
     return out
 
 
+#: A ceiling (a figure named ``ceiling_*``: the wire, AES-GCM, a memory copy)
+#: whose slowest run is this much slower than its fastest says the machine was
+#: not steady during the report: another job took cores or memory bandwidth.
+UNSTEADY = 1.25
+
+
+def unsteady(sections: list[dict]) -> list[str]:
+    """The ceilings that moved more than UNSTEADY during the run, as phrases."""
+    out = []
+    for sec in sections:
+        for name, values in sec["figures"].items():
+            if name.startswith("ceiling_") and min(values) > 0 and max(values) / min(values) > UNSTEADY:
+                out.append(f"{name} {_fmt(min(values))}–{_fmt(max(values))}")
+    return out
+
+
 def _fmt(x: float) -> str:
     return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
 
@@ -150,6 +166,12 @@ def write_report(out: Path, results: dict) -> None:
         for v in sec["verdicts"]:
             med = "—" if v["median"] is None else _fmt(v["median"])
             lines.append(f"| {sec['name']} | {v['goal']} ({v['bound']}) | {med} | {v['verdict']} |")
+    moved = unsteady(results["sections"])
+    if moved:
+        lines += ["", f"**The machine was not steady during this run:** {', '.join(moved)} "
+                  f"(slowest to fastest run of a ceiling beyond {UNSTEADY:g}×). A verdict near its bound may "
+                  "come out the other way in the next run; the ratios taken side by side hold better than "
+                  "the absolute figures."]
     for sec in results["sections"]:
         lines += ["", f"## {sec['name']}", "", "Parameters: " + ", ".join(
             f"{k} = `{json.dumps(v)}`" for k, v in sec["params"].items()), "",
