@@ -231,6 +231,10 @@ def main(args) -> int:
             print(f"{sec['name']}: {v['goal']}: {med}  {v['verdict']}")
     print(f"goals: {len(met) - len(missed)} of {len(met)} met" + (f"; *** MISSED: {', '.join(missed)} ***"
                                                                   if missed else ""))
+    moved = unsteady(sections)
+    if moved:
+        print(f"the machine was not steady during this run ({', '.join(moved)}): "
+              f"a verdict near its bound may flip in the next run")
     print(f"report: {out / 'report.md'} (results.json, "
           + (f"{len(results['plots'])} plots)" if results["plots"] else "plots skipped)"))
     return 0
