@@ -54,12 +54,15 @@ def plot_all(out: Path, sections: list[dict]) -> list[str]:
     f = mig["figures"]
     # Throughput against the ceilings measured in the same run.
     bars = [(k, label) for k, label in (("ceiling_loopback_MBps", "loopback TCP"), ("ceiling_aes_gcm_MBps", "AES-256-GCM"),
-                                        ("ceiling_memcpy_MBps", "memory copy"), ("full_plain_MBps", "migration, plain"),
+                                        ("ceiling_memcpy_MBps", "memory copy"),
+                                        ("ceiling_datapath_plain_MBps", "data path, plain"),
+                                        ("full_plain_MBps", "migration, plain"),
+                                        ("ceiling_datapath_secure_MBps", "data path, secure"),
                                         ("full_secure_MBps", "migration, secure")) if k in f]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(8, 3.8))
     for i, (k, label) in enumerate(bars):
         ax.bar(i, _med(f[k]), yerr=_err(f[k]), color="tab:gray" if k.startswith("ceiling") else "tab:blue")
-    ax.set_xticks(range(len(bars)), [label for _, label in bars], rotation=15)
+    ax.set_xticks(range(len(bars)), [label for _, label in bars], rotation=20, ha="right")
     ax.set_ylabel("MB/s (median, min-max)")
     ax.set_title(f"{mig['params']['full_ram_mib']} MiB full-RAM guest vs ceilings (same run)")
     _save(fig, out, "throughput.png", made)

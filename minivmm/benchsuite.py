@@ -174,8 +174,10 @@ def write_report(out: Path, results: dict) -> None:
                   "the absolute figures."]
     for sec in results["sections"]:
         lines += ["", f"## {sec['name']}", "", "Parameters: " + ", ".join(
-            f"{k} = `{json.dumps(v)}`" for k, v in sec["params"].items()), "",
-                  "| figure | median | min | max | runs |", "|---|---|---|---|---|"]
+            f"{k} = `{json.dumps(v)}`" for k, v in sec["params"].items()), ""]
+        for note in sec.get("notes", ()):     # what a figure measures, where its name cannot say it
+            lines += [note, ""]
+        lines += ["| figure | median | min | max | runs |", "|---|---|---|---|---|"]
         for key, st in sec["stats"].items():
             lines.append(f"| {key} | {_fmt(st['median'])} | {_fmt(st['min'])} | {_fmt(st['max'])} | {st['runs']} |")
     lines += ["", "## Machine", ""] + [f"* {k}: {v}" for k, v in results["machine"].items()]
