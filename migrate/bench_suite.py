@@ -179,6 +179,7 @@ def suite(quick: bool, repeat: int, progress_factory, smoke: bool = False) -> di
              "(`migrate/bench_datapath.py`). `datapath_<mode>_pct_of_loopback` is what that work allows on "
              "this machine, against the loopback ceiling measured just before it; "
              "`full_<mode>_pct_of_datapath` is how much of it the migration reaches: the rest is the "
-             "engine's own cost."]
+             "engine's own cost. The two are measured a second apart on a shared machine, so a run may "
+             "put the migration above 100 %: read it as the engine's overhead, not as a strict bound."]
     return {"name": "migration", "params": params, "figures": figures, "goals": goals, "series": series,
             "notes": notes}
