@@ -62,6 +62,10 @@ def plot_all(out: Path, sections: list[dict]) -> list[str]:
     fig, ax = plt.subplots(figsize=(8, 3.8))
     for i, (k, label) in enumerate(bars):
         ax.bar(i, _med(f[k]), yerr=_err(f[k]), color="tab:gray" if k.startswith("ceiling") else "tab:blue")
+    if "ceiling_loopback_MBps" in f:        # issue 16's goal: half the wire
+        ax.axhline(_med(f["ceiling_loopback_MBps"]) / 2, color="tab:red", linestyle="--", linewidth=1,
+                   label="50 % of loopback (the goal)")
+        ax.legend(loc="upper right", fontsize="small")
     ax.set_xticks(range(len(bars)), [label for _, label in bars], rotation=20, ha="right")
     ax.set_ylabel("MB/s (median, min-max)")
     ax.set_title(f"{mig['params']['full_ram_mib']} MiB full-RAM guest vs ceilings (same run)")
