@@ -99,14 +99,18 @@ def datapath_rate(kind: str, total: int = 256 << 20, *, ram: np.ndarray | None =
     tags = hashlib.sha256()
     child = subprocess.Popen([sys.executable, "-c", _SINK, kind, str(total)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    err = ""
+    got, t0 = "(the child named no port)", time.perf_counter()
     try:
-        child.stdin.write(key.hex() + "\n")
-        child.stdin.flush()
-        port = int(child.stdout.readline())
-        got, t0 = "", time.perf_counter()
         try:
-            with socket.create_connection(("127.0.0.1", port)) as sock:
+            child.stdin.write(key.hex() + "\n")
+            child.stdin.flush()
+        except OSError:                 # it exited already: no port below, its stderr says why
+            pass
+        line = child.stdout.readline().strip()
+        try:
+            if not line.isdigit():
+                raise ConnectionRefusedError(f"no port from the child: {line[:40]!r}")
+            with socket.create_connection(("127.0.0.1", int(line))) as sock:
                 t0 = time.perf_counter()
                 for i, off in enumerate(range(0, total, RECORD)):
                     nonce = i.to_bytes(12, "big")
@@ -119,7 +123,7 @@ def datapath_rate(kind: str, total: int = 256 << 20, *, ram: np.ndarray | None =
                         tags.update(sealed[RECORD:])
                         sock.sendall(sealed)
                 sock.shutdown(socket.SHUT_WR)
-                got = sock.recv(64).decode()
+                got = b"".join(iter(lambda: sock.recv(64), b"")).decode(errors="replace")   # to its close
         except OSError as exc:          # the child stopped reading: it says why on stderr
             got = f"(connection: {exc})"
         elapsed = time.perf_counter() - t0

@@ -42,3 +42,9 @@ def test_bad_arguments_are_refused():
         datapath_rate("fast", 8 * MIB)
     with pytest.raises(ValueError, match="multiple"):
         datapath_rate("plain", MIB + 1)
+
+
+def test_a_child_that_never_listens_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(bench_datapath, "_SINK", "import sys; sys.exit('no socket for you')")
+    with pytest.raises(DatapathError, match="plain data path.*exit status 1: no socket for you"):
+        datapath_rate("plain", 8 * MIB)
