@@ -12,7 +12,7 @@ by side on the same (shared, noisy) machine:
   the smoke setting) migrated in plain and in secure mode: throughput as a
   fraction of the loopback ceiling measured just before that migration (the
   report's ceiling figure is the mean of the two of a repetition) and of its
-  mode's data-path bound, measured just before it too over the same RAM; and
+  mode's data path, measured just before it too over the same RAM; and
   pages sent and dirtied per pre-copy round;
 * the 64 MiB counter guest's downtime; a protected guest (a secret keeper
   beside the counter) in plain and in secure mode: secure/plain total time and
@@ -86,15 +86,16 @@ def suite(quick: bool, repeat: int, progress_factory, smoke: bool = False) -> di
     progress = progress_factory("bench migration", plan)
     with tempfile.TemporaryDirectory(prefix="minivmm-bench-") as tmp, \
             destinations(Path(tmp)) as (plain_addr, secure_addr, attestor):
-        def migrate(kind, case, mib, before=lambda m: None):
-            m = prepare(case, mib << 20)
-            before(m)               # after the guest's boot, right before the migration
+        def run(kind, m):
             if kind == "secure":
                 r = Source(m, mode=SecureMode(attestor)).migrate(secure_addr)
             else:
                 r = Source(m).migrate(plain_addr)
             time.sleep(0.2)         # let the destination finish its one tick and listen again
             return r
+
+        def migrate(kind, case, mib):
+            return run(kind, prepare(case, mib << 20))
 
         for k in range(repeat):
             of = f"(run {k + 1} of {repeat})"
@@ -103,27 +104,25 @@ def suite(quick: bool, repeat: int, progress_factory, smoke: bool = False) -> di
                 add("ceiling_memcpy_MBps", memcpy_rate() / 1e6)
             ceilings: list[float] = []
             for kind in ("plain", "secure"):
-                # The loopback ceiling right before each migration it is the
-                # yardstick of: on a shared host the wire's speed moves within
-                # seconds (1.2-3.5 GB/s in one quick report), and a ceiling taken
-                # a few migrations earlier made the percentage a draw.  So is the
-                # bound of this mode's per-byte work (migrate/bench_datapath.py),
-                # taken over the very RAM the guest then migrates.
-                bound: list[float] = []
-
-                def before(m, kind=kind, bound=bound):
-                    ceilings.append(loopback_ceiling())
-                    bound.append(datapath_rate(kind, m.ram.size, ram=m.ram.array))
                 with progress.step(f"{full_mib} MiB guest, RAM full of random data, {kind} {of} "
-                                   f"(the loopback ceiling and the {kind} data path's bound just before)"):
-                    r = migrate(kind, "idle-full", full_mib, before=before)
-                ceiling = ceilings[-1]
+                                   f"(the loopback ceiling and the {kind} data path just before)"):
+                    m = prepare("idle-full", full_mib << 20)
+                    # The loopback ceiling right before each migration it is the
+                    # yardstick of, after the guest's boot: on a shared host the
+                    # wire's speed moves within seconds (1.2-3.5 GB/s in one quick
+                    # report), and a ceiling taken a few migrations earlier made the
+                    # percentage a draw.  So is this mode's data path
+                    # (migrate/bench_datapath.py), over the very RAM then migrated.
+                    ceiling = loopback_ceiling()
+                    bound = datapath_rate(kind, m.ram.size, ram=m.ram.array)
+                    r = run(kind, m)
+                ceilings.append(ceiling)
                 rate = r.ram_size / r.total_seconds
                 add(f"full_{kind}_MBps", rate / 1e6)
                 add(f"full_{kind}_pct_of_loopback", 100 * rate / ceiling)
-                add(f"ceiling_datapath_{kind}_MBps", bound[0] / 1e6)
-                add(f"datapath_{kind}_pct_of_loopback", 100 * bound[0] / ceiling)
-                add(f"full_{kind}_pct_of_datapath", 100 * rate / bound[0])
+                add(f"ceiling_datapath_{kind}_MBps", bound / 1e6)
+                add(f"datapath_{kind}_pct_of_loopback", 100 * bound / ceiling)
+                add(f"full_{kind}_pct_of_datapath", 100 * rate / bound)
                 add(f"full_{kind}_total_ms", r.total_seconds * 1e3)
                 add(f"full_{kind}_downtime_ms", r.downtime_seconds * 1e3)
                 if k == 0:
