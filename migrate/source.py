@@ -79,7 +79,7 @@ PRECOPY_IDLE_SHARE = 0.05
 ZERO_SCAN = 4096            # pages tested for zero at once in contiguous runs (16 MiB)
 
 
-def _throttle(cpu: float, idle: bool = False) -> float:
+def _throttle(cpu: float, idle: bool) -> float:
     """How long the guest's thread waits after a slice begun at its CPU time
     ``cpu``, so that the guest gets PRECOPY_GUEST_SHARE of the thread's time
     (PRECOPY_IDLE_SHARE if that slice ended idle)."""
