@@ -1,4 +1,4 @@
-"""The data path's bound: a migration's per-byte work with nothing else.
+"""The data path's reference: a migration's per-byte work with nothing else.
 
 The loopback ceiling (``bench.loopback_ceiling``) sends one 1 MiB buffer again
 and again into another 1 MiB buffer: both stay in the CPU's caches, and

@@ -1,4 +1,4 @@
-"""The data path's bound (``migrate/bench_datapath.py``): it moves the bytes
+"""The data path's reference (``migrate/bench_datapath.py``): it moves the bytes
 with each mode's per-byte work and proves it did, never how fast."""
 
 import numpy as np
