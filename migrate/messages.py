@@ -151,10 +151,18 @@ def pages_body(buf: bytearray, pfns: np.ndarray) -> tuple[memoryview, np.ndarray
     left for the caller.  Returns (the body, the (count, 4096) uint8 array
     inside it that the pages go in) -- the same bytes as :func:`encode_pages`."""
     n = len(pfns)
-    _U32.pack_into(buf, 0, n)
-    np.frombuffer(buf, dtype="<u4", count=n, offset=4)[:] = pfns
+    pages_head(buf, pfns)
     data = np.frombuffer(buf, dtype=np.uint8, count=n * PAGE_SIZE, offset=4 + 4 * n).reshape(n, PAGE_SIZE)
     return memoryview(buf)[:4 + n * (4 + PAGE_SIZE)], data
+
+
+def pages_head(buf: bytearray, pfns: np.ndarray) -> memoryview:
+    """Only the head of a PAGES body (count, frame numbers) laid out in
+    ``buf``: for a sender that seals the pages straight from guest RAM."""
+    n = len(pfns)
+    _U32.pack_into(buf, 0, n)
+    np.frombuffer(buf, dtype="<u4", count=n, offset=4)[:] = pfns
+    return memoryview(buf)[:4 + 4 * n]
 
 
 def decode_pages(body: bytes, npages: int) -> tuple[np.ndarray, np.ndarray]:

@@ -216,6 +216,11 @@ class Channel:
         rtype = self._check_body(rtype, length)
         self._write_record(rtype, HEADER.pack(rtype, 0, length, self.send_seq), views, self._head(views))
 
+    #: Whether this channel can seal a PAGES record straight from guest RAM
+    #: (``send_pages_from``): only a channel whose records carry an AEAD tag
+    #: over what was sent (migrate/secure/channel.py).
+    seals_pages = False
+
     @staticmethod
     def _check_body(rtype, length: int) -> RecordType:
         """The record type, if it is a real one and ``length`` is within its bound."""

@@ -78,7 +78,7 @@ class SealedChannel(Channel):
         self._recv_dir = DEST_TO_SOURCE if self.role == "source" else SOURCE_TO_DEST
         if self.encryption:
             self._send_aead, self._recv_aead = AESGCM(send_key), AESGCM(recv_key)
-            self._recv_key = recv_key
+            self._send_key, self._recv_key = send_key, recv_key
         self.sealed = True
 
     @property
@@ -106,6 +106,51 @@ class SealedChannel(Channel):
         self._send_aead.encrypt_into(record_nonce(self._send_dir, self.send_seq), body, header, sealed)
         self._write_record(rtype, header, [sealed], self._head([memoryview(body)]))
         self.sent_tag = bytes(sealed[-TAG:])        # the page digest folds it (migrate/digest.py)
+
+    @property
+    def seals_pages(self) -> bool:
+        return self._aead_on
+
+    def send_pages_from(self, head, pieces, *, keep=None) -> bool:
+        """Send a PAGES record whose body is ``head`` (count, frame numbers)
+        then ``pieces`` (the pages, in order) -- read straight from guest RAM,
+        without a private copy.
+
+        AES-GCM is a stream cipher: the pages are encrypted as they are read,
+        into the reused record buffer, and the tag is taken over that
+        ciphertext, so what is sent is what is authenticated even if the guest
+        writes a page meanwhile (the page is dirty then and goes again; the
+        destination's digest counts only its last copy).  A plain record has no
+        such tag: its GMAC over RAM and the bytes sent from RAM could differ,
+        which is why plain mode copies first.
+
+        ``keep()``, if given, runs after the pages were read and before a byte
+        is sent; if it says no (a frame was protected meanwhile), nothing is
+        sent, the sequence number is not used, and the ciphertext is
+        overwritten by the next record (it never leaves this process, so its
+        nonce is not reused on the wire): the caller sends the record from a
+        copy instead.  Returns whether the record was sent."""
+        views = [memoryview(head).cast("B"), *(memoryview(p).cast("B") for p in pieces)]
+        n = sum(len(v) for v in views)
+        self._check_body(RecordType.PAGES, n)
+        header = HEADER.pack(RecordType.PAGES, 0, n + TAG, self.send_seq)
+        if len(self._out) < n + TAG:
+            self._out = bytearray(n + TAG)
+        sealed = memoryview(self._out)[:n + TAG]
+        enc = Cipher(algorithms.AES(self._send_key), modes.GCM(record_nonce(self._send_dir, self.send_seq))).encryptor()
+        enc.authenticate_additional_data(header)
+        off = 0
+        for v in views:
+            enc.update_into(v, sealed[off:off + len(v)])
+            off += len(v)
+        enc.finalize()
+        if keep is not None and not keep():
+            return False
+        sealed[n:] = enc.tag
+        self.sent_tag = b""
+        self._write_record(RecordType.PAGES, header, [sealed], self._head(views[:1]))
+        self.sent_tag = enc.tag
+        return True
 
     # ------------------------------------------------------------------ recv
     def _recv(self, *, timeout: float | None = None, only: frozenset | None = None,
@@ -170,23 +215,25 @@ class SealedChannel(Channel):
         dec = Cipher(algorithms.AES(self._recv_key), modes.GCM(record_nonce(self._recv_dir, counter))).decryptor()
         dec.authenticate_additional_data(header)
         head = dec.update(bytes(self._read_exact(hsize, deadline, "a sealed PAGES head")))
-        if len(self._staging) < n - hsize:
-            self._staging = bytearray(n - hsize)
-        staging = memoryview(self._staging)[:n - hsize]
         tag = bytearray(TAG)
         try:
             views = sink(head, n)
         except ProtocolError:
+            if len(self._staging) < n - hsize:
+                self._staging = bytearray(n - hsize)
+            staging = memoryview(self._staging)[:n - hsize]
             self._read_into([staging, tag], deadline, "a sealed PAGES body")
             dec.update_into(staging, staging)
             self._authenticated(dec, tag, seq)
             raise
-        self._read_into([staging, tag], deadline, "a sealed PAGES body")
-        off = 0
+        # The ciphertext is read straight into the guest RAM it decrypts to and
+        # decrypted there in place: no staging buffer to write and read back
+        # (~7 % of the receive loop's CPU on 256 MiB), and the bytes are still
+        # in the cache when the cipher reads them.
+        views = [memoryview(v).cast("B") for v in views]
+        self._read_into([*views, tag], deadline, "a sealed PAGES body")
         for v in views:
-            v = memoryview(v).cast("B")
-            dec.update_into(staging[off:off + len(v)], v)
-            off += len(v)
+            dec.update_into(v, v)
         self._authenticated(dec, tag, seq)
         return [head, *views], bytes(tag)
 

@@ -13,6 +13,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from guests.build import Program, build_image
 from migrate.precopy import PrecopyPolicy
@@ -392,3 +393,125 @@ def test_round_0_sends_the_copies_sealed_before_the_handshake_not_a_later_snapsh
     d = res["incoming"].machine
     d.run(until=lambda dm: intact(dm) >= intact(m) + 2)
     assert "SECRET CHANGED" not in d.console.text(KEEPER)
+
+
+
+def sealed_scanning_channel(leaks, direct, before=None):
+    """The source's sealed channel, opening each PAGES record it puts on the
+    wire with its own key and scanning the plaintext.  ``direct`` gets, per
+    record offered sealed straight from guest RAM (``send_pages_from``),
+    whether it went; ``before(pfns, keep)`` may wrap its ``keep``."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from migrate.secure.channel import SealedChannel, record_nonce
+    from migrate.wire import HEADER
+
+    class Scan(SealedChannel):
+        def send_pages_from(self, head, pieces, *, keep=None):
+            if before is not None:
+                keep = before(np.frombuffer(bytes(head), "<u4")[1:], keep)
+            went = super().send_pages_from(head, pieces, keep=keep)
+            direct.append(went)
+            return went
+
+        def _write_record(self, rtype, header, views, head=b""):
+            if rtype == RecordType.PAGES and self._aead_on:
+                seq = HEADER.unpack(header)[3]
+                body = AESGCM(self._send_key).decrypt(record_nonce(self._send_dir, seq),
+                                                      b"".join(bytes(v) for v in views), header)
+                leaks.extend(pfn for pfn, page in pages_of([body]) if SECRET in page)
+            return super()._write_record(rtype, header, views, head)
+    return lambda sock, timeout: Scan(sock, timeout=timeout, role="source")
+
+
+@pytest.mark.parametrize("when", ["before the check", "during the read"])
+def test_a_frame_protected_after_the_snapshot_never_crosses_sealed_straight_from_ram(tmp_path, when):
+    """Secure mode seals PAGES records straight from guest RAM, without the
+    private copy (``Source._sealed_from_ram``).  The keeper protects itself and
+    writes its secret after round 0's snapshot:
+
+    * *before the check* of its frame's record: the frame is protected (and
+      dirty) when the sender lays the record out, so it goes as zeros there;
+    * *during the read*: after that check and before the encryption reads it;
+      the keeper then exits (its frames are no longer protected) before the
+      sender decides whether to send that ciphertext.  The record must not go
+      (its frame is dirty: it may have held protected content): it is sent
+      from a copy instead, that frame blanked.
+
+    Every sealed PAGES record is opened with the source's key and scanned."""
+    from securehelp import Trust, secure_receive_in_thread
+    from migrate.secure.channel import SealedChannel
+
+    trust = Trust(tmp_path)
+    a, b = trust.host("a"), trust.host("b", role="destination")
+    # The guest is deterministic: a first run names the keeper's frames.
+    probe = Machine(keeper_image(rounds=2))
+    probe.run(until=lambda mm: KEEPER in mm.protection.procs and SECRET in bytes(mm.ram.view))
+    frames = {meta.ppn for meta in probe.protection.procs[KEEPER].pages.values()}
+    read, exited, ready, sending = threading.Event(), threading.Event(), threading.Event(), threading.Event()
+    seen = {"secret_read": 0, "refused": 0}
+    during = when == "during the read"
+
+    class Driven(Machine):
+        def step(self):
+            if not sending.is_set():            # until the sender is where the test wants it
+                time.sleep(0.001)
+                return
+            super().step()
+            proc = self.protection.procs.get(KEEPER)
+            if not ready.is_set() and proc is not None and SECRET in bytes(self.ram.view):
+                ready.set()                     # protected, its secret in plaintext in RAM
+                assert read.wait(WAIT), "the sender never read the keeper's record"
+            if during and read.is_set() and proc is not None and proc.exited and not exited.is_set():
+                exited.set()                    # its frames are no longer protected
+
+    class Racing(Source):
+        def _send_pages(self, ch, rnd, pfns, stats):
+            if rnd == 0 and not during:         # round 0 starts once the keeper protected itself
+                sending.set()
+                assert ready.wait(WAIT), "the keeper never protected its secret"
+            return super()._send_pages(ch, rnd, pfns, stats)
+
+    m = Driven(keeper_image(rounds=2))
+    ram = m.ram.array.reshape(-1, 4096)
+
+    def before(pfns, keep):
+        if not frames & set(pfns.tolist()) or read.is_set():
+            return keep
+        seen["record"] = len(direct)            # the keeper's record: its entry in ``direct``
+        if not during:
+            assert m.protection.procs[KEEPER].pages and any(SECRET in bytes(ram[f]) for f in pfns)
+            read.set()
+            return keep
+        sending.set()                           # checked: now the keeper may protect itself
+        assert ready.wait(WAIT), "the keeper never protected its secret"
+
+        def decide():                           # after the encryption read the pages
+            if any(SECRET in bytes(ram[f]) for f in pfns):
+                seen["secret_read"] += 1
+                read.set()
+                assert exited.wait(WAIT), "the keeper never exited"
+            went = keep()
+            seen["refused"] += not went
+            return went
+        return decide
+
+    leaks, direct = [], []
+    server = Server("127.0.0.1:0", timeout=WAIT,
+                    channel=lambda sock, timeout: SealedChannel(sock, timeout=timeout, role="destination"))
+    res = {}
+    t = secure_receive_in_thread(server, res, lambda: trust.mode(b), timeout=WAIT)
+    try:
+        Racing(m, mode=trust.mode(a), channel=sealed_scanning_channel(leaks, direct, before),
+               timeout=WAIT).migrate(server.label)
+    finally:
+        read.set()
+    t.join(WAIT)
+    server.close()
+    if during:
+        assert seen["secret_read"] == 1, "the interleaving did not happen: the test proves nothing"
+        assert seen["refused"] == 1 and direct[seen["record"]] is False, (seen, direct)
+    else:
+        assert direct[seen["record"]] is True, "the keeper's record did not go straight from RAM"
+    assert leaks == []
+    d = res["incoming"].machine
+    assert d.exits.get(KEEPER) == 0 and d.console.text(KEEPER).count("secret intact") == 2
