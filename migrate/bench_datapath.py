@@ -5,14 +5,16 @@ and again into another 1 MiB buffer: both stay in the CPU's caches, and
 neither side does anything but the kernel's copy.  A migration of a guest
 whose RAM is full must do more per byte, by design, whatever else it does:
 
-* source: copy each record's pages out of guest RAM into the record buffer
-  (the private copy: the bytes digested or sealed must be the bytes sent
-  while the guest writes), then a GMAC over it (plain: the completeness
-  digest, ``migrate/digest.py``) or AES-256-GCM into the send buffer
-  (secure: the sealed channel, ``migrate/secure/channel.py``), then send;
+* source, plain: copy each record's pages out of guest RAM into the record
+  buffer (the private copy: the bytes digested must be the bytes sent while
+  the guest writes), a GMAC over it (the completeness digest,
+  ``migrate/digest.py``), then send;
+* source, secure: AES-256-GCM straight from guest RAM into the send buffer
+  (the sealed channel, ``migrate/secure/channel.py``: the tag is over the
+  ciphertext as sent, so no private copy), then send;
 * destination: receive into guest RAM and a GMAC over it (plain), or receive
-  the ciphertext and decrypt it into guest RAM, the tag checked (secure);
-  RAM backed beforehand, as ``serve --reserve-ram`` does.
+  the ciphertext into guest RAM and decrypt it there in place, the tag
+  checked (secure); RAM backed beforehand, as ``serve --reserve-ram`` does.
 
 :func:`datapath_rate` does exactly that, in 1 MiB records between this
 process and a child over loopback TCP, with the engine's primitives and none
@@ -45,7 +47,7 @@ kind, total, key = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.stdin.readli
 REC = 1 << 20
 ram = mmap.mmap(-1, total)
 ram.write(b"\1" * total)                       # backed before the first byte arrives
-view, staging, tag = memoryview(ram), memoryview(bytearray(REC)), memoryview(bytearray(16))
+view, tag = memoryview(ram), memoryview(bytearray(16))
 s = socket.create_server(("127.0.0.1", 0)); print(s.getsockname()[1], flush=True)
 c, _ = s.accept()
 def fill(buf):
@@ -66,9 +68,9 @@ for i, off in enumerate(range(0, total, REC)):
         g.finalize()
         tags.update(g.tag)
     else:
-        fill(staging); fill(tag)
+        fill(dst); fill(tag)
         d = Cipher(algorithms.AES(key), modes.GCM(nonce)).decryptor()
-        d.update_into(staging, dst)
+        d.update_into(dst, dst)
         d.finalize_with_tag(bytes(tag))        # raises on a wrong byte
         tags.update(tag)
 c.sendall(tags.hexdigest().encode()); c.close()
@@ -114,12 +116,12 @@ def datapath_rate(kind: str, total: int = 256 << 20, *, ram: np.ndarray | None =
                 t0 = time.perf_counter()
                 for i, off in enumerate(range(0, total, RECORD)):
                     nonce = i.to_bytes(12, "big")
-                    body[:] = pages[off:off + RECORD]               # the private copy
                     if kind == "plain":
+                        body[:] = pages[off:off + RECORD]               # the private copy
                         tags.update(gmac.encrypt(nonce, b"", body))     # GMAC: pages as associated data
                         sock.sendall(body)
                     else:
-                        aead.encrypt_into(nonce, body, None, sealed)
+                        aead.encrypt_into(nonce, pages[off:off + RECORD], None, sealed)
                         tags.update(sealed[RECORD:])
                         sock.sendall(sealed)
                 sock.shutdown(socket.SHUT_WR)

@@ -173,8 +173,9 @@ def suite(quick: bool, repeat: int, progress_factory, smoke: bool = False) -> di
               "precopy_policy": PrecopyPolicy().to_dict(), "transport": "loopback TCP, two processes",
               "destination": "serve --reserve-ram 256: guest RAM backed before each migration arrives"}
     notes = [f"`ceiling_datapath_<mode>_MBps`: the {full_mib} MiB guest's RAM moved by that mode's per-byte "
-             "work alone, between two processes: the private copy, a GMAC (plain) or AES-256-GCM (secure), "
-             "the kernel's copies, decryption into backed RAM; no guest, no bookkeeping, no protocol "
+             "work alone, between two processes: plain, the private copy and a GMAC at each end; secure, "
+             "AES-256-GCM straight from RAM and decryption in place in backed RAM; the kernel's copies; "
+             "no guest, no bookkeeping, no protocol "
              "(`migrate/bench_datapath.py`). `datapath_<mode>_pct_of_loopback` is what that work allows on "
              "this machine, against the loopback ceiling measured just before it; "
              "`full_<mode>_pct_of_datapath` is how much of it the migration reaches: the rest is the "

@@ -30,8 +30,8 @@ def test_a_child_that_skips_its_work_on_a_record_is_caught(kind, skip, monkeypat
 def test_a_wrong_byte_fails_the_secure_receivers_tag_check(monkeypatch):
     """Secure: the receiver checks each record's tag as the channel does; a
     byte flipped on the way makes it stop, and the parent says so."""
-    flip = bench_datapath._SINK.replace("d.update_into(staging, dst)",
-                                        "staging[5] ^= 1 if i == 2 else 0\n        d.update_into(staging, dst)")
+    flip = bench_datapath._SINK.replace("d.update_into(dst, dst)",
+                                        "dst[5] ^= 1 if i == 2 else 0\n        d.update_into(dst, dst)")
     monkeypatch.setattr(bench_datapath, "_SINK", flip)
     with pytest.raises(DatapathError, match="secure data path.*InvalidTag"):
         datapath_rate("secure", 8 * MIB)
