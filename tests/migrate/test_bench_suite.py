@@ -60,6 +60,7 @@ def test_every_figure_is_finite_and_positive(report):
                 "full_secure_MBps", "full_plain_pct_of_loopback", "counter_64MiB_plain_downtime_ms",
                 "ceiling_datapath_plain_MBps", "ceiling_datapath_secure_MBps", "datapath_secure_pct_of_loopback",
                 "full_plain_pct_of_datapath", "full_secure_pct_of_datapath",
+                "full_plain_outside_round0_ms", "full_secure_pct_if_round0_at_datapath",
                 "protected_secure_over_plain_total_x", "protected_secure_over_plain_downtime_x"):
         assert key in mig, key
 
@@ -77,6 +78,7 @@ def test_every_goal_has_a_verdict_in_the_report(report):
         assert heading in text
     assert f"goals: {sum(v['met'] for v in verdicts)} of 9 met" in run.stdout
     assert "`full_<mode>_pct_of_datapath` is how much of it the migration reaches" in text
+    assert "`full_<mode>_pct_if_round0_at_datapath`" in text
 
 
 def test_plots_are_written_or_said_to_be_skipped(report, tmp_path, monkeypatch):
