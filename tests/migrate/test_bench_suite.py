@@ -124,3 +124,15 @@ def test_the_report_reads_the_commit_without_running_git(tmp_path, monkeypatch):
     assert benchsuite._git_commit(tmp_path / "checkout") == "unknown"
     assert benchsuite._git_commit(tmp_path / "no-checkout") == "unknown"
     assert benchsuite._versions()["git commit"] != "", "the report still names a commit"
+
+
+def test_the_overhead_free_bound_puts_round_0_at_the_data_paths_rate_and_keeps_the_rest():
+    """100 MB whose round 0 took 3 s of a 4 s migration, against a data path of
+    50 MB/s: 1 s outside round 0, and 100 MB in 2 + 1 s had round 0 run at 50 MB/s."""
+    from types import SimpleNamespace
+
+    from migrate.bench_suite import overhead_free
+    from migrate.report import RoundStats
+    r = SimpleNamespace(ram_size=100e6, total_seconds=4.0, rounds=[RoundStats(0, 1, seconds=3.0), RoundStats(1, 1)])
+    outside, rate = overhead_free(r, 50e6)
+    assert outside == pytest.approx(1.0) and rate == pytest.approx(100e6 / 3)
