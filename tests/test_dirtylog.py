@@ -67,6 +67,41 @@ def test_vmm_writes_to_ram_are_logged():
     assert list(m.dirty_log_fetch()) == [0x300]
 
 
+def test_the_vmm_writes_guest_ram_only_through_the_logged_write():
+    """The secure sender encrypts straight from live guest RAM (migrate/source.py
+    ``_sealed_from_ram``), and what keeps a protected page's plaintext off the
+    wire is that every byte the VMM puts in a frame is logged dirty before it
+    lands (``RamView.write``): the sender's check after its read then refuses the
+    record.  A VMM path that stored into ``ram.view``/``ram.array`` directly, or
+    through Unicorn's ``mem_write`` (which no hook sees), would leak silently.
+    Only ``RamView.write`` itself and ``Machine.restore`` (before any guest runs)
+    may; this scan fails on any other."""
+    import ast
+    from pathlib import Path
+
+    import minivmm
+    allowed = {("memory.py", "write"), ("machine.py", "restore")}
+    found = []
+    for path in sorted(Path(minivmm.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        where = {}
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(fn):
+                    where[id(node)] = fn.name            # innermost function wins (walked last)
+        for node in ast.walk(tree):
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+            stores = [ast.unparse(t) for t in targets if isinstance(t, ast.Subscript)
+                      and any(w in ast.unparse(t.value) for w in ("view", "array"))]
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "mem_write":
+                stores.append(ast.unparse(node))
+            for text in stores:
+                if (path.name, where.get(id(node))) not in allowed and path.name != "bench.py":  # bare Unicorn
+                    found.append(f"{path.name}:{node.lineno} {text}")
+    assert not found, found
+
+
 def test_dirty_log_state_round_trip():
     log = DirtyLog(64)
     log.start()

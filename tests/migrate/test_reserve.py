@@ -28,9 +28,14 @@ def test_a_reserve_hands_out_zero_backed_ram_once_and_shrinks_it_to_the_guest():
         assert len(m) == 16 * MIB and whole == backed
         assert not np.frombuffer(m, dtype=np.uint8).any()  # as zero as a fresh mapping
         assert r.take(16 * MIB) == (None, False)          # taken: nothing until a refill
+        # A session's RAM is never handed out again: a failed sealed session may
+        # have left a forged record's bytes in it (decrypted in place before the
+        # tag failed), and the next guest's zero pages are never written.
+        m[:] = b"\xa5" * len(m)
         r.refill()
         m2, _ = r.take(32 * MIB)
         assert m2 is not None and len(m2) == 32 * MIB
+        assert not np.frombuffer(m2, dtype=np.uint8).any()
         m.close()
         m2.close()
     finally:
