@@ -78,8 +78,9 @@ def overhead_free(report, datapath_rate: float) -> tuple[float, float]:
     is what the protocol costs beside the bulk transfer of a full-RAM guest
     (connecting, the handshake -- secure: mutual attestation --, the later
     rounds, the pause, key release, commit); the rate is that of an engine
-    with no overhead of its own on the bulk transfer.  A goal above it cannot
-    be met by cutting the engine's per-byte work on this machine."""
+    with no overhead of its own on the bulk transfer.  A goal well above it
+    cannot be met by cutting the engine's per-byte work on this machine (an
+    estimate: the data path is measured beside the migration, not inside it)."""
     outside = report.total_seconds - report.rounds[0].seconds
     return outside, report.ram_size / (report.ram_size / datapath_rate + outside)
 
@@ -201,7 +202,7 @@ def suite(quick: bool, repeat: int, progress_factory, smoke: bool = False) -> di
              "key release and commit. `full_<mode>_pct_if_round0_at_datapath`: the throughput, against "
              "the loopback ceiling, that migration would have had if round 0 had run at exactly its data "
              "path's rate and everything else had taken what it took -- an engine with no overhead of "
-             "its own. Where it is under a goal, no work on the engine's per-byte path can meet it on "
-             "this machine."]
+             "its own. Where it is well under a goal, no work on the engine's per-byte path can meet it on "
+             "this machine (it is an estimate: its data path is measured a second before the migration)."]
     return {"name": "migration", "params": params, "figures": figures, "goals": goals, "series": series,
             "notes": notes}
