@@ -75,7 +75,10 @@ def test_the_vmm_writes_guest_ram_only_through_the_logged_write():
     record.  A VMM path that stored into ``ram.view``/``ram.array`` directly, or
     through Unicorn's ``mem_write`` (which no hook sees), would leak silently.
     Only ``RamView.write`` itself and ``Machine.restore`` (before any guest runs)
-    may; this scan fails on any other."""
+    may; this scan fails on any other subscript store into them or ``mem_write``
+    call in ``minivmm/`` (a tripwire, not a proof: a store through another name,
+    ``np.copyto`` say, would pass it; the hostile review of the fourteenth
+    session listed every path by hand, docs/migration.md "sixth pass")."""
     import ast
     from pathlib import Path
 
