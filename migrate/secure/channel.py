@@ -69,7 +69,7 @@ class SealedChannel(Channel):
         self._send_aead = self._recv_aead = None
         self.sealed = False
         self._out = bytearray()         # reused: the sealed body of the record being sent
-        self._staging = bytearray()     # reused: a placed PAGES record's ciphertext
+        self._staging = bytearray()     # reused: a PAGES record whose head the sink refused
 
     def seal(self, keys) -> None:
         """Install the session keys: from the next record on, both directions sealed."""
@@ -98,14 +98,18 @@ class SealedChannel(Channel):
         body = views[0] if len(views) == 1 else b"".join(views)      # one part: no joining copy
         rtype = self._check_body(rtype, len(body))
         header = HEADER.pack(rtype, 0, len(body) + TAG, self.send_seq)
-        # Sealed into one reused buffer (a fresh 1 MiB one per record costs
-        # its page faults); the send below is done with it before it returns.
-        if len(self._out) < len(body) + TAG:
-            self._out = bytearray(len(body) + TAG)
-        sealed = memoryview(self._out)[:len(body) + TAG]
+        sealed = self._sealed_out(len(body) + TAG)
         self._send_aead.encrypt_into(record_nonce(self._send_dir, self.send_seq), body, header, sealed)
         self._write_record(rtype, header, [sealed], self._head([memoryview(body)]))
         self.sent_tag = bytes(sealed[-TAG:])        # the page digest folds it (migrate/digest.py)
+
+    def _sealed_out(self, size: int) -> memoryview:
+        """``size`` bytes of the one reused buffer a record is sealed into (a
+        fresh 1 MiB one per record costs its page faults); each send is done
+        with it before it returns."""
+        if len(self._out) < size:
+            self._out = bytearray(size)
+        return memoryview(self._out)[:size]
 
     @property
     def seals_pages(self) -> bool:
@@ -134,9 +138,7 @@ class SealedChannel(Channel):
         n = sum(len(v) for v in views)
         self._check_body(RecordType.PAGES, n)
         header = HEADER.pack(RecordType.PAGES, 0, n + TAG, self.send_seq)
-        if len(self._out) < n + TAG:
-            self._out = bytearray(n + TAG)
-        sealed = memoryview(self._out)[:n + TAG]
+        sealed = self._sealed_out(n + TAG)
         enc = Cipher(algorithms.AES(self._send_key), modes.GCM(record_nonce(self._send_dir, self.send_seq))).encryptor()
         enc.authenticate_additional_data(header)
         off = 0
