@@ -72,9 +72,9 @@ def _rounds(report) -> list[dict]:
 PROTECTED_PAIRS = 3
 
 
-def overhead_free(report, datapath_rate: float) -> tuple[float, float]:
+def overhead_free(report, path_rate: float) -> tuple[float, float]:
     """(seconds outside round 0, bytes per second the migration would have
-    reached had round 0 moved its RAM at ``datapath_rate``).  Outside round 0
+    reached had round 0 moved its RAM at its data path's ``path_rate``).  Outside round 0
     is what the protocol costs beside the bulk transfer of a full-RAM guest
     (connecting, the handshake -- secure: mutual attestation --, the later
     rounds, the pause, key release, commit); the rate is that of an engine
@@ -82,7 +82,7 @@ def overhead_free(report, datapath_rate: float) -> tuple[float, float]:
     cannot be met by cutting the engine's per-byte work on this machine (an
     estimate: the data path is measured beside the migration, not inside it)."""
     outside = report.total_seconds - report.rounds[0].seconds
-    return outside, report.ram_size / (report.ram_size / datapath_rate + outside)
+    return outside, report.ram_size / (report.ram_size / path_rate + outside)
 
 
 def suite(quick: bool, repeat: int, progress_factory, smoke: bool = False) -> dict:
@@ -189,7 +189,7 @@ def suite(quick: bool, repeat: int, progress_factory, smoke: bool = False) -> di
               "precopy_policy": PrecopyPolicy().to_dict(), "transport": "loopback TCP, two processes",
               "destination": "serve --reserve-ram 256: guest RAM backed before each migration arrives"}
     notes = [f"`ceiling_datapath_<mode>_MBps`: the {full_mib} MiB guest's RAM moved by that mode's per-byte "
-             "work alone, between two processes: plain, the private copy and a GMAC at each end; secure, "
+             "work alone, between two processes: plain, the source's private copy and a GMAC at each end; secure, "
              "AES-256-GCM straight from RAM and decryption in place in backed RAM; the kernel's copies; "
              "no guest, no bookkeeping, no protocol "
              "(`migrate/bench_datapath.py`). `datapath_<mode>_pct_of_loopback` is what that work allows on "
